@@ -1,0 +1,104 @@
+"""Command line: ``python -m qalora train|chat``. The only module that touches argv."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import AdapterConfig, QuantConfig, TrainConfig
+from .errors import QALoRAError
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="quantize a base, train QA-LoRA, merge exactly, save the low-bit model")
+    p.add_argument("--base", default="default",
+                   help="'default' (SmolLM2-135M-Instruct), 'tiny-random', a local dir, a .gguf file or a Hub id")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--quant-method", choices=["rtn", "gptq"], default="rtn")
+    p.add_argument("--data", default="builtin:default", help="builtin:NAME or a .json/.jsonl/.csv/.parquet file")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+
+def _chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="reply with a saved low-bit model")
+    p.add_argument("model_dir", help="a 'merged' directory written by train")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=0.95)
+
+
+def cmd_train(args) -> dict:
+    from .pipeline import finetune
+
+    quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method)
+    adapter = AdapterConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank,
+                            dropout=args.dropout)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                        warmup_steps=min(args.warmup_steps, args.steps), schedule=args.schedule,
+                        grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing,
+                        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, dtype=args.dtype)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=train.steps, desc="train", unit="step", disable=None) as bar:
+        def on_step(info):
+            bar.n = info.step
+            bar.set_postfix(loss=f"{info.loss:.3f}", tok_s=f"{info.tokens_per_s:.0f}")
+        report = finetune(args.base, args.data, args.out, quant, adapter, train, resume=args.resume,
+                          on_step=on_step, on_stage=lambda s: logging.getLogger("qalora").info("stage: %s", s))
+    keys = ("eval_loss_quantized_base", "eval_loss_adapter", "eval_loss_merged", "merge_max_abs_logit_diff",
+            "tokens_per_s", "peak_rss_mb", "wall_s")
+    print(json.dumps({k: report[k] for k in keys}, indent=2))
+    print(f"saved the merged {quant.bits}-bit model to {args.out}/merged and the report to {args.out}/report.json")
+    return report
+
+
+def cmd_chat(args) -> str:
+    from .export.native import load_quantized
+    from .infer import stream_chat
+
+    model, tok = load_quantized(args.model_dir)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    shown = ""
+    for text in stream_chat(model, tok, messages, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p):
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    return shown
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qalora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _chat_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        {"train": cmd_train, "chat": cmd_chat}[args.command](args)
+    except QALoRAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,119 @@
+"""One dataclass per concern; each validates itself with a message that says what to do."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import ConfigError
+
+VALID_BITS = (2, 3, 4, 8)
+QUANT_METHODS = ("rtn", "gptq")
+SCHEDULES = ("cosine", "constant")
+DTYPES = ("auto", "float32", "bfloat16")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _from_dict(cls, data: dict | None):
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown setting(s) {unknown}; valid settings are {sorted(known)}.")
+    return cls(**data)
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 4
+    group_size: int = 32
+    method: str = "rtn"
+
+    def __post_init__(self):
+        if self.bits not in VALID_BITS:
+            raise ConfigError(f"bits={self.bits} is not supported; choose one of {list(VALID_BITS)}.")
+        if not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ConfigError(f"group_size={self.group_size} is invalid; use a divisor of the layers' "
+                              "in_features such as 32, 64 or 128.")
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(f"quantization method {self.method!r} is unknown; choose 'rtn' or 'gptq'.")
+
+    to_dict = asdict
+    from_dict = classmethod(_from_dict)
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.rank < 1:
+            raise ConfigError(f"rank={self.rank} must be at least 1 (typical: 8 to 64).")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha={self.alpha} must be positive (typical: 2 x rank).")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1).")
+        if not self.targets:
+            raise ConfigError("targets is empty; name at least one linear layer such as 'q_proj'.")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    to_dict = asdict
+    from_dict = classmethod(_from_dict)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False
+    eval_every: int = 25
+    eval_batches: int = 8
+    save_every: int = 25
+    seed: int = 0
+    eval_fraction: float = 0.1
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1.")
+        if self.seq_len < 8:
+            raise ConfigError(f"seq_len={self.seq_len} is too short; use at least 8 tokens (typical: 256-2048).")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be positive (typical: 1e-4 to 3e-4).")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be 0 or more.")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule {self.schedule!r} is unknown; choose 'cosine' or 'constant'.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is unknown; choose one of {list(DTYPES)}.")
+        if not 0.0 < self.eval_fraction < 0.5:
+            raise ConfigError(f"eval_fraction={self.eval_fraction} must be between 0 and 0.5.")
+
+    to_dict = asdict
+    from_dict = classmethod(_from_dict)
+
+
+@dataclass
+class StepInfo:
+    """What the training loop reports after every optimizer step (see ``train(on_step=...)``)."""
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    elapsed_s: float
+    eval_loss: float | None = None
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,368 @@
+"""Datasets: load records, normalize them to chat messages, render, mask and batch.
+
+Sources: ``builtin:NAME``, a .json / .jsonl / .csv / .parquet file, a folder saved with
+``Dataset.save_to_disk``, a folder of data files, or a dataset name already in the local
+``datasets`` cache (never downloaded). Record formats, detected per file from its columns:
+
+- Alpaca:   ``instruction``, optional ``input`` and ``system``, ``output``
+- chat:     ``messages``: list of {role, content}, role in system/user/assistant
+- ShareGPT: ``conversations``: list of {from, value}, from in system/human/gpt (or user/assistant)
+- text:     ``text``; language-model loss on every token
+
+Every record becomes ``{"messages": [...]}`` or ``{"text": "..."}``. Loss is only on
+assistant replies (plus their end-of-turn token); all other tokens get label -100.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .builtin_data import builtin_names, builtin_records, builtin_skill_check  # noqa: F401 (public API)
+from .errors import ConfigError, DataError
+
+IGNORE = -100
+FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
+FORMATS = {  # format -> (column that identifies it, what a record needs)
+    "chat": ("messages", "a 'messages' list of {role, content}"),
+    "sharegpt": ("conversations", "a 'conversations' list of {from, value}"),
+    "alpaca": ("instruction", "instruction and output (optional input, system)"),
+    "text": ("text", "a non-empty 'text'"),
+}
+_EXPECTED = ("expected one of these column sets: {instruction, output[, input, system]} (Alpaca), "
+             "{messages} (chat), {conversations} (ShareGPT), {text} (plain text)")
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+_ROLE_NAMES = {"messages": ["system", "user", "assistant"],
+               "conversations": ["system", "human", "gpt", "user", "assistant"]}
+
+
+def load_records(source: str) -> list[dict]:
+    """Load and normalize every record of ``source`` (see the module docstring)."""
+    source = str(source).strip()
+    if source.startswith("builtin:"):
+        return builtin_records(source[len("builtin:"):])
+    name, rows = _read_rows(source)
+    if not rows:
+        raise DataError(f"{name} is empty; add at least two records, e.g. one JSON object per line "
+                        'like {"instruction": "...", "output": "..."}.')
+    columns = {key for _, row in rows for key in row}
+    fmt = next((f for f, (key, _) in FORMATS.items() if key in columns), None)
+    if fmt is None:
+        raise DataError(f"{name}: unknown columns {sorted(columns)}; {_EXPECTED}.")
+    return [_normalize(fmt, row, f"{name} {where}") for where, row in rows]
+
+
+def _read_rows(source: str) -> tuple[str, list[tuple[str, dict]]]:
+    """``(display name, [(location such as 'row 7 (line 8)', raw row), ...])``."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path.name, _rows_of_dataset(_open_folder(path))
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix not in FILE_TYPES:
+            raise DataError(f"{path.name}: unsupported file type {suffix or '(none)'}; "
+                            f"use one of {', '.join(FILE_TYPES)}.")
+        text = None if suffix == ".parquet" else path.read_text(encoding="utf-8-sig")
+        return path.name, {".json": _rows_json, ".jsonl": _rows_jsonl, ".csv": _rows_csv,
+                           ".parquet": _rows_parquet}[suffix](path, text)
+    if path.suffix.lower() in FILE_TYPES or source.startswith((".", "/", "~")):
+        raise DataError(f"{source}: file not found; check the path (relative paths start at {Path.cwd()}).")
+    return source, _rows_of_dataset(_load_cached_name(source))
+
+
+def _rows_json(path: Path, text: str) -> list[tuple[str, dict]]:
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = (" It looks like one object per line: rename the file to .jsonl."
+                if e.msg == "Extra data" else "")
+        raise DataError(f"{path.name}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}).{hint}")
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f'{path.name}: expected a list of records or {{"data": [...]}}, '
+                        f"got a JSON {type(data).__name__}.")
+    return [(f"record {i} (1-based)", _as_object(row, f"{path.name} record {i}"))
+            for i, row in enumerate(data, 1)]
+
+
+def _rows_jsonl(path: Path, text: str) -> list[tuple[str, dict]]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path.name} line {lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                            "each line must hold one complete JSON object.")
+        rows.append((f"row {len(rows) + 1} (line {lineno})", _as_object(row, f"{path.name} line {lineno}")))
+    return rows
+
+
+def _rows_csv(path: Path, text: str) -> list[tuple[str, dict]]:
+    reader = csv.DictReader(text.splitlines())
+    rows = []
+    for i, row in enumerate(reader, 1):
+        if None in row:
+            raise DataError(f"{path.name} row {i} (line {reader.line_num}): more cells than header columns; "
+                            "quote values that contain commas.")
+        rows.append((f"row {i} (line {reader.line_num}, header not counted)",
+                     {k: v for k, v in row.items() if v not in ("", None)}))
+    return rows
+
+
+def _rows_parquet(path: Path, _text) -> list[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path.name}: cannot read Parquet ({e}); re-export the file.") from None
+    return [(f"row {i} (1-based)", row) for i, row in enumerate(table.to_pylist(), 1)]
+
+
+def _as_object(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object like {{\"instruction\": ..., \"output\": ...}}, "
+                        f"got a {type(row).__name__}.")
+    return row
+
+
+def _open_folder(path: Path):
+    import datasets
+    if any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        return datasets.load_from_disk(str(path))
+    try:
+        return datasets.load_dataset(str(path))
+    except Exception as e:  # datasets raises many types for unreadable folders
+        raise DataError(f"{path.name}: cannot load this folder as a dataset ({e}); point to a single "
+                        "data file or a folder written by Dataset.save_to_disk.") from None
+
+
+def _load_cached_name(name: str):
+    """Load a dataset name from the local cache only; the network is never used."""
+    import datasets
+    from unittest import mock
+    # Offline mode makes datasets go straight to its local cache instead of the Hub.
+    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True):
+        try:
+            return datasets.load_dataset(name)
+        except Exception:
+            raise DataError(f"{name}: no such file, folder, or dataset in the local datasets cache. "
+                            "Datasets are never downloaded here; export it to a .jsonl or .parquet "
+                            "file and give that path.") from None
+
+
+def _rows_of_dataset(ds) -> list[tuple[str, dict]]:
+    if hasattr(ds, "keys"):  # a DatasetDict: train on its train split
+        splits = list(ds.keys())
+        if "train" not in splits and len(splits) != 1:
+            raise DataError(f"the dataset has splits {splits} but no 'train' split; save the split "
+                            "you want to train on as its own dataset.")
+        ds = ds["train" if "train" in splits else splits[0]]
+    return [(f"row {i} (1-based)", row) for i, row in enumerate(ds.to_list(), 1)]
+
+
+def _text(row: dict, key: str, where: str, need: str, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if not required:
+            return ""
+        problem = "missing" if value is None else "empty"
+        raise DataError(f"{where}: {problem} '{key}' ({need}).")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{key}' must be text, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _turns(row: dict, key: str, role_key: str, text_key: str, where: str) -> list[dict]:
+    turns = row.get(key)
+    if isinstance(turns, str):  # CSV cells hold the list as JSON text
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: '{key}' is not valid JSON ({e.msg}); write it as a JSON list.") from None
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: '{key}' must be a non-empty list of {{{role_key}, {text_key}}} objects.")
+    out, seen_user = [], False
+    for j, turn in enumerate(turns, 1):
+        at = f"{where} message {j}"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at}: expected an object {{{role_key}, {text_key}}}, got {type(turn).__name__}.")
+        raw_role = str(turn.get(role_key, "")).lower()
+        role = _ROLES.get(raw_role) if raw_role in _ROLE_NAMES[key] else None
+        if role is None:
+            raise DataError(f"{at}: '{role_key}' is {turn.get(role_key)!r}; use one of {_ROLE_NAMES[key]}.")
+        content = _text(turn, text_key, at, f"every {role} message needs text")
+        if role == "assistant" and not seen_user:
+            raise DataError(f"{at}: assistant reply before any user message; start with a user "
+                            "turn (after an optional system message).")
+        seen_user |= role == "user"
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: no assistant reply to learn from; add a turn with role 'assistant'.")
+    return out
+
+
+def _normalize(fmt: str, row: dict, where: str) -> dict:
+    need = FORMATS[fmt][1]
+    if fmt == "text":
+        return {"text": _text(row, "text", where, need)}
+    if fmt == "chat":
+        return {"messages": _turns(row, "messages", "role", "content", where)}
+    if fmt == "sharegpt":
+        return {"messages": _turns(row, "conversations", "from", "value", where)}
+    instruction, output = _text(row, "instruction", where, need), _text(row, "output", where, need)
+    extra = _text(row, "input", where, need, required=False)
+    system = _text(row, "system", where, need, required=False)
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    head = [{"role": "system", "content": system}] if system else []
+    return {"messages": head + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]}
+
+
+def render_segments(record: dict, tokenizer) -> list[tuple[str, bool]]:
+    """The record's full rendered text as ``(piece, supervised)`` pairs, in order.
+
+    With a chat template, each assistant reply is located by rendering the conversation
+    before it with ``add_generation_prompt=True`` and the conversation through it: the
+    reply is the difference, so every template marker stays unsupervised while the
+    reply's end-of-turn token (e.g. ``<|im_end|>``) is supervised. Whitespace the
+    template puts after that token is not, so the model learns to stop at the token.
+    """
+    eos = tokenizer.eos_token or ""
+    if "text" in record:
+        return [(record["text"] + eos, True)]
+    messages = record["messages"]
+    if not getattr(tokenizer, "chat_template", None):
+        return _plain_segments(messages, eos)
+    full = _chat(tokenizer, messages, False)
+    segments, cursor = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix, through = _chat(tokenizer, messages[:i], True), _chat(tokenizer, messages[:i + 1], False)
+        if not (through.startswith(prefix) and full.startswith(through) and len(prefix) >= cursor):
+            raise DataError("the tokenizer's chat template renders earlier turns differently once later "
+                            "turns are added, so reply tokens cannot be located; use single-turn records "
+                            "or a tokenizer without a chat template (plain '### Instruction' format).")
+        reply = through[len(prefix):]
+        body = reply.rstrip()
+        segments += [(full[cursor:len(prefix)], False), (body, True), (reply[len(body):], False)]
+        cursor = len(through)
+    segments.append((full[cursor:], False))
+    return [s for s in segments if s[0]]
+
+
+def render_prompt(messages: list[dict], tokenizer) -> str:
+    """Text to generate the next assistant reply from, rendered exactly as in training."""
+    if getattr(tokenizer, "chat_template", None):
+        return _chat(tokenizer, messages, True)
+    return "".join(p for p, _ in _plain_segments(messages, tokenizer.eos_token or "")) + "### Response:\n"
+
+
+def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
+    """Token ids of ``render_prompt`` with the same leading special tokens as training."""
+    ids = _encode(tokenizer, render_prompt(messages, tokenizer))
+    bos = _leading_special_ids(tokenizer)
+    return ids if ids[:len(bos)] == bos else bos + ids
+
+
+def tokenize_records(records: list[dict], tokenizer, seq_len: int) -> list[dict]:
+    """Token ids and labels (-100 except reply tokens), truncated to ``seq_len`` tokens.
+
+    Labels are aligned with ``input_ids`` (the model shifts them). Examples with no
+    supervised token left after truncation are dropped.
+    """
+    if seq_len < 2:
+        raise ConfigError(f"seq_len={seq_len} is too short; use at least 8 tokens (typical: 256-2048).")
+    if not records:
+        raise DataError("no records to tokenize; the dataset is empty.")
+    bos, out = _leading_special_ids(tokenizer), []
+    for record in records:
+        ids, labels = [], []
+        for piece, supervised in render_segments(record, tokenizer):
+            tokens = _encode(tokenizer, piece)
+            ids += tokens
+            labels += tokens if supervised else [IGNORE] * len(tokens)
+        if ids[:len(bos)] != bos:
+            ids, labels = bos + ids, [IGNORE] * len(bos) + labels
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        # The first label is never predicted (nothing precedes it), so it does not count.
+        if any(label != IGNORE for label in labels[1:]):
+            out.append({"input_ids": ids, "labels": labels})
+    if not out:
+        raise DataError(f"all {len(records)} records lose their whole reply when cut to seq_len={seq_len} "
+                        "tokens; raise seq_len or shorten the prompts.")
+    return out
+
+
+def split_records(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic ``(train, eval)`` split; eval gets ``round(n * eval_fraction)`` records,
+    at least one, and train keeps at least one. Both keep the original record order."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction={eval_fraction} must be between 0 and 1 (typical: 0.05-0.1).")
+    n = len(records)
+    if n < 2:
+        raise DataError(f"the dataset has {n} record(s); at least 2 are needed (one to train on, "
+                        "one to evaluate), so add more records.")
+    n_eval = min(n - 1, max(1, round(n * eval_fraction)))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: ``input_ids``, ``attention_mask``, ``labels`` LongTensors of shape
+    ``(batch, longest)``; padding has attention 0 and label -100."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask = torch.zeros_like(ids)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def preview(source: str, tokenizer, n: int = 3) -> tuple[list[str], int]:
+    """The first ``n`` records rendered as training text, and the total record count."""
+    records = load_records(source)
+    return ["".join(p for p, _ in render_segments(r, tokenizer)) for r in records[:n]], len(records)
+
+
+def _chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _plain_segments(messages: list[dict], eos: str) -> list[tuple[str, bool]]:
+    """Fallback format for tokenizers without a chat template."""
+    segments = []
+    for m in messages:
+        if m["role"] == "system":
+            segments.append((f"{m['content']}\n\n", False))
+        elif m["role"] == "user":
+            segments.append((f"### Instruction:\n{m['content']}\n\n", False))
+        else:
+            segments += [("### Response:\n", False), (m["content"] + eos, True), ("\n\n", False)]
+    return segments
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # Special tokens written in the text (template markers) are kept; none are added.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _leading_special_ids(tokenizer) -> list[int]:
+    """Tokens the tokenizer puts before any text (e.g. LLaMA's BOS); [] for most chat models."""
+    plain = _encode(tokenizer, "a")
+    full = list(tokenizer("a")["input_ids"])
+    return full[:full.index(plain[0])] if plain and plain[0] in full else []

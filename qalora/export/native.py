@@ -1,0 +1,112 @@
+"""Our native low-bit checkpoint: packed codes, float scales and offsets in safetensors.
+
+Layout of a directory::
+
+    config.json          the transformers config plus ``quantization_config``
+    model.safetensors    ``<layer>.packed`` (uint8), ``<layer>.scale``, ``<layer>.offset`` for
+                         each quantized linear; every other tensor in its float dtype
+    tokenizer files
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from ..infer import QuantLinear
+from ..quant import QuantizedTensor
+
+FORMAT = "qalora"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir, extra_config: dict | None = None) -> Path:
+    """Write a merged model (its linears ``QuantLinear``) to ``out_dir``; returns the directory."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qmods = quantized_modules(model)
+    if not qmods:
+        raise ModelError("this model has no quantized layers; merge the adapters before saving.")
+    first = next(iter(qmods.values()))
+    # Tied weights share storage; safetensors refuses aliases, so keep the first name only.
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape)
+        if key in seen and t.numel():
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().contiguous().cpu()
+    save_file(tensors, out / WEIGHTS, metadata={"format": FORMAT})
+    config = model.config.to_dict()
+    config["quantization_config"] = {
+        "quant_method": FORMAT, "format_version": FORMAT_VERSION, "bits": first.bits,
+        "group_size": first.group_size, "modules": sorted(qmods), **(extra_config or {})}
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def read_quant_config(model_dir) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{model_dir} has no config.json; it is not a saved QA-LoRA model directory.")
+    qc = json.loads(path.read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") != FORMAT:
+        raise ModelError(f"{model_dir} is not a QA-LoRA low-bit checkpoint (quant_method="
+                         f"{qc.get('quant_method')!r}); point to the 'merged' folder a job wrote.")
+    return qc
+
+
+def load_quantized(model_dir, device: torch.device | str = "cpu", use_kernel: bool = True,
+                   with_tokenizer: bool = True):
+    """Load ``(model, tokenizer)`` saved by :func:`save_quantized`, in a fresh process, no adapter."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    qc = read_quant_config(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    del config.quantization_config
+    state = load_file(model_dir / WEIGHTS, device=str(device))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    bits, group_size = qc["bits"], qc["group_size"]
+    for name in qc["modules"]:
+        old = model.get_submodule(name)
+        qt = QuantizedTensor(state[f"{name}.packed"], state[f"{name}.scale"],
+                             state[f"{name}.offset"], bits, group_size, old.in_features)
+        bias = state.get(f"{name}.bias")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantLinear(qt, bias, use_kernel=use_kernel))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [m for m in missing if m != "lm_head.weight"]
+    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ModelError(f"{model_dir}/{WEIGHTS} does not match its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}.")
+    _materialize_buffers(model, config, device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir) if with_tokenizer else None
+    return model.eval(), tokenizer
+
+
+def _materialize_buffers(model: nn.Module, config, device) -> None:
+    """Non-persistent buffers (rotary frequencies) were created on meta; rebuild them for real."""
+    for name, module in model.named_modules():
+        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
+            with torch.device(device):
+                fresh = type(module)(config=config)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, fresh)

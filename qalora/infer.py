@@ -1,0 +1,117 @@
+"""Low-bit inference: the merged ``QuantLinear`` and streaming chat generation."""
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .layer import compute_dtype
+from .quant import QuantizedTensor, dequantize, unpack_codes
+
+
+class QuantLinear(nn.Module):
+    """A merged low-bit linear: packed codes, float scale and float offset, no adapter.
+
+    ``forward`` uses PyTorch's int4 kernel where the device, bits and group size allow it
+    (``use_kernel``), else dequantizes and runs a dense matmul (the reference).
+    """
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, use_kernel: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = qt.in_features, qt.out_features
+        self.bits, self.group_size = qt.bits, qt.group_size
+        self.register_buffer("packed", qt.packed)
+        self.register_buffer("scale", qt.scale)
+        self.register_buffer("offset", qt.offset)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.use_kernel = use_kernel
+        self._kernel_cache: tuple | None = None  # (device, packed int4 weight, scales_and_zeros)
+
+    def quantized(self) -> QuantizedTensor:
+        return QuantizedTensor(self.packed, self.scale, self.offset, self.bits, self.group_size, self.in_features)
+
+    def kernel_active(self, device: torch.device) -> bool:
+        return self.use_kernel and kernels.int4_kernel_supported(
+            device, self.bits, self.group_size, self.in_features, self.out_features)
+
+    def _kernel_weights(self):
+        device = self.packed.device
+        if self._kernel_cache is None or self._kernel_cache[0] != device:
+            codes = unpack_codes(self.packed, self.bits, self.in_features)
+            self._kernel_cache = (device, *kernels.prepare_int4(codes, self.scale, self.offset, self.group_size))
+        return self._kernel_cache[1:]
+
+    def _apply(self, fn, recurse=True):
+        self._kernel_cache = None  # device or dtype moves invalidate the prepared layout
+        return super()._apply(fn, recurse)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        w = dequantize(unpack_codes(self.packed, self.bits, self.in_features), self.scale, self.offset, dtype)
+        return F.linear(x.to(dtype), w, None if self.bias is None else self.bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.kernel_active(x.device):
+            return self.reference_forward(x)
+        y = kernels.int4_matmul(x, *self._kernel_weights(), self.group_size, self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def chat_input_ids(tokenizer, messages: list[dict], device=None) -> torch.Tensor:
+    """``messages`` rendered exactly as in training, ready for the next reply: ``(1, T)``."""
+    from .data import encode_prompt
+    ids = torch.tensor([encode_prompt(messages, tokenizer)], dtype=torch.long)
+    return ids if device is None else ids.to(device)
+
+
+def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def stream_chat(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+                top_p: float = 0.95) -> Iterator[str]:
+    """Yield the reply's text as it grows (transformers' ``TextIteratorStreamer``)."""
+    from transformers import TextIteratorStreamer
+
+    ids = chat_input_ids(tokenizer, messages, next(model.parameters()).device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
+    errors: list[BaseException] = []
+
+    def _run():
+        try:
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
+        except BaseException as exc:  # surfaced to the caller below, after the stream ends
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=_run, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def chat(model, tokenizer, messages: list[dict], **kwargs) -> str:
+    reply = ""
+    for reply in stream_chat(model, tokenizer, messages, **kwargs):
+        pass
+    return reply

@@ -1,0 +1,50 @@
+"""Low-bit matmul kernels, chosen per device; each has a dequantize-and-matmul reference.
+
+PyTorch ships an int4 weight-only matmul (``_weight_int4pack_mm_for_cpu`` on CPU with bf16
+activations, ``_weight_int4pack_mm`` on CUDA) computing ``w = (q - 8) * scale + zero`` per
+group with float ``zero``. Our ``w = scale * q + offset`` maps onto it exactly with
+``zero = offset + 8 * scale``; 2- and 3-bit codes are valid 4-bit codes, so they run through
+the same kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def int4_kernel_supported(device: torch.device, bits: int, group_size: int, in_features: int,
+                          out_features: int) -> bool:
+    if bits > 4 or group_size not in KERNEL_GROUP_SIZES:
+        return False
+    if device.type == "cpu":
+        return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and in_features % 2 == 0
+    if device.type == "cuda":
+        # The CUDA layout tiles k by innerKTiles * 16 and n by 8.
+        return in_features % 128 == 0 and out_features % 8 == 0
+    return False
+
+
+def prepare_int4(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
+    """Convert our ``(out, in)`` codes and ``(out, groups)`` scale/offset to the kernel's layout.
+
+    Returns ``(weight_int4pack, scales_and_zeros)``; the latter is bf16 ``(groups, out, 2)``.
+    """
+    zeros = offset.float() + 8.0 * scale.float()
+    sz = torch.stack([scale.float().t(), zeros.t()], dim=-1).contiguous().to(torch.bfloat16)
+    if codes.device.type == "cpu":
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    else:
+        c = codes.to(torch.int32)
+        w = torch.ops.aten._convert_weight_to_int4pack(((c[:, ::2] << 4) | c[:, 1::2]).to(torch.uint8), 8)
+    return w, sz
+
+
+def int4_matmul(x: torch.Tensor, weight_int4pack, scales_and_zeros, group_size: int, out_features: int):
+    """``(..., in)`` activations -> ``(..., out)``, computed in bf16, returned in ``x.dtype``."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    if x.device.type == "cpu":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight_int4pack, group_size, scales_and_zeros)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm(x2, weight_int4pack, group_size, scales_and_zeros)
+    return y.reshape(*x.shape[:-1], out_features).to(x.dtype)

@@ -1,0 +1,92 @@
+"""The QA-LoRA linear layer: a frozen packed low-bit base plus a group-pooled low-rank adapter."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import QuantizedTensor, dequantize, unpack_codes
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype when autocast is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _PackedLinearFn(torch.autograd.Function):
+    """``y = x @ dequant(packed).T + bias`` that saves only the packed weight for backward.
+
+    The dequantized weight exists only inside ``forward`` and again inside ``backward``, so
+    activation memory never holds a full-precision copy of the base.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, scale, offset, bias, bits: int, in_features: int):
+        w = dequantize(unpack_codes(packed, bits, in_features), scale, offset, x.dtype)
+        ctx.save_for_backward(packed, scale, offset)
+        ctx.meta = (bits, in_features)
+        return F.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, scale, offset = ctx.saved_tensors
+        bits, in_features = ctx.meta
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        w = dequantize(unpack_codes(packed, bits, in_features), scale, offset, grad_out.dtype)
+        return grad_out @ w, None, None, None, None, None, None
+
+
+class QALoRALinear(nn.Module):
+    """Frozen group-wise quantized linear with a QA-LoRA adapter.
+
+    ``y = x W_q^T + b + s * B(A(dropout(pool(x))))`` where ``pool`` sums ``x`` within each
+    quantization group: ``(..., in) -> (..., in // group_size)``. ``lora_A`` has shape
+    ``(r, in // group_size)`` and ``lora_B`` ``(out, r)``; ``B`` starts at zero so the
+    untrained layer equals the quantized base exactly.
+    """
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, rank: int, alpha: float,
+                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = qt.in_features, qt.out_features
+        self.bits, self.group_size, self.rank = qt.bits, qt.group_size, rank
+        self.scaling = alpha / rank
+        self.register_buffer("packed", qt.packed)
+        self.register_buffer("scale", qt.scale)
+        self.register_buffer("offset", qt.offset)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        groups = self.in_features // self.group_size
+        device = qt.packed.device
+        self.lora_A = nn.Parameter(torch.empty(rank, groups, dtype=adapter_dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=adapter_dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def quantized(self) -> QuantizedTensor:
+        return QuantizedTensor(self.packed, self.scale, self.offset, self.bits, self.group_size, self.in_features)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum within groups, in fp32: ``(..., in) -> (..., in // group_size)``."""
+        return x.float().unflatten(-1, (-1, self.group_size)).sum(-1)
+
+    def delta_offset(self) -> torch.Tensor:
+        """What the adapter adds to every weight of a group: ``s * B @ A``, ``(out, groups)``."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        base = _PackedLinearFn.apply(x.to(dtype), self.packed, self.scale, self.offset, bias,
+                                     self.bits, self.in_features)
+        a = self.dropout(self.pool(x)).to(self.lora_A.dtype)
+        lora = F.linear(F.linear(a, self.lora_A), self.lora_B) * self.scaling
+        return base + lora.to(base.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, rank={self.rank}")

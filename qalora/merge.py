@@ -1,0 +1,44 @@
+"""Exact merge of QA-LoRA adapters into the quantized weights, and its verification.
+
+The adapter adds ``s * (B @ A)[o, g] * sum_{i in g} x_i`` to output ``o``: the same as adding
+``s * (B @ A)[o, g]`` to every weight of group ``g``. Since ``w = scale * q + offset``, that is
+``offset += s * B @ A`` with the codes ``q`` untouched.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .infer import QuantLinear
+from .layer import QALoRALinear
+from .model import set_module
+from .quant import QuantizedTensor
+
+
+def merged_quantized(layer: QALoRALinear) -> QuantizedTensor:
+    """The layer's quantized weight with the adapter folded into the offsets (same codes)."""
+    with torch.no_grad():
+        offset = (layer.offset.float() + layer.delta_offset()).to(layer.offset.dtype)
+    return QuantizedTensor(layer.packed, layer.scale, offset.contiguous(), layer.bits, layer.group_size,
+                           layer.in_features)
+
+
+def merge_adapters(model: nn.Module, use_kernel: bool = True) -> nn.Module:
+    """Replace every ``QALoRALinear`` in ``model`` (in place) with a merged ``QuantLinear``."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QALoRALinear)]
+    for name in names:
+        layer = model.get_submodule(name)
+        set_module(model, name, QuantLinear(merged_quantized(layer), layer.bias, use_kernel=use_kernel))
+    return model
+
+
+@torch.no_grad()
+def max_logit_diff(model_a: nn.Module, model_b: nn.Module, batches) -> float:
+    """Max ``|logits_a - logits_b|`` over the real (unpadded) tokens of ``batches``."""
+    worst = 0.0
+    for batch in batches:
+        mask = batch["attention_mask"].bool()
+        la = model_a(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        lb = model_b(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        worst = max(worst, (la - lb).abs()[mask].max().item())
+    return worst

