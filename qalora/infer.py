@@ -42,12 +42,20 @@ class QuantLinear(nn.Module):
         device = self.packed.device
         if self._kernel_cache is None or self._kernel_cache[0] != device:
             codes = unpack_codes(self.packed, self.bits, self.in_features)
-            self._kernel_cache = (device, *kernels.prepare_int4(codes, self.scale, self.offset, self.group_size))
+            self._kernel_cache = (device, *kernels.prepare_int4(codes, self.scale, self.offset, self.group_size, self.bits))
         return self._kernel_cache[1:]
 
     def _apply(self, fn, recurse=True):
         self._kernel_cache = None  # device or dtype moves invalidate the prepared layout
         return super()._apply(fn, recurse)
+
+    def kernel_weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` weight the kernel computes with (bf16-rounded scale and zero)."""
+        codes, zeros = kernels.kernel_codes_and_zeros(unpack_codes(self.packed, self.bits, self.in_features),
+                                                      self.scale, self.offset, self.bits)
+        bf = lambda t: t.to(torch.bfloat16).float()[..., None]  # noqa: E731
+        q = codes.float().unflatten(1, (-1, self.group_size))
+        return ((q - 8) * bf(self.scale) + bf(zeros)).flatten(1)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)

@@ -3,8 +3,9 @@
 PyTorch ships an int4 weight-only matmul (``_weight_int4pack_mm_for_cpu`` on CPU with bf16
 activations, ``_weight_int4pack_mm`` on CUDA) computing ``w = (q - 8) * scale + zero`` per
 group with float ``zero``. Our ``w = scale * q + offset`` maps onto it exactly with
-``zero = offset + 8 * scale``; 2- and 3-bit codes are valid 4-bit codes, so they run through
-the same kernel.
+``zero = offset + 8 * scale``. 2- and 3-bit codes run through the same kernel, shifted up to
+sit around 8 (``q + 8 - 2**(bits-1)``) so that ``zero`` stays near the group's mid-point, where
+its bf16 rounding costs least.
 """
 from __future__ import annotations
 
@@ -25,18 +26,23 @@ def int4_kernel_supported(device: torch.device, bits: int, group_size: int, in_f
     return False
 
 
-def prepare_int4(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
+def kernel_codes_and_zeros(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int):
+    """Codes and zeros in the kernel's convention ``w = (q' - 8) * scale + zero`` (exact in fp32)."""
+    shift = 8 - 2 ** (bits - 1)
+    return codes.to(torch.int32) + shift, offset.float() + (8 - shift) * scale.float()
+
+
+def prepare_int4(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int, bits: int):
     """Convert our ``(out, in)`` codes and ``(out, groups)`` scale/offset to the kernel's layout.
 
     Returns ``(weight_int4pack, scales_and_zeros)``; the latter is bf16 ``(groups, out, 2)``.
     """
-    zeros = offset.float() + 8.0 * scale.float()
+    codes, zeros = kernel_codes_and_zeros(codes, scale, offset, bits)
     sz = torch.stack([scale.float().t(), zeros.t()], dim=-1).contiguous().to(torch.bfloat16)
     if codes.device.type == "cpu":
-        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
     else:
-        c = codes.to(torch.int32)
-        w = torch.ops.aten._convert_weight_to_int4pack(((c[:, ::2] << 4) | c[:, 1::2]).to(torch.uint8), 8)
+        w = torch.ops.aten._convert_weight_to_int4pack(((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8), 8)
     return w, sz
 
 

@@ -170,15 +170,16 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
             with autocast:
                 ev = eval_loss(model, eval_examples, cfg.batch_size, pad_id, cfg.eval_batches)
             result.eval_losses[result.step] = ev
-        stop = bool(should_stop and should_stop())
-        if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps or stop):
+        if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps):
             save_checkpoint(ckpt_dir, model, optimizer, scheduler, result)
         if log:
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", result.step, cfg.steps, step_loss, lr,
                      step_tokens / dt, "" if ev is None else f" eval {ev:.4f}")
         if on_step:
             on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev))
-        if stop:
+        if should_stop and result.step < cfg.steps and should_stop():
+            if ckpt_dir and result.step % cfg.save_every:
+                save_checkpoint(ckpt_dir, model, optimizer, scheduler, result)
             result.stopped = True
             break
     model.eval()

@@ -1,0 +1,364 @@
+"""GPTQ for the group-wise representation: calibration, and import/export of GPTQ tensors.
+
+Our representation of a Linear weight ``W [out, in]`` is ``codes`` (uint8 ``[out, in]``, values in
+``[0, 2^bits - 1]``), ``scale`` and ``offset`` (float32 ``[out, in // group_size]``) with
+``w[o, i] = scale[o, i // gs] * codes[o, i] + offset[o, i // gs]``. GPTQ stores the same thing
+with integer zero points, ``w = scale * (q - zero)``, so ``offset = -scale * zero``.
+
+The GPTQ algorithm itself is gptqmodel's (``gptqmodel.quantization.gptq.GPTQ``, asymmetric,
+no act-order); this module only feeds it activations and converts its results. gptqmodel takes
+seconds to import and sets a few process-wide environment variables when it does
+(``PYTORCH_ALLOC_CONF``, ``CUDA_DEVICE_ORDER``), so it is imported only inside
+``gptq_quantize``. The checkpoint functions need nothing but torch and safetensors.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelError
+
+GPTQ_BITS = (2, 3, 4, 8)
+# A v1 ("gptq") checkpoint stores zero - 1; "gptq_v2" stores the zero itself.
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+_WORD = 32
+_MASK32 = (1 << _WORD) - 1
+
+
+class _Captured(Exception):
+    """Raised by the first decoder layer's pre-hook: its inputs are all we need from the model."""
+
+
+def gptq_quantize(model: nn.Module, calib_input_ids: list[torch.Tensor], bits: int, group_size: int,
+                  targets: tuple[str, ...], damp: float = 0.01, on_progress=None
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """GPTQ-quantize every ``nn.Linear`` whose last name component is in ``targets``.
+
+    Calibration is sequential: decoder layer ``k`` receives the hidden states produced by layers
+    ``0..k-1`` with their targets already quantized, and inside a layer the modules are quantized
+    in stages of modules sharing an input (q/k/v, then o, then gate/up, then down for LLaMA), each
+    stage's Hessian ``H = 2/N * X^T X`` taken from outputs of the already quantized stages
+    (gptqmodel's ``true_sequential``). Weights are fake-quantized during the run and restored
+    afterwards, so the model is left exactly as it was given.
+
+    Args:
+        model: a LLaMA-family causal LM on CPU with float32 target weights.
+        calib_input_ids: token ids, each ``[T]`` or ``[B, T]`` without padding; one forward each.
+        on_progress: called as ``on_progress(done, total)`` after each quantized module.
+
+    Returns:
+        ``{qualified_name: (codes [out, in] uint8, scale [out, G] f32, offset [out, G] f32)}``.
+    """
+    _check_bits(bits)
+    if not calib_input_ids:
+        raise ConfigError("GPTQ needs calibration samples; pass at least one token sequence "
+                          "(typically 128 sequences of 512-2048 tokens).")
+    modules = _target_linears(model, targets, group_size)
+    layers = _decoder_layers(model, modules)
+    from gptqmodel.quantization.config import QuantizeConfig
+    from gptqmodel.quantization.gptq import GPTQ
+
+    # act_group_aware defaults to on in gptqmodel; off gives the textbook column order.
+    # fallback=None: an unreached module must fail loudly here, not silently become RTN.
+    qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=False,
+                          act_group_aware=False, damp_percent=damp, fallback=None,
+                          offload_to_disk=False)
+    names = {id(module): name for name, module in modules}
+    originals = {name: module.weight.detach().clone() for name, module in modules}
+    results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs = _capture_layer_inputs(model, layers[0], calib_input_ids)
+            for layer in layers:
+                for stage in _stages(layer, names, inputs[0]):
+                    tasks = {names[id(m)]: (m, _new_task(GPTQ, m, qcfg)) for m in stage}
+                    _run_layer(layer, inputs, stage, [task for _, task in tasks.values()])
+                    for name, (module, task) in tasks.items():
+                        results[name] = _finish_task(name, module, task, bits)
+                        if on_progress is not None:
+                            on_progress(len(results), len(modules))
+                inputs = [((_hidden(layer(*args, **kwargs)),) + args[1:], kwargs)
+                          for args, kwargs in inputs]
+    finally:
+        for name, module in modules:
+            module.weight.data.copy_(originals[name])
+            module.__dict__.pop("target_device", None)  # attribute the GPTQ task adds
+        model.train(was_training)
+    return results
+
+
+def _target_linears(model, targets, group_size):
+    modules = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    if not modules:
+        raise ConfigError(f"no nn.Linear named {sorted(targets)} in the model; choose target names "
+                          "that exist, such as 'q_proj' or 'down_proj'.")
+    for name, module in modules:
+        if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
+            raise ModelError(f"{name} is {module.weight.dtype} on {module.weight.device}; GPTQ "
+                             "calibration runs on CPU in float32: call model.float().cpu() first.")
+        if module.in_features % group_size:
+            raise ConfigError(f"group_size={group_size} does not divide {name}.in_features="
+                              f"{module.in_features}; choose a divisor such as 32, 64 or 128.")
+    return modules
+
+
+def _decoder_layers(model, modules) -> nn.ModuleList:
+    """The ModuleList of blocks (``model.model.layers`` for LLaMA) holding every target."""
+    for name, candidate in model.named_modules():
+        if isinstance(candidate, nn.ModuleList) and len(candidate):
+            prefixes = [f"{name}.{i}." for i in range(len(candidate))]
+            if all(any(n.startswith(p) for p in prefixes) for n, _ in modules):
+                return candidate
+    raise ModelError("GPTQ calibration needs every target inside the decoder layers "
+                     "(model.model.layers); remove targets such as lm_head from the list.")
+
+
+def _capture_layer_inputs(model, first_layer, calib_input_ids):
+    """Positional and keyword inputs of the first decoder layer, one entry per sample."""
+    captured = []
+
+    def grab(_, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Captured
+
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in calib_input_ids:
+            try:
+                model(input_ids=ids if ids.dim() == 2 else ids[None], use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _stages(layer, names, sample):
+    """Target modules of ``layer`` grouped by shared input, in the order they are called."""
+    groups: list[tuple[torch.Tensor, list[nn.Module]]] = []
+
+    def record(module, inp, _):
+        # Holding the input tensors keeps them alive, so identity cannot be confused by reuse.
+        for seen, members in groups:
+            if seen is inp[0]:
+                members.append(module)
+                return
+        groups.append((inp[0], [module]))
+
+    hooks = [m.register_forward_hook(record) for m in layer.modules() if id(m) in names]
+    try:
+        layer(*sample[0], **sample[1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [members for _, members in groups]
+
+
+def _new_task(gptq_cls, module, qcfg):
+    task = gptq_cls(module, qcfg=qcfg)
+    task.quantizer.configure(perchannel=True)  # one scale/zero per output row and group
+    return task
+
+
+def _run_layer(layer, inputs, stage, tasks):
+    hooks = [m.register_forward_hook(lambda _, inp, out, t=t: t.add_batch(inp[0].detach(), out))
+             for m, t in zip(stage, tasks)]
+    try:
+        for args, kwargs in inputs:
+            layer(*args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _finish_task(name, module, task, bits):
+    if task.nsamples == 0:
+        raise ModelError(f"{name} saw no calibration tokens; GPTQ cannot quantize a module the "
+                         "forward pass does not reach (remove it from the targets).")
+    fake_q, scale, zero = task.quantize()[:3]  # fake_q = scale * (q - zero), [out, in]
+    task.free()
+    gs = module.in_features // scale.shape[1]
+    scale_full = scale.repeat_interleave(gs, dim=1)
+    zero_full = zero.repeat_interleave(gs, dim=1)
+    # fake_q / scale is an integer up to float rounding, so round() recovers q exactly.
+    codes = (torch.round(fake_q / scale_full) + zero_full).clamp_(0, 2 ** bits - 1)
+    module.weight.data.copy_(fake_q)  # later stages and layers see the quantized layer
+    return codes.to(torch.uint8), scale.float(), (-scale * zero).float()
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _check_bits(bits):
+    if bits not in GPTQ_BITS:
+        raise ConfigError(f"bits={bits} cannot be stored as GPTQ; choose one of {list(GPTQ_BITS)}.")
+
+
+def _check_format(checkpoint_format):
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ConfigError(f"GPTQ checkpoint_format {checkpoint_format!r} is not supported; "
+                          f"use one of {list(CHECKPOINT_FORMATS)} (gptq_v1 is 'gptq').")
+
+
+# GPTQ packs 32 // bits codes per int32 word for 2/4/8 bits and 32 codes into 3 words for 3 bits
+# (the 10|1|10|1|10 layout). Both are the little-endian bit stream of the codes along the packed
+# dimension cut into 32-bit words, which is what these two helpers build and read directly.
+def _pack_dim0(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[n, m]`` integers in ``[0, 2^bits)`` -> int32 ``[n * bits // 32, m]``."""
+    n, m = values.shape
+    if n % _WORD:
+        raise ConfigError(f"GPTQ packs 32 values at a time but got {n}; GPTQ needs in_features "
+                          "and out_features divisible by 32.")
+    shifts = torch.arange(bits)
+    stream = (values.to(torch.int64).unsqueeze(1) >> shifts[None, :, None]) & 1  # [n, bits, m]
+    stream = stream.reshape(n * bits // _WORD, _WORD, m)
+    words = (stream << torch.arange(_WORD)[None, :, None]).sum(dim=1)
+    return _to_int32(words)
+
+
+def _unpack_dim0(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``[n * bits // 32, m]`` -> int64 ``[n, m]``; inverse of ``_pack_dim0``."""
+    rows, m = words.shape
+    stream = (words.to(torch.int64).unsqueeze(1) >> torch.arange(_WORD)[None, :, None]) & 1
+    stream = stream.reshape(rows * _WORD // bits, bits, m)
+    return (stream << torch.arange(bits)[None, :, None]).sum(dim=1)
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    words = words & _MASK32
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def _shift_v1(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
+    """Convert packed zeros between v1 (zero - 1) and v2 (zero) the way gptqmodel 7.6 does.
+
+    For 2/4/8 bits gptqmodel adds/subtracts ``0x..0101`` on the whole int32 word, so a zero of 0
+    borrows from its neighbour field; only the same whole-word operation undoes it exactly. For
+    3 bits, whose fields straddle words, it shifts each field modulo 8.
+    """
+    if bits == 3:
+        zeros = _unpack_dim0(qzeros.T, bits) + delta  # [out, G]
+        return _pack_dim0(zeros & 7, bits).T.contiguous()
+    ones = sum(1 << (bits * j) for j in range(_WORD // bits))
+    return _to_int32(qzeros.to(torch.int64) + delta * ones)
+
+
+def from_gptq_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                      g_idx: torch.Tensor | None, bits: int, group_size: int,
+                      checkpoint_format: str = "gptq"
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unpack one GPTQ module into ``(codes [out, in] uint8, scale [out, G], offset [out, G])``.
+
+    Args:
+        qweight: int32 ``[in * bits // 32, out]``.
+        qzeros: int32 ``[G, out * bits // 32]``, storing ``zero - 1`` for ``checkpoint_format``
+            "gptq" (v1, what gptqmodel 7.6 saves by default) or ``zero`` for "gptq_v2".
+        scales: ``[G, out]`` (float16 in gptqmodel's checkpoints; converted exactly to float32).
+        g_idx: int ``[in]`` group of each input column; must be ``i // group_size``.
+    """
+    _check_bits(bits)
+    _check_format(checkpoint_format)
+    n_groups, out_features = scales.shape
+    in_features = qweight.shape[0] * _WORD // bits
+    if n_groups * group_size != in_features or qweight.shape[1] != out_features:
+        raise ConfigError(f"GPTQ tensors do not match bits={bits}, group_size={group_size}: "
+                          f"qweight {tuple(qweight.shape)}, scales {tuple(scales.shape)}; check "
+                          "the checkpoint's quantize_config.json.")
+    expected = torch.arange(in_features) // group_size
+    if g_idx is not None and not torch.equal(g_idx.to(torch.int64).cpu(), expected):
+        raise ConfigError("this GPTQ checkpoint uses act-order (desc_act=True): its g_idx maps input "
+                          "columns to groups out of order, which contiguous groups cannot "
+                          "represent. Re-quantize the model with desc_act=False.")
+    if checkpoint_format == "gptq":
+        qzeros = _shift_v1(qzeros, bits, +1)
+    codes = _unpack_dim0(qweight, bits).T.to(torch.uint8)
+    zeros = _unpack_dim0(qzeros.T, bits)[:out_features].T  # [G, out]
+    scale = scales.float().T.contiguous()
+    return codes.contiguous(), scale, -scale * zeros.T.float()
+
+
+def to_gptq_tensors(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
+                    group_size: int, checkpoint_format: str = "gptq",
+                    scales_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Pack our representation as GPTQ ``{qweight, qzeros, scales, g_idx}`` (inverse of above).
+
+    GPTQ holds integer zero points only, so each float offset becomes
+    ``zero = clamp(round(-offset / scale), 0, 2^bits - 1)``: the result is lossy in the zeros
+    alone (exact when the offsets came from GPTQ or min-max RTN; merged adapters move them off the
+    grid). Codes are exact, and so are the scales while ``scales_dtype`` is float32; pass
+    ``torch.float16`` for what GPTQ kernels load, which also rounds the scales.
+    """
+    _check_bits(bits)
+    _check_format(checkpoint_format)
+    maxq = 2 ** bits - 1
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zeros = torch.where(scale == 0, 0.0, torch.round(-offset / safe)).clamp(0, maxq)
+    qzeros = _pack_dim0(zeros.to(torch.int64), bits).T.contiguous()  # zeros: [out, G]
+    if checkpoint_format == "gptq":
+        qzeros = _shift_v1(qzeros, bits, -1)
+    return {
+        "qweight": _pack_dim0(codes.T, bits),
+        "qzeros": qzeros,
+        "scales": scale.T.to(scales_dtype).contiguous(),
+        "g_idx": (torch.arange(codes.shape[1]) // group_size).to(torch.int32),
+    }
+
+
+def load_gptq_checkpoint(directory: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]]:
+    """Read every quantized module of a GPTQ safetensors checkpoint directory.
+
+    Settings come from ``quantize_config.json`` or ``config.json["quantization_config"]``.
+    Returns ``{module_name: (codes, scale, offset)}`` as ``from_gptq_tensors``.
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    cfg = _read_quant_config(directory)
+    bits, group_size = int(cfg.get("bits", 4)), int(cfg.get("group_size", 128))
+    checkpoint_format = str(cfg.get("checkpoint_format") or cfg.get("format") or "gptq").lower()
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"no .safetensors files in {directory}; GPTQ checkpoints saved as .bin "
+                         "are not supported, re-save the model with safetensors.")
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as reader:
+            for key in reader.keys():
+                prefix, _, part = key.rpartition(".")
+                if part in ("qweight", "qzeros", "scales", "g_idx"):
+                    tensors.setdefault(prefix, {})[part] = reader.get_tensor(key)
+    results = {}
+    for name, parts in sorted(tensors.items()):
+        if "qweight" not in parts:
+            continue
+        gs = group_size if group_size > 0 else parts["qweight"].shape[0] * _WORD // bits
+        results[name] = from_gptq_tensors(parts["qweight"], parts["qzeros"], parts["scales"],
+                                          parts.get("g_idx"), bits, gs, checkpoint_format)
+    if not results:
+        raise ModelError(f"{directory} holds no GPTQ tensors (qweight/qzeros/scales); is it a "
+                         "GPTQ checkpoint?")
+    return results
+
+
+def _read_quant_config(directory: Path) -> dict:
+    path = directory / "quantize_config.json"
+    if path.exists():
+        cfg = json.loads(path.read_text())
+    elif (directory / "config.json").exists():
+        cfg = json.loads((directory / "config.json").read_text()).get("quantization_config") or {}
+    else:
+        raise ModelError(f"{directory} has neither quantize_config.json nor config.json; point to "
+                         "the folder of a GPTQ checkpoint.")
+    method = str(cfg.get("quant_method", "gptq")).lower()
+    if method != "gptq":
+        raise ConfigError(f"{directory} is quantized with {method!r}, not GPTQ; only GPTQ "
+                          "checkpoints can be imported here.")
+    return cfg

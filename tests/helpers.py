@@ -1,0 +1,27 @@
+"""Shared builders for tests: a tiny quantized QA-LoRA model with a non-zero adapter."""
+import torch
+
+from qalora.config import AdapterConfig, QuantConfig
+from qalora.model import inject_qalora, quantize_model
+from qalora.tiny import tiny_random_llama
+
+RANK = 4
+GROUP = 32
+
+
+def tiny_qalora(bits=4, group_size=GROUP, rank=RANK, dropout=0.0, seed=0, randomize_b=True):
+    model, tok = tiny_random_llama(seed)
+    adapter = AdapterConfig(rank=rank, alpha=2 * rank, dropout=dropout)
+    inject_qalora(model, quantize_model(model, QuantConfig(bits, group_size), adapter.targets), adapter)
+    if randomize_b:
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval(), tok
+
+
+def token_batch(n=2, t=24, vocab=250, seed=0):
+    ids = torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

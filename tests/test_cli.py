@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT_KEYS = {"base", "bits", "group_size", "rank", "steps", "adapter_params", "train_loss_first",
+               "train_loss_last", "eval_loss_quantized_base", "eval_loss_adapter", "eval_loss_merged",
+               "merge_max_abs_logit_diff", "tokens_per_s", "peak_rss_mb", "wall_s"}
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "qalora", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    res = cli("train", "--base", "tiny-random", "--bits", "4", "--group-size", "32", "--data", "builtin:default",
+              "--out", str(out), "--rank", "4", "--steps", "12", "--batch-size", "4", "--seq-len", "320",
+              "--lr", "2e-3", "--warmup-steps", "2", "--eval-every", "6", "--save-every", "6")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_train_writes_report_and_models(trained):
+    out, res = trained
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["steps"] == 12 and report["bits"] == 4 and report["group_size"] == 32
+    assert report["eval_loss_adapter"] < report["eval_loss_quantized_base"] - 0.1
+    assert report["merge_max_abs_logit_diff"] <= 1e-4
+    assert abs(report["eval_loss_merged"] - report["eval_loss_adapter"]) < 1e-4
+    assert report["adapter_params"] > 0 and report["tokens_per_s"] > 0
+    assert (out / "merged" / "model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "eval_loss_merged" in res.stdout
+
+
+def test_chat_prints_reply(trained):
+    out, _ = trained
+    res = cli("chat", str(out / "merged"), "--prompt", "Make a contact card: Ana is 30 and lives in Rome.",
+              "--max-new-tokens", "8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--group-size", "48"], "group_size=48 does not divide in_features=64"),
+    (["--bits", "5"], "bits=5 is not supported"),
+    (["--base", "/no/such/dir"], "was not found"),
+    (["--data", "/no/such/file.jsonl"], "no/such/file.jsonl"),
+])
+def test_bad_input_gives_message_and_exit_2(tmp_path, args, message):
+    base = ["train", "--base", "tiny-random", "--out", str(tmp_path / "o"), "--steps", "1"]
+    res = cli(*base, *args)
+    assert res.returncode == 2
+    assert message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_malformed_dataset_names_file_and_row(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    res = cli("train", "--base", "tiny-random", "--out", str(tmp_path / "o"), "--steps", "1", "--data", str(bad))
+    assert res.returncode == 2
+    assert "bad.jsonl" in res.stderr and "row 2" in res.stderr and "output" in res.stderr

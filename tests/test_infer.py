@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from qalora import kernels
+from qalora.infer import QuantLinear, chat, stream_chat
+from qalora.quant import quantize_tensor
+
+OUT, IN = 64, 256
+
+
+def quant_linear(bits, group_size, use_kernel=True):
+    torch.manual_seed(bits * 7 + group_size)
+    return QuantLinear(quantize_tensor(torch.randn(OUT, IN) * 0.05, bits, group_size), use_kernel=use_kernel)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_kernel_equals_reference_cpu(bits, group_size):
+    layer = quant_linear(bits, group_size)
+    assert layer.kernel_active(torch.device("cpu"))
+    x = torch.randn(5, IN)
+    got = layer(x)
+    # The kernel takes bf16 input, bf16 scales and zeros and returns bf16: the reference is the
+    # same math in fp32, so the only difference left is the bf16 rounding of the output (2^-8).
+    ref = x.to(torch.bfloat16).float() @ layer.kernel_weight().t()
+    assert (got - ref).abs().max().item() <= 2 ** -8 * ref.abs().max().item()
+    assert got.shape == (5, OUT) and got.dtype == torch.float32
+    # Against the exact fp32 layer the kernel is off only by bf16 rounding of input and params.
+    exact = layer.reference_forward(x)
+    assert (got - exact).abs().max().item() <= 2e-2 * exact.abs().max().item()
+
+
+def test_8bit_and_odd_group_use_reference():
+    assert not quant_linear(8, 32).kernel_active(torch.device("cpu"))
+    assert not quant_linear(4, 16).kernel_active(torch.device("cpu"))
+    layer = quant_linear(8, 32)
+    x = torch.randn(3, IN)
+    assert torch.allclose(layer(x), x @ layer.quantized().dequantize().t(), atol=1e-5)
+
+
+def test_kernel_zero_mapping_is_exact_on_integer_inputs():
+    # With one-hot inputs the kernel returns a single weight: scale*(q-8)+zero == scale*q+offset.
+    layer = quant_linear(4, 32)
+    x = torch.zeros(IN, IN)
+    x[torch.arange(IN), torch.arange(IN)] = 1.0
+    got = layer(x).t()
+    w = layer.quantized().dequantize()
+    assert (got - w).abs().max() <= 2 ** -7 * w.abs().max()  # bf16 rounding of scale and zero
+
+
+@pytest.mark.requires_cuda
+def test_int4_kernel_equals_reference_cuda():
+    layer = quant_linear(4, 128).cuda()
+    x = torch.randn(4, IN, device="cuda")
+    ref = layer.reference_forward(x.to(torch.bfloat16).float())
+    assert (layer(x) - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_streaming_chat_grows_and_matches_non_streaming():
+    from qalora.tiny import tiny_random_llama
+    model, tok = tiny_random_llama()
+    msgs = [{"role": "user", "content": "hello"}]
+    pieces = list(stream_chat(model, tok, msgs, max_new_tokens=12))
+    assert len(pieces) >= 2
+    assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
+    assert pieces[-1] == chat(model, tok, msgs, max_new_tokens=12)
+    assert kernels.KERNEL_GROUP_SIZES == (32, 64, 128, 256)

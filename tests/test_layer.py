@@ -1,0 +1,81 @@
+import torch
+
+from qalora.layer import QALoRALinear
+from qalora.quant import quantize_tensor
+
+OUT, IN, GROUP, RANK = 48, 128, 32, 4
+
+
+def make_layer(bits=4, dropout=0.0):
+    torch.manual_seed(0)
+    qt = quantize_tensor(torch.randn(OUT, IN), bits, GROUP)
+    return QALoRALinear(qt, None, RANK, alpha=8.0, dropout=dropout), qt
+
+
+def test_shapes_and_parameter_count():
+    layer, _ = make_layer()
+    assert layer.lora_A.shape == (RANK, IN // GROUP)
+    assert layer.lora_B.shape == (OUT, RANK)
+    trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    assert trainable == RANK * IN // GROUP + OUT * RANK
+    # The base is stored packed: no float copy of the weight is a parameter or buffer.
+    assert {n for n, _ in layer.named_buffers()} == {"packed", "scale", "offset"}
+    assert layer.packed.dtype == torch.uint8 and layer.packed.numel() == OUT * IN // 2
+
+
+def test_untrained_layer_equals_quantized_base():
+    layer, qt = make_layer()
+    x = torch.randn(3, 5, IN)
+    ref = x @ qt.dequantize().t()
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+def test_adapter_matches_explicit_group_sum():
+    layer, qt = make_layer()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(7, IN)
+    pooled = torch.stack([x[:, g * GROUP:(g + 1) * GROUP].sum(-1) for g in range(IN // GROUP)], -1)
+    ref = x @ qt.dequantize().t() + layer.scaling * pooled @ layer.lora_A.t() @ layer.lora_B.t()
+    assert torch.allclose(layer(x), ref, atol=1e-4)
+
+
+def test_gradients_reach_adapter_and_input_only():
+    layer, qt = make_layer()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, IN, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+    # Input gradient through the packed base equals the dense reference.
+    x2 = x.detach().clone().requires_grad_(True)
+    w = qt.dequantize()
+    pooled = x2.unflatten(-1, (-1, GROUP)).sum(-1)
+    ref = x2 @ w.t() + layer.scaling * pooled @ layer.lora_A.detach().t() @ layer.lora_B.detach().t()
+    ref.square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-3, rtol=1e-4)
+
+
+def test_backward_saves_packed_weight_not_dense():
+    layer, _ = make_layer()
+    x = torch.randn(2, IN, requires_grad=True)
+    saved = []
+
+    def pack_hook(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+        layer(x).sum().backward()
+    assert (torch.float32, (OUT, IN)) not in saved
+    assert (torch.uint8, (OUT, IN // 2)) in saved
+
+
+def test_bf16_forward_close_to_fp32():
+    layer, _ = make_layer()
+    x = torch.randn(4, IN)
+    y32 = layer(x)
+    y16 = layer(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    assert (y16.float() - y32).abs().max() < 0.05 * y32.abs().max()
