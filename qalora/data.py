@@ -14,7 +14,6 @@ assistant replies (plus their end-of-turn token); all other tokens get label -10
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import random
@@ -66,7 +65,11 @@ def _read_rows(source: str) -> tuple[str, list[tuple[str, dict]]]:
         if suffix not in FILE_TYPES:
             raise DataError(f"{path.name}: unsupported file type {suffix or '(none)'}; "
                             f"use one of {', '.join(FILE_TYPES)}.")
-        text = None if suffix == ".parquet" else path.read_text(encoding="utf-8-sig")
+        try:
+            text = None if suffix == ".parquet" else path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path.name}: not UTF-8 text (bad byte at offset {e.start}); "
+                            "save the file with UTF-8 encoding.") from None
         return path.name, {".json": _rows_json, ".jsonl": _rows_jsonl, ".csv": _rows_csv,
                            ".parquet": _rows_parquet}[suffix](path, text)
     if path.suffix.lower() in FILE_TYPES or source.startswith((".", "/", "~")):
@@ -88,7 +91,7 @@ def _rows_json(path: Path, text: str) -> list[tuple[str, dict]]:
     if not isinstance(data, list):
         raise DataError(f'{path.name}: expected a list of records or {{"data": [...]}}, '
                         f"got a JSON {type(data).__name__}.")
-    return [(f"record {i} (1-based)", _as_object(row, f"{path.name} record {i}"))
+    return [(f"row {i} (1-based)", _as_object(row, f"{path.name} row {i}"))
             for i, row in enumerate(data, 1)]
 
 
@@ -340,7 +343,12 @@ def preview(source: str, tokenizer, n: int = 3) -> tuple[list[str], int]:
 
 
 def _chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # templates raise jinja's TemplateError for conversations they reject
+        raise DataError(f"the model's chat template rejects this conversation ({e}); change the records to "
+                        "the turn order it expects (e.g. no system message, strictly alternating user and "
+                        "assistant).") from None
 
 
 def _plain_segments(messages: list[dict], eos: str) -> list[tuple[str, bool]]:

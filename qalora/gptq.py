@@ -47,6 +47,8 @@ def gptq_quantize(model: nn.Module, calib_input_ids: list[torch.Tensor], bits: i
     Args:
         model: a LLaMA-family causal LM on CPU with float32 target weights.
         calib_input_ids: token ids, each ``[T]`` or ``[B, T]`` without padding; one forward each.
+        damp: fraction of ``mean(diag(H))`` added to ``diag(H)``; gptqmodel raises it in steps of
+            0.01 if the Cholesky factorization still fails.
         on_progress: called as ``on_progress(done, total)`` after each quantized module.
 
     Returns:
@@ -209,26 +211,31 @@ def _check_format(checkpoint_format):
 
 # GPTQ packs 32 // bits codes per int32 word for 2/4/8 bits and 32 codes into 3 words for 3 bits
 # (the 10|1|10|1|10 layout). Both are the little-endian bit stream of the codes along the packed
-# dimension cut into 32-bit words, which is what these two helpers build and read directly.
+# dimension cut into 32-bit words: bit b of value i is stream bit i * bits + b. Working one bit
+# plane at a time keeps the temporaries at the size of the weight.
 def _pack_dim0(values: torch.Tensor, bits: int) -> torch.Tensor:
     """``[n, m]`` integers in ``[0, 2^bits)`` -> int32 ``[n * bits // 32, m]``."""
     n, m = values.shape
     if n % _WORD:
         raise ConfigError(f"GPTQ packs 32 values at a time but got {n}; GPTQ needs in_features "
                           "and out_features divisible by 32.")
-    shifts = torch.arange(bits)
-    stream = (values.to(torch.int64).unsqueeze(1) >> shifts[None, :, None]) & 1  # [n, bits, m]
-    stream = stream.reshape(n * bits // _WORD, _WORD, m)
-    words = (stream << torch.arange(_WORD)[None, :, None]).sum(dim=1)
+    values = values.to(torch.int64)
+    words = torch.zeros(n * bits // _WORD, m, dtype=torch.int64)
+    for b in range(bits):
+        pos = torch.arange(n) * bits + b
+        words.index_add_(0, pos // _WORD, ((values >> b) & 1) << (pos % _WORD)[:, None])
     return _to_int32(words)
 
 
 def _unpack_dim0(words: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 ``[n * bits // 32, m]`` -> int64 ``[n, m]``; inverse of ``_pack_dim0``."""
-    rows, m = words.shape
-    stream = (words.to(torch.int64).unsqueeze(1) >> torch.arange(_WORD)[None, :, None]) & 1
-    stream = stream.reshape(rows * _WORD // bits, bits, m)
-    return (stream << torch.arange(bits)[None, :, None]).sum(dim=1)
+    n = words.shape[0] * _WORD // bits
+    words = words.to(torch.int64)
+    values = torch.zeros(n, words.shape[1], dtype=torch.int64)
+    for b in range(bits):
+        pos = torch.arange(n) * bits + b
+        values |= ((words[pos // _WORD] >> (pos % _WORD)[:, None]) & 1) << b
+    return values
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -279,9 +286,9 @@ def from_gptq_tensors(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     if checkpoint_format == "gptq":
         qzeros = _shift_v1(qzeros, bits, +1)
     codes = _unpack_dim0(qweight, bits).T.to(torch.uint8)
-    zeros = _unpack_dim0(qzeros.T, bits)[:out_features].T  # [G, out]
+    zeros = _unpack_dim0(qzeros.T, bits)[:out_features]  # [out, G]
     scale = scales.float().T.contiguous()
-    return codes.contiguous(), scale, -scale * zeros.T.float()
+    return codes.contiguous(), scale, -scale * zeros.float()
 
 
 def to_gptq_tensors(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,

@@ -72,6 +72,26 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every float tensor except the quantized layers' (their scales and offsets stay fp32)."""
+    from .layer import QALoRALinear
+
+    skip = {id(t) for m in model.modules() if isinstance(m, (QuantLinear, QALoRALinear))
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
+    with torch.no_grad():
+        for m in model.modules():
+            for store in (m._parameters, m._buffers):
+                for name, t in store.items():
+                    if t is not None and t.is_floating_point() and id(t) not in skip and t.dtype != dtype:
+                        if isinstance(t, nn.Parameter):
+                            store[name] = nn.Parameter(t.to(dtype), requires_grad=t.requires_grad)
+                        else:
+                            store[name] = t.to(dtype)
+    if hasattr(model, "config"):
+        model.config.dtype = dtype
+    return model
+
+
 def chat_input_ids(tokenizer, messages: list[dict], device=None) -> torch.Tensor:
     """``messages`` rendered exactly as in training, ready for the next reply: ``(1, T)``."""
     from .data import encode_prompt

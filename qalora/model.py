@@ -73,7 +73,9 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, device: torch.devic
                              "access for Hub ids.") from exc
         config = model.config
         if getattr(config, "quantization_config", None) is not None:
-            del config.quantization_config  # a GGUF source is dequantized on load; it is a float model now
+            # A GGUF source is dequantized on load: it is a plain float model from here on.
+            del config.quantization_config
+            model.hf_quantizer = None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.to(device=device, dtype=dtype).eval(), tok

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..infer import QuantLinear
+from ..infer import QuantLinear, set_compute_dtype
 from ..quant import QuantizedTensor
 
 FORMAT = "qalora"
@@ -69,8 +69,12 @@ def read_quant_config(model_dir) -> dict:
 
 
 def load_quantized(model_dir, device: torch.device | str = "cpu", use_kernel: bool = True,
-                   with_tokenizer: bool = True):
-    """Load ``(model, tokenizer)`` saved by :func:`save_quantized`, in a fresh process, no adapter."""
+                   with_tokenizer: bool = True, dtype: torch.dtype | None = None):
+    """Load ``(model, tokenizer)`` saved by :func:`save_quantized`, in a fresh process, no adapter.
+
+    ``dtype`` casts the non-quantized tensors (embeddings, norms) for inference, e.g. bf16 to
+    pair with the int4 kernel; scales and offsets always stay fp32.
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -98,6 +102,10 @@ def load_quantized(model_dir, device: torch.device | str = "cpu", use_kernel: bo
         raise ModelError(f"{model_dir}/{WEIGHTS} does not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}.")
     _materialize_buffers(model, config, device)
+    if dtype is not None:
+        set_compute_dtype(model, dtype)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if with_tokenizer else None
     return model.eval(), tokenizer
 
