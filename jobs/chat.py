@@ -1,0 +1,135 @@
+"""Chat with finished models: one loaded model per side, kept between turns, freed on switch.
+
+The app process holds at most two models: the fine-tuned low-bit one ("tuned", keyed by its
+merged directory) and, for side-by-side mode, its float base ("base", keyed by the base
+name). Asking a slot for a different key frees the model it holds before loading the next,
+so switching models never stacks memory. torch is imported lazily: the app starts without it.
+"""
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable, Iterator
+
+SIDES = ("tuned", "base")
+
+
+def _free_memory() -> None:
+    gc.collect()
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class ModelSlot:
+    """Holds at most one ``(model, tokenizer)``; ``get(key)`` loads ``key``, replacing the previous one.
+
+    A reply already streaming from the previous model keeps its own reference and finishes;
+    the memory is released when it does.
+    """
+
+    def __init__(self, loader: Callable[[str], tuple]):
+        self._loader = loader
+        self._lock = threading.Lock()
+        self.key: str | None = None
+        self._loaded: tuple | None = None
+
+    def get(self, key: str) -> tuple:
+        with self._lock:
+            if key != self.key or self._loaded is None:
+                self._release()
+                self._loaded = self._loader(key)
+                self.key = key
+            return self._loaded
+
+    def unload(self) -> None:
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        if self._loaded is not None:
+            self._loaded, self.key = None, None
+            _free_memory()
+
+
+def _load_tuned(merged_dir: str) -> tuple:
+    import torch
+
+    from qalora.export.native import load_quantized
+    from qalora.model import pick_device
+
+    # bf16 activations pair with the int4 kernel (CPU and CUDA); scales and offsets stay fp32
+    return load_quantized(merged_dir, device=pick_device(), dtype=torch.bfloat16)
+
+
+def _load_base(base: str) -> tuple:
+    from qalora.model import load_base, pick_device, resolve_dtype
+
+    device = pick_device()
+    return load_base(base, dtype=resolve_dtype("auto", device), device=device)
+
+
+_SLOTS = {"tuned": ModelSlot(_load_tuned), "base": ModelSlot(_load_base)}
+
+
+def slot(side: str) -> ModelSlot:
+    if side not in _SLOTS:
+        raise ValueError(f"chat side {side!r} is unknown; use one of {SIDES}.")
+    return _SLOTS[side]
+
+
+def loaded_models() -> dict[str, str | None]:
+    """Which key each side holds right now (``None``: nothing loaded)."""
+    return {side: s.key for side, s in _SLOTS.items()}
+
+
+def text_of(content) -> str:
+    """A chat message's text, whether a plain string or a list of typed parts (Gradio's format)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(text_of(part) for part in content)
+    return ""
+
+
+def build_messages(history: list[dict], user_message: str, system_prompt: str = "") -> list[dict]:
+    """The conversation to answer: optional system prompt, earlier turns as text, the new message."""
+    messages = [{"role": "system", "content": system_prompt.strip()}] if system_prompt.strip() else []
+    messages += [{"role": m["role"], "content": text_of(m["content"])} for m in history
+                 if m.get("role") in ("user", "assistant")]
+    return messages + [{"role": "user", "content": user_message}]
+
+
+def stream_reply(side: str, key: str, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 0.95) -> Iterator[str]:
+    """Yield the growing reply of the model ``key`` on ``side`` (loaded on first use)."""
+    from qalora.infer import stream_chat
+
+    if not 1 <= int(max_new_tokens) <= 4096:
+        raise ValueError(f"max new tokens={max_new_tokens} must be between 1 and 4096.")
+    if not 0.0 <= float(temperature) <= 2.0 or not 0.0 < float(top_p) <= 1.0:
+        raise ValueError("temperature must be in [0, 2] and top-p in (0, 1]; 0 temperature means greedy.")
+    model, tok = slot(side).get(key)
+    yield from stream_chat(model, tok, messages, max_new_tokens=int(max_new_tokens),
+                           temperature=float(temperature), top_p=float(top_p))
+
+
+def stream_side_by_side(keys: dict[str, str], messages: list[dict], **generation) -> Iterator[dict[str, str]]:
+    """Answer ``messages`` with every side in ``keys`` at once; yields ``{side: reply so far}``.
+
+    Both models generate in their own threads (``stream_chat``); taking turns reading their
+    streams keeps both replies growing on screen together.
+    """
+    for side in keys:  # load (and free) before generating, so a load error surfaces first
+        slot(side).get(keys[side])
+    streams = {side: stream_reply(side, key, messages, **generation) for side, key in keys.items()}
+    replies = dict.fromkeys(keys, "")
+    while streams:
+        for side in list(streams):
+            try:
+                replies[side] = next(streams[side])
+            except StopIteration:
+                del streams[side]
+        yield dict(replies)

@@ -1,0 +1,210 @@
+"""Run one job: the library's ``finetune`` wired to the database, a heartbeat and the job's log.
+
+``run_job`` takes only primitives (rq's rule), so it behaves the same in a worker thread, a
+subprocess, or on another machine sharing the database. It never raises for a failed job:
+the outcome is the job's final status, with a readable error in the row and the full
+traceback in ``<artifact dir>/job.log``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import traceback
+from pathlib import Path
+
+from sqlalchemy import select
+
+from qalora.errors import QALoRAError
+from storage import IllegalTransition, Job, JobStatus, db, get_settings, repo
+
+from .spec import JobSpec
+
+LOG_NAME = "job.log"
+ARTIFACTS = {"merged": "merged", "adapter": "adapter", "report": "report.json", "log": LOG_NAME}
+
+
+class _Stop(Exception):
+    """Raised from ``on_stage`` so a cancel or shutdown is honoured between stages, too."""
+
+
+def job_logger(job_id: int, artifact_dir: Path) -> logging.Logger:
+    """A logger that appends to the job's own log file (and nowhere else)."""
+    log = logging.getLogger(f"qalora.jobs.{job_id}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(artifact_dir / LOG_NAME, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.addHandler(handler)
+    return log
+
+
+def close_logger(log: logging.Logger) -> None:
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+
+
+def note(job_id: int, artifact_dir: str | Path, message: str) -> None:
+    """Append one warning line to a job's log from outside its run (e.g. crash recovery)."""
+    log = job_logger(job_id, Path(artifact_dir))
+    log.warning(message)
+    close_logger(log)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError) and ("out of memory" in str(exc).lower()
+                                                   or "can't allocate memory" in str(exc).lower())))
+
+
+def describe_error(exc: BaseException, spec: JobSpec | None) -> str:
+    """The one-paragraph message shown in the UI; the traceback goes to the log."""
+    if _is_oom(exc):
+        sizes = f" (batch_size={spec.train.batch_size}, seq_len={spec.train.seq_len})" if spec else ""
+        return (f"Out of memory{sizes}: reduce batch size or "
+                "sequence length (raise grad_accum to keep the effective batch), or turn on gradient "
+                "checkpointing, then resume the job.")
+    if isinstance(exc, QALoRAError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc} (internal error; the full traceback is in the job log)."
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps the job's heartbeat fresh while the main thread is busy inside the library."""
+
+    def __init__(self, job_id: int, worker_id: str, every_s: float, lost: threading.Event):
+        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
+        self.job_id, self.worker_id, self.every_s, self.lost = job_id, worker_id, every_s, lost
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every_s):
+            try:
+                with db() as s:
+                    if not repo.heartbeat(s, self.job_id, self.worker_id):
+                        self.lost.set()
+                        return
+            except Exception:  # a locked or unreachable database: try again next beat
+                continue
+
+
+def run_job(job_id: int, worker_id: str | None = None, *, shutdown: threading.Event | None = None) -> str:
+    """Run job ``job_id`` to an end state and return that status's value.
+
+    With ``worker_id`` the job must already be claimed by that worker (the worker loop);
+    without, this call claims the queued job itself. ``shutdown`` set by a stopping worker
+    makes the job checkpoint and go back to the queue.
+    """
+    if worker_id is None:
+        from .worker import new_worker_id
+        worker_id = new_worker_id()
+        with db() as s:
+            repo.claim(s, worker_id, job_id)
+    with db() as s:
+        job = repo.get_job(s, job_id)
+        raw_spec, artifact_dir, attempt = job.spec, Path(job.artifact_dir), job.attempts
+    run = _JobRun(job_id, worker_id, artifact_dir, shutdown or threading.Event())
+    beat = _Heartbeat(job_id, worker_id, get_settings().heartbeat_s, run.lost)
+    beat.start()
+    try:
+        run.log.info("attempt %d on worker %s: %s", attempt, worker_id, raw_spec)
+        return run.execute(raw_spec)
+    finally:
+        beat.done.set()
+        beat.join()
+        close_logger(run.log)
+
+
+class _JobRun:
+    """One attempt at one job: the library's callbacks and the recording of its outcome."""
+
+    def __init__(self, job_id: int, worker_id: str, artifact_dir: Path, shutdown: threading.Event):
+        self.job_id, self.worker_id, self.artifact_dir, self.shutdown = job_id, worker_id, artifact_dir, shutdown
+        self.lost = threading.Event()  # another worker owns the job now (we were presumed dead)
+        self.log = job_logger(job_id, artifact_dir)
+
+    def should_stop(self) -> bool:
+        if self.lost.is_set() or self.shutdown.is_set():
+            return True
+        with db() as s:  # one primary-key read per step: a cancel is seen within one step
+            row = s.execute(select(Job.status, Job.worker_id, Job.cancel_requested)
+                            .where(Job.id == self.job_id)).one()
+        if row.status != JobStatus.RUNNING.value or row.worker_id != self.worker_id:
+            self.lost.set()
+        return self.lost.is_set() or row.cancel_requested
+
+    def on_stage(self, name: str) -> None:
+        self.log.info("stage: %s", name)
+        with db() as s:
+            if not repo.heartbeat(s, self.job_id, self.worker_id, stage=name):
+                self.lost.set()
+        if name != "done" and self.should_stop():
+            raise _Stop(f"stopped before stage {name!r}")
+
+    def on_step(self, info) -> None:
+        eta = (info.total_steps - info.step) * info.elapsed_s / max(info.step, 1)
+        with db() as s:
+            if not repo.record_step(s, self.job_id, self.worker_id, step=info.step, train_loss=info.loss,
+                                    eval_loss=info.eval_loss, lr=info.lr, tokens_per_s=info.tokens_per_s,
+                                    elapsed_s=info.elapsed_s, eta_s=eta):
+                self.lost.set()
+
+    def execute(self, raw_spec: dict) -> str:
+        from qalora.pipeline import TrainingStopped, finetune
+
+        spec = None
+        try:
+            spec = JobSpec.from_dict(raw_spec)
+            report = finetune(spec.base, spec.data, self.artifact_dir, spec.quant, spec.adapter, spec.train,
+                              resume=True, log=self.log, on_step=self.on_step, should_stop=self.should_stop,
+                              on_stage=self.on_stage)
+        except (TrainingStopped, _Stop) as exc:
+            return self._stopped(str(exc))
+        except Exception as exc:
+            message = describe_error(exc, spec)
+            self.log.error("failed: %s\n%s", message, traceback.format_exc())
+            return self._finish(lambda s: repo.fail(s, self.job_id, self.worker_id, message), JobStatus.FAILED)
+        except BaseException:
+            # the worker process is being torn down (KeyboardInterrupt, SystemExit): hand the job back
+            self.log.warning("worker %s stopping mid-job:\n%s", self.worker_id, traceback.format_exc())
+            self._finish(lambda s: self._hand_back(s, "the worker stopped"), JobStatus.QUEUED)
+            raise
+        self.log.info("succeeded: merge max |logit diff| %.3g", report["merge_max_abs_logit_diff"])
+        return self._finish(lambda s: self._succeed(s, report), JobStatus.SUCCEEDED)
+
+    def _succeed(self, s, report: dict) -> None:
+        for kind, rel in ARTIFACTS.items():
+            if (self.artifact_dir / rel).exists():
+                repo.add_artifact(s, self.job_id, kind, self.artifact_dir / rel)
+        repo.succeed(s, self.job_id, self.worker_id, report)
+
+    def _stopped(self, why: str) -> str:
+        if self.lost.is_set():
+            self.log.warning("%s: the job was taken over after a missed heartbeat; leaving it", why)
+            return self._status()
+        with db() as s:
+            canceled = repo.get_job(s, self.job_id).cancel_requested
+        if canceled:
+            self.log.info("canceled (%s)", why)
+            return self._finish(lambda s: repo.cancel(s, self.job_id, self.worker_id), JobStatus.CANCELED)
+        self.log.info("worker shutting down (%s); the job goes back to the queue and resumes from its "
+                      "checkpoint", why)
+        return self._finish(lambda s: self._hand_back(s, "the worker shut down"), JobStatus.QUEUED)
+
+    def _hand_back(self, s, why: str) -> None:
+        repo.interrupt(s, self.job_id, self.worker_id, reason=f"{why}; resuming from the last checkpoint")
+        repo.requeue(s, self.job_id)
+
+    def _status(self) -> str:
+        with db() as s:
+            return repo.get_job(s, self.job_id).status
+
+    def _finish(self, write, status: JobStatus) -> str:
+        try:
+            with db() as s:
+                write(s)
+        except IllegalTransition as exc:
+            self.log.warning("could not record the outcome: %s", exc)
+            return self._status()
+        return status.value

@@ -1,0 +1,189 @@
+"""The only module the UI calls: submit, watch, cancel, resume and delete jobs; list models.
+
+Every function opens its own short transaction and returns plain dicts (ready for a table
+widget), so the UI holds no database objects and never blocks on a running job. Errors
+meant for the user are ``QALoRAError`` subclasses with a readable message.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from storage import Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo
+
+from .pipeline import LOG_NAME
+from .spec import JobSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_FIELDS = ("id", "name", "status", "stage", "step", "total_steps", "loss", "eta_s", "error", "attempts",
+              "cancel_requested", "worker_id", "created_at", "started_at", "finished_at", "heartbeat_at",
+              "artifact_dir")
+
+
+def _job_dict(job: Job) -> dict:
+    d = {k: getattr(job, k) for k in JOB_FIELDS}
+    d["progress"] = job.step / job.total_steps if job.total_steps else 0.0
+    d["spec"], d["report"] = job.spec, job.report
+    return d
+
+
+def _metric_dict(m: Metric) -> dict:
+    return {"step": m.step, "train_loss": m.train_loss, "eval_loss": m.eval_loss, "lr": m.lr,
+            "tokens_per_s": m.tokens_per_s, "elapsed_s": m.elapsed_s, "time": m.created_at}
+
+
+def _artifact_dict(a: Artifact) -> dict:
+    return {"kind": a.kind, "path": a.path, "size_bytes": a.size_bytes, "created_at": a.created_at}
+
+
+def _require(s, job_id: int) -> Job:
+    job = repo.get_job(s, job_id)
+    if job is None:
+        raise JobStateError(f"Job {job_id} does not exist; refresh the job list.")
+    return job
+
+
+def submit(spec: JobSpec | dict) -> int:
+    """Validate ``spec`` and queue it; returns the job id. Bad specs raise before anything is stored."""
+    spec = (spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)).validate()
+    settings = get_settings()
+    with db() as s:
+        return repo.create_job(s, name=spec.name, spec=spec.to_dict(), total_steps=spec.train.steps,
+                               artifact_root=settings.jobs_dir)
+
+
+def list_jobs(status: str | JobStatus | list | None = None, limit: int = 200) -> list[dict]:
+    """Newest first; ``status`` filters to one status or a list of them."""
+    statuses = [status] if isinstance(status, (str, JobStatus)) else status
+    with db() as s:
+        return [_job_dict(j) for j in repo.list_jobs(s, statuses, limit)]
+
+
+def get_job(job_id: int, metrics_after: int = 0) -> dict:
+    """The job with its metrics after step ``metrics_after`` (poll incrementally) and artifacts."""
+    with db() as s:
+        d = _job_dict(_require(s, job_id))
+        d["metrics"] = [_metric_dict(m) for m in repo.metrics(s, job_id, metrics_after)]
+        d["artifacts"] = [_artifact_dict(a) for a in repo.artifacts(s, job_id)]
+    return d
+
+
+def cancel(job_id: int) -> dict:
+    """Cancel a queued or interrupted job now; ask a running one to stop after its current step.
+
+    Returns the job as it was at the moment of the request (``step`` is the last finished step).
+    """
+    for _ in range(2):
+        try:
+            with db() as s:
+                if not repo.request_cancel(s, job_id):
+                    repo.cancel(s, job_id)
+                return _job_dict(_require(s, job_id))
+        except IllegalTransition as exc:
+            if exc.current != JobStatus.RUNNING:
+                raise  # a worker claiming it in between is retried as a running job; the rest is final
+    raise JobStateError(f"Job {job_id} changed state while being canceled; try again.")
+
+
+def resume(job_id: int) -> dict:
+    """Queue an interrupted, failed or canceled job again; it continues from its last checkpoint."""
+    with db() as s:
+        repo.requeue(s, job_id)
+        return _job_dict(_require(s, job_id))
+
+
+def delete(job_id: int) -> None:
+    """Remove a job that is not running, its metrics, and its artifact directory."""
+    with db() as s:
+        folder = _require(s, job_id).artifact_dir
+        repo.delete_job(s, job_id)
+    path = Path(folder) if folder else None
+    # only ever remove a directory this store created for this job
+    if path and path.name == f"job-{job_id:05d}" and path.is_dir():
+        shutil.rmtree(path)
+
+
+def list_models() -> list[dict]:
+    """Finished models whose merged directory still exists, newest first."""
+    models = []
+    for job in list_jobs(JobStatus.SUCCEEDED):
+        merged = Path(job["artifact_dir"]) / "merged"
+        if not merged.is_dir():
+            continue
+        r = job["report"] or {}
+        models.append({"job_id": job["id"], "name": job["name"], "path": str(merged),
+                       "adapter_path": str(Path(job["artifact_dir"]) / "adapter"), "base": r.get("base"),
+                       "bits": r.get("bits"), "group_size": r.get("group_size"), "rank": r.get("rank"),
+                       "steps": r.get("steps"), "eval_loss_merged": r.get("eval_loss_merged"),
+                       "eval_loss_quantized_base": r.get("eval_loss_quantized_base"),
+                       "merge_max_abs_logit_diff": r.get("merge_max_abs_logit_diff"),
+                       "finished_at": job["finished_at"]})
+    return models
+
+
+def read_log(job_id: int, tail: int = 200) -> str:
+    """The last ``tail`` lines of the job's log ('' before the job has started)."""
+    with db() as s:
+        folder = _require(s, job_id).artifact_dir
+    path = Path(folder) / LOG_NAME
+    if not path.is_file():
+        return ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return "".join(deque(f, maxlen=tail))
+
+
+def start_worker_process(count: int | None = None, log_dir: Path | None = None) -> list[subprocess.Popen]:
+    """Start ``count`` (default ``QALORA_WORKERS``) ``python -m jobs.worker`` processes.
+
+    They inherit this process's environment (``QALORA_HOME``, ``QALORA_DB_URL``) and write to
+    ``<home>/workers/worker-<n>.log``. Surplus workers exit at once when every slot is held.
+    """
+    settings = get_settings()
+    log_dir = Path(log_dir or settings.home / "workers")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # absolute paths, so the workers find the same store whatever their working directory
+    env = {**os.environ, "QALORA_HOME": str(settings.home), "QALORA_DB_URL": settings.db_url,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    procs = []
+    for n in range(count or settings.workers):
+        with open(log_dir / f"worker-{n}.log", "ab") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "jobs.worker"], env=env, stdout=out,
+                                          stderr=subprocess.STDOUT))
+    return procs
+
+
+# UI helpers (new-job form, chat, publish) live in their own modules; these re-exports and thin
+# wrappers keep this module the only one the app calls.
+from .chat import build_messages, loaded_models, stream_reply, stream_side_by_side  # noqa: E402,F401
+from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_PRESET, METHOD_CHOICES,  # noqa: E402,F401
+                    PRESETS, build_spec, builtin_choices, data_source, group_size_choices, preview_dataset)
+from .publish import PublishError, loss_curve, model_card, resolve_token  # noqa: E402,F401
+
+
+def chat_keys(job_id: int, compare: bool = False) -> dict[str, str]:
+    """What each chat side loads for a finished job: its merged model and, to compare, its base."""
+    job = get_job(job_id, metrics_after=2**62)  # the row only: no metric is that far
+    merged = Path(job["artifact_dir"] or "") / "merged"
+    if job["status"] != JobStatus.SUCCEEDED.value or not merged.is_dir():
+        raise JobStateError(f"Job {job_id} has no finished model; pick one from the list of finished models.")
+    keys = {"tuned": str(merged)}
+    if compare:
+        keys["base"] = (job["report"] or {}).get("base") or job["spec"]["base"]
+    return keys
+
+
+def publish_job(job_id: int, repo_name: str, **kwargs) -> str:
+    """Upload job ``job_id``'s merged model to the Hub (see ``jobs.publish.publish``); returns the URL."""
+    from .publish import publish
+    return publish(get_job(job_id), repo_name, **kwargs)
+
+
+def archive_model(job_id: int, dest_dir: str | Path) -> Path:
+    """A zip of the job's merged model folder, written to ``dest_dir`` for download."""
+    keys = chat_keys(job_id)
+    base = Path(dest_dir) / f"qalora-job-{job_id:05d}-merged"
+    return Path(shutil.make_archive(str(base), "zip", keys["tuned"]))

@@ -1,0 +1,154 @@
+"""What a job will do, checked before it is queued so a bad spec fails in the form, not hours later.
+
+A ``JobSpec`` is the library's three config dataclasses plus the base model, the dataset,
+the export formats and a name; it is stored as JSON in the job row (``to_dict``/``from_dict``).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qalora.config import AdapterConfig, QuantConfig, TrainConfig
+from qalora.errors import ConfigError, DataError, ModelError
+
+# Written by qalora.pipeline.finetune on every run: the merged low-bit model and the adapter.
+EXPORT_FORMATS = ("native", "adapter")
+DATA_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# SmolLM2-135M-Instruct (the 'default' GGUF): reading the GGUF header takes seconds, so the
+# numbers are kept here; (hidden_size, attention width = heads x head_dim, intermediate_size).
+_DEFAULT_DIMS = (576, 576, 1536)
+
+
+@dataclass
+class JobSpec:
+    base: str = "default"
+    data: str = "builtin:default"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    exports: tuple[str, ...] = EXPORT_FORMATS
+    name: str = ""
+
+    def __post_init__(self):
+        self.base, self.data, self.name = str(self.base).strip(), str(self.data).strip(), (self.name or "").strip()
+        self.exports = tuple(self.exports)
+        unknown = [f for f in self.exports if f not in EXPORT_FORMATS]
+        if unknown:
+            raise ConfigError(f"export format(s) {unknown} are not available; choose from {list(EXPORT_FORMATS)}.")
+        if not self.name:
+            short = Path(self.base).stem if self.base not in ("default", "tiny-random") else self.base
+            self.name = f"{short}-{self.quant.bits}bit-g{self.quant.group_size}-r{self.adapter.rank}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "base": self.base, "data": self.data, "quant": self.quant.to_dict(),
+                "adapter": {**self.adapter.to_dict(), "targets": list(self.adapter.targets)},
+                "train": self.train.to_dict(), "exports": list(self.exports)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JobSpec:
+        d = dict(d)
+        unknown = sorted(set(d) - {"name", "base", "data", "quant", "adapter", "train", "exports"})
+        if unknown:
+            raise ConfigError(f"job spec: unknown field(s) {unknown}; valid fields are name, base, data, "
+                              "quant, adapter, train, exports.")
+        return cls(base=d.get("base", "default"), data=d.get("data", "builtin:default"),
+                   quant=QuantConfig.from_dict(d.get("quant")), adapter=AdapterConfig.from_dict(d.get("adapter")),
+                   train=TrainConfig.from_dict(d.get("train")), exports=d.get("exports", EXPORT_FORMATS),
+                   name=d.get("name", ""))
+
+    def validate(self) -> JobSpec:
+        """Check what can be checked in well under a second: data source, base model, group size.
+
+        Local paths are made absolute, so a worker in another directory finds the same files.
+        """
+        check_data(self.data)
+        dims = model_dims(self.base)
+        self.data, self.base = _absolute(self.data), _absolute(self.base)
+        if dims is not None:
+            check_group_size(dims, self.quant.group_size, self.adapter.targets)
+        return self
+
+
+def _absolute(ref: str) -> str:
+    if ref in ("default", "tiny-random") or ref.startswith("builtin:"):
+        return ref
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
+
+
+def check_data(source: str) -> None:
+    """The source must exist; its rows are parsed by the worker, which names a bad file and row."""
+    if source.startswith("builtin:"):
+        from qalora.data import builtin_records
+        builtin_records(source[len("builtin:"):])  # unknown names raise a DataError listing the choices
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return
+    if path.is_file():
+        if path.suffix.lower() not in DATA_FILE_TYPES:
+            raise DataError(f"{path.name}: unsupported file type {path.suffix or '(none)'}; "
+                            f"use one of {', '.join(DATA_FILE_TYPES)}.")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path.name} is empty; add at least two records.")
+        return
+    if path.suffix.lower() in DATA_FILE_TYPES or source.startswith((".", "/", "~")) or not source:
+        raise DataError(f"dataset {source!r} not found; give builtin:default, the path of a "
+                        f"{'/'.join(DATA_FILE_TYPES)} file, or a dataset folder.")
+    # anything else is a dataset name in the local datasets cache, resolved by the worker
+
+
+def model_dims(base: str) -> tuple[int, int, int] | None:
+    """(hidden, attention width, intermediate) when cheaply known; ``None`` defers to the worker.
+
+    Raises ``ModelError`` for a local path that does not exist or is not a LLaMA-family model.
+    """
+    if base == "default":
+        return _DEFAULT_DIMS
+    if base == "tiny-random":
+        from qalora.tiny import TINY_DIMS
+        return TINY_DIMS["hidden_size"], TINY_DIMS["hidden_size"], TINY_DIMS["intermediate_size"]
+    path = Path(base).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {base} does not exist; check the path.")
+        return None
+    if path.is_dir():
+        return _dims_from_config(path)
+    if _HUB_ID.match(base) and not base.startswith((".", "/", "~")):
+        return None  # a Hub id: only the worker can resolve it
+    raise ModelError(f"model {base!r} was not found: give 'default', 'tiny-random', a local model "
+                     "directory, a .gguf file, or a Hugging Face Hub id like 'org/name'.")
+
+
+def _dims_from_config(path: Path) -> tuple[int, int, int]:
+    from qalora.model import LLAMA_FAMILY
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"{path} has no config.json; point to a folder saved with save_pretrained, "
+                         "or to a .gguf file.")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{cfg_file} is not a readable model config ({exc}); re-save the model.") from None
+    if cfg.get("model_type") not in LLAMA_FAMILY:
+        raise ModelError(f"{path} is a {cfg.get('model_type')!r} model; QA-LoRA Studio supports "
+                         f"LLaMA-family causal LMs ({', '.join(LLAMA_FAMILY)}). Pick a LLaMA-family base.")
+    heads = int(cfg.get("num_attention_heads") or 1)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    return hidden, heads * head_dim, inter
+
+
+def check_group_size(dims: tuple[int, int, int], group_size: int, targets) -> None:
+    """Every targeted linear's in_features must be a multiple of ``group_size``."""
+    from qalora.quant import check_group_size as check
+
+    hidden, attn, inter = dims
+    in_features = {"o_proj": attn, "down_proj": inter}
+    for target in targets:
+        check(in_features.get(target, hidden), group_size, target)

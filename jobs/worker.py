@@ -1,0 +1,169 @@
+"""The worker: recovers orphaned jobs, claims the next queued one, runs it, repeats.
+
+    python -m jobs.worker            # run until SIGTERM / Ctrl-C
+    python -m jobs.worker --burst    # exit once the queue is empty
+
+Each worker process holds one of ``QALORA_WORKERS`` slot locks under ``QALORA_HOME/workers``
+(default one: one job at a time per device); a worker started when every slot is held exits
+at once, so a restarted app cannot double-book the device. A job's failure is recorded on
+the job and the loop goes on (huey's ``Worker.loop``).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+from datetime import timedelta
+from typing import IO
+
+from sqlalchemy.engine import make_url
+
+from storage import IllegalTransition, Settings, db, get_settings, repo, utcnow
+
+from .pipeline import note, run_job
+
+log = logging.getLogger("qalora.worker")
+
+
+def new_worker_id() -> str:
+    """``host:pid:random``; host and pid let a worker on the same machine spot a dead one at once."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def _gone(worker_id: str | None) -> bool:
+    """True if ``worker_id`` names a process on this machine that no longer exists."""
+    host, _, rest = (worker_id or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def acquire_slot(settings: Settings) -> IO | None:
+    """An exclusively locked slot file (released by the OS when this process dies), or None."""
+    folder = settings.home / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(settings.workers):
+        handle = open(folder / f"slot-{i}.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
+    return None
+
+
+class Worker:
+    def __init__(self, worker_id: str | None = None):
+        self.id = worker_id or new_worker_id()
+        self.stop = threading.Event()
+
+    def recover(self) -> list[int]:
+        """Mark running jobs whose worker died (gone or silent) interrupted and requeue them.
+
+        The next run resumes from the job's last checkpoint. A job that has already been
+        started ``QALORA_MAX_ATTEMPTS`` times stays interrupted for a human to look at.
+        """
+        settings = get_settings()
+        cutoff = utcnow() - timedelta(seconds=settings.stale_s)
+        with db() as s:
+            running = [(j.id, j.worker_id, j.heartbeat_at, j.attempts, j.artifact_dir)
+                       for j in repo.running_jobs(s)]
+        requeued = []
+        for job_id, owner, beat, attempts, artifact_dir in running:
+            gone = owner != self.id and _gone(owner)
+            if not gone and beat is not None and beat >= cutoff:
+                continue
+            why = (f"worker {owner} died" if gone else
+                   f"worker {owner} sent no heartbeat for over {settings.stale_s:g} s")
+            retry = attempts < settings.max_attempts
+            if not retry:
+                why += (f"; the job has been started {attempts} times, so it is left for you: read its log, "
+                        "then resume it (if the worker was killed for memory, reduce batch size or "
+                        "sequence length)")
+            try:
+                with db() as s:
+                    repo.interrupt(s, job_id, owner, reason=why, stale_before=None if gone else cutoff)
+                    if retry:
+                        repo.requeue(s, job_id)
+            except IllegalTransition:
+                continue  # it finished, or heartbeated, or another worker recovered it first
+            note(job_id, artifact_dir, f"interrupted: {why}" + ("; requeued to resume from the last checkpoint"
+                                                                 if retry else ""))
+            log.warning("job %d interrupted: %s", job_id, why)
+            if retry:
+                requeued.append(job_id)
+        return requeued
+
+    def run(self, *, burst: bool = False, max_jobs: int | None = None) -> int:
+        """Loop until ``stop`` is set (or the queue is empty with ``burst``); returns jobs run."""
+        settings = get_settings()
+        ran = 0
+        log.info("worker %s watching %s", self.id, make_url(settings.db_url).render_as_string(hide_password=True))
+        while not self.stop.is_set():
+            try:
+                self.recover()
+                with db() as s:
+                    job_id = repo.claim(s, self.id)
+            except Exception:
+                log.exception("cannot reach the job database; retrying in %g s", settings.poll_s)
+                self.stop.wait(settings.poll_s)
+                continue
+            if job_id is None:
+                if burst:
+                    break
+                self.stop.wait(settings.poll_s)
+                continue
+            log.info("running job %d", job_id)
+            try:
+                status = run_job(job_id, self.id, shutdown=self.stop)
+                log.info("job %d ended %s", job_id, status)
+            except Exception:
+                log.exception("job %d: unexpected error outside the job; going on", job_id)
+            ran += 1
+            if max_jobs is not None and ran >= max_jobs:
+                break
+        return ran
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--burst", action="store_true", help="exit when no job is queued")
+    parser.add_argument("--max-jobs", type=int, default=None, help="exit after running this many jobs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per migration step is noise here
+    settings = get_settings()
+    slot = acquire_slot(settings)
+    if slot is None:
+        log.info("all %d worker slot(s) for %s are taken (QALORA_WORKERS=%d); exiting",
+                 settings.workers, settings.home, settings.workers)
+        return 0
+    worker = Worker()
+    # SIGTERM/Ctrl-C: the running job checkpoints after its current step and goes back to the queue
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop.set())
+    try:
+        worker.run(burst=args.burst, max_jobs=args.max_jobs)
+    finally:
+        slot.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Alembic migrations for the job store; applied automatically by ``storage.db.migrate``."""

@@ -1,0 +1,182 @@
+"""Job repository: one function per status transition, plus the reads the UI needs.
+
+Every transition is a single compare-and-set ``UPDATE ... WHERE status IN (allowed)``: it is
+atomic on any database, so two workers (or a worker and the UI) can race on one row and at
+most one wins. The loser sees zero rows changed and gets an ``IllegalTransition`` (or ``None``
+from ``claim``). Functions take the session from ``storage.db.db()`` and never commit.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from .models import Artifact, Job, Metric, utcnow
+from .status import TRANSITIONS, IllegalTransition, JobStateError, JobStatus
+
+S = JobStatus
+
+
+def _transition(s: Session, job_id: int, target: JobStatus, *, owner: str | None = None,
+                extra_where=(), **values) -> None:
+    allowed = [st.value for st in TRANSITIONS[target]]
+    where = [Job.id == job_id, Job.status.in_(allowed), *extra_where]
+    # a running job is moved on only by naming the worker that claimed it (its own worker, or
+    # the recovery that found that worker dead), never by a caller that just saw it running
+    where.append(Job.status != S.RUNNING.value if owner is None
+                 else or_(Job.status != S.RUNNING.value, Job.worker_id == owner))
+    changed = s.execute(update(Job).where(*where).values(status=target.value, **values)
+                        .execution_options(synchronize_session=False)).rowcount
+    if changed != 1:
+        row = s.execute(select(Job.status, Job.worker_id).where(Job.id == job_id)).first()
+        current = S(row.status) if row else None
+        raise IllegalTransition(job_id, current, target,
+                                owner=row.worker_id if current == S.RUNNING else None)
+
+
+# ---- transitions -------------------------------------------------------------------------
+
+def create_job(s: Session, *, name: str, spec: dict, total_steps: int, artifact_root: Path) -> int:
+    """A new queued job; its artifact directory is ``artifact_root/job-<id>``."""
+    job = Job(name=name, spec=spec, total_steps=total_steps, status=S.QUEUED.value)
+    s.add(job)
+    s.flush()
+    job.artifact_dir = str(Path(artifact_root) / f"job-{job.id:05d}")
+    return job.id
+
+
+def claim(s: Session, worker_id: str, job_id: int | None = None) -> int | None:
+    """queued -> running for ``job_id``, or for the oldest queued job; returns the id claimed.
+
+    Oldest by creation, so a resumed job goes before the jobs submitted after it.
+    Without ``job_id``, returns ``None`` when nothing is queued (a lost race moves on to the
+    next candidate). With ``job_id``, a job that is not queued raises ``IllegalTransition``.
+    """
+    now = utcnow()
+    values = dict(worker_id=worker_id, started_at=now, heartbeat_at=now, finished_at=None,
+                  cancel_requested=False, error=None, attempts=Job.attempts + 1)
+    if job_id is not None:
+        _transition(s, job_id, S.RUNNING, **values)
+        return job_id
+    while True:
+        candidate = s.scalar(select(Job.id).where(Job.status == S.QUEUED.value)
+                             .order_by(Job.created_at, Job.id).limit(1))
+        if candidate is None:
+            return None
+        try:
+            _transition(s, candidate, S.RUNNING, **values)
+            return candidate
+        except IllegalTransition:
+            continue
+
+
+def succeed(s: Session, job_id: int, worker_id: str, report: dict | None = None) -> None:
+    _transition(s, job_id, S.SUCCEEDED, owner=worker_id, finished_at=utcnow(), report=report,
+                stage="done", eta_s=0.0)
+
+
+def fail(s: Session, job_id: int, worker_id: str, error: str) -> None:
+    _transition(s, job_id, S.FAILED, owner=worker_id, finished_at=utcnow(), error=error, eta_s=None)
+
+
+def cancel(s: Session, job_id: int, worker_id: str | None = None) -> None:
+    """queued | interrupted -> canceled (from the UI), or running -> canceled (by its worker).
+
+    The UI stops a running job with ``request_cancel``; its worker then calls this.
+    """
+    _transition(s, job_id, S.CANCELED, owner=worker_id, finished_at=utcnow(), eta_s=None)
+
+
+def interrupt(s: Session, job_id: int, worker_id: str | None = None, *, reason: str,
+              stale_before: datetime | None = None) -> None:
+    """running -> interrupted; with ``stale_before``, only while the heartbeat is that old."""
+    extra = ()
+    if stale_before is not None:
+        extra = (or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before),)
+    _transition(s, job_id, S.INTERRUPTED, owner=worker_id, extra_where=extra, error=reason, eta_s=None)
+
+
+def requeue(s: Session, job_id: int) -> None:
+    """interrupted | failed | canceled -> queued; the next run resumes from the last checkpoint."""
+    _transition(s, job_id, S.QUEUED, error=None, finished_at=None, cancel_requested=False,
+                worker_id=None, eta_s=None)
+
+
+# ---- what a running job writes ----------------------------------------------------------
+
+def _owned(job_id: int, worker_id: str):
+    return (Job.id == job_id, Job.status == S.RUNNING.value, Job.worker_id == worker_id)
+
+
+def heartbeat(s: Session, job_id: int, worker_id: str, **values) -> bool:
+    """Refresh the heartbeat (and any job columns given); False if the job is no longer ours."""
+    stmt = update(Job).where(*_owned(job_id, worker_id)).values(heartbeat_at=utcnow(), **values)
+    return s.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1
+
+
+def record_step(s: Session, job_id: int, worker_id: str, *, step: int, train_loss: float | None,
+                eval_loss: float | None, lr: float | None, tokens_per_s: float | None,
+                elapsed_s: float | None, eta_s: float | None) -> bool:
+    """Store one step's metrics and progress; False (nothing written) if the job is not ours.
+
+    A resumed run re-trains the steps after its checkpoint, so rows from ``step`` on are
+    replaced: the table never holds a step twice, and never a step from an abandoned run.
+    """
+    if not heartbeat(s, job_id, worker_id, step=step, loss=train_loss, eta_s=eta_s):
+        return False
+    s.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step >= step))
+    s.execute(insert(Metric).values(job_id=job_id, step=step, train_loss=train_loss, eval_loss=eval_loss, lr=lr,
+                                    tokens_per_s=tokens_per_s, elapsed_s=elapsed_s, created_at=utcnow()))
+    return True
+
+
+def request_cancel(s: Session, job_id: int) -> bool:
+    """Ask a running job's worker to stop after its current step; False if it is not running."""
+    stmt = update(Job).where(Job.id == job_id, Job.status == S.RUNNING.value).values(cancel_requested=True)
+    return s.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1
+
+
+def add_artifact(s: Session, job_id: int, kind: str, path: Path) -> None:
+    path = Path(path)
+    size = (sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir()
+            else path.stat().st_size if path.exists() else 0)
+    s.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind))
+    s.add(Artifact(job_id=job_id, kind=kind, path=str(path), size_bytes=size))
+
+
+# ---- reads -------------------------------------------------------------------------------
+
+def get_job(s: Session, job_id: int) -> Job | None:
+    return s.get(Job, job_id)
+
+
+def list_jobs(s: Session, statuses: list[JobStatus] | None = None, limit: int = 200) -> list[Job]:
+    stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    if statuses:
+        stmt = stmt.where(Job.status.in_([S(st).value for st in statuses]))
+    return list(s.scalars(stmt))
+
+
+def running_jobs(s: Session) -> list[Job]:
+    return list(s.scalars(select(Job).where(Job.status == S.RUNNING.value)))
+
+
+def metrics(s: Session, job_id: int, after_step: int = 0) -> list[Metric]:
+    return list(s.scalars(select(Metric).where(Metric.job_id == job_id, Metric.step > after_step)
+                          .order_by(Metric.step)))
+
+
+def artifacts(s: Session, job_id: int) -> list[Artifact]:
+    return list(s.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.kind)))
+
+
+def delete_job(s: Session, job_id: int) -> None:
+    """Remove a job that is not running, with its metrics and artifact rows (not its files)."""
+    changed = s.execute(delete(Job).where(Job.id == job_id, Job.status != S.RUNNING.value)
+                        .execution_options(synchronize_session=False)).rowcount
+    if changed != 1:
+        if s.get(Job, job_id) is None:
+            raise JobStateError(f"Job {job_id} does not exist; refresh the job list.")
+        raise JobStateError(f"Job {job_id} is running; cancel it and wait until it stops, then delete it.")

@@ -1,0 +1,57 @@
+"""Where the data lives and how the workers behave, read from the environment on every call.
+
+Reading ``os.environ`` each time (instead of caching at import) lets a test point a whole
+process, and the worker subprocesses it starts, at a temporary ``QALORA_HOME``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from qalora.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path              # QALORA_HOME: database, job artifacts, worker slot locks
+    db_url: str             # QALORA_DB_URL: any SQLAlchemy URL; default a SQLite file in home
+    workers: int            # QALORA_WORKERS: jobs run at once on this machine (one per device)
+    heartbeat_s: float      # QALORA_HEARTBEAT_S: how often a running job proves its worker alive
+    stale_s: float          # QALORA_STALE_S: silence after which a running job counts as orphaned
+    poll_s: float           # QALORA_POLL_S: idle worker's wait between looks at the queue
+    max_attempts: int       # QALORA_MAX_ATTEMPTS: automatic resumes before a job waits for a human
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    def artifact_dir(self, job_id: int) -> Path:
+        return self.jobs_dir / f"job-{job_id:05d}"
+
+
+def _number(name: str, default, cast):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give e.g. {name}={default}.") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be positive; unset it or give e.g. {name}={default}.")
+    return value
+
+
+def get_settings() -> Settings:
+    home = Path(os.environ.get("QALORA_HOME") or "./data").expanduser().resolve()
+    url = os.environ.get("QALORA_DB_URL") or f"sqlite:///{home / 'qalora.db'}"
+    return Settings(
+        home=home,
+        db_url=url,
+        workers=_number("QALORA_WORKERS", 1, int),
+        heartbeat_s=_number("QALORA_HEARTBEAT_S", 5.0, float),
+        stale_s=_number("QALORA_STALE_S", 60.0, float),
+        poll_s=_number("QALORA_POLL_S", 1.0, float),
+        max_attempts=_number("QALORA_MAX_ATTEMPTS", 3, int),
+    )

@@ -1,0 +1,121 @@
+"""The UI's view: the service API, and one end-to-end job through a real worker process."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import service
+from jobs.spec import JobSpec
+from qalora.config import AdapterConfig, QuantConfig, TrainConfig
+from qalora.errors import ConfigError
+from storage import ACTIVE, IllegalTransition, JobStateError, db, get_settings, repo
+
+MERGE_BOUND = 1e-4   # fp32 merge of a 2-layer model: observed ~1e-6
+STEPS = 12
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QALORA_DB_URL", raising=False)
+    monkeypatch.setenv("QALORA_HEARTBEAT_S", "0.3")
+    monkeypatch.setenv("QALORA_POLL_S", "0.1")
+    return get_settings()
+
+
+def _data(tmp_path) -> str:
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Add {i} and 3.", "output": str(i + 3)}) + "\n"
+                            for i in range(40)))
+    return str(path)
+
+
+def _spec(data: str, **train) -> JobSpec:
+    cfg = {**dict(steps=STEPS, batch_size=2, seq_len=64, lr=1e-3, warmup_steps=2, eval_every=6, save_every=6,
+                  eval_batches=2), **train}
+    return JobSpec(base="tiny-random", data=data, quant=QuantConfig(4, 32), adapter=AdapterConfig(rank=4, alpha=8),
+                   train=TrainConfig(**cfg), name="sums")
+
+
+def _eval_loss_of_saved_model(model_dir: Path, spec: dict) -> float:
+    """Recompute the report's merged eval loss from the files on disk, in this process."""
+    from qalora import data as data_mod
+    from qalora.eval import eval_loss
+    from qalora.export.native import load_quantized
+
+    model, tok = load_quantized(model_dir, use_kernel=False)
+    train = spec["train"]
+    _, eval_records = data_mod.split_records(data_mod.load_records(spec["data"]), train["eval_fraction"],
+                                             train["seed"])
+    examples = data_mod.tokenize_records(eval_records, tok, train["seq_len"])
+    return eval_loss(model, examples, train["batch_size"], tok.pad_token_id, train["eval_batches"])
+
+
+def test_submit_run_in_a_worker_process_and_find_the_merged_model(store, tmp_path):
+    job_id = service.submit(_spec(_data(tmp_path)))
+    procs = service.start_worker_process()
+    try:
+        deadline = time.monotonic() + 120
+        while service.get_job(job_id)["status"] in ACTIVE and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            p.terminate()
+    assert [p.wait(timeout=60) for p in procs] == [0]
+    job = service.get_job(job_id)
+    assert job["status"] == "succeeded", job["error"]
+    report = job["report"]
+    assert report["merge_max_abs_logit_diff"] < MERGE_BOUND
+    assert report["eval_loss_merged"] < report["eval_loss_quantized_base"]  # training helped
+    assert [m["step"] for m in job["metrics"]] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in job["metrics"] if m["eval_loss"] is not None] == [6, 12]
+    assert {a["kind"] for a in job["artifacts"]} == {"merged", "adapter", "report", "log"}
+
+    (model,) = service.list_models()
+    assert (model["job_id"], model["bits"], model["group_size"], model["rank"]) == (job_id, 4, 32, 4)
+    loss = _eval_loss_of_saved_model(Path(model["path"]), job["spec"])
+    assert abs(loss - report["eval_loss_merged"]) < 1e-4  # the saved files are the verified model
+
+    tail = service.read_log(job_id, tail=2).splitlines()
+    assert len(tail) == 2 and "succeeded" in tail[-1]
+    service.delete(job_id)
+    assert not Path(job["artifact_dir"]).exists() and service.list_models() == []
+    with pytest.raises(JobStateError, match="does not exist"):
+        service.get_job(job_id)
+
+
+def test_bad_spec_is_refused_before_anything_is_stored(store, tmp_path):
+    with pytest.raises(ConfigError, match="group_size=48"):
+        service.submit(_spec(_data(tmp_path)).to_dict() | {"quant": {"group_size": 48}})
+    with pytest.raises(ConfigError, match="lr=-1"):
+        service.submit({"base": "tiny-random", "train": {"lr": -1}})
+    assert service.list_jobs() == []
+
+
+def test_queue_controls_follow_the_status_machine(store, tmp_path):
+    first, second = (service.submit(_spec(_data(tmp_path), steps=s)) for s in (3, 4))
+    assert [j["id"] for j in service.list_jobs()] == [second, first]  # newest first
+    assert service.cancel(first)["status"] == "canceled"
+    with pytest.raises(IllegalTransition, match="it is canceled"):
+        service.cancel(first)
+    assert [j["id"] for j in service.list_jobs("queued")] == [second]
+    resumed = service.resume(first)
+    assert (resumed["status"], resumed["finished_at"], resumed["total_steps"]) == ("queued", None, 3)
+    with pytest.raises(IllegalTransition, match="it is queued"):
+        service.resume(first)
+
+    with db() as s:
+        repo.claim(s, "w1", second)
+    running = service.cancel(second)  # a running job is asked, not forced
+    assert running["status"] == "running" and running["cancel_requested"]
+    with pytest.raises(JobStateError, match="is running; cancel it"):
+        service.delete(second)
+    with db() as s:
+        repo.record_step(s, second, "w1", step=1, train_loss=2.0, eval_loss=None, lr=0.1, tokens_per_s=9.0,
+                         elapsed_s=0.5, eta_s=1.5)
+        repo.record_step(s, second, "w1", step=2, train_loss=1.5, eval_loss=1.7, lr=0.1, tokens_per_s=9.0,
+                         elapsed_s=1.0, eta_s=1.0)
+    job = service.get_job(second, metrics_after=1)
+    assert job["progress"] == 0.5 and [(m["step"], m["eval_loss"]) for m in job["metrics"]] == [(2, 1.7)]
+    assert service.read_log(second) == ""  # no log before the worker writes one

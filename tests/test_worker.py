@@ -1,0 +1,211 @@
+"""The worker against the real library (tiny-random base) and a real SQLite file.
+
+Cancel within one step, readable failures, crash recovery from a SIGKILLed worker process,
+graceful hand-back on SIGTERM, and stale-heartbeat recovery.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from jobs import service
+from jobs.pipeline import describe_error
+from jobs.spec import JobSpec
+from jobs.worker import Worker, acquire_slot
+from qalora.config import AdapterConfig, QuantConfig, TrainConfig
+from storage import Job, db, get_settings, repo, utcnow
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = 40
+SAVE_EVERY = 5
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QALORA_DB_URL", raising=False)
+    monkeypatch.setenv("QALORA_HEARTBEAT_S", "0.3")
+    monkeypatch.setenv("QALORA_POLL_S", "0.1")
+    return get_settings()
+
+
+def tiny_data(path: Path) -> str:
+    path.write_text("".join(json.dumps({"instruction": f"Add {i} and {i % 7}.", "output": str(i + i % 7)}) + "\n"
+                            for i in range(RECORDS)))
+    return str(path)
+
+
+def tiny_spec(data: str, steps: int, **train) -> JobSpec:
+    cfg = {**dict(steps=steps, batch_size=2, seq_len=64, warmup_steps=2, eval_every=10, save_every=SAVE_EVERY,
+                  eval_batches=1), **train}
+    return JobSpec(base="tiny-random", data=data, quant=QuantConfig(4, 32), adapter=AdapterConfig(rank=4, alpha=8),
+                   train=TrainConfig(**cfg))
+
+
+def wait_for(predicate, timeout=120.0, every=0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s")
+
+
+def steps_of(job_id: int) -> list[int]:
+    return [m["step"] for m in service.get_job(job_id)["metrics"]]
+
+
+def test_cancel_mid_training_stops_within_one_step(store, tmp_path):
+    job_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=300))
+    worker = Worker()
+    thread = threading.Thread(target=worker.run, kwargs={"max_jobs": 1})
+    thread.start()
+    try:
+        seen = wait_for(lambda: (j := service.get_job(job_id))["step"] >= 3 and j)
+        assert seen["status"] == "running" and seen["eta_s"] > 0 and seen["stage"] == "train"
+        at_cancel = service.cancel(job_id)
+        assert at_cancel["status"] == "running" and at_cancel["cancel_requested"]
+    finally:
+        thread.join(timeout=120)
+    job = service.get_job(job_id)
+    # the step running when cancel arrived may finish; no later step starts
+    assert job["status"] == "canceled" and at_cancel["step"] <= job["step"] <= at_cancel["step"] + 1
+    assert steps_of(job_id) == list(range(1, job["step"] + 1))
+    assert (Path(job["artifact_dir"]) / "checkpoints" / f"step-{job['step']:06d}.pt").is_file()
+    assert "canceled" in service.read_log(job_id, tail=3)
+
+
+def test_bad_dataset_fails_readably_and_the_worker_goes_on(store, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "no reply here"}\n')
+    bad_id = service.submit(tiny_spec(str(bad), steps=3))
+    good_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=3))
+    assert Worker().run(burst=True) == 2
+    bad_job, good_job = service.get_job(bad_id), service.get_job(good_id)
+    assert bad_job["status"] == "failed" and bad_job["error"].startswith("bad.jsonl row 2 (line 2)")
+    assert "output" in bad_job["error"]
+    log = service.read_log(bad_id)
+    assert "Traceback (most recent call last)" in log and "DataError" in log
+    assert good_job["status"] == "succeeded" and steps_of(good_id) == [1, 2, 3]
+
+
+def test_out_of_memory_is_reported_with_the_fix(store, tmp_path, monkeypatch):
+    import torch
+
+    import qalora.pipeline
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(qalora.pipeline, "finetune", oom)
+    job_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=3, batch_size=8))
+    Worker().run(burst=True)
+    job = service.get_job(job_id)
+    assert job["status"] == "failed" and "batch_size=8, seq_len=64" in job["error"]
+    assert "reduce batch size or sequence length" in job["error"]
+    assert "OutOfMemoryError" in service.read_log(job_id)
+    cpu_oom = describe_error(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ..."),
+                             tiny_spec("x", 1))
+    assert "reduce batch size or sequence length" in cpu_oom
+
+
+def _worker_process(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.worker", *args], cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_worker_leaves_a_job_that_is_resumed_without_repeating_steps(store, tmp_path):
+    total = 30
+    job_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=total))
+    victim = _worker_process()
+    wait_for(lambda: service.get_job(job_id)["step"] >= 2 * SAVE_EVERY + 2)  # past the step-10 checkpoint
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    orphan = service.get_job(job_id)
+    assert orphan["status"] == "running" and orphan["attempts"] == 1  # nobody has noticed yet
+
+    assert Worker().run(burst=True) == 1  # finds the dead worker's job, interrupts and resumes it
+    job = service.get_job(job_id)
+    assert job["status"] == "succeeded" and job["attempts"] == 2
+    assert job["step"] == total and job["report"]["steps"] == total
+    assert job["report"]["resumed_from_step"] in (10, 15)  # the last checkpoint before the kill
+    assert steps_of(job_id) == list(range(1, total + 1))  # every step once, none twice
+    log = service.read_log(job_id, tail=10_000)
+    assert f"interrupted: worker {orphan['worker_id']} died" in log
+
+
+def test_stopping_worker_hands_its_job_back_to_resume_later(store, tmp_path):
+    total = 20
+    job_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=total))
+    worker = Worker()
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    wait_for(lambda: service.get_job(job_id)["step"] >= 3)
+    worker.stop.set()  # what SIGTERM / Ctrl-C does in `python -m jobs.worker`
+    thread.join(timeout=120)
+    handed_back = service.get_job(job_id)
+    assert handed_back["status"] == "queued" and 3 <= handed_back["step"] < total
+    ckpt = Path(handed_back["artifact_dir"]) / "checkpoints" / f"step-{handed_back['step']:06d}.pt"
+    assert ckpt.is_file() and "shutting down" in service.read_log(job_id)
+
+    assert Worker().run(burst=True) == 1
+    job = service.get_job(job_id)
+    assert (job["status"], job["attempts"], job["report"]["resumed_from_step"]) == ("succeeded", 2,
+                                                                                    handed_back["step"])
+    assert steps_of(job_id) == list(range(1, total + 1))
+
+
+def test_worker_whose_job_was_taken_over_stops_without_writing_to_it(store, tmp_path):
+    job_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=300))
+    worker = Worker()
+    thread = threading.Thread(target=worker.run, kwargs={"max_jobs": 1})
+    thread.start()
+    wait_for(lambda: service.get_job(job_id)["step"] >= 3)
+    with db() as s:  # what another worker's recovery does when this one looks dead
+        repo.interrupt(s, job_id, worker.id, reason="presumed dead")
+        repo.requeue(s, job_id)
+        repo.claim(s, "elsewhere:1:abc", job_id)
+        taken_at = repo.get_job(s, job_id).step
+    thread.join(timeout=120)
+    job = service.get_job(job_id)
+    assert (job["status"], job["worker_id"], job["step"]) == ("running", "elsewhere:1:abc", taken_at)
+    assert steps_of(job_id) == list(range(1, taken_at + 1))
+    assert "taken over" in service.read_log(job_id, tail=3)
+
+
+def test_stale_heartbeat_recovery_requeues_until_max_attempts(store, monkeypatch):
+    monkeypatch.setenv("QALORA_MAX_ATTEMPTS", "2")
+    old = utcnow() - timedelta(seconds=get_settings().stale_s + 5)
+    ids = [service.submit(JobSpec(base="tiny-random")) for _ in range(3)]
+    with db() as s:
+        for job_id, attempts in zip(ids, (1, 2, 1)):
+            repo.claim(s, "elsewhere:1:abc", job_id)
+            s.execute(update(Job).where(Job.id == job_id).values(attempts=attempts, heartbeat_at=old))
+        repo.heartbeat(s, ids[2], "elsewhere:1:abc")  # this one is alive
+    assert Worker().recover() == [ids[0]]
+    jobs = [service.get_job(i) for i in ids]
+    assert [j["status"] for j in jobs] == ["queued", "interrupted", "running"]
+    assert "sent no heartbeat" in jobs[1]["error"] and "started 2 times" in jobs[1]["error"]
+    assert "requeued to resume" in service.read_log(ids[0])
+
+
+def test_worker_slots_cap_workers_per_machine(store):
+    held = acquire_slot(store)
+    try:
+        assert held is not None and acquire_slot(store) is None
+        extra = _worker_process("--burst")
+        out, _ = extra.communicate(timeout=60)
+        assert extra.returncode == 0 and "worker slot(s)" in out and "are taken" in out
+    finally:
+        held.close()
+    again = acquire_slot(store)
+    assert again is not None
+    again.close()
