@@ -128,7 +128,8 @@ def quantize_model(model: nn.Module, quant: QuantConfig, targets, calib_ids=None
         from .gptq import gptq_quantize
         from .quant import from_codes
         raw = gptq_quantize(model, calib_ids, quant.bits, quant.group_size, tuple(targets), on_progress=on_progress)
-        return {n: from_codes(*raw[n], quant.bits) for n, _ in layers}
+        # gptqmodel works under inference_mode; clones are ordinary tensors autograd can save.
+        return {n: from_codes(*(t.clone() for t in raw[n]), quant.bits) for n, _ in layers}
     out = {}
     for i, (name, m) in enumerate(layers):
         out[name] = quantize_tensor(m.weight.data, quant.bits, quant.group_size, name)
