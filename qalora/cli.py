@@ -19,6 +19,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--quant-method", choices=["rtn", "gptq"], default="rtn")
     p.add_argument("--data", default="builtin:default", help="builtin:NAME or a .json/.jsonl/.csv/.parquet file")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--method", choices=["qalora", "qlora-ptq"], default="qalora",
+                   help="qlora-ptq: the baseline (full-width LoRA, merged in 16 bits, quantized again)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")
     p.add_argument("--dropout", type=float, default=0.05)
@@ -52,7 +54,7 @@ def cmd_train(args) -> dict:
 
     quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method)
     adapter = AdapterConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank,
-                            dropout=args.dropout)
+                            dropout=args.dropout, method=args.method)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                         warmup_steps=min(args.warmup_steps, args.steps), schedule=args.schedule,
                         grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing,

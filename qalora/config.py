@@ -9,6 +9,7 @@ VALID_BITS = (2, 3, 4, 8)
 QUANT_METHODS = ("rtn", "gptq")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
+ADAPTER_METHODS = ("qalora", "qlora-ptq")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -46,9 +47,14 @@ class AdapterConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    # qalora: group-pooled adapter, exact merge. qlora-ptq: the baseline (full-width LoRA on the
+    # same quantized base, merged in 16 bits, then quantized again).
+    method: str = "qalora"
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
+        if self.method not in ADAPTER_METHODS:
+            raise ConfigError(f"adapter method {self.method!r} is unknown; choose one of {list(ADAPTER_METHODS)}.")
         if self.rank < 1:
             raise ConfigError(f"rank={self.rank} must be at least 1 (typical: 8 to 64).")
         if self.alpha <= 0:

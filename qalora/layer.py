@@ -90,3 +90,28 @@ class QALoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, rank={self.rank}")
+
+
+class LoRALinear(QALoRALinear):
+    """The baseline QA-LoRA is compared with (QLoRA-style): a full-width ``lora_A`` ``(r, in)``
+    on the same frozen quantized base. Its update ``s * B @ A`` varies within a group, so it
+    cannot be folded into the offsets: merging needs a 16-bit weight and a second quantization
+    (see ``merge.merge_and_requantize``).
+    """
+
+    def __init__(self, qt: QuantizedTensor, bias, rank: int, alpha: float, dropout: float = 0.0,
+                 adapter_dtype: torch.dtype = torch.float32):
+        super().__init__(qt, bias, rank, alpha, dropout, adapter_dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=adapter_dtype,
+                                               device=qt.packed.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+    def delta_offset(self) -> torch.Tensor:
+        raise TypeError("a full-width LoRA update varies within groups and cannot be merged into offsets")
+
+    def dense_weight(self) -> torch.Tensor:
+        """The 16-bit merged weight ``dequant(W_q) + s * B @ A``, ``(out, in)`` fp32."""
+        return self.quantized().dequantize() + self.scaling * (self.lora_B.float() @ self.lora_A.float())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .infer import QuantLinear
-from .layer import QALoRALinear
+from .layer import LoRALinear, QALoRALinear
 from .model import set_module
 from .quant import QuantizedTensor
 
@@ -25,10 +25,30 @@ def merged_quantized(layer: QALoRALinear) -> QuantizedTensor:
 
 def merge_adapters(model: nn.Module, use_kernel: bool = True) -> nn.Module:
     """Replace every ``QALoRALinear`` in ``model`` (in place) with a merged ``QuantLinear``."""
-    names = [n for n, m in model.named_modules() if isinstance(m, QALoRALinear)]
+    names = [n for n, m in model.named_modules() if type(m) is QALoRALinear]
     for name in names:
         layer = model.get_submodule(name)
         set_module(model, name, QuantLinear(merged_quantized(layer), layer.bias, use_kernel=use_kernel))
+    return model
+
+
+def merge_and_requantize(model: nn.Module, quant, calib_ids=None, use_kernel: bool = True) -> nn.Module:
+    """The baseline's deployment path (in place): merge each ``LoRALinear`` into a 16-bit
+    weight, then quantize that again to ``quant``'s bits and group size (RTN or GPTQ)."""
+    from .model import quantize_model
+
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name in names:
+        layer = model.get_submodule(name)
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            dense.weight.copy_(layer.dense_weight())
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        set_module(model, name, dense.to(layer.packed.device))
+    leaf_names = tuple(sorted({n.rsplit(".", 1)[-1] for n in names}))
+    for name, qt in quantize_model(model, quant, leaf_names, calib_ids).items():
+        set_module(model, name, QuantLinear(qt, model.get_submodule(name).bias, use_kernel=use_kernel))
     return model
 
 

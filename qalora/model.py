@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import AdapterConfig, QuantConfig
 from .errors import ModelError
-from .layer import QALoRALinear
+from .layer import LoRALinear, QALoRALinear
 from .quant import QuantizedTensor, check_group_size, quantize_tensor, valid_group_sizes
 
 DEFAULT_MODEL = "default"
@@ -139,7 +139,9 @@ def quantize_model(model: nn.Module, quant: QuantConfig, targets, calib_ids=None
 
 
 def inject_qalora(model: nn.Module, qweights: dict[str, QuantizedTensor], adapter: AdapterConfig) -> nn.Module:
-    """Replace each quantized linear with a ``QALoRALinear``; freeze everything but the adapters."""
+    """Replace each quantized linear with a ``QALoRALinear`` (or the baseline's ``LoRALinear``);
+    freeze everything but the adapters."""
+    layer_cls = LoRALinear if adapter.method == "qlora-ptq" else QALoRALinear
     for p in model.parameters():
         p.requires_grad_(False)
     for name, qt in qweights.items():
@@ -147,7 +149,7 @@ def inject_qalora(model: nn.Module, qweights: dict[str, QuantizedTensor], adapte
         device = old.weight.device
         qt = QuantizedTensor(qt.packed.to(device), qt.scale.to(device), qt.offset.to(device),
                              qt.bits, qt.group_size, qt.in_features)
-        set_module(model, name, QALoRALinear(qt, old.bias, adapter.rank, adapter.alpha, adapter.dropout))
+        set_module(model, name, layer_cls(qt, old.bias, adapter.rank, adapter.alpha, adapter.dropout))
     return model
 
 

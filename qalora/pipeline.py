@@ -17,7 +17,7 @@ import torch
 from . import data as data_mod
 from .config import AdapterConfig, QuantConfig, TrainConfig
 from .eval import batches, eval_loss
-from .merge import max_logit_diff, merge_adapters
+from .merge import max_logit_diff, merge_adapters, merge_and_requantize
 from .model import (count_adapter_params, inject_qalora, load_base, pick_device, quantize_model,
                     resolve_dtype)
 from .quant import QuantizedTensor
@@ -36,6 +36,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def calibration_ids(examples, n: int = 32) -> list[torch.Tensor]:
+    """GPTQ calibration samples: the first ``n`` training examples, ``(1, T)`` each."""
+    return [torch.tensor(ex["input_ids"]).unsqueeze(0) for ex in examples[:n]]
+
+
 def _quantize_or_reuse(model, quant: QuantConfig, adapter: AdapterConfig, train_examples, out: Path, resume: bool,
                        log) -> dict[str, QuantizedTensor]:
     """Quantize the base, or reload the codes a previous attempt wrote (GPTQ is slow to redo)."""
@@ -45,9 +50,7 @@ def _quantize_or_reuse(model, quant: QuantConfig, adapter: AdapterConfig, train_
         if saved["quant"] == quant.to_dict():
             log.info("reusing quantized base from %s", cache.name)
             return {n: QuantizedTensor(**t) for n, t in saved["layers"].items()}
-    calib = None
-    if quant.method == "gptq":
-        calib = [torch.tensor(ex["input_ids"]).unsqueeze(0) for ex in train_examples[:32]]
+    calib = calibration_ids(train_examples) if quant.method == "gptq" else None
     from tqdm.auto import tqdm
     with tqdm(desc=f"quantize ({quant.method}, {quant.bits}-bit)", unit="layer", leave=False, disable=None) as bar:
         def progress(i, n):
@@ -105,7 +108,11 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     eval_adapter = eval_loss(model, eval_examples, **ev)
 
     stage("merge")
-    merged = merge_adapters(copy.deepcopy(model), use_kernel=False)
+    if adapter.method == "qlora-ptq":
+        calib = calibration_ids(train_examples) if quant.method == "gptq" else None
+        merged = merge_and_requantize(copy.deepcopy(model), quant, calib, use_kernel=False)
+    else:
+        merged = merge_adapters(copy.deepcopy(model), use_kernel=False)
     stage("verify")
     check = list(batches(eval_examples, train_cfg.batch_size, pad_id, MERGE_CHECK_BATCHES))
     check = [{k: v.to(device) for k, v in b.items()} for b in check]
@@ -117,7 +124,8 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     stage("save")
     report = {
         "base": base, "data": data, "bits": quant.bits, "group_size": quant.group_size,
-        "quant_method": quant.method, "rank": adapter.rank, "alpha": adapter.alpha, "steps": result.step,
+        "quant_method": quant.method, "method": adapter.method, "rank": adapter.rank, "alpha": adapter.alpha,
+        "steps": result.step,
         "resumed_from_step": result.resumed_from if resumed else 0,
         "adapter_params": count_adapter_params(model),
         "train_examples": len(train_examples), "eval_examples": len(eval_examples),
@@ -129,7 +137,8 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
         "device": device.type, "config": {"quant": quant.to_dict(), "adapter": adapter.to_dict(),
                                           "train": train_cfg.to_dict()},
     }
-    merged_cfg = {"method": quant.method, "base": base, "merge_max_abs_logit_diff": diff}
+    merged_cfg = {"method": quant.method, "adapter_method": adapter.method, "base": base,
+                  "merge_max_abs_logit_diff": diff}
     save_quantized(merged, tokenizer, out / "merged", extra_config=merged_cfg)
     save_adapter(model, out / "adapter", base=base, quant=quant, adapter=adapter)
 

@@ -40,3 +40,24 @@ def test_merge_with_zero_adapter_is_identity():
     model, _ = tiny_qalora(randomize_b=False)
     merged = merge_adapters(copy.deepcopy(model), use_kernel=False)
     assert max_logit_diff(model, merged, [token_batch()]) == 0.0
+
+
+def test_baseline_lora_needs_requantization_and_loses_exactness():
+    from qalora.config import AdapterConfig, QuantConfig
+    from qalora.layer import LoRALinear
+    from qalora.merge import merge_and_requantize
+    from qalora.model import inject_qalora, quantize_model
+    from qalora.tiny import tiny_random_llama
+
+    model, _ = tiny_random_llama()
+    adapter = AdapterConfig(rank=4, method="qlora-ptq")
+    inject_qalora(model, quantize_model(model, QuantConfig(3, 32), adapter.targets), adapter)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 14 and layers[0].lora_A.shape == (4, 64)  # full width, not in/group_size
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B.normal_(std=0.05)
+    merged = merge_and_requantize(copy.deepcopy(model), QuantConfig(3, 32), use_kernel=False)
+    assert sum(isinstance(m, QuantLinear) for m in merged.modules()) == 14
+    # The 16-bit merge is re-rounded to the 3-bit grid: the deployed model differs from the trained one.
+    assert max_logit_diff(model, merged, [token_batch()]) > 1e-2
