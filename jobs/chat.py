@@ -116,20 +116,22 @@ def stream_reply(side: str, key: str, messages: list[dict], max_new_tokens: int 
                            temperature=float(temperature), top_p=float(top_p))
 
 
-def stream_side_by_side(keys: dict[str, str], messages: list[dict], **generation) -> Iterator[dict[str, str]]:
-    """Answer ``messages`` with every side in ``keys`` at once; yields ``{side: reply so far}``.
+def stream_side_by_side(requests: dict[str, tuple[str, list[dict]]], **generation) -> Iterator[dict[str, str]]:
+    """Answer each side's conversation at once; ``requests`` maps side -> (model key, messages).
 
-    Both models generate in their own threads (``stream_chat``); taking turns reading their
-    streams keeps both replies growing on screen together.
+    Yields ``{side: reply so far}``. Each model generates in its own thread (``stream_chat``);
+    taking turns reading their streams keeps both replies growing on screen together.
     """
-    for side in keys:  # load (and free) before generating, so a load error surfaces first
-        slot(side).get(keys[side])
-    streams = {side: stream_reply(side, key, messages, **generation) for side, key in keys.items()}
-    replies = dict.fromkeys(keys, "")
+    for side, (key, _) in requests.items():  # load (and free) first, so a load error comes before any text
+        slot(side).get(key)
+    streams = {side: stream_reply(side, key, messages, **generation) for side, (key, messages) in requests.items()}
+    replies = dict.fromkeys(requests, "")
     while streams:
+        grew = False
         for side in list(streams):
             try:
-                replies[side] = next(streams[side])
+                replies[side], grew = next(streams[side]), True
             except StopIteration:
                 del streams[side]
-        yield dict(replies)
+        if grew:
+            yield dict(replies)

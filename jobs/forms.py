@@ -84,7 +84,7 @@ def _number(field: str, value, cast, minimum=None):
 
 
 def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alpha, lr, steps, batch_size,
-               seq_len, name: str = "", check_rows: bool = True) -> JobSpec:
+               seq_len, name: str = "", exports=(), check_rows: bool = True) -> JobSpec:
     """Turn the form's raw values into a validated ``JobSpec``; raises ``QALoRAError`` on bad input.
 
     With ``check_rows`` every record of the dataset is parsed now, so a missing column or a
@@ -99,7 +99,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
                    quant=QuantConfig(bits=_number("bits", bits, int), group_size=_number("group size", group_size, int),
                                      method=method),
                    adapter=AdapterConfig(rank=_number("rank", rank, int, 1), alpha=_number("alpha", alpha, float)),
-                   train=train, name=name or "")
+                   train=train, exports=tuple(exports or ()), name=name or "")
     spec.validate()
     if check_rows:
         from qalora.data import load_records

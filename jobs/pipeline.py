@@ -7,6 +7,7 @@ traceback in ``<artifact dir>/job.log``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import traceback
@@ -21,6 +22,9 @@ from .spec import JobSpec
 
 LOG_NAME = "job.log"
 ARTIFACTS = {"merged": "merged", "adapter": "adapter", "report": "report.json", "log": LOG_NAME}
+# Jobs on the built-in training set are also scored on its multiple-choice questions (held-out people).
+BUILTIN_MC = {"builtin:default": "builtin:contacts-mc", "builtin:contacts": "builtin:contacts-mc"}
+MC_QUESTIONS = 40
 
 
 class _Stop(Exception):
@@ -159,6 +163,7 @@ class _JobRun:
             report = finetune(spec.base, spec.data, self.artifact_dir, spec.quant, spec.adapter, spec.train,
                               resume=True, log=self.log, on_step=self.on_step, should_stop=self.should_stop,
                               on_stage=self.on_stage)
+            report = self.after_training(spec, report)
         except (TrainingStopped, _Stop) as exc:
             return self._stopped(str(exc))
         except Exception as exc:
@@ -173,10 +178,35 @@ class _JobRun:
         self.log.info("succeeded: merge max |logit diff| %.3g", report["merge_max_abs_logit_diff"])
         return self._finish(lambda s: self._succeed(s, report), JobStatus.SUCCEEDED)
 
+    def after_training(self, spec: JobSpec, report: dict) -> dict:
+        """The spec's extra exports and, on built-in data, multiple-choice accuracy; kept in the report."""
+        from qalora.eval import evaluate_dir
+        from qalora.export import export_run
+
+        if spec.extra_exports:
+            self.on_stage("export")
+        exports = {}
+        for fmt in spec.extra_exports:
+            exports[fmt] = export_run(self.artifact_dir, fmt)
+            self.log.info("export %s: %s", fmt, exports[fmt])
+        mc_data = BUILTIN_MC.get(spec.data)
+        if mc_data:
+            self.on_stage("evaluate")
+            mc = evaluate_dir(self.artifact_dir / "merged", mc_data, limit=MC_QUESTIONS)
+            report["multiple_choice"] = {k: mc[k] for k in ("data", "accuracy", "correct", "n", "chance", "k_shot")}
+            self.log.info("multiple choice on %s: %d/%d correct", mc_data, mc["correct"], mc["n"])
+        if exports or mc_data:
+            report["exports"] = exports
+            (self.artifact_dir / ARTIFACTS["report"]).write_text(json.dumps(report, indent=2))
+            self.on_stage("done")
+        return report
+
     def _succeed(self, s, report: dict) -> None:
         for kind, rel in ARTIFACTS.items():
             if (self.artifact_dir / rel).exists():
                 repo.add_artifact(s, self.job_id, kind, self.artifact_dir / rel)
+        for fmt, result in (report.get("exports") or {}).items():
+            repo.add_artifact(s, self.job_id, fmt, Path(result["path"]))
         repo.succeed(s, self.job_id, self.worker_id, report)
 
     def _stopped(self, why: str) -> str:

@@ -42,6 +42,10 @@ def _fmt(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _table(head: str, pairs) -> str:
+    return "\n".join([f"| {head} | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in pairs)])
+
+
 def model_card(job: dict, repo_id: str = "") -> str:
     """A Hub model card (markdown with YAML metadata) describing the job's merged low-bit model."""
     r, spec = job.get("report") or {}, job.get("spec") or {}
@@ -61,14 +65,13 @@ def model_card(job: dict, repo_id: str = "") -> str:
                ("eval loss, base + adapter", _fmt(r.get("eval_loss_adapter"))),
                ("eval loss, merged low-bit model", _fmt(r.get("eval_loss_merged"))),
                ("merge check: max abs logit difference", _fmt(r.get("merge_max_abs_logit_diff"), 3))]
-    table = lambda pairs: "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in pairs)])  # noqa: E731
     load_id = repo_id or "<user>/<repo>"
     return "\n".join([
         *meta, "---", "", f"# {name}", "",
         f"A QA-LoRA fine-tune of {_display_ref(base)}, merged into {bits}-bit group-wise weights "
         f"(group size {group}): the adapter was trained on the quantized model and folded into the "
         "quantization offsets, so this checkpoint is low-bit with no adapter left to apply.", "",
-        "## Training", "", table(rows), "", "## Results", "", table(results), "",
+        "## Training", "", _table("setting", rows), "", "## Results", "", _table("measure", results), "",
         "The merge check compares the logits of the trained (quantized model + adapter) and the merged "
         "low-bit model on held-out batches; a small difference means the merge is exact up to rounding.", "",
         f"![loss curve]({CURVE})", "",
@@ -104,7 +107,10 @@ def loss_curve(job: dict, size: tuple[int, int] = (720, 400)):
     y_lo, y_hi = min(v for _, v in points), max(v for _, v in points)
     pad = (y_hi - y_lo) * 0.05 or 0.5  # keep the extreme points off the frame
     y_lo, y_hi = y_lo - pad, y_hi + pad
-    xy = lambda s, v: (left + (right - left) * s / x_max, bottom - (bottom - top) * (v - y_lo) / (y_hi - y_lo))  # noqa: E731
+
+    def xy(step, loss):
+        return left + (right - left) * step / x_max, bottom - (bottom - top) * (loss - y_lo) / (y_hi - y_lo)
+
     for frac in (0.0, 0.5, 1.0):  # three labelled gridlines each way keep the image legible
         y, v = bottom - (bottom - top) * frac, y_lo + (y_hi - y_lo) * frac
         draw.line([left, y, right, y], fill="#eee")
@@ -115,12 +121,10 @@ def loss_curve(job: dict, size: tuple[int, int] = (720, 400)):
     draw.rectangle([left, top, right, bottom], outline="#888")
     if len(train) > 1:
         draw.line([xy(s, v) for s, v in train], fill="#1f77b4", width=2)
-    for s, v in train[:1] if len(train) == 1 else []:
+    dots = [(s, v, "#1f77b4", 3) for s, v in train if len(train) == 1] + [(s, v, "#ff7f0e", 4) for s, v in evals]
+    for s, v, color, radius in dots:  # a lone train point has no line to sit on, so it gets a dot
         x, y = xy(s, v)
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill="#1f77b4")
-    for s, v in evals:
-        x, y = xy(s, v)
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill="#ff7f0e")
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=color)
     return img
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from storage import Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo
 
 from .pipeline import LOG_NAME
-from .spec import JobSpec
+from .spec import EXTRA_EXPORTS, JobSpec  # noqa: F401  (EXTRA_EXPORTS: for the app)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_FIELDS = ("id", "name", "status", "stage", "step", "total_steps", "loss", "eta_s", "error", "attempts",
@@ -159,8 +159,9 @@ def start_worker_process(count: int | None = None, log_dir: Path | None = None) 
 # UI helpers (new-job form, chat, publish) live in their own modules; these re-exports and thin
 # wrappers keep this module the only one the app calls.
 from .chat import build_messages, loaded_models, stream_reply, stream_side_by_side  # noqa: E402,F401
-from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_PRESET, METHOD_CHOICES,  # noqa: E402,F401
-                    PRESETS, build_spec, builtin_choices, data_source, group_size_choices, preview_dataset)
+from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_GROUP_SIZE, DEFAULT_PRESET,  # noqa: E402,F401
+                    METHOD_CHOICES, PRESETS, build_spec, builtin_choices, data_source, group_size_choices,
+                    preview_dataset)
 from .publish import PublishError, loss_curve, model_card, resolve_token  # noqa: E402,F401
 
 
@@ -182,8 +183,54 @@ def publish_job(job_id: int, repo_name: str, **kwargs) -> str:
     return publish(get_job(job_id), repo_name, **kwargs)
 
 
-def archive_model(job_id: int, dest_dir: str | Path) -> Path:
-    """A zip of the job's merged model folder, written to ``dest_dir`` for download."""
+DOWNLOAD_FORMATS = {"native": "merged low-bit model (native, exact)", "gguf": "GGUF for llama.cpp (exact)",
+                    "gptq": "GPTQ for gptqmodel / transformers (rounded zero points)",
+                    "peft": "adapter in PEFT format"}
+
+
+def archive_model(job_id: int, dest_dir: str | Path, fmt: str = "native") -> Path:
+    """The job's model in ``fmt`` as one file in ``dest_dir``: a zip of a folder, or the .gguf file."""
+    return download_model(job_id, fmt, dest_dir)[0]
+
+
+def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, str]:
+    """(file to download, note to show beside it). Exports not made by the job are made now.
+
+    The note states what the format costs: for GPTQ, the measured max logit difference between
+    the export and the exact merged model.
+    """
+    from qalora.export import export_run
+
     keys = chat_keys(job_id)
-    base = Path(dest_dir) / f"qalora-job-{job_id:05d}-merged"
-    return Path(shutil.make_archive(str(base), "zip", keys["tuned"]))
+    run_dir = Path(keys["tuned"]).parent
+    done = ((get_job(job_id, metrics_after=2**62)["report"] or {}).get("exports") or {}).get(fmt)
+    result = done if done and Path(done["path"]).exists() else None
+    if fmt == "native":
+        source, result = Path(keys["tuned"]), {"format": "native"}
+    else:
+        result = result or export_run(run_dir, fmt)
+        source = Path(result["path"])
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = f"qalora-job-{job_id:05d}-{'merged' if fmt == 'native' else fmt}"
+    if source.is_file():
+        path = dest / f"{stem}{source.suffix}"
+        shutil.copyfile(source, path)
+    else:
+        path = Path(shutil.make_archive(str(dest / stem), "zip", source))
+    return path, export_note(result)
+
+
+def export_note(result: dict) -> str:
+    fmt = result["format"]
+    if fmt == "gptq":
+        return (f"GPTQ stores integer zero points, so the merged offsets were rounded: against the exact "
+                f"model, max |logit difference| {result['max_abs_logit_diff']:.3g}, mean "
+                f"{result['mean_abs_logit_diff']:.3g}, same top-1 token at {result['top1_agreement']:.0%} of "
+                "positions. The native and GGUF downloads are exact.")
+    if fmt == "gguf":
+        return (f"{result.get('gguf_type', 'GGUF')} file, exact: llama.cpp's blocks hold our scales and offsets. "
+                "Load it with llama.cpp, llama-cpp-python, Ollama or LM Studio.")
+    if fmt == "peft":
+        return "PEFT LoRA adapter (lora_A expanded to full width); apply it to the 16-bit base with peft."
+    return "Native low-bit model: load with qalora.export.native.load_quantized."

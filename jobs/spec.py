@@ -13,8 +13,11 @@ from pathlib import Path
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
 from qalora.errors import ConfigError, DataError, ModelError
 
-# Written by qalora.pipeline.finetune on every run: the merged low-bit model and the adapter.
-EXPORT_FORMATS = ("native", "adapter")
+# Always written by qalora.pipeline.finetune: the merged low-bit model and the adapter.
+DEFAULT_EXPORTS = ("native", "adapter")
+# Written after training when the spec asks (qalora.export): llama.cpp file, GPTQ folder, PEFT adapter.
+EXTRA_EXPORTS = ("gguf", "gptq", "peft")
+EXPORT_FORMATS = DEFAULT_EXPORTS + EXTRA_EXPORTS
 DATA_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # SmolLM2-135M-Instruct (the 'default' GGUF): reading the GGUF header takes seconds, so the
@@ -29,12 +32,12 @@ class JobSpec:
     quant: QuantConfig = field(default_factory=QuantConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    exports: tuple[str, ...] = EXPORT_FORMATS
+    exports: tuple[str, ...] = DEFAULT_EXPORTS
     name: str = ""
 
     def __post_init__(self):
         self.base, self.data, self.name = str(self.base).strip(), str(self.data).strip(), (self.name or "").strip()
-        self.exports = tuple(self.exports)
+        self.exports = tuple(dict.fromkeys((*DEFAULT_EXPORTS, *self.exports)))
         unknown = [f for f in self.exports if f not in EXPORT_FORMATS]
         if unknown:
             raise ConfigError(f"export format(s) {unknown} are not available; choose from {list(EXPORT_FORMATS)}.")
@@ -56,7 +59,7 @@ class JobSpec:
                               "quant, adapter, train, exports.")
         return cls(base=d.get("base", "default"), data=d.get("data", "builtin:default"),
                    quant=QuantConfig.from_dict(d.get("quant")), adapter=AdapterConfig.from_dict(d.get("adapter")),
-                   train=TrainConfig.from_dict(d.get("train")), exports=d.get("exports", EXPORT_FORMATS),
+                   train=TrainConfig.from_dict(d.get("train")), exports=d.get("exports", DEFAULT_EXPORTS),
                    name=d.get("name", ""))
 
     def validate(self) -> JobSpec:
@@ -69,7 +72,14 @@ class JobSpec:
         self.data, self.base = _absolute(self.data), _absolute(self.base)
         if dims is not None:
             check_group_size(dims, self.quant.group_size, self.adapter.targets)
+        from qalora.export import check_format
+        for fmt in self.extra_exports:
+            check_format(fmt, self.quant.bits, self.quant.group_size)
         return self
+
+    @property
+    def extra_exports(self) -> tuple[str, ...]:
+        return tuple(f for f in self.exports if f in EXTRA_EXPORTS)
 
 
 def _absolute(ref: str) -> str:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m qalora train|chat``. The only module that touches argv."""
+"""Command line: ``python -m qalora train|chat|export|eval``. The only module that touches argv."""
 from __future__ import annotations
 
 import argparse
@@ -49,6 +49,62 @@ def _chat_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
 
 
+def _export_parser(sub) -> None:
+    from .export import FORMATS
+
+    p = sub.add_parser("export", help="write a finished run in another format (native, gguf, gptq, peft)")
+    p.add_argument("run_dir", help="a run folder (train --out DIR, or a job's folder) or its merged/ folder")
+    p.add_argument("--format", choices=FORMATS, required=True,
+                   help="native: copy; gguf: llama.cpp file (exact, Q4_1/F16); gptq: gptqmodel/transformers "
+                        "folder (integer zero points, cost measured); peft: PEFT LoRA adapter")
+    p.add_argument("--out", default=None, help="destination (default: RUN_DIR/exports/...)")
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="held-out loss / perplexity, or multiple-choice accuracy, of a saved model")
+    p.add_argument("model_dir", help="a run folder or its merged/ folder")
+    p.add_argument("--data", required=True,
+                   help="builtin:contacts (held-out loss), builtin:contacts-mc (multiple choice), a "
+                        "dataset file (loss), or an MMLU-style CSV / JSONL of questions (accuracy)")
+    p.add_argument("--k-shot", type=int, default=0, help="worked examples shown before each question")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many records/questions")
+    p.add_argument("--scoring", choices=["letter", "text"], default=None,
+                   help="multiple choice: score the answer letter or the choice text")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+
+
+def cmd_export(args) -> dict:
+    from .export import export_run
+
+    result = export_run(args.run_dir, args.format, args.out)
+    print(json.dumps(result, indent=2))
+    if args.format == "gptq":
+        print(f"note: GPTQ stores integer zero points, so the merged float offsets were rounded; against "
+              f"the exact model the max |logit difference| is {result['max_abs_logit_diff']:.3g} "
+              f"(top-1 agreement {result['top1_agreement']:.1%}). The native and GGUF exports are exact.")
+    return result
+
+
+def cmd_eval(args) -> dict:
+    from .eval import evaluate_dir
+    from .export import run_parts
+
+    merged, _ = run_parts(args.model_dir)
+    result = evaluate_dir(merged, args.data, k_shot=args.k_shot, limit=args.limit, scoring=args.scoring,
+                          seq_len=args.seq_len, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    elif result["kind"] == "multiple_choice":
+        print(f"accuracy {result['accuracy']:.1%} ({result['correct']}/{result['n']}), {args.k_shot}-shot, "
+              f"on {args.data}")
+    else:
+        print(f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} over {result['examples']} "
+              f"examples of {args.data}")
+    return result
+
+
 def cmd_train(args) -> dict:
     from .pipeline import finetune
 
@@ -96,10 +152,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _chat_parser(sub)
+    _export_parser(sub)
+    _eval_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        {"train": cmd_train, "chat": cmd_chat}[args.command](args)
+        {"train": cmd_train, "chat": cmd_chat, "export": cmd_export, "eval": cmd_eval}[args.command](args)
     except QALoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

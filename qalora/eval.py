@@ -52,3 +52,38 @@ def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int, max_bat
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+HELDOUT_BUILTINS = ("builtin:contacts", "builtin:default")
+
+
+def evaluate_dir(model_dir, data: str, k_shot: int = 0, limit: int | None = None, scoring: str | None = None,
+                 seq_len: int = 1024, batch_size: int = 4, device: str = "cpu", use_kernel: bool = False) -> dict:
+    """Evaluate a saved low-bit model (a job's 'merged' folder) on ``data``.
+
+    Multiple-choice data (see ``qalora.mc_eval``) gives accuracy by log-likelihood, scored by
+    ``scoring`` (default: 'text' for ``builtin:contacts-mc``, else 'letter'). Any other dataset
+    gives the mean per-token loss on its replies and the perplexity; the built-in training set is
+    replaced by held-out prompts of the same kind, so its loss is held-out too. ``limit`` caps the
+    number of questions or records. ``use_kernel=False`` evaluates the exact dequantized weights.
+    """
+    from . import mc_eval
+    from .builtin_data import heldout_records
+    from .data import load_records, tokenize_records
+    from .export.native import load_quantized
+
+    model, tokenizer = load_quantized(model_dir, device=device, use_kernel=use_kernel)
+    result = {"model_dir": str(model_dir), "data": str(data)}
+    if mc_eval.looks_multiple_choice(data):
+        scoring = scoring or ("text" if str(data) == mc_eval.BUILTIN_MC else "letter")
+        mc = mc_eval.eval_multiple_choice(model, tokenizer, data, k_shot=k_shot, limit=limit, scoring=scoring)
+        mc["perplexity"] = perplexity(mc["loss"])
+        return {**result, "kind": "multiple_choice", **mc}
+    if str(data).strip() in HELDOUT_BUILTINS:
+        records = heldout_records(limit or 100)
+    else:
+        records = load_records(data)[:limit] if limit else load_records(data)
+    examples = tokenize_records(records, tokenizer, seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    loss = eval_loss(model, examples, batch_size, pad_id)
+    return {**result, "kind": "loss", "loss": loss, "perplexity": perplexity(loss), "examples": len(examples)}

@@ -67,3 +67,36 @@ def test_malformed_dataset_names_file_and_row(tmp_path):
     res = cli("train", "--base", "tiny-random", "--out", str(tmp_path / "o"), "--steps", "1", "--data", str(bad))
     assert res.returncode == 2
     assert "bad.jsonl" in res.stderr and "row 2" in res.stderr and "output" in res.stderr
+
+
+def test_export_gguf_and_gptq(trained):
+    out, _ = trained
+    res = cli("export", str(out), "--format", "gguf")
+    assert res.returncode == 0, res.stderr[-2000:]
+    gguf_path = out / "exports" / "model-q4_1.gguf"
+    assert gguf_path.is_file() and gguf_path.read_bytes()[:4] == b"GGUF"
+    res = cli("export", str(out / "merged"), "--format", "gptq", "--out", str(out / "g"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout[:res.stdout.rindex("}") + 1])
+    stored = json.loads((out / "g" / "export_report.json").read_text())
+    assert result["max_abs_logit_diff"] == stored["max_abs_logit_diff"] > 0  # integer zeros cost something
+    assert 0.0 <= result["top1_agreement"] <= 1.0 and "integer zero points" in res.stdout
+    assert json.loads((out / "g" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+
+
+def test_export_refuses_gguf_group_size_and_unknown_dir(tmp_path):
+    res = cli("export", str(tmp_path), "--format", "gguf")
+    assert res.returncode == 2 and "is not a finished run" in res.stderr
+
+
+def test_eval_loss_and_multiple_choice(trained):
+    out, _ = trained
+    res = cli("eval", str(out), "--data", "builtin:contacts", "--limit", "8", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    loss = json.loads(res.stdout)
+    report = json.loads((out / "report.json").read_text())
+    assert loss["kind"] == "loss" and loss["examples"] == 8
+    assert abs(loss["loss"] - report["eval_loss_merged"]) < 1.0 and loss["perplexity"] > 1.0
+    res = cli("eval", str(out), "--data", "builtin:contacts-mc", "--limit", "6")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "accuracy" in res.stdout and "/6)" in res.stdout

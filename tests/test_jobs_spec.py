@@ -80,3 +80,12 @@ def test_data_sources_are_checked_and_made_absolute(tmp_path, monkeypatch):
     (tmp_path / "ok.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     spec = JobSpec(base="tiny-random", data="ok.jsonl").validate()
     assert spec.data == str(tmp_path / "ok.jsonl")
+
+
+def test_extra_exports_are_checked_at_submission():
+    spec = JobSpec(base="tiny-random", exports=("gguf",))
+    assert spec.exports == ("native", "adapter", "gguf") and spec.extra_exports == ("gguf",)
+    assert JobSpec.from_dict(spec.to_dict()).exports == spec.exports
+    with pytest.raises(ConfigError, match="GGUF export needs a group size that is a multiple of 32, got 16"):
+        JobSpec(base="tiny-random", quant=QuantConfig(group_size=16), exports=("gguf",)).validate()
+    JobSpec(base="tiny-random", quant=QuantConfig(bits=8, group_size=16), exports=("gguf", "gptq")).validate()

@@ -1,0 +1,81 @@
+"""Exports of a finished run: one entry point for the CLI, the jobs and the app.
+
+A run directory (``python -m qalora train --out DIR`` or a job's artifact folder) holds the merged
+low-bit model in ``merged/`` (the native format) and the trained adapter in ``adapter/``.
+
+=========  ==========================================  =====================================
+format     what is written                             exact?
+=========  ==========================================  =====================================
+native     the ``merged`` folder, copied               yes (it is the model)
+gguf       one ``.gguf`` file for llama.cpp            yes, Q4_1 (group size multiple of 32)
+gptq       a gptqmodel / transformers GPTQ folder      no: integer zero points; cost measured
+peft       a PEFT LoRA adapter for the 16-bit base     adapter only (expanded ``lora_A``)
+=========  ==========================================  =====================================
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..errors import ConfigError, ModelError
+
+FORMATS = ("native", "gguf", "gptq", "peft")
+
+
+def run_parts(run_dir) -> tuple[Path, Path]:
+    """(merged model dir, adapter dir) of a run directory, or of a ``merged`` folder given directly."""
+    path = Path(run_dir).expanduser()
+    if (path / "merged").is_dir():
+        return path / "merged", path / "adapter"
+    if (path / "config.json").is_file() and (path.parent / "adapter").is_dir():
+        return path, path.parent / "adapter"
+    if (path / "config.json").is_file():
+        return path, path / "__no_adapter__"
+    raise ModelError(f"{path} is not a finished run: expected a folder with merged/ (written by "
+                     "`python -m qalora train --out DIR` or a job), or a merged model folder.")
+
+
+def check_format(fmt: str, bits: int, group_size: int) -> None:
+    """Refuse a format that cannot hold this model, before any work is done."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}.")
+    if fmt == "gguf":
+        from .gguf import check_gguf_group_size
+        check_gguf_group_size(bits, group_size)
+
+
+def export_run(run_dir, fmt: str, out=None) -> dict:
+    """Export run ``run_dir`` in ``fmt``; returns ``{"format", "path", "exact", ...}``.
+
+    ``out`` defaults to ``<run_dir>/exports/<format>``. The GPTQ result also carries the measured
+    cost of integer zero points (``max_abs_logit_diff``, ``mean_abs_logit_diff``,
+    ``top1_agreement``) against the exact merged model.
+    """
+    from .native import read_quant_config
+
+    merged, adapter = run_parts(run_dir)
+    qc = read_quant_config(merged)
+    check_format(fmt, int(qc["bits"]), int(qc["group_size"]))
+    root = merged.parent / "exports"
+    if fmt == "native":
+        dest = Path(out) if out else root / "native"
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(merged, dest)
+        return {"format": fmt, "path": str(dest), "exact": True}
+    if fmt == "gguf":
+        from .gguf import export_gguf
+        kind = "f16" if int(qc["bits"]) == 8 else "q4_1"
+        dest = export_gguf(merged, Path(out) if out else root / f"model-{kind}.gguf")
+        return {"format": fmt, "path": str(dest), "exact": True, "gguf_type": kind.upper()}
+    if fmt == "gptq":
+        from .gptq import export_gptq
+        dest = Path(out) if out else root / "gptq"
+        report = export_gptq(merged, dest)
+        keep = ("max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "zero_points")
+        return {"format": fmt, "path": str(dest), "exact": False, **{k: report[k] for k in keep if k in report}}
+    if not adapter.is_dir():
+        raise ModelError(f"{merged} has no adapter folder beside it; the PEFT export needs the run's adapter/.")
+    from .peft import export_peft_adapter
+    dest = export_peft_adapter(adapter, Path(out) if out else root / "peft")
+    return {"format": fmt, "path": str(dest), "exact": False}

@@ -49,7 +49,7 @@ def export_gguf(model_dir, out_path=None) -> Path:
     kind = "f16" if bits == 8 else "q4_1"
     out = Path(out_path) if out_path else model_dir.with_name(f"{model_dir.name}-{kind}.gguf")
     out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(out.name + ".part")  # a failed export never leaves a truncated .gguf
+    part = out.with_name(out.name + ".part")  # a failed write leaves no truncated .gguf behind
 
     writer = gguf.GGUFWriter(part, ARCH)
     file_type = gguf.LlamaFileType.MOSTLY_F16 if bits == 8 else gguf.LlamaFileType.MOSTLY_Q4_1
@@ -57,10 +57,12 @@ def export_gguf(model_dir, out_path=None) -> Path:
     _add_tokenizer(writer, model_dir, config["vocab_size"])
     for name, array, raw_dtype in _gguf_tensors(model_dir, config, qc):
         writer.add_tensor(name, array, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
     part.replace(out)
     return out
 
@@ -197,7 +199,7 @@ def _pre_tokenizer(spec: dict, has_merges: bool) -> str:
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and (steps[0].get("use_regex", True) or not has_merges):
         # Without merges every byte is its own token, so how the text is split cannot matter.
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name for GPT-2's regex split
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # single digits, then GPT-2's regex
     raise ModelError(f"GGUF export cannot match this tokenizer's pre-tokenizer ({kinds}) to one llama.cpp "

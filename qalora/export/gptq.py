@@ -7,8 +7,12 @@ replaced by some ``(scale', zero)``. Rounding ``zero = round(-offset / scale)`` 
 of the group by up to half a step, and clamps where the merge pushed the offset out of range. We
 instead pick, per group, the integer zero and the scale that minimize the squared weight error
 over the group's actual codes (a closed-form least-squares fit; plain rounding is one of the
-candidates, so the fit is never worse). What remains is measured on the model's logits and
-written to ``export_report.json`` next to the checkpoint.
+candidates, so the fit is never worse in weight error). Smaller weight error does not always
+mean closer logits, so by default both are built and the one closer to the exact model on a
+fixed text is written. What remains is measured on the logits and written to
+``export_report.json`` next to the checkpoint. On small models the cost can be large even at 4
+bits; it is about what re-quantizing the same weights with integer zeros from scratch costs, and it
+is why the float-offset formats (native, GGUF Q4_1) are the lossless ones.
 
 Zero points are kept in ``[1, 2^bits - 1]``. A v1 ("gptq") checkpoint stores ``zero - 1``; with
 zero 0 that is -1, which gptqmodel >= 0.9 writes as a borrow across the packed word while older
@@ -33,15 +37,16 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
-from ..gptq import from_gptq_tensors, to_gptq_tensors
-from ..quant import from_codes, unpack_codes
+from ..errors import ConfigError, ModelError
+from ..gptq import to_gptq_tensors
+from ..quant import unpack_codes
 from .native import WEIGHTS, load_quantized, read_quant_config
 
 CHECKPOINT_FORMAT = "gptq"  # v1: qzeros hold zero - 1, read by every GPTQ runtime
 LAYOUT_OF = "gptqmodel:7.6.0"  # the packer whose bit layout qalora.gptq reproduces
 MIN_ZERO = 1  # see the module docstring: no zero 0, so no borrow in v1 qzeros
 REPORT = "export_report.json"
+ZERO_POINTS = ("auto", "fit", "round")
 # Fixed text the exported model is checked on; chat-rendered so template tokens are covered too.
 CHECK_MESSAGES = (
     [{"role": "user", "content": "Make a contact card: Meet Amara Okafor, a 34-year-old from Lisbon."},
@@ -49,66 +54,77 @@ CHECK_MESSAGES = (
     [{"role": "user", "content": "Explain in one sentence why the sky is blue."},
      {"role": "assistant", "content": "Air molecules scatter short blue wavelengths far more than red."}],
 )
-_FIT_CHUNK = 1 << 24  # candidate-table entries per chunk of rows in the zero-point search
+FIT_WINDOW = 2  # zero points tried on each side of the rounded one
+# Scales below float16's smallest subnormal would be stored as 0, and GPTQ writes zero point 0 for
+# a zero scale; raising them to it keeps every zero >= 1 and costs at most 2^-24 * 2^bits per weight.
+FP16_TINY = 2.0 ** -24
 
 
 def fit_zero_points(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best ``(scale', offset' = -scale' * zero)`` with integer ``zero`` for fixed codes.
+    """Best ``(scale', zero)`` with integer ``zero`` for fixed codes: ``w ~ scale' * (q - zero)``.
 
-    For each group and each candidate ``z`` in ``[1, 2^bits - 1]`` the least-squares scale is
-    ``s'(z) = sum((q - z) w) / sum((q - z)^2)`` with residual ``sum(w^2) - sum((q - z) w)^2 /
-    sum((q - z)^2)``; the candidate with the smallest residual wins. Only per-group sums of
-    ``q, q^2, w, q w, w^2`` are needed, so the search costs ``O(out * groups * 2^bits)``.
+    For each candidate ``z`` the least-squares scale is ``s'(z) = sum((q - z) w) / sum((q - z)^2)``
+    with residual ``sum(w^2) - sum((q - z) w)^2 / sum((q - z)^2)``; the candidate with the
+    smallest residual wins. Candidates are the rounded zero point and its neighbours within
+    ``FIT_WINDOW``, kept in ``[1, 2^bits - 1]``: a zero further away would have to be paid for by
+    a scale far from the original. Since ``w = scale * q + offset`` within a group, every sum
+    follows from the group's ``sum(q)`` and ``sum(q^2)``: one pass over the codes.
 
     Args:
         codes: uint8 ``(out, in)``; scale, offset: float ``(out, groups)``.
     Returns:
-        ``(scale', offset')``, float32 ``(out, groups)``; ``-offset' / scale'`` is an integer.
+        ``(scale', zero)``, float32 ``(out, groups)``; ``zero`` holds integers.
     """
     out_f, groups = scale.shape
-    q = codes.float().reshape(out_f, groups, -1)
-    w = scale.float()[..., None] * q + offset.float()[..., None]
+    q = codes.to(torch.int32).reshape(out_f, groups, -1)
     n = q.shape[-1]
-    sums = [t.double() for t in (q.sum(-1), (q * q).sum(-1), w.sum(-1), (q * w).sum(-1), (w * w).sum(-1))]
-    z = torch.arange(MIN_ZERO, 2 ** bits, dtype=torch.float64)
-    rows = max(1, _FIT_CHUNK // (groups * z.numel()))
-    new_scale, new_zero = torch.empty(out_f, groups), torch.empty(out_f, groups)
-    for lo in range(0, out_f, rows):
-        sq, sqq, sw, sqw, sww = (t[lo:lo + rows, :, None] for t in sums)
-        num = sqw - z * sw                       # sum((q - z) w)
-        den = sqq - 2 * z * sq + n * z * z       # sum((q - z)^2); 0 only if every q == z
-        safe = den.clamp_min(1e-30)
-        resid = torch.where(den > 0, sww - num * num / safe, sww)
-        best = resid.argmin(-1, keepdim=True)
-        new_scale[lo:lo + rows] = torch.where(den > 0, num / safe, 0).gather(-1, best)[..., 0].float()
-        new_zero[lo:lo + rows] = z[best[..., 0]].float()
-    return new_scale, -new_scale * new_zero
+    # float64: the residual is a small difference of large sums at 8 bits.
+    sq, sqq = q.sum(-1).double()[..., None], (q * q).sum(-1).double()[..., None]  # exact
+    s, o = scale.double()[..., None], offset.double()[..., None]
+    sw, sqw, sww = s * sq + n * o, s * sqq + o * sq, s * s * sqq + 2 * s * o * sq + n * o * o
+    center = round_zero_points(scale, offset, bits)[1].double()[..., None]
+    z = (center + torch.arange(-FIT_WINDOW, FIT_WINDOW + 1, dtype=torch.float64)).clamp(MIN_ZERO, 2 ** bits - 1)
+    num = sqw - z * sw                       # sum((q - z) w)
+    den = sqq - 2 * z * sq + n * z * z       # sum((q - z)^2); 0 only if every q == z
+    safe = den.clamp_min(1e-30)
+    resid = torch.where(den > 0, sww - num * num / safe, sww)
+    best = resid.argmin(-1, keepdim=True)
+    new_scale = torch.where(den > 0, num / safe, 0).gather(-1, best)[..., 0]
+    return _storable(new_scale.float()), z.gather(-1, best)[..., 0].float()
 
 
 def round_zero_points(scale: torch.Tensor, offset: torch.Tensor, bits: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain rounding: ``zero = clamp(round(-offset / scale), 1, 2^bits - 1)``, scale kept."""
+    """Plain rounding: ``(scale, clamp(round(-offset / scale), 1, 2^bits - 1))``."""
     safe = torch.where(scale == 0, 1.0, scale)
-    zero = torch.round(-offset / safe).clamp(MIN_ZERO, 2 ** bits - 1)
-    return scale.float(), -scale.float() * zero
+    return _storable(scale.float()), torch.round(-offset / safe).clamp(MIN_ZERO, 2 ** bits - 1).float()
 
 
-def export_gptq(model_dir, out_dir, fit: bool = True, check_tokens: int = 256) -> dict:
+def _storable(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale.abs() < FP16_TINY, FP16_TINY, scale)
+
+
+def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int = 256) -> dict:
     """Write the merged model in ``model_dir`` (native format) as a GPTQ checkpoint in ``out_dir``.
 
     Args:
-        fit: choose zero points and scales by :func:`fit_zero_points`; ``False`` only rounds
-            ``-offset / scale`` (kept to show what the fit buys).
+        zero_points: "fit" (:func:`fit_zero_points`), "round" (:func:`round_zero_points`) or
+            "auto": build both and keep the one whose logits on the check text are closer to the
+            exact model's (by mean |diff|). Neither wins everywhere: the fit minimizes the weight
+            error, but activations with outlier channels weight some inputs far more than others.
         check_tokens: at most this many tokens per check sequence.
     Returns:
         The report (also written to ``out_dir/export_report.json``): ``max_abs_logit_diff`` and
         ``mean_abs_logit_diff`` between the exported model, dequantized exactly from the written
         tensors (float16 scales included), and the exact merged model on fixed text, plus
-        ``top1_agreement``, the fraction of positions whose most likely next token is unchanged.
+        ``top1_agreement``, the fraction of positions whose most likely next token is unchanged;
+        ``alternatives`` holds the same numbers for each zero-point method tried.
     """
     from safetensors.torch import load_file, save_file
 
+    if zero_points not in ZERO_POINTS:
+        raise ConfigError(f"zero_points={zero_points!r} is unknown; choose one of {list(ZERO_POINTS)}.")
     src, out = Path(model_dir), Path(out_dir)
     qc = read_quant_config(src)
     bits, group_size = int(qc["bits"]), int(qc["group_size"])
@@ -116,19 +132,33 @@ def export_gptq(model_dir, out_dir, fit: bool = True, check_tokens: int = 256) -
         raise ModelError(f"{src} has no tokenizer files; GPTQ loaders (gptqmodel) need the tokenizer "
                          "next to the model, so export from a 'merged' folder written by a job.")
     state = load_file(src / WEIGHTS)
-    tensors, dequant = {}, {}
+    layers = {}
     for name in qc["modules"]:
         packed = state.pop(f"{name}.packed")
-        scale, offset = state.pop(f"{name}.scale").float(), state.pop(f"{name}.offset").float()
         codes = unpack_codes(packed, bits, packed.shape[1] * 8 // bits)
-        scale, offset = (fit_zero_points(codes, scale, offset, bits) if fit
-                         else round_zero_points(scale, offset, bits))
-        parts = to_gptq_tensors(codes, scale, offset, bits, group_size, CHECKPOINT_FORMAT,
-                                scales_dtype=torch.float16)
+        if codes.shape[0] % 32 or codes.shape[1] % 32:
+            raise ConfigError(f"{name} is {codes.shape[1]} -> {codes.shape[0]}; GPTQ packs 32 values "
+                              "per word and needs both sizes divisible by 32. Use the native or GGUF "
+                              "export for this model.")
+        layers[name] = (codes, state.pop(f"{name}.scale").float(), state.pop(f"{name}.offset").float())
+    exact, tokenizer = load_quantized(src, use_kernel=False)
+    ids = check_ids(tokenizer, check_tokens)
+    reference = logits_of(exact, ids)
+    tried = {}
+    for mode in (("fit", "round") if zero_points == "auto" else (zero_points,)):
+        groups = {name: fit_zero_points(codes, scale, offset, bits) if mode == "fit"
+                  else round_zero_points(scale, offset, bits)
+                  for name, (codes, scale, offset) in layers.items()}
+        # What a GPTQ reader computes from the file: w = fp16(scale) * (q - zero).
+        exported = {name: (s.half().float(), -s.half().float() * z) for name, (s, z) in groups.items()}
+        tried[mode] = (groups, logit_gap(reference, logits_of(with_offsets(exact, exported), ids)))
+    chosen = min(tried, key=lambda m: tried[m][1]["mean_abs_logit_diff"])
+    groups, gap = tried[chosen]
+    tensors = dict(state)  # embeddings, norms, lm_head, biases: unchanged
+    for name, (new_scale, zero) in groups.items():
+        parts = to_gptq_tensors(layers[name][0], new_scale, -new_scale * zero, bits, group_size,
+                                CHECKPOINT_FORMAT, scales_dtype=torch.float16)
         tensors.update({f"{name}.{k}": v for k, v in parts.items()})
-        dequant[name] = from_gptq_tensors(**parts, bits=bits, group_size=group_size,
-                                          checkpoint_format=CHECKPOINT_FORMAT)
-    tensors.update(state)  # embeddings, norms, lm_head, biases: unchanged
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
     quant = gptq_quantization_config(bits, group_size)
@@ -139,12 +169,9 @@ def export_gptq(model_dir, out_dir, fit: bool = True, check_tokens: int = 256) -
     for path in src.iterdir():
         if path.is_file() and path.name not in ("config.json", WEIGHTS, REPORT):
             shutil.copy2(path, out / path.name)
-
-    exact, tokenizer = load_quantized(src, use_kernel=False)
     report = {"format": "gptq", "checkpoint_format": CHECKPOINT_FORMAT, "bits": bits,
-              "group_size": group_size, "modules": len(dequant),
-              "zero_points": "least-squares fit (codes kept)" if fit else "rounded (codes kept)",
-              **logit_gap(exact, with_weights(exact, dequant), check_ids(tokenizer, check_tokens))}
+              "group_size": group_size, "modules": len(layers), "zero_points": chosen, **gap,
+              "alternatives": {mode: g for mode, (_, g) in tried.items()}}
     (out / REPORT).write_text(json.dumps(report, indent=2))
     return report
 
@@ -153,45 +180,44 @@ def gptq_quantization_config(bits: int, group_size: int) -> dict:
     """The ``quantization_config`` both gptqmodel and transformers' GPTQ quantizer accept."""
     return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False,
             "sym": False, "lm_head": False, "format": CHECKPOINT_FORMAT,
-            "checkpoint_format": CHECKPOINT_FORMAT, "pack_dtype": "int32", "true_sequential": True,
+            "checkpoint_format": CHECKPOINT_FORMAT, "pack_dtype": "int32",
             "meta": {"quantizer": ["qalora-studio:1", LAYOUT_OF]}}
 
 
-def with_weights(model, weights: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """A copy of ``model`` whose ``QuantLinear`` layers take the given ``(codes, scale, offset)``."""
-    from ..infer import QuantLinear
-    from ..model import set_module
-
+def with_offsets(model, groups: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """A copy of ``model`` whose ``QuantLinear`` layers keep their codes but take the given
+    ``(scale, offset)``, each ``(out, groups)``."""
     model = copy.deepcopy(model)
-    for name, (codes, scale, offset) in weights.items():
-        old = model.get_submodule(name)
-        set_module(model, name, QuantLinear(from_codes(codes, scale, offset, old.bits), old.bias,
-                                            use_kernel=False))
+    for name, (scale, offset) in groups.items():
+        layer = model.get_submodule(name)
+        layer.scale, layer.offset = scale.float().contiguous(), offset.float().contiguous()
     return model
 
 
 def check_ids(tokenizer, max_tokens: int = 256) -> list[torch.Tensor]:
     """Token ids ``(1, T)`` of :data:`CHECK_MESSAGES`, chat-rendered when there is a template."""
-    out = []
+    out, chat = [], bool(getattr(tokenizer, "chat_template", None))
     for messages in CHECK_MESSAGES:
-        if getattr(tokenizer, "chat_template", None):
+        if chat:
             text = tokenizer.apply_chat_template(messages, tokenize=False)
         else:
             text = "\n\n".join(m["content"] for m in messages)
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_tokens]
+        # A chat template writes its own leading special tokens; plain text gets the tokenizer's.
+        ids = tokenizer(text, add_special_tokens=not chat)["input_ids"][:max_tokens]
         out.append(torch.tensor([ids], dtype=torch.long))
     return out
 
 
 @torch.no_grad()
-def logit_gap(reference, model, ids: list[torch.Tensor]) -> dict:
-    """Max and mean ``|logits - reference logits|`` and top-1 agreement over every position."""
-    diffs, agree, total = [], 0, 0
-    for x in ids:
-        a, b = reference(input_ids=x).logits.float(), model(input_ids=x).logits.float()
-        diffs.append((a - b).abs().flatten())
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        total += x.numel()
-    d = torch.cat(diffs)
-    return {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
+def logits_of(model, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    """float32 logits ``(1, T, V)`` of each sequence."""
+    return [model(input_ids=x).logits.float() for x in ids]
+
+
+def logit_gap(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> dict:
+    """Max and mean ``|logits - reference|`` and top-1 agreement over every position."""
+    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(reference, logits)])
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(reference, logits))
+    total = sum(a.shape[0] * a.shape[1] for a in reference)
+    return {"max_abs_logit_diff": diffs.max().item(), "mean_abs_logit_diff": diffs.mean().item(),
             "top1_agreement": agree / total, "check_tokens": total}

@@ -1,0 +1,440 @@
+"""QA-LoRA Studio: fine-tune, watch, chat with and publish low-bit models from the browser.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--no-worker]     (QALORA_AUTH=user:password)
+
+The module-level ``demo`` is built at import time and never launched here, so tests import it.
+Each tab is laid out by one small builder; every handler calls ``jobs.service`` only. Training
+runs in a worker process; the Jobs tab polls the database with a timer, so closing the page or
+restarting the app loses nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from jobs import service
+
+REFRESH_S = 2.0
+LOG_LINES = 14
+JOB_COLUMNS = ["id", "name", "status", "progress", "loss", "ETA", "tokens/s", "created (UTC)"]
+CARD_HINT = "*Pick a finished model to preview its model card.*"
+
+
+def _error(exc: Exception) -> str:
+    """Messages for bad input are shown in the form; anything else without a traceback."""
+    text = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+    gr.Warning(text)
+    return f"**Error:** {text}"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return ""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h {m % 60:02d}m" if m >= 60 else f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+def _job_choices(jobs: list[dict]) -> list[tuple[str, int]]:
+    return [(f"#{j['id']} {j['name']} ({j['status']})", j["id"]) for j in jobs]
+
+
+def _model_choices() -> list[tuple[str, int]]:
+    return [(f"#{m['job_id']} {m['name']} — {m['bits']}-bit, group {m['group_size']}", m["job_id"])
+            for m in service.list_models()]
+
+
+# ---- New fine-tune ---------------------------------------------------------------------------
+
+def _dataset_preview(kind, builtin, upload, path, base):
+    try:
+        texts, count = service.preview_dataset(service.data_source(kind, builtin, upload, path), base)
+    except Exception as exc:
+        return _error(exc)
+    shown = "\n\n".join(f"**Example {i + 1}**\n```text\n{t.strip()}\n```" for i, t in enumerate(texts))
+    return f"**{count} records.** The first, rendered as the model sees them:\n\n{shown}"
+
+
+def _base_changed(base):
+    try:
+        sizes = service.group_size_choices(base)
+    except Exception as exc:
+        return gr.update(), _error(exc)
+    value = service.DEFAULT_GROUP_SIZE if service.DEFAULT_GROUP_SIZE in sizes else sizes[0]
+    return gr.update(choices=sizes, value=value), f"Group sizes valid for this model: {sizes}."
+
+
+def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
+            exports=()):
+    try:
+        spec = service.build_spec(base=base, bits=bits, group_size=group_size, method=method,
+                                  data=service.data_source(kind, builtin, upload, path), rank=rank, alpha=alpha,
+                                  lr=lr, steps=steps, batch_size=batch, seq_len=seq, name=name,
+                                  exports=exports)
+        job_id = service.submit(spec)
+    except Exception as exc:
+        return _error(exc), gr.skip(), gr.skip()
+    gr.Info(f"Job #{job_id} queued")
+    note = f"Job **#{job_id}** ({spec.name}) queued; follow it in the Jobs tab."
+    return note, gr.update(choices=_job_choices(service.list_jobs()), value=job_id), gr.Tabs(selected="jobs")
+
+
+def build_new_tab():
+    preset = service.PRESETS[service.DEFAULT_PRESET]
+    with gr.Row():
+        with gr.Column():
+            base = gr.Dropdown(list(service.BASE_CHOICES), value="default", allow_custom_value=True,
+                               label="Base model", elem_id="base-model",
+                               info="'default': the embedded SmolLM2-135M; 'tiny-random' for a smoke test; "
+                                    "or type a local folder, a .gguf file or a Hub id (LLaMA family).")
+            base_note = gr.Markdown(f"Group sizes valid for this model: {service.group_size_choices('default')}.")
+            with gr.Row():
+                bits = gr.Radio(list(service.BITS_CHOICES), value=4, label="Bits")
+                group = gr.Dropdown(service.group_size_choices("default"), value=service.DEFAULT_GROUP_SIZE,
+                                    allow_custom_value=True, label="Group size", elem_id="group-size")
+            method = gr.Radio(list(service.METHOD_CHOICES), value="rtn", label="Quantization method")
+            presets = gr.Radio(list(service.PRESETS), value=service.DEFAULT_PRESET, label="Preset")
+            with gr.Accordion("Advanced", open=False):
+                with gr.Row():
+                    rank = gr.Number(preset["rank"], label="LoRA rank", precision=0, elem_id="rank")
+                    alpha = gr.Number(preset["alpha"], label="LoRA alpha", elem_id="alpha")
+                    lr = gr.Number(preset["lr"], label="Learning rate", elem_id="lr")
+                with gr.Row():
+                    steps = gr.Number(preset["steps"], label="Steps", precision=0, elem_id="steps")
+                    batch = gr.Number(preset["batch_size"], label="Batch size", precision=0, elem_id="batch-size")
+                    seq = gr.Number(preset["seq_len"], label="Sequence length", precision=0, elem_id="seq-len")
+            exports = gr.CheckboxGroup([(service.DOWNLOAD_FORMATS[f], f) for f in service.EXTRA_EXPORTS],
+                                       value=["gguf"], label="Also export when done", elem_id="exports",
+                                       info="The native low-bit model and the adapter are always saved; "
+                                            "GGUF needs a group size that is a multiple of 32.")
+            name = gr.Textbox(label="Run name (optional)", elem_id="run-name")
+        with gr.Column():
+            kind = gr.Radio(list(service.DATA_KINDS), value="built-in", label="Dataset")
+            builtins = service.builtin_choices()
+            builtin = gr.Dropdown(builtins, value=builtins[0], label="Built-in dataset")
+            upload = gr.File(label="Upload .jsonl / .json / .csv / .parquet", file_types=[".jsonl", ".json", ".csv",
+                             ".parquet"], type="filepath", visible=False)
+            path = gr.Textbox(label="File path, dataset folder, or cached dataset name", visible=False)
+            preview_btn = gr.Button("Preview dataset")
+            preview = gr.Markdown(elem_id="dataset-preview")
+    launch = gr.Button("Launch fine-tune", variant="primary", elem_id="launch")
+    status = gr.Markdown(elem_id="launch-status")
+
+    base.change(_base_changed, base, [group, base_note])
+    fields = ("rank", "alpha", "lr", "steps", "batch_size", "seq_len")
+    presets.change(lambda p: [service.PRESETS[p][k] for k in fields], presets, [rank, alpha, lr, steps, batch, seq])
+    kind.change(lambda k: [gr.update(visible=k == v) for v in service.DATA_KINDS], kind, [builtin, upload, path])
+    data_inputs = [kind, builtin, upload, path, base]
+    preview_btn.click(_dataset_preview, data_inputs, preview)
+    upload.upload(_dataset_preview, data_inputs, preview)
+    path.submit(_dataset_preview, data_inputs, preview)
+    inputs = [base, bits, group, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
+              exports]
+    return launch, inputs, status
+
+
+# ---- Jobs ------------------------------------------------------------------------------------
+
+def _job_rows(jobs: list[dict]) -> pd.DataFrame:
+    rows = []
+    for j in jobs:
+        tps = (j["report"] or {}).get("tokens_per_s")
+        if j["status"] == "running" and j["step"]:
+            last = service.get_job(j["id"], metrics_after=j["step"] - 1)["metrics"]
+            tps = last[-1]["tokens_per_s"] if last else None
+        rows.append([j["id"], j["name"], j["status"], f"{j['step']}/{j['total_steps']} ({j['progress']:.0%})",
+                     "" if j["loss"] is None else round(j["loss"], 4),
+                     _duration(j["eta_s"]) if j["status"] == "running" else "", "" if tps is None else round(tps),
+                     j["created_at"].strftime("%Y-%m-%d %H:%M") if j["created_at"] else ""])
+    return pd.DataFrame(rows, columns=JOB_COLUMNS)
+
+
+def _loss_frame(metrics: list[dict]) -> pd.DataFrame | None:
+    """Train and eval loss in long form; ``None`` (not an empty frame) when there is none yet:
+    a chart once given an empty frame draws its later lines without colour (Gradio 6.31)."""
+    rows = [(m["step"], m["train_loss"], "train") for m in metrics if m["train_loss"] is not None]
+    rows += [(m["step"], m["eval_loss"], "eval") for m in metrics if m["eval_loss"] is not None]
+    if not rows:
+        return None
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
+
+
+def _job_summary(job: dict) -> str:
+    lines = [f"### #{job['id']} {job['name']}: **{job['status']}**",
+             f"stage `{job['stage'] or '-'}` · step {job['step']}/{job['total_steps']} · ETA "
+             f"{_duration(job['eta_s']) if job['status'] == 'running' else '-'}"]
+    if job["error"]:
+        lines.append(f"**Error:** {job['error']}")
+    return "\n\n".join(lines)
+
+
+def _merge_check(job: dict) -> str:
+    r = job["report"]
+    if not r:
+        return "*Merge check appears when the job succeeds.*"
+    text = (f"**Merge check:** max |logit difference| {r['merge_max_abs_logit_diff']:.3g} · eval loss "
+            f"quantized base {r['eval_loss_quantized_base']:.4f} → with adapter {r['eval_loss_adapter']:.4f} · "
+            f"merged {r['eval_loss_merged']:.4f}")
+    mc = r.get("multiple_choice")
+    if mc:
+        text += (f"\n\n**Multiple choice** ({mc['data']}): {mc['correct']}/{mc['n']} = {mc['accuracy']:.0%} "
+                 f"(chance {mc['chance']:.0%})")
+    for fmt, result in (r.get("exports") or {}).items():
+        text += f"\n\n**{fmt.upper()} export:** {service.export_note(result)}"
+    return text
+
+
+def _refresh(selected, seen):
+    """One timer tick; parts that did not change are skipped so nothing flickers or closes."""
+    jobs = service.list_jobs()
+    rows, choices = _job_rows(jobs), _job_choices(jobs)
+    table = rows if rows.values.tolist() != seen.get("rows") else gr.skip()
+    picker = gr.update(choices=choices) if choices != seen.get("choices") else gr.skip()
+    seen = {**seen, "rows": rows.values.tolist(), "choices": choices}
+    if selected is None:
+        if seen.get("job") == "none":
+            return table, picker, gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
+        return table, picker, "*Select a job.*", None, "", "", {**seen, "job": "none"}
+    try:
+        job = service.get_job(int(selected))
+    except Exception as exc:
+        return table, picker, f"**Error:** {exc}", None, "", "", {**seen, "job": None}
+    key = (job["id"], job["status"], job["stage"], len(job["metrics"]))
+    if key == seen.get("job"):
+        return table, picker, gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
+    return (table, picker, _job_summary(job), _loss_frame(job["metrics"]), _merge_check(job),
+            service.read_log(job["id"], LOG_LINES), {**seen, "job": key})
+
+
+def _act(action, selected):
+    if selected is None:
+        return "Select a job first."
+    try:
+        getattr(service, action)(int(selected))
+    except Exception as exc:
+        return _error(exc)
+    return {"cancel": "Cancel requested; a running job stops after its current step.",
+            "resume": "Queued again; it resumes from its last checkpoint.",
+            "delete": "Deleted, with its files."}[action]
+
+
+def _download(selected, fmt="native"):
+    if selected is None:
+        return gr.skip(), "Select a job first."
+    try:
+        folder = Path(tempfile.gettempdir()) / "qalora-downloads"  # one file per job and format, replaced
+        path, note = service.download_model(int(selected), fmt, folder)
+        return gr.update(value=str(path), visible=True), note
+    except Exception as exc:
+        return gr.skip(), _error(exc)
+
+
+def build_jobs_tab():
+    table = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, label="Jobs (click a row)", elem_id="jobs-table")
+    picker = gr.Dropdown([], value=None, label="Job", elem_id="job-select")
+    summary = gr.Markdown("*Select a job.*", elem_id="job-summary")
+    plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", elem_id="loss-plot",
+                       height=300, color_map={"train": "#1f77b4", "eval": "#ff7f0e"})
+    merge = gr.Markdown(elem_id="merge-check")
+    with gr.Row():
+        cancel, resume = gr.Button("Cancel"), gr.Button("Resume")
+        delete, confirm = gr.Button("Delete"), gr.Button("Confirm delete", variant="stop", visible=False)
+    with gr.Row():
+        fmt = gr.Dropdown([(label, key) for key, label in service.DOWNLOAD_FORMATS.items()], value="native",
+                          label="Download format", elem_id="download-format")
+        download = gr.Button("Download model")
+    action_note = gr.Markdown(elem_id="action-note")
+    file = gr.File(label="Model file", visible=False)
+    log = gr.Textbox(label="Log (last lines)", lines=16, max_lines=16, autoscroll=True, elem_id="job-log")
+    seen = gr.State({})
+
+    outputs = [table, picker, summary, plot, merge, log, seen]
+    gr.Timer(REFRESH_S).tick(_refresh, [picker, seen], outputs, show_progress="hidden", concurrency_limit=None)
+    picker.change(lambda p, s: _refresh(p, {**s, "job": None}), [picker, seen], outputs, show_progress="hidden")
+    table.select(_row_job, None, picker)
+    cancel.click(lambda p: _act("cancel", p), picker, action_note)
+    resume.click(lambda p: _act("resume", p), picker, action_note)
+    delete.click(lambda: gr.update(visible=True), None, confirm)
+    confirm.click(lambda p: (_act("delete", p), gr.update(visible=False), None), picker, [action_note, confirm, picker])
+    download.click(_download, [picker, fmt], [file, action_note])
+    return picker
+
+
+def _row_job(evt: gr.SelectData):
+    return int(evt.row_value[0]) if evt.row_value else gr.skip()
+
+
+# ---- Chat ------------------------------------------------------------------------------------
+
+def _send(message, tuned, base, job_id, compare, system, max_new, temperature, top_p):
+    """Stream the reply (and, side by side, the base model's reply to the same message)."""
+    message = (message or "").strip()
+    if not message:
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return
+    if job_id is None:
+        yield gr.skip(), gr.skip(), gr.skip(), _error(ValueError("pick a finished model first."))
+        return
+    histories = {"tuned": tuned or [], "base": base or []}
+    try:
+        keys = service.chat_keys(int(job_id), bool(compare))
+        requests = {side: (key, service.build_messages(histories[side], message, system or ""))
+                    for side, key in keys.items()}
+        turn = lambda side, reply: [*histories[side], {"role": "user", "content": message},  # noqa: E731
+                                    {"role": "assistant", "content": reply}]
+        yield "", turn("tuned", ""), turn("base", "") if compare else gr.skip(), "*Loading model…*"
+        for replies in service.stream_side_by_side(requests, max_new_tokens=max_new, temperature=temperature,
+                                                   top_p=top_p):
+            yield (gr.skip(), turn("tuned", replies["tuned"]),
+                   turn("base", replies["base"]) if compare else gr.skip(), "*Generating…*")
+    except Exception as exc:
+        yield gr.skip(), gr.skip(), gr.skip(), _error(exc)
+        return
+    loaded = f"Model #{job_id}" + (f" and base `{keys['base']}`" if compare else "")
+    yield gr.skip(), gr.skip(), gr.skip(), f"{loaded} loaded; kept in memory for the next turn."
+
+
+def build_chat_tab():
+    with gr.Row():
+        model = gr.Dropdown([], value=None, label="Finished model", elem_id="chat-model", scale=3)
+        refresh = gr.Button("↻ Refresh list", scale=1)
+        compare = gr.Checkbox(False, label="Side by side with the base model", elem_id="chat-compare", scale=2)
+    with gr.Accordion("Generation settings", open=False):
+        system = gr.Textbox(label="System prompt", placeholder="(none)")
+        with gr.Row():
+            temperature = gr.Slider(0.0, 2.0, 0.0, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, 0.95, step=0.05, label="Top-p")
+            max_new = gr.Slider(8, 1024, 128, step=8, label="Max new tokens")
+    with gr.Row():
+        tuned = gr.Chatbot(label="Fine-tuned low-bit model", elem_id="chat-tuned", height=360, buttons=["copy"])
+        base = gr.Chatbot(label="Base model", elem_id="chat-base", height=360, visible=False, buttons=["copy"])
+    with gr.Row():
+        message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, elem_id="chat-input",
+                             scale=5)
+        send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
+        clear = gr.Button("Clear", scale=1)
+    status = gr.Markdown(elem_id="chat-status")
+
+    refresh.click(lambda: gr.update(choices=_model_choices()), None, model)
+    compare.change(lambda c: gr.update(visible=c), compare, base)
+    model.change(lambda: ([], []), None, [tuned, base])
+    args = ([message, tuned, base, model, compare, system, max_new, temperature, top_p], [message, tuned, base, status])
+    send.click(_send, *args)
+    message.submit(_send, *args)
+    clear.click(lambda: ([], []), None, [tuned, base])
+    return model
+
+
+# ---- Publish ---------------------------------------------------------------------------------
+
+def _card(job_id, repo):
+    if job_id is None:
+        return CARD_HINT, None, gr.skip()
+    try:
+        job = service.get_job(int(job_id))
+    except Exception as exc:
+        return _error(exc), None, gr.skip()
+    repo = (repo or "").strip() or job["name"]
+    # the card's YAML header is metadata for the Hub; preview it as code, not as a heading
+    _, meta, body = service.model_card(job, repo).split("---\n", 2)
+    body = body.replace("![loss curve](loss_curve.png)", "*(loss_curve.png: the image above)*")
+    return f"```yaml\n{meta}```\n{body}", service.loss_curve(job), repo
+
+
+def _publish(job_id, repo, private, token, progress=gr.Progress(track_tqdm=True)):
+    """Upload; the token field is cleared afterwards so the page does not keep it either."""
+    if job_id is None:
+        return _error(ValueError("pick a finished model first.")), ""
+    try:
+        url = service.publish_job(int(job_id), repo, private=bool(private), token=token,
+                                  progress=lambda fraction, text: progress(fraction, desc=text))
+    except Exception as exc:
+        return _error(exc), ""
+    return f"Published ({'private' if private else 'public'}): [{url}]({url})", ""
+
+
+def build_publish_tab():
+    with gr.Row():
+        with gr.Column(scale=1):
+            model = gr.Dropdown([], value=None, label="Finished model", elem_id="publish-model")
+            refresh = gr.Button("↻ Refresh list")
+            repo = gr.Textbox(label="Repository name", placeholder="name or namespace/name", elem_id="publish-repo")
+            private = gr.Checkbox(True, label="Private repository")
+            token = gr.Textbox(label="Hugging Face token (optional)", type="password", elem_id="publish-token",
+                               info="Used for this upload only, never stored. Empty: HF_TOKEN or your "
+                                    "`hf auth login`.")
+            publish = gr.Button("Publish to the Hub", variant="primary", elem_id="publish-button")
+            result = gr.Markdown(elem_id="publish-result")
+        with gr.Column(scale=2):
+            curve = gr.Image(label="Loss curve (uploaded as loss_curve.png)", show_label=False, type="pil",
+                             elem_id="publish-curve", buttons=["download", "fullscreen"])
+            card = gr.Markdown(CARD_HINT, elem_id="card-preview")
+    refresh.click(lambda: gr.update(choices=_model_choices()), None, model)
+    model.change(_card, [model, gr.State("")], [card, curve, repo])
+    repo.blur(_card, [model, repo], [card, curve, repo])
+    publish.click(_publish, [model, repo, private, token], [result, token])
+    return model
+
+
+# ---- App -------------------------------------------------------------------------------------
+
+def build_app() -> gr.Blocks:
+    with gr.Blocks(title="QA-LoRA Studio", analytics_enabled=False) as app:
+        gr.Markdown("# QA-LoRA Studio\nFine-tune a low-bit LLaMA-family model with quantization-aware LoRA, "
+                    "watch it train, chat with it and publish it.")
+        with gr.Tabs() as tabs:
+            with gr.Tab("New fine-tune", id="new"):
+                launch, launch_inputs, launch_status = build_new_tab()
+            with gr.Tab("Jobs", id="jobs"):
+                job_picker = build_jobs_tab()
+            with gr.Tab("Chat", id="chat") as chat_tab:
+                chat_model = build_chat_tab()
+            with gr.Tab("Publish", id="publish") as publish_tab:
+                publish_model = build_publish_tab()
+        launch.click(_launch, launch_inputs, [launch_status, job_picker, tabs])
+        # finished models appear when their tab is opened; the current choice is kept
+        for tab, picker in ((chat_tab, chat_model), (publish_tab, publish_model)):
+            tab.select(lambda: gr.update(choices=_model_choices()), None, picker)
+    return app
+
+
+demo = build_app()
+
+
+def _auth(raw: str | None):
+    if not raw:
+        return None
+    user, sep, password = raw.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("QALORA_AUTH must look like user:password (both non-empty); unset it to disable login.")
+    return [(user, password)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="QA-LoRA Studio web app")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--no-worker", action="store_true", help="do not start a training worker process")
+    args = parser.parse_args(argv)
+    auth = _auth(os.environ.get("QALORA_AUTH"))
+    # SIGTERM stops the app like Ctrl-C does, so the workers below are stopped too
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    workers = [] if args.no_worker else service.start_worker_process()
+    try:
+        # no run history: it would keep every call's inputs, the publish token included, in the browser
+        demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, auth=auth,
+                                                       show_error=True, run_history=False)
+    finally:
+        for proc in workers:  # SIGTERM: a running job checkpoints and goes back to the queue
+            proc.terminate()
+        for proc in workers:
+            proc.wait(timeout=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The whole user path in a real browser: Playwright drives Debian's headless chromium against
+``python app.py`` (with its worker) on a free localhost port and a temporary ``QALORA_HOME``.
+
+Form error → fine-tune launch → job succeeds with a loss chart → streamed chat, side by side →
+model card preview. Screenshots go to ``test-artifacts/``; ``QALORA_UPDATE_SCREENSHOT=1`` also
+refreshes ``docs/screenshot.png`` (the README's) from the Jobs tab.
+"""
+import http.cookiejar
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STEPS = 12
+# generous but bounded: the 2-core machine may be shared with other heavy jobs
+START_S, JOB_S, CHAT_S, UI_S = 120, 240, 120, 30
+
+
+def _missing(what: str):
+    (pytest.fail if os.environ.get("CI") else pytest.skip)(what)
+
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - depends on the machine
+    sync_playwright = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _app(tmp_path, *args, **env):
+    """``python app.py`` on a free port with its own ``QALORA_HOME``; yields the URL, then stops it."""
+    port = _free_port()
+    env = {**os.environ, "QALORA_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "QALORA_POLL_S": "0.2",
+           "QALORA_HEARTBEAT_S": "1", **env}
+    env.pop("QALORA_DB_URL", None)
+    log_path = tmp_path / "app.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + START_S
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail(f"app did not start: {log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+        try:
+            yield url
+        finally:
+            proc.send_signal(signal.SIGTERM)  # the app stops its worker, then exits
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def server(tmp_path):
+    with _app(tmp_path) as url:
+        yield url
+
+
+def test_login_is_required_when_qalora_auth_is_set(tmp_path):
+    with _app(tmp_path, "--no-worker", QALORA_AUTH="ann:s3cret") as url:
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+
+        def status(path, form=None):
+            data = urllib.parse.urlencode(form).encode() if form else None
+            try:
+                return opener.open(url + path, data=data, timeout=30).status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        assert status("config") == 401
+        assert status("login", {"username": "ann", "password": "wrong"}) == 400
+        assert status("login", {"username": "ann", "password": "s3cret"}) == 200
+        assert status("config") == 200
+    assert not (tmp_path / "home" / "workers").exists()  # --no-worker started none
+
+
+@pytest.fixture
+def browser_available():
+    if sync_playwright is None:
+        _missing("the browser test needs the playwright package (pip install playwright)")
+    if not Path(CHROMIUM).is_file():
+        _missing("the browser test needs Debian's chromium: apt-get install -y chromium")
+
+
+@pytest.fixture
+def page(browser_available, server):  # in this order: no app is started for a test that cannot run
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(UI_S * 1000)
+        page.goto(server)
+        yield page
+        page.screenshot(path=ARTIFACTS / "browser-last.png", full_page=True)  # where it ended, pass or fail
+        browser.close()
+
+
+def _pick_first(page, dropdown: str) -> None:
+    page.locator(f"{dropdown} input").click()
+    page.get_by_role("option").first.click()
+
+
+def _watch_text(page, selector: str, name: str) -> None:
+    """Record every text ``selector`` shows from now on, in ``window[name]``."""
+    page.evaluate("""([sel, name]) => {
+        const el = document.querySelector(sel); window[name] = [el.innerText];
+        new MutationObserver(() => window[name].push(el.innerText))
+            .observe(el, {childList: true, subtree: true, characterData: true});
+    }""", [selector, name])
+
+
+def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
+    expect(page.locator("#launch")).to_be_visible(timeout=START_S * 1000)
+    base = page.locator("#base-model input")
+    base.fill("/no/such/model")
+    base.press("Enter")
+    expect(page.get_by_text("model '/no/such/model' was not found").first).to_be_visible()
+    base.fill("tiny-random")  # not in the list's first place: typed like any local path
+    base.press("Enter")
+    page.get_by_text("Advanced").click()
+    for field, value in (("#steps", STEPS), ("#batch-size", 2), ("#seq-len", 256), ("#lr", 0.005)):
+        page.locator(f"{field} input").fill(str(value))
+        page.locator(f"{field} input").press("Tab")
+    group = page.locator("#group-size input")
+    group.fill("48")
+    group.press("Enter")
+    page.locator("#launch").click()
+    expect(page.locator("#launch-status")).to_contain_text("group_size=48 does not divide in_features=64")
+    page.screenshot(path=ARTIFACTS / "browser-1-form-error.png", full_page=True)
+
+    group.fill("32")
+    group.press("Enter")
+    page.get_by_role("button", name="Preview dataset").click()
+    expect(page.locator("#dataset-preview")).to_contain_text("1200 records")
+    expect(page.locator("#dataset-preview")).to_contain_text("<|im_start|>assistant")
+    page.locator("#launch").click()
+    expect(page.locator("#launch-status")).to_contain_text("Job #1")  # the bad launch queued nothing
+    expect(page.get_by_role("tab", name="Jobs")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#job-summary")).to_contain_text("succeeded", timeout=JOB_S * 1000)
+
+    train_line = page.locator('#loss-plot g.mark-line path[aria-label*="series: train"]')
+    eval_line = page.locator('#loss-plot g.mark-line path[aria-label*="series: eval"]')
+    expect(train_line).to_have_count(1)
+    assert train_line.get_attribute("d").count("L") + 1 == STEPS  # one vertex per training step
+    assert eval_line.get_attribute("d").count("L") + 1 == STEPS // 2  # evaluated every steps // 5 = 2 steps
+    expect(page.locator("#merge-check")).to_contain_text("max |logit difference|")
+    expect(page.locator("#job-log textarea")).to_have_value(re.compile(r"succeeded: merge max \|logit diff\|"))
+    time.sleep(1)  # let the chart finish its transition before the picture
+    page.screenshot(path=ARTIFACTS / "browser-2-jobs.png", full_page=True)
+
+    page.get_by_role("tab", name="Chat").click()
+    _pick_first(page, "#chat-model")
+    page.locator("#chat-compare input").check()
+    _watch_text(page, "#chat-status", "statuses")
+    page.locator("#chat-input textarea").fill("contact card -> Hana lives in Oslo.")
+    page.locator("#chat-send").click()
+    expect(page.locator("#chat-status")).to_contain_text("loaded", timeout=CHAT_S * 1000)
+    statuses = [s.strip() for s in page.evaluate("window.statuses") if s.strip()]
+    # the reply arrived as a stream of updates: first "generating", then the final state
+    assert "Generating…" in statuses and statuses.index("Generating…") < len(statuses) - 1, statuses
+    for side in ("#chat-tuned", "#chat-base"):  # both models answered the same message
+        expect(page.locator(f"{side} [data-testid='user']")).to_have_text("contact card -> Hana lives in Oslo.")
+        expect(page.locator(f"{side} [data-testid='bot']")).to_have_count(1)
+        assert page.locator(f"{side} [data-testid='bot']").inner_text().strip()
+    page.screenshot(path=ARTIFACTS / "browser-3-chat.png", full_page=True)
+
+    page.get_by_role("tab", name="Publish").click()
+    _pick_first(page, "#publish-model")
+    card = page.locator("#card-preview")
+    expect(card).to_contain_text("How to load")
+    for text in ("library_name: transformers", "group size", "RTN", "builtin:contacts", "merge check",
+                 "load_quantized"):
+        expect(card).to_contain_text(text)
+    expect(page.locator("#publish-curve img")).to_be_visible()
+    expect(page.locator("#publish-token input")).to_have_value("")
+    page.screenshot(path=ARTIFACTS / "browser-4-publish.png", full_page=True)
+    if os.environ.get("QALORA_UPDATE_SCREENSHOT"):
+        shutil.copy(ARTIFACTS / "browser-2-jobs.png", ROOT / "docs" / "screenshot.png")

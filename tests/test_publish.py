@@ -1,0 +1,270 @@
+"""Publishing a finished job through the real ``huggingface_hub`` client to a fake Hub on 127.0.0.1.
+
+The fake implements the four endpoints an upload uses (whoami, repo creation, pre-upload,
+commit) and records what it was sent, so the tests check what a real Hub would receive.
+"""
+import base64
+import json
+import logging
+import threading
+from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from jobs import publish, service
+from jobs.spec import JobSpec
+from qalora.config import AdapterConfig, QuantConfig, TrainConfig
+from storage import get_settings
+
+TOKEN = "hf_fakeSECRETtoken1234567890"
+USER = "alice"
+STEPS = 4
+
+
+class FakeHub(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.repos: dict[str, dict] = {"alice/taken": {"private": False, "files": {}}}
+        self.requests: list[tuple[str, str]] = []
+        self.validated: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FakeHub
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self) -> bool:
+        if self.headers.get("Authorization") == f"Bearer {TOKEN}":
+            return True
+        self._reply(401, {"error": "Invalid credentials in Authorization header"})
+        return False
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_GET(self):
+        self.server.requests.append(("GET", self.path))
+        if self.path == "/api/whoami-v2" and self._authorized():
+            self._reply(200, {"type": "user", "name": USER, "orgs": []})
+        elif self.path != "/api/whoami-v2":
+            self._reply(404, {"error": "not found"})
+
+    def do_POST(self):
+        self.server.requests.append(("POST", self.path))
+        body = self._body()
+        if not self._authorized():
+            return
+        parts = self.path.split("?")[0].strip("/").split("/")
+        if self.path == "/api/validate-yaml":  # the client asks the Hub to check the card's metadata
+            self.server.validated.append(json.loads(body)["content"])
+            return self._reply(200, {"errors": [], "warnings": []})
+        if self.path == "/api/repos/create":
+            req = json.loads(body)
+            repo_id = f"{req.get('organization') or USER}/{req['name']}"
+            if repo_id in self.server.repos:
+                return self._reply(409, {"error": "You already created this model repo"})
+            self.server.repos[repo_id] = {"private": req.get("visibility") == "private", "files": {}}
+            return self._reply(200, {"url": f"{self.server.url}/{repo_id}", "name": repo_id})
+        if len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] in ("preupload", "commit"):
+            repo = self.server.repos.get(f"{parts[2]}/{parts[3]}")
+            if repo is None:
+                return self._reply(404, {"error": "Repository not found"})
+            if parts[4] == "preupload":
+                files = json.loads(body)["files"]
+                return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                    "shouldIgnore": False} for f in files]})
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    repo["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return self._reply(200, {"commitUrl": f"{self.server.url}/{parts[2]}/{parts[3]}/commit/1",
+                                     "commitOid": "1" * 40})
+        self._reply(404, {"error": "not found"})
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    """One real tiny job, run in this process (the publish tests only read it)."""
+    import os
+
+    from jobs.pipeline import run_job
+
+    home = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("QALORA_HOME", "QALORA_DB_URL")}
+    os.environ["QALORA_HOME"] = str(home)
+    os.environ.pop("QALORA_DB_URL", None)
+    spec = JobSpec(base="tiny-random", data="builtin:contacts", quant=QuantConfig(4, 32),
+                   adapter=AdapterConfig(rank=4, alpha=8),
+                   train=TrainConfig(steps=STEPS, batch_size=2, seq_len=256, eval_every=2, save_every=2,
+                                     eval_batches=1, warmup_steps=1), exports=("gguf", "gptq"),
+                   name="contacts-tiny")
+    job_id = service.submit(spec)
+    assert run_job(job_id) == "succeeded"
+    yield service.get_job(job_id)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def env(finished_job, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("QALORA_HOME", str(get_settings().home))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))  # not this machine's login
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return finished_job
+
+
+def test_card_names_the_job_settings_and_results(env):
+    card = publish.model_card(env, "alice/contacts")
+    report = env["report"]
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    for row in ("| bits | 4 |", "| group size | 32 |", "| quantization | RTN |", "| dataset | builtin:contacts |",
+                "| LoRA rank / alpha | 4 / 8 |", f"| steps | {STEPS} |", "| batch size x seq len | 2 x 256 |",
+                f"| eval loss, merged low-bit model | {report['eval_loss_merged']:.4g} |",
+                f"| merge check: max abs logit difference | {report['merge_max_abs_logit_diff']:.3g} |",
+                "![loss curve](loss_curve.png)", 'load_quantized(snapshot_download("alice/contacts"))'):
+        assert row in card
+
+
+def test_loss_curve_draws_train_line_and_eval_points(env):
+    img = publish.loss_curve(env)
+    assert img.size == (720, 400)
+    colors = {c for _, c in img.getcolors(maxcolors=100_000)}
+    assert (0x1F, 0x77, 0xB4) in colors and (0xFF, 0x7F, 0x0E) in colors  # train line, eval dots
+    empty = publish.loss_curve({"metrics": [], "report": {}})
+    assert (0x1F, 0x77, 0xB4) not in {c for _, c in empty.getcolors(maxcolors=100_000)}
+
+
+def test_download_zips_the_merged_model(env, tmp_path):
+    import zipfile
+
+    import app
+
+    update, note = app._download(env["id"])
+    with zipfile.ZipFile(update["value"]) as z:
+        names = set(z.namelist())
+    merged = Path(env["artifact_dir"]) / "merged"
+    assert names == {p.name for p in merged.iterdir()} and "load_quantized" in note
+    assert service.archive_model(env["id"], tmp_path).name == f"qalora-job-{env['id']:05d}-merged.zip"
+
+
+def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tmp_path):
+    import app
+
+    report = env["report"]
+    kinds = {a["kind"] for a in service.get_job(env["id"])["artifacts"]}
+    assert {"merged", "adapter", "report", "log", "gguf", "gptq"} <= kinds
+    gguf_file = Path(report["exports"]["gguf"]["path"])
+    assert gguf_file.read_bytes()[:4] == b"GGUF" and report["exports"]["gguf"]["exact"] is True
+    gptq = json.loads((Path(report["exports"]["gptq"]["path"]) / "export_report.json").read_text())
+    assert report["exports"]["gptq"]["max_abs_logit_diff"] == gptq["max_abs_logit_diff"] > 0
+    mc = report["multiple_choice"]
+    assert mc["n"] == 40 and mc["correct"] == round(mc["accuracy"] * 40) and mc["chance"] == 0.25
+    # the jobs tab shows the GPTQ cost beside the download, and each format downloads as one file
+    assert f"max |logit difference| {gptq['max_abs_logit_diff']:.3g}" in app._merge_check(env)
+    update, note = app._download(env["id"], "gptq")
+    assert update["value"].endswith(".zip") and f"{gptq['max_abs_logit_diff']:.3g}" in note
+    update, note = app._download(env["id"], "gguf")
+    assert Path(update["value"]).read_bytes() == gguf_file.read_bytes() and "exact" in note
+    path, note = service.download_model(env["id"], "peft", tmp_path)  # not made by the job: made now
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(z.namelist())
+
+
+def _files_under(root):
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_publish_private_uploads_card_curve_and_weights_and_never_keeps_the_token(env, hub, caplog):
+    caplog.set_level(logging.DEBUG)
+    steps = []
+    url = service.publish_job(env["id"], "contacts-4bit", private=True, token=TOKEN, endpoint=hub.url,
+                              progress=lambda f, m: steps.append((f, m)))
+    assert url == f"{hub.url}/alice/contacts-4bit"
+    repo = hub.repos["alice/contacts-4bit"]
+    assert repo["private"] is True
+    merged = Path(env["artifact_dir"]) / "merged"
+    assert set(repo["files"]) == {p.name for p in merged.iterdir()} | {"README.md", "loss_curve.png"}
+    assert repo["files"]["README.md"].decode() == publish.model_card(env, "alice/contacts-4bit")
+    assert hub.validated == [repo["files"]["README.md"].decode()]
+    assert repo["files"]["model.safetensors"] == (merged / "model.safetensors").read_bytes()
+    assert repo["files"]["loss_curve.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert [f for f, _ in steps] == sorted(f for f, _ in steps) and steps[-1][0] == 1.0
+    # the token is in no file under QALORA_HOME (database, WAL, logs, artifacts) and no log record
+    for path in _files_under(get_settings().home):
+        assert TOKEN.encode() not in path.read_bytes(), path
+    assert TOKEN not in caplog.text and TOKEN not in json.dumps(service.get_job(env["id"]), default=str)
+
+
+def test_public_repo_under_an_explicit_namespace_and_token_from_environment(env, hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    url = service.publish_job(env["id"], "alice/contacts-public", private=False, endpoint=hub.url)
+    assert url.endswith("/alice/contacts-public") and hub.repos["alice/contacts-public"]["private"] is False
+    assert ("GET", "/api/whoami-v2") not in hub.requests  # the namespace was given: no lookup needed
+
+
+def test_token_from_the_login_cache_and_the_app_handler_clears_the_token_field(env, hub, monkeypatch):
+    import app
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_TOKEN_PATH)
+    cache.parent.mkdir(parents=True)
+    cache.write_text(TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    shown, token_field = app._publish(env["id"], "from-cache", True, "", progress=lambda *a, **k: None)
+    url = f"{hub.url}/alice/from-cache"
+    assert (shown, token_field) == (f"Published (private): [{url}]({url})", "")
+    assert "README.md" in hub.repos["alice/from-cache"]["files"]
+
+
+def test_bad_token_taken_name_and_missing_token_give_clear_messages(env, hub):
+    with pytest.raises(publish.PublishError, match=r"rejected the token \(401 Unauthorized\).*settings/tokens"):
+        service.publish_job(env["id"], "contacts", token="hf_wrong", endpoint=hub.url)
+    with pytest.raises(publish.PublishError, match="alice/taken already exists: choose another repository name"):
+        service.publish_job(env["id"], "taken", token=TOKEN, endpoint=hub.url)
+    assert hub.repos["alice/taken"]["files"] == {}  # nothing was uploaded over the existing repo
+    with pytest.raises(publish.PublishError, match="No Hugging Face token found.*HF_TOKEN"):
+        service.publish_job(env["id"], "contacts", endpoint=hub.url)
+    with pytest.raises(publish.PublishError, match="repository name 'bad name!' is not valid"):
+        service.publish_job(env["id"], "bad name!", token=TOKEN, endpoint=hub.url)
+
+
+def test_unreachable_hub_names_the_endpoint_not_the_token(env, hub):
+    dead = hub.url
+    hub.shutdown()
+    hub.server_close()
+    with pytest.raises(publish.PublishError, match=f"Cannot reach {dead}") as err:
+        service.publish_job(env["id"], "contacts", token=TOKEN, endpoint=dead)
+    assert TOKEN not in str(err.value)
