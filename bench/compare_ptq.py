@@ -3,9 +3,11 @@
 Same base (embedded SmolLM2-135M), built-in data, steps, rank, learning rate and seed for both
 methods, at 4, 3 and 2 bits with group 32. For each run the table shows the eval loss of the
 quantized base, of the trained model, and of the deployed low-bit model, plus the built-in
-skill score (exact JSON contact cards on held-out prompts) of the deployed model.
+skill score (exact JSON contact cards on held-out prompts, greedy) and the built-in
+multiple-choice accuracy (``builtin:contacts-mc``: the right card among three near misses, by
+log-likelihood) of the deployed model.
 
-    python bench/compare_ptq.py [--steps 100] [--bits 4 3 2] [--skill-n 20] [--out runs/compare]
+    python bench/compare_ptq.py [--steps 100] [--bits 4 3 2] [--skill-n 20] [--mc-n 50] [--out runs/compare]
 """
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ def skill(model_dir: Path, n: int) -> float:
     return builtin_skill_check(None, lambda msgs: chat(model, tok, msgs, max_new_tokens=40), n=n)
 
 
+def mc_accuracy(model_dir: Path, n: int) -> float:
+    from qalora.eval import evaluate_dir
+    return evaluate_dir(model_dir, "builtin:contacts-mc", limit=n)["accuracy"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=100)
@@ -34,6 +41,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--quant-method", default="rtn")
     ap.add_argument("--skill-n", type=int, default=20)
+    ap.add_argument("--mc-n", type=int, default=50)
     ap.add_argument("--out", default=str(ROOT / "runs" / "compare"))
     args = ap.parse_args()
     from qalora.config import AdapterConfig, QuantConfig, TrainConfig
@@ -51,17 +59,19 @@ def main() -> None:
                                   QuantConfig(bits, args.group_size, args.quant_method),
                                   AdapterConfig(rank=16, alpha=32, dropout=0.05, method=method),
                                   TrainConfig(steps=args.steps), resume=True)
-            rows.append((bits, method, report, skill(out / "merged", args.skill_n)))
+            rows.append((bits, method, report, skill(out / "merged", args.skill_n),
+                         mc_accuracy(out / "merged", args.mc_n)))
             print(f"done {method} {bits}-bit", file=sys.stderr, flush=True)
     print(f"\nQA-LoRA vs LoRA+PTQ, SmolLM2-135M, builtin:default, group {args.group_size}, "
           f"{args.quant_method.upper()}, {args.steps} steps, rank 16")
     print("| bits | method | eval loss quantized base | eval loss trained | eval loss deployed low-bit | "
-          "deployed vs trained max logit diff | skill (deployed) |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
-    for bits, method, r, score in rows:
+          f"deployed vs trained max logit diff | skill (deployed, n={args.skill_n}) | "
+          f"multiple choice (deployed, n={args.mc_n}) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for bits, method, r, score, mc in rows:
         name = "QA-LoRA (exact merge)" if method == "qalora" else "LoRA + PTQ"
         print(f"| {bits} | {name} | {r['eval_loss_quantized_base']:.4f} | {r['eval_loss_adapter']:.4f} | "
-              f"{r['eval_loss_merged']:.4f} | {r['merge_max_abs_logit_diff']:.2e} | {score:.0%} |")
+              f"{r['eval_loss_merged']:.4f} | {r['merge_max_abs_logit_diff']:.2e} | {score:.0%} | {mc:.0%} |")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Decode speed at batch 1: the merged INT4 QA-LoRA model vs the transformers fp32 and bf16 base.
+"""Decode speed at batch 1: the merged INT4 QA-LoRA model in PyTorch, its exports in their own
+runtimes (GGUF Q4_1 in llama.cpp, GPTQ in gptqmodel), and the transformers fp32 and bf16 base.
 
 All models are the embedded SmolLM2-135M, in one process, same prompt, greedy, exactly
-``--new-tokens`` generated (EOS ignored). The merged model is built the way a job builds it
-(RTN 4-bit, group 32, adapter merged into the offsets); its speed does not depend on what the
-adapter learned.
+``--new-tokens`` generated (EOS ignored), prompt processing included, best of ``--repeats``.
+The merged model is built the way a job builds it (RTN 4-bit, group 32, adapter merged into the
+offsets); its speed does not depend on what the adapter learned. Every runtime gets the same
+number of threads.
 
-    python bench/decode.py [--new-tokens 128] [--repeats 3]
+    python bench/decode.py [--new-tokens 128] [--repeats 3] [--skip gguf,gptq]
 """
 from __future__ import annotations
 
@@ -39,7 +41,49 @@ def tokens_per_s(model, tok, new_tokens: int, repeats: int) -> float:
     return new_tokens / best
 
 
-def merged_int4(base_fp32, use_kernel: bool):
+def best_of(run, new_tokens: int, repeats: int) -> float:
+    run(8)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run(new_tokens)
+        best = min(best, time.perf_counter() - t)
+    return new_tokens / best
+
+
+def llama_cpp_tokens_per_s(gguf_path: Path, prompt_ids: list[int], new_tokens: int, repeats: int) -> float:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_threads=torch.get_num_threads(),
+                          n_threads_batch=torch.get_num_threads(), verbose=False)
+
+    def run(n):
+        made = 0
+        for _ in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):  # greedy; EOS does not stop it
+            made += 1
+            if made == n:
+                break
+        assert made == n
+
+    try:
+        return best_of(run, new_tokens, repeats)
+    finally:
+        llm.close()
+
+
+def gptqmodel_tokens_per_s(gptq_dir: Path, tok, new_tokens: int, repeats: int) -> float:
+    import os
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(torch.get_num_threads()))
+    from gptqmodel import BACKEND, GPTQModel
+
+    # gptqmodel's CPU torch kernel runs in 16-bit; torch.compile is left off (it recompiles per
+    # sequence length during decoding, which would only add time).
+    with torch._dynamo.config.patch(disable=True):
+        model = GPTQModel.load(str(gptq_dir), device="cpu", backend=BACKEND.TORCH, dtype=torch.bfloat16).model
+        return tokens_per_s(model.eval(), tok, new_tokens, repeats)
+
+
+def merged_int4(base_fp32, use_kernel: bool, compute_dtype=torch.bfloat16):
     from qalora.config import AdapterConfig, QuantConfig
     from qalora.infer import set_compute_dtype
     from qalora.merge import merge_adapters
@@ -49,7 +93,8 @@ def merged_int4(base_fp32, use_kernel: bool):
     adapter = AdapterConfig(rank=16)
     inject_qalora(model, quantize_model(model, QuantConfig(4, 32), adapter.targets), adapter)
     merge_adapters(model, use_kernel=use_kernel)
-    set_compute_dtype(model, torch.bfloat16)
+    if compute_dtype is not None:
+        set_compute_dtype(model, compute_dtype)
     model.tie_weights()
     return model.eval()
 
@@ -58,7 +103,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma-separated: gguf, gptq")
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    import tempfile
+
+    from qalora.export.gguf import export_gguf
+    from qalora.export.gptq import export_gptq
+    from qalora.export.native import save_quantized
+    from qalora.infer import chat_input_ids
     from qalora.model import load_base
 
     base, tok = load_base("default", dtype=torch.float32)
@@ -67,11 +120,22 @@ def main() -> None:
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
     rows.append(("transformers bf16 base", tokens_per_s(bf16, tok, args.new_tokens, args.repeats)))
     del bf16
-    for name, use_kernel in (("QA-LoRA merged INT4 (int4 kernel)", True),
-                             ("QA-LoRA merged INT4 (dequantize + matmul)", False)):
+    for name, use_kernel in (("QA-LoRA merged INT4, PyTorch (int4 kernel)", True),
+                             ("QA-LoRA merged INT4, PyTorch (dequantize + matmul)", False)):
         model = merged_int4(base, use_kernel)
         rows.append((name, tokens_per_s(model, tok, args.new_tokens, args.repeats)))
         del model
+    work = Path(tempfile.mkdtemp(prefix="qalora-decode-"))
+    save_quantized(merged_int4(base, False, compute_dtype=None), tok, work / "merged")
+    if "gguf" not in skip:
+        path = export_gguf(work / "merged", work / "model-q4_1.gguf")
+        prompt_ids = chat_input_ids(tok, PROMPT)[0].tolist()
+        rows.append(("same model, GGUF Q4_1 export, llama.cpp",
+                     llama_cpp_tokens_per_s(path, prompt_ids, args.new_tokens, args.repeats)))
+    if "gptq" not in skip:
+        export_gptq(work / "merged", work / "gptq")
+        rows.append(("same model, GPTQ export, gptqmodel (torch backend, bf16)",
+                     gptqmodel_tokens_per_s(work / "gptq", tok, args.new_tokens, args.repeats)))
     ref = rows[0][1]
     print(f"\nDecode, SmolLM2-135M, batch 1, {args.new_tokens} new tokens, greedy, best of {args.repeats}, "
           f"{torch.get_num_threads()} threads")
@@ -79,6 +143,8 @@ def main() -> None:
     print("|---|---:|---:|")
     for name, tps in rows:
         print(f"| {name} | {tps:.1f} | {tps / ref:.2f}x |")
+    import shutil
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

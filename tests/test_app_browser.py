@@ -121,6 +121,7 @@ def page(browser_available, server):  # in this order: no app is started for a t
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(UI_S * 1000)
+        expect.set_options(timeout=UI_S * 1000)  # expect() has its own 5 s default otherwise
         page.goto(server)
         yield page
         page.screenshot(path=ARTIFACTS / "browser-last.png", full_page=True)  # where it ended, pass or fail

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import ConfigError, ModelError
 
 FORMATS = ("native", "gguf", "gptq", "peft")
+GGUF_QK = 32  # weights per Q4_1 block (ggml's QK4_1)
 
 
 def run_parts(run_dir) -> tuple[Path, Path]:
@@ -40,8 +41,17 @@ def check_format(fmt: str, bits: int, group_size: int) -> None:
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}.")
     if fmt == "gguf":
-        from .gguf import check_gguf_group_size
         check_gguf_group_size(bits, group_size)
+
+
+def check_gguf_group_size(bits: int, group_size: int) -> None:
+    """Refuse group sizes whose scales and offsets Q4_1 blocks cannot hold (8-bit goes to F16)."""
+    if bits <= 4 and group_size % GGUF_QK:
+        raise ConfigError(
+            f"GGUF export needs a group size that is a multiple of {GGUF_QK}, got {group_size}: llama.cpp's "
+            f"Q4_1 format keeps one scale and one offset per block of {GGUF_QK} weights, so a block would span "
+            f"groups with different scales and the weights would have to be re-quantized, changing the "
+            f"model. Fine-tune with group_size 32, 64 or 128, or export this model in the native format.")
 
 
 def export_run(run_dir, fmt: str, out=None) -> dict:

@@ -22,9 +22,9 @@ import torch
 
 from ..errors import ConfigError, ModelError
 from ..quant import dequantize, unpack_codes
+from . import GGUF_QK as QK, check_gguf_group_size  # noqa: F401 (re-exported)
 from .native import WEIGHTS, read_quant_config
 
-QK = 32  # weights per Q4_1 block (ggml's QK4_1)
 ARCH = "llama"
 # llama.cpp's 'gpt2' tokenizer refuses a file without merges, and the writer cannot store an
 # empty array. One merge whose left part has several characters can never fire: before any
@@ -65,16 +65,6 @@ def export_gguf(model_dir, out_path=None) -> Path:
         writer.close()
     part.replace(out)
     return out
-
-
-def check_gguf_group_size(bits: int, group_size: int) -> None:
-    """Refuse group sizes whose scales and offsets Q4_1 blocks cannot hold (8-bit goes to F16)."""
-    if bits <= 4 and group_size % QK:
-        raise ConfigError(
-            f"GGUF export needs a group size that is a multiple of {QK}, got {group_size}: llama.cpp's "
-            f"Q4_1 format keeps one scale and one offset per block of {QK} weights, so a block would span "
-            f"groups with different scales and the weights would have to be re-quantized, changing the "
-            f"model. Fine-tune with group_size 32, 64 or 128, or export this model in the native format.")
 
 
 def q4_1_blocks(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int) -> np.ndarray:
