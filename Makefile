@@ -37,7 +37,7 @@ test: install
 bench: install
 	$(PY) bench/train_step.py
 	$(PY) bench/decode.py
-	$(PY) bench/queue.py
+	$(PY) bench/job_queue.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,8 +2,8 @@
 does (one transaction per training step), while another polls through ``jobs.service`` the
 way the UI's timer does; prints write throughput and the poll latencies.
 
-    python bench/queue.py                  # 10,000 rows into a fresh SQLite file
-    python bench/queue.py --rows 2000 --poll-every 0.2
+    python bench/job_queue.py                  # 10,000 rows into a fresh SQLite file
+    python bench/job_queue.py --rows 2000 --poll-every 0.2
 """
 from __future__ import annotations
 
