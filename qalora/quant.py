@@ -82,7 +82,11 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
     """``(out, in)`` codes and ``(out, groups)`` scale/offset -> ``(out, in)`` weight in ``dtype``."""
     out_f, in_f = codes.shape
     groups = scale.shape[1]
-    q = codes.reshape(out_f, groups, in_f // groups).to(dtype)
+    # Integer codes go into addcmul as they are: it promotes them in the same pass, so no
+    # full-size float copy of the codes is made (this runs twice per layer per training step).
+    q = codes.reshape(out_f, groups, in_f // groups)
+    if q.is_floating_point():
+        q = q.to(dtype)
     return torch.addcmul(offset.to(dtype)[..., None], q, scale.to(dtype)[..., None]).reshape(out_f, in_f)
 
 
