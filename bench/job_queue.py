@@ -7,20 +7,16 @@ way the UI's timer does; prints write throughput and the poll latencies.
 """
 from __future__ import annotations
 
+import argparse
+import multiprocessing as mp
+import os
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
-# run as a script, this file's folder comes first on sys.path and this module would shadow the
-# standard library's ``queue``, which multiprocessing needs
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
-import argparse  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _writer(home: str, job_id: int, rows: int, go, done, out) -> None:
