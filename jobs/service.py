@@ -227,10 +227,11 @@ def export_note(result: dict) -> str:
         return (f"GPTQ stores integer zero points, so the merged offsets were rounded: against the exact "
                 f"model, max |logit difference| {result['max_abs_logit_diff']:.3g}, mean "
                 f"{result['mean_abs_logit_diff']:.3g}, same top-1 token at {result['top1_agreement']:.0%} of "
-                "positions. The native and GGUF downloads are exact.")
+                "positions. The native download is exact; GGUF differs from it only by fp16 rounding.")
     if fmt == "gguf":
-        return (f"{result.get('gguf_type', 'GGUF')} file, exact: llama.cpp's blocks hold our scales and offsets. "
-                "Load it with llama.cpp, llama-cpp-python, Ollama or LM Studio.")
+        return (f"{result.get('gguf_type', 'GGUF')} file: the same codes, each group's scale and offset "
+                "stored in fp16 (exact up to fp16 rounding). Load it with llama.cpp, llama-cpp-python, "
+                "Ollama or LM Studio.")
     if fmt == "peft":
         return "PEFT LoRA adapter (lora_A expanded to full width); apply it to the 16-bit base with peft."
     return "Native low-bit model: load with qalora.export.native.load_quantized."

@@ -83,7 +83,7 @@ def cmd_export(args) -> dict:
     if args.format == "gptq":
         print(f"note: GPTQ stores integer zero points, so the merged float offsets were rounded; against "
               f"the exact model the max |logit difference| is {result['max_abs_logit_diff']:.3g} "
-              f"(top-1 agreement {result['top1_agreement']:.1%}). The native and GGUF exports are exact.")
+              f"(top-1 agreement {result['top1_agreement']:.1%}). The native export is exact; GGUF differs only by fp16 rounding.")
     return result
 
 
