@@ -41,57 +41,106 @@ def gptq_quantize(model: nn.Module, calib_input_ids: list[torch.Tensor], bits: i
     ``0..k-1`` with their targets already quantized, and inside a layer the modules are quantized
     in stages of modules sharing an input (q/k/v, then o, then gate/up, then down for LLaMA), each
     stage's Hessian ``H = 2/N * X^T X`` taken from outputs of the already quantized stages
-    (gptqmodel's ``true_sequential``). Weights are fake-quantized during the run and restored
-    afterwards, so the model is left exactly as it was given.
+    (gptqmodel's ``true_sequential``). Each layer runs in float32 on the device it lives on (the
+    dtype gptqmodel's Hessians and our code recovery expect) and is restored to its weights and
+    dtype once the next layer's inputs are computed: only one layer is ever copied.
 
     Args:
-        model: a LLaMA-family causal LM on CPU with float32 target weights.
+        model: a LLaMA-family causal LM, on any device, in any float dtype.
         calib_input_ids: token ids, each ``[T]`` or ``[B, T]`` without padding; one forward each.
         damp: fraction of ``mean(diag(H))`` added to ``diag(H)``; gptqmodel raises it in steps of
             0.01 if the Cholesky factorization still fails.
         on_progress: called as ``on_progress(done, total)`` after each quantized module.
 
     Returns:
-        ``{qualified_name: (codes [out, in] uint8, scale [out, G] f32, offset [out, G] f32)}``.
+        ``{qualified_name: (codes [out, in] uint8, scale [out, G] f32, offset [out, G] f32)}``,
+        on the model's device.
     """
     _check_bits(bits)
-    if not calib_input_ids:
-        raise ConfigError("GPTQ needs calibration samples; pass at least one token sequence "
-                          "(typically 128 sequences of 512-2048 tokens).")
+    _check_calibration(calib_input_ids)
     modules = _target_linears(model, targets, group_size)
     layers = _decoder_layers(model, modules)
-    from gptqmodel.quantization.config import QuantizeConfig
-    from gptqmodel.quantization.gptq import GPTQ
-
-    # act_group_aware defaults to on in gptqmodel; off gives the textbook column order.
-    # fallback=None: an unreached module must fail loudly here, not silently become RTN.
-    qcfg = QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=False,
-                          act_group_aware=False, damp_percent=damp, fallback=None,
-                          offload_to_disk=False)
+    qcfg = gptq_config(bits, group_size, damp)
     names = {id(module): name for name, module in modules}
-    originals = {name: module.weight.detach().clone() for name, module in modules}
     results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    count = iter(range(1, len(modules) + 1))
+    done = (lambda _name: on_progress(next(count), len(modules))) if on_progress else None
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            inputs = _capture_layer_inputs(model, layers[0], calib_input_ids)
+            inputs = capture_layer_inputs(model, layers[0], calib_input_ids)
             for layer in layers:
-                for stage in _stages(layer, names, inputs[0]):
-                    tasks = {names[id(m)]: (m, _new_task(GPTQ, m, qcfg)) for m in stage}
-                    _run_layer(layer, inputs, stage, [task for _, task in tasks.values()])
-                    for name, (module, task) in tasks.items():
-                        results[name] = _finish_task(name, module, task, bits)
-                        if on_progress is not None:
-                            on_progress(len(results), len(modules))
-                inputs = [((_hidden(layer(*args, **kwargs)),) + args[1:], kwargs)
-                          for args, kwargs in inputs]
+                dtype = next(layer.parameters()).dtype
+                saved = {n: m.weight.detach().clone() for n, m in modules if id(m) in _ids(layer)}
+                layer.float()
+                found, inputs = gptq_quantize_layer(layer, inputs, names, qcfg, bits, on_module=done)
+                results.update(found)
+                for module in layer.modules():
+                    if id(module) in names:
+                        module.weight.data.copy_(saved[names[id(module)]])
+                layer.to(dtype)
     finally:
-        for name, module in modules:
-            module.weight.data.copy_(originals[name])
-            module.__dict__.pop("target_device", None)  # attribute the GPTQ task adds
         model.train(was_training)
     return results
+
+
+def gptq_config(bits: int, group_size: int, damp: float = 0.01):
+    """gptqmodel's ``QuantizeConfig`` for our layout: asymmetric, contiguous groups, no act-order."""
+    from gptqmodel.quantization.config import QuantizeConfig
+
+    # act_group_aware defaults to on in gptqmodel; off gives the textbook column order.
+    # fallback=None: an unreached module must fail loudly here, not silently become RTN.
+    return QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=False,
+                          act_group_aware=False, damp_percent=damp, fallback=None,
+                          offload_to_disk=False)
+
+
+def gptq_quantize_layer(layer: nn.Module, inputs: list, names: dict[int, str], qcfg, bits: int,
+                        on_module=None) -> tuple[dict, list]:
+    """GPTQ-quantize the targets of one float32 decoder layer; return ``(results, next inputs)``.
+
+    ``inputs`` are the layer's ``(args, kwargs)`` per calibration sample (float32 hidden states);
+    ``names`` maps ``id(module)`` to qualified names for the targets. The targets' weights are
+    left fake-quantized, and the next inputs are computed through them, as gptqmodel does.
+    """
+    from gptqmodel.quantization.gptq import GPTQ
+
+    inputs = [_float32(sample) for sample in inputs]
+    results = {}
+    for stage in _stages(layer, names, inputs[0]):
+        tasks = {names[id(m)]: (m, _new_task(GPTQ, m, qcfg)) for m in stage}
+        _run_layer(layer, inputs, stage, [task for _, task in tasks.values()])
+        for name, (module, task) in tasks.items():
+            results[name] = _finish_task(name, module, task, bits)
+            module.__dict__.pop("target_device", None)  # attribute the GPTQ task adds
+            if on_module is not None:
+                on_module(name)
+    next_inputs = [((_hidden(layer(*args, **kwargs)),) + args[1:], kwargs) for args, kwargs in inputs]
+    return results, next_inputs
+
+
+def _ids(module: nn.Module) -> set[int]:
+    return {id(m) for m in module.modules()}
+
+
+def _float32(obj):
+    """Float tensors in nested tuples/lists/dicts cast to float32 (hidden states, rotary cos/sin)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_float32(o) for o in obj)
+    if isinstance(obj, list):
+        return [_float32(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _float32(v) for k, v in obj.items()}
+    return obj
+
+
+def _check_calibration(calib_input_ids) -> None:
+    if not calib_input_ids:
+        raise ConfigError("GPTQ needs calibration samples; pass at least one token sequence "
+                          "(typically 128 sequences of 512-2048 tokens).")
 
 
 def _target_linears(model, targets, group_size):
@@ -101,9 +150,9 @@ def _target_linears(model, targets, group_size):
         raise ConfigError(f"no nn.Linear named {sorted(targets)} in the model; choose target names "
                           "that exist, such as 'q_proj' or 'down_proj'.")
     for name, module in modules:
-        if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
-            raise ModelError(f"{name} is {module.weight.dtype} on {module.weight.device}; GPTQ "
-                             "calibration runs on CPU in float32: call model.float().cpu() first.")
+        if not module.weight.is_floating_point():
+            raise ModelError(f"{name} holds {module.weight.dtype} weights; GPTQ needs a float model "
+                             "(load the base unquantized).")
         if module.in_features % group_size:
             raise ConfigError(f"group_size={group_size} does not divide {name}.in_features="
                               f"{module.in_features}; choose a divisor such as 32, 64 or 128.")
@@ -121,8 +170,13 @@ def _decoder_layers(model, modules) -> nn.ModuleList:
                      "(model.model.layers); remove targets such as lm_head from the list.")
 
 
-def _capture_layer_inputs(model, first_layer, calib_input_ids):
-    """Positional and keyword inputs of the first decoder layer, one entry per sample."""
+def capture_layer_inputs(model, first_layer, calib_input_ids):
+    """Positional and keyword inputs of the first decoder layer, one entry per sample.
+
+    Only the layers before ``first_layer`` (embeddings, rotary) need real weights: the hook
+    stops the forward before ``first_layer`` runs, so later layers may still be on ``meta``.
+    """
+    device = next(p.device for p in model.parameters() if not p.is_meta)
     captured = []
 
     def grab(_, args, kwargs):
@@ -133,7 +187,8 @@ def _capture_layer_inputs(model, first_layer, calib_input_ids):
     try:
         for ids in calib_input_ids:
             try:
-                model(input_ids=ids if ids.dim() == 2 else ids[None], use_cache=False)
+                ids = (ids if ids.dim() == 2 else ids[None]).to(device)
+                model(input_ids=ids, use_cache=False)
             except _Captured:
                 pass
     finally:

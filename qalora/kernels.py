@@ -21,9 +21,17 @@ def int4_kernel_supported(device: torch.device, bits: int, group_size: int, in_f
     if device.type == "cpu":
         return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and in_features % 2 == 0
     if device.type == "cuda":
-        # The CUDA layout tiles k by innerKTiles * 16 and n by 8.
-        return in_features % 128 == 0 and out_features % 8 == 0
+        # _weight_int4pack_mm is built for compute capability 8.0+ (Ampere) only; older GPUs
+        # take the dequantize fallback. Its layout tiles k by innerKTiles * 16 and n by 8.
+        return (cuda_capability(device) >= (8, 0) and in_features % 128 == 0
+                and out_features % 8 == 0)
     return False
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    if not torch.cuda.is_available():
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
 
 
 def kernel_codes_and_zeros(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int):

@@ -12,7 +12,8 @@ from .quant import QuantizedTensor, dequantize, unpack_codes
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls run in: the autocast dtype when autocast is on, else the input's."""
-    if torch.is_autocast_enabled(x.device.type):
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

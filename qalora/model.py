@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -40,6 +41,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def pick_device() -> torch.device:
+    """``QALORA_DEVICE`` when set (e.g. ``cuda:1``, ``cpu``), else the first GPU, else the CPU."""
+    wanted = os.environ.get("QALORA_DEVICE", "").strip()
+    if wanted:
+        device = torch.device(wanted)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"QALORA_DEVICE={wanted} but PyTorch sees no CUDA GPU; unset it to run on "
+                             "the CPU, or install a CUDA build of PyTorch.")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -60,7 +69,7 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, device: torch.devic
         elif path.exists():
             src = str(path)
         elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
-            src = name  # a Hub id
+            src = str(hub_snapshot(name))
         else:
             raise ModelError(f"model {name!r} was not found: give 'default', a local model directory, "
                              "a .gguf file, or a Hugging Face Hub id like 'org/name'.")
@@ -76,9 +85,114 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, device: torch.devic
             # A GGUF source is dequantized on load: it is a plain float model from here on.
             del config.quantization_config
             model.hf_quantizer = None
+    return model.to(device=device, dtype=dtype).eval(), _with_pad(tok)
+
+
+@dataclass
+class BaseSource:
+    """Where a base model's weights are, with its config and tokenizer (seconds to open).
+
+    ``kind``: ``tiny`` (built in memory), ``safetensors`` (a folder, streamed layer by layer),
+    ``gguf`` (a file, streamed tensor by tensor) or ``transformers`` (a folder with only
+    ``.bin`` weights, loaded whole by transformers).
+    """
+    name: str
+    kind: str
+    path: Path | None
+    config: object
+    tokenizer: object
+
+
+def open_base(name: str) -> BaseSource:
+    """Resolve ``name`` ('default', 'tiny-random', .gguf, folder or Hub id) without reading weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if name == TINY_MODEL:
+        from .tiny import tiny_random_llama
+        model, tok = tiny_random_llama()
+        return BaseSource(name, "tiny", None, model.config, _with_pad(tok))
+    path = default_gguf_path() if name == DEFAULT_MODEL else Path(os.path.expanduser(name))
+    kwargs = {}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist; check the path.")
+        src, kwargs["gguf_file"], kind = str(path.parent), path.name, "gguf"
+    elif path.exists():
+        src = str(path)
+    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        path = hub_snapshot(name)
+        src = str(path)
+    else:
+        raise ModelError(f"model {name!r} was not found: give 'default', a local model directory, "
+                         "a .gguf file, or a Hugging Face Hub id like 'org/name'.")
+    if "gguf_file" not in kwargs:
+        kind = "safetensors" if any(Path(src).glob("*.safetensors")) else "transformers"
+    check_architecture(src, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(src, **kwargs)
+        tok = AutoTokenizer.from_pretrained(src, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"could not load the tokenizer of {name!r}: {exc}. The folder needs the "
+                         "tokenizer files saved with the model.") from exc
+    if getattr(config, "quantization_config", None) is not None and kind != "gguf":
+        raise ModelError(f"{name!r} is already quantized ({config.quantization_config.get('quant_method')}); "
+                         "QA-LoRA quantizes the float base itself: give the unquantized model.")
+    if kind == "gguf" and getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # dequantized on load: a plain float model from here on
+    return BaseSource(name, kind, path, config, _with_pad(tok))
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """Download (or find in the local cache) a Hub model's config, tokenizer and safetensors."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]))
+    except Exception as exc:  # offline, unknown repo, gated repo: all say the same to the user
+        raise ModelError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: "
+                         f"{exc}). Check the id and network access (HF_ENDPOINT, HF_TOKEN for gated "
+                         "models), or download the model and give its folder.") from exc
+
+
+def _with_pad(tok):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model.to(device=device, dtype=dtype).eval(), tok
+    return tok
+
+
+def load_quantized_base(src: BaseSource, quant: QuantConfig, targets, device, dtype: torch.dtype, *,
+                        calib_ids=None, cached: dict[str, QuantizedTensor] | None = None,
+                        on_progress=None) -> tuple[nn.Module, dict[str, QuantizedTensor]]:
+    """The base with its target linears quantized (frozen ``QuantLinear``), and those weights.
+
+    Safetensors folders and GGUF files are streamed one decoder layer at a time, so the float
+    model is never whole in memory (see :mod:`qalora.loader`); the tiny test model and
+    ``.bin``-only folders are loaded whole, then quantized.
+    """
+    from . import loader
+    from .infer import QuantLinear
+
+    device = torch.device(device)
+    if src.kind in ("safetensors", "gguf"):
+        source = (loader.SafetensorsShards(src.path) if src.kind == "safetensors"
+                  else (lambda model: loader.GGUFTensors(src.path, model)))
+        return loader.stream_quantized(source, src.config, quant, targets, device, dtype, calib_ids=calib_ids,
+                                       cached=cached, on_progress=on_progress)
+    model, _ = load_base(src.name, dtype=dtype, device=device)
+    names = [n for n, _ in target_linears(model, targets)]
+    if cached and set(names) <= set(cached):
+        qweights = {n: cached[n] for n in names}
+    else:
+        qweights = quantize_model(model, quant, targets, calib_ids, on_progress=on_progress)
+    for name, qt in qweights.items():
+        qt = QuantizedTensor(qt.packed.to(device), qt.scale.to(device), qt.offset.to(device),
+                             qt.bits, qt.group_size, qt.in_features)
+        set_module(model, name, QuantLinear(qt, model.get_submodule(name).bias, use_kernel=False))
+        qweights[name] = qt
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, qweights
 
 
 def check_architecture(src: str, **kwargs) -> None:
@@ -96,8 +210,10 @@ def check_architecture(src: str, **kwargs) -> None:
 
 def target_linears(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every linear whose last name component is in ``targets``."""
+    from .infer import QuantLinear
+
     found = [(n, m) for n, m in model.named_modules()
-             if n.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, QALoRALinear))]
+             if n.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, QALoRALinear, QuantLinear))]
     if not found:
         raise ModelError(f"no linear layers named {list(targets)} in this model; it is not LLaMA-family "
                          "or the target names are wrong.")
@@ -146,7 +262,7 @@ def inject_qalora(model: nn.Module, qweights: dict[str, QuantizedTensor], adapte
         p.requires_grad_(False)
     for name, qt in qweights.items():
         old = model.get_submodule(name)
-        device = old.weight.device
+        device = old.weight.device if isinstance(old, nn.Linear) else old.packed.device
         qt = QuantizedTensor(qt.packed.to(device), qt.scale.to(device), qt.offset.to(device),
                              qt.bits, qt.group_size, qt.in_features)
         set_module(model, name, layer_cls(qt, old.bias, adapter.rank, adapter.alpha, adapter.dropout))

@@ -4,28 +4,29 @@ The CLI and the job worker both call :func:`finetune`; it knows nothing of eithe
 """
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import os
-import resource
+import logging
 import time
 from pathlib import Path
 
 import torch
 
 from . import data as data_mod
+from . import memory
 from .config import AdapterConfig, QuantConfig, TrainConfig
 from .eval import batches, eval_loss
-from .merge import max_logit_diff, merge_adapters, merge_and_requantize
-from .model import (count_adapter_params, inject_qalora, load_base, pick_device, quantize_model,
+from .merge import merge_adapters, merge_and_requantize
+from .model import (BaseSource, count_adapter_params, inject_qalora, load_quantized_base, open_base, pick_device,
                     resolve_dtype)
 from .quant import QuantizedTensor
 from .train import latest_checkpoint, train
 
-STAGES = ("load", "quantize", "data", "train", "merge", "verify", "save", "evaluate", "done")
-BASE_CACHE = "quantized_base.pt"
-MERGE_CHECK_BATCHES = 4
+STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "evaluate", "done")
+BASE_CACHE = "quantized_base.safetensors"
+# The merge check compares logits on this many real tokens of the eval set: the adapter model's
+# logits are kept while the model is merged in place, so the budget bounds that memory.
+MERGE_CHECK_TOKENS = 1024
 
 
 class TrainingStopped(Exception):
@@ -33,7 +34,7 @@ class TrainingStopped(Exception):
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return memory.peak_rss_mb()
 
 
 def calibration_ids(examples, n: int = 32) -> list[torch.Tensor]:
@@ -41,27 +42,75 @@ def calibration_ids(examples, n: int = 32) -> list[torch.Tensor]:
     return [torch.tensor(ex["input_ids"]).unsqueeze(0) for ex in examples[:n]]
 
 
-def _quantize_or_reuse(model, quant: QuantConfig, adapter: AdapterConfig, train_examples, out: Path, resume: bool,
-                       log) -> dict[str, QuantizedTensor]:
-    """Quantize the base, or reload the codes a previous attempt wrote (GPTQ is slow to redo)."""
+def save_base_cache(path: Path, quant: QuantConfig, qweights: dict[str, QuantizedTensor]) -> None:
+    """The quantized weights as safetensors (data, not a pickle), written atomically."""
+
+    from safetensors.torch import save_file
+
+    tensors, shapes = {}, {}
+    for name, qt in qweights.items():
+        for part in ("packed", "scale", "offset"):
+            tensors[f"{name}.{part}"] = getattr(qt, part).detach().contiguous().cpu()
+        shapes[name] = [qt.bits, qt.group_size, qt.in_features]
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"quant": json.dumps(quant.to_dict()), "layers": json.dumps(shapes)})
+    os.replace(tmp, path)
+
+
+def load_base_cache(path: Path, quant: QuantConfig) -> dict[str, QuantizedTensor] | None:
+    """The cache written by :func:`save_base_cache`, or None if absent or for other settings."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if json.loads(meta.get("quant", "null")) != quant.to_dict():
+            return None
+        return {name: QuantizedTensor(f.get_tensor(f"{name}.packed"), f.get_tensor(f"{name}.scale"),
+                                      f.get_tensor(f"{name}.offset"), bits, gs, in_f)
+                for name, (bits, gs, in_f) in json.loads(meta["layers"]).items()}
+
+
+def _quantized_base(src: BaseSource, quant: QuantConfig, adapter: AdapterConfig, train_examples, out: Path,
+                    resume: bool, device, dtype, log, on_progress=None):
+    """Stream-load and quantize the base, reusing the codes a previous attempt cached (GPTQ is slow)."""
     cache = out / BASE_CACHE
-    if resume and cache.is_file():
-        saved = torch.load(cache, map_location="cpu", weights_only=False)
-        if saved["quant"] == quant.to_dict():
-            log.info("reusing quantized base from %s", cache.name)
-            return {n: QuantizedTensor(**t) for n, t in saved["layers"].items()}
-    calib = calibration_ids(train_examples) if quant.method == "gptq" else None
+    cached = load_base_cache(cache, quant) if resume else None
+    if cached:
+        log.info("reusing quantized base from %s", cache.name)
+    calib = calibration_ids(train_examples) if quant.method == "gptq" and not cached else None
     from tqdm.auto import tqdm
-    with tqdm(desc=f"quantize ({quant.method}, {quant.bits}-bit)", unit="layer", leave=False, disable=None) as bar:
+    with tqdm(desc=f"load + quantize ({quant.method}, {quant.bits}-bit)", unit="layer", leave=False,
+              disable=None) as bar:
         def progress(i, n):
             bar.total = n
             bar.n = i
             bar.refresh()
-        qweights = quantize_model(model, quant, adapter.targets, calib, on_progress=progress)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"quant": quant.to_dict(), "layers": {n: vars(q) for n, q in qweights.items()}}, tmp)
-    os.replace(tmp, cache)
-    return qweights
+            if on_progress:
+                on_progress(i, n)
+        model, qweights = load_quantized_base(src, quant, adapter.targets, device, dtype, calib_ids=calib,
+                                              cached=cached, on_progress=progress)
+    if not cached:
+        save_base_cache(cache, quant, qweights)
+    return model, qweights
+
+
+def check_batches(examples, batch_size: int, pad_id: int, device, budget: int = MERGE_CHECK_TOKENS) -> list[dict]:
+    """Eval batches for the merge check, up to ``budget`` real tokens, on ``device``."""
+    out, tokens = [], 0
+    for batch in batches(examples, batch_size, pad_id):
+        out.append({k: v.to(device) for k, v in batch.items()})
+        tokens += int(batch["attention_mask"].sum())
+        if tokens >= budget:
+            break
+    return out
+
+
+@torch.no_grad()
+def _masked_logits(model, check: list[dict]) -> list[torch.Tensor]:
+    return [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            [b["attention_mask"].bool()] for b in check]
 
 
 def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: AdapterConfig, train_cfg: TrainConfig, *,
@@ -79,12 +128,14 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    memory.reset_peak()  # this run's peak, not the worker process's lifetime maximum
     device = pick_device()
     torch_dtype = resolve_dtype(train_cfg.dtype, device)
 
     stage("load")
     records = data_mod.load_records(data)  # read the data first: a bad file fails in seconds
-    model, tokenizer = load_base(base, dtype=torch_dtype, device=device)
+    src = open_base(base)  # config and tokenizer only; the weights stream in at "quantize"
+    tokenizer = src.tokenizer
     stage("data")
     train_records, eval_records = data_mod.split_records(records, train_cfg.eval_fraction, train_cfg.seed)
     train_examples = data_mod.tokenize_records(train_records, tokenizer, train_cfg.seq_len)
@@ -92,8 +143,11 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     log.info("data: %d train / %d eval examples", len(train_examples), len(eval_examples))
 
     stage("quantize")
-    qweights = _quantize_or_reuse(model, quant, adapter, train_examples, out, resume, log)
+    model, qweights = _quantized_base(src, quant, adapter, train_examples, out, resume, device, torch_dtype, log)
+    # The adapter's initial values come from the global RNG: seed it so the job's seed decides them.
+    torch.manual_seed(train_cfg.seed)
     inject_qalora(model, qweights, adapter)
+    del qweights
     pad_id = tokenizer.pad_token_id
     ev = dict(batch_size=train_cfg.batch_size, pad_id=pad_id, max_batches=train_cfg.eval_batches)
     eval_base = eval_loss(model, eval_examples, **ev)
@@ -106,17 +160,23 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     if result.stopped:
         raise TrainingStopped(f"stopped after step {result.step}")
     eval_adapter = eval_loss(model, eval_examples, **ev)
+    adapter_params = count_adapter_params(model)
+    save_adapter(model, out / "adapter", base=base, quant=quant, adapter=adapter)
 
     stage("merge")
+    # No copy of the model: keep the adapter model's logits on the check tokens, merge in place,
+    # then compare.
+    check = check_batches(eval_examples, train_cfg.batch_size, pad_id, device)
+    reference = _masked_logits(model, check)
     if adapter.method == "qlora-ptq":
         calib = calibration_ids(train_examples) if quant.method == "gptq" else None
-        merged = merge_and_requantize(copy.deepcopy(model), quant, calib, use_kernel=False)
+        merge_and_requantize(model, quant, calib, use_kernel=False)
     else:
-        merged = merge_adapters(copy.deepcopy(model), use_kernel=False)
+        merge_adapters(model, use_kernel=False)
+    merged = model
     stage("verify")
-    check = list(batches(eval_examples, train_cfg.batch_size, pad_id, MERGE_CHECK_BATCHES))
-    check = [{k: v.to(device) for k, v in b.items()} for b in check]
-    diff = max_logit_diff(model, merged, check)
+    diff = max((ref - got).abs().max().item() for ref, got in zip(reference, _masked_logits(merged, check)))
+    del reference
     eval_merged = eval_loss(merged, eval_examples, **ev)
     log.info("merge check: max |logit diff| %.3g, eval loss adapter %.4f merged %.4f", diff, eval_adapter,
              eval_merged)
@@ -127,7 +187,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
         "quant_method": quant.method, "method": adapter.method, "rank": adapter.rank, "alpha": adapter.alpha,
         "steps": result.step,
         "resumed_from_step": result.resumed_from if resumed else 0,
-        "adapter_params": count_adapter_params(model),
+        "adapter_params": adapter_params,
         "train_examples": len(train_examples), "eval_examples": len(eval_examples),
         "train_loss_first": result.losses[0] if result.losses else None,
         "train_loss_last": result.losses[-1] if result.losses else None,
@@ -140,11 +200,13 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     merged_cfg = {"method": quant.method, "adapter_method": adapter.method, "base": base,
                   "merge_max_abs_logit_diff": diff}
     save_quantized(merged, tokenizer, out / "merged", extra_config=merged_cfg)
-    save_adapter(model, out / "adapter", base=base, quant=quant, adapter=adapter)
 
     stage("evaluate")
-    report["peak_rss_mb"] = peak_rss_mb()
+    report["peak_rss_mb"] = memory.peak_rss_mb()
+    report["peak_gpu_mb"] = memory.peak_gpu_mb()
     report["wall_s"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    # The run succeeded: the quantized-base cache only served resumes, and it is as big as the model.
+    (out / BASE_CACHE).unlink(missing_ok=True)
     stage("done")
     return report

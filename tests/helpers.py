@@ -1,4 +1,10 @@
-"""Shared builders for tests: a tiny quantized QA-LoRA model with a non-zero adapter."""
+"""Shared builders for tests: a tiny quantized QA-LoRA model with a non-zero adapter.
+
+Everything is built on ``DEVICE`` (``QALORA_TEST_DEVICE``, default cpu), so the same tests run
+on a GPU unchanged.
+"""
+import os
+
 import torch
 
 from qalora.config import AdapterConfig, QuantConfig
@@ -7,10 +13,12 @@ from qalora.tiny import tiny_random_llama
 
 RANK = 4
 GROUP = 32
+DEVICE = torch.device(os.environ.get("QALORA_TEST_DEVICE", "cpu"))
 
 
-def tiny_qalora(bits=4, group_size=GROUP, rank=RANK, dropout=0.0, seed=0, randomize_b=True):
+def tiny_qalora(bits=4, group_size=GROUP, rank=RANK, dropout=0.0, seed=0, randomize_b=True, device=DEVICE):
     model, tok = tiny_random_llama(seed)
+    model.to(device)
     adapter = AdapterConfig(rank=rank, alpha=2 * rank, dropout=dropout)
     inject_qalora(model, quantize_model(model, QuantConfig(bits, group_size), adapter.targets), adapter)
     if randomize_b:
@@ -22,6 +30,6 @@ def tiny_qalora(bits=4, group_size=GROUP, rank=RANK, dropout=0.0, seed=0, random
     return model.eval(), tok
 
 
-def token_batch(n=2, t=24, vocab=250, seed=0):
+def token_batch(n=2, t=24, vocab=250, seed=0, device=DEVICE):
     ids = torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}

@@ -1,0 +1,52 @@
+"""Peak memory of one piece of work, not of the process's whole life.
+
+``getrusage``'s ``ru_maxrss`` never goes down, so a worker that ran a big job reports that peak
+for every later job. Linux lets a process reset its own high-water mark (``VmHWM``) by writing
+``5`` to ``/proc/self/clear_refs``; CUDA's allocator keeps its own resettable peak.
+"""
+from __future__ import annotations
+
+import resource
+
+import torch
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> bool:
+    """Start a new peak for RSS (where Linux allows it) and for CUDA; returns whether RSS reset."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last :func:`reset_peak` (process lifetime where unsupported)."""
+    kb = _status_kb("VmHWM")
+    return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def rss_mb() -> float:
+    kb = _status_kb("VmRSS")
+    return (kb or 0) / 1024
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak CUDA memory allocated by PyTorch since the last reset; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2 ** 20
