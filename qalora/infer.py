@@ -74,9 +74,9 @@ class QuantLinear(nn.Module):
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast every float tensor except the quantized layers' (their scales and offsets stay fp32)."""
-    from .layer import QALoRALinear
+    from .layer import LowRankOnQuantized
 
-    skip = {id(t) for m in model.modules() if isinstance(m, (QuantLinear, QALoRALinear))
+    skip = {id(t) for m in model.modules() if isinstance(m, (QuantLinear, LowRankOnQuantized))
             for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
     with torch.no_grad():
         for m in model.modules():
@@ -99,9 +99,15 @@ def chat_input_ids(tokenizer, messages: list[dict], device=None) -> torch.Tensor
     return ids if device is None else ids.to(device)
 
 
-def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
-    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
+def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float, model=None) -> dict:
+    """``generate`` arguments that stop on every end id: the tokenizer's eos and each of the
+    model's ``generation_config.eos_token_id`` (Llama-3 instruct lists ``<|end_of_text|>`` and
+    ``<|eot_id|>``; passing one id would override that list)."""
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config_eos = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
+    eos = list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *config_eos] if i is not None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos or None)
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
@@ -116,7 +122,7 @@ def stream_chat(model, tokenizer, messages: list[dict], max_new_tokens: int = 12
 
     ids = chat_input_ids(tokenizer, messages, next(model.parameters()).device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
+    kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p, model=model)
     errors: list[BaseException] = []
 
     def _run():

@@ -42,17 +42,14 @@ class _PackedLinearFn(torch.autograd.Function):
         return grad_out @ w, None, None, None, None, None, None
 
 
-class QALoRALinear(nn.Module):
-    """Frozen group-wise quantized linear with a QA-LoRA adapter.
+class LowRankOnQuantized(nn.Module):
+    """What both adapter layers share: a frozen packed low-bit base plus ``s * B(A(dropout(pool(x))))``.
 
-    ``y = x W_q^T + b + s * B(A(dropout(pool(x))))`` where ``pool`` sums ``x`` within each
-    quantization group: ``(..., in) -> (..., in // group_size)``. ``lora_A`` has shape
-    ``(r, in // group_size)`` and ``lora_B`` ``(out, r)``; ``B`` starts at zero so the
-    untrained layer equals the quantized base exactly.
+    The two siblings differ only in what ``lora_A`` sees (``pool``) and hence its width.
     """
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, rank: int, alpha: float,
-                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32):
+                 dropout: float, adapter_dtype: torch.dtype, a_width: int):
         super().__init__()
         self.in_features, self.out_features = qt.in_features, qt.out_features
         self.bits, self.group_size, self.rank = qt.bits, qt.group_size, rank
@@ -61,9 +58,8 @@ class QALoRALinear(nn.Module):
         self.register_buffer("scale", qt.scale)
         self.register_buffer("offset", qt.offset)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        groups = self.in_features // self.group_size
         device = qt.packed.device
-        self.lora_A = nn.Parameter(torch.empty(rank, groups, dtype=adapter_dtype, device=device))
+        self.lora_A = nn.Parameter(torch.empty(rank, a_width, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=adapter_dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -72,12 +68,7 @@ class QALoRALinear(nn.Module):
         return QuantizedTensor(self.packed, self.scale, self.offset, self.bits, self.group_size, self.in_features)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum within groups, in fp32: ``(..., in) -> (..., in // group_size)``."""
-        return x.float().unflatten(-1, (-1, self.group_size)).sum(-1)
-
-    def delta_offset(self) -> torch.Tensor:
-        """What the adapter adds to every weight of a group: ``s * B @ A``, ``(out, groups)``."""
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
@@ -93,25 +84,42 @@ class QALoRALinear(nn.Module):
                 f"group_size={self.group_size}, rank={self.rank}")
 
 
-class LoRALinear(QALoRALinear):
+class QALoRALinear(LowRankOnQuantized):
+    """Frozen group-wise quantized linear with a QA-LoRA adapter.
+
+    ``y = x W_q^T + b + s * B(A(dropout(pool(x))))`` where ``pool`` sums ``x`` within each
+    quantization group: ``(..., in) -> (..., in // group_size)``. ``lora_A`` has shape
+    ``(r, in // group_size)`` and ``lora_B`` ``(out, r)``; ``B`` starts at zero so the
+    untrained layer equals the quantized base exactly.
+    """
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, rank: int, alpha: float,
+                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32):
+        super().__init__(qt, bias, rank, alpha, dropout, adapter_dtype, qt.in_features // qt.group_size)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum within groups, in fp32: ``(..., in) -> (..., in // group_size)``."""
+        return x.float().unflatten(-1, (-1, self.group_size)).sum(-1)
+
+    def delta_offset(self) -> torch.Tensor:
+        """What the adapter adds to every weight of a group: ``s * B @ A``, ``(out, groups)``."""
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+
+class LoRALinear(LowRankOnQuantized):
     """The baseline QA-LoRA is compared with (QLoRA-style): a full-width ``lora_A`` ``(r, in)``
     on the same frozen quantized base. Its update ``s * B @ A`` varies within a group, so it
     cannot be folded into the offsets: merging needs a 16-bit weight and a second quantization
-    (see ``merge.merge_and_requantize``).
+    (see ``merge.merge_and_requantize``). A sibling of :class:`QALoRALinear`, not a subclass, so
+    no ``isinstance`` check mistakes one for the other.
     """
 
-    def __init__(self, qt: QuantizedTensor, bias, rank: int, alpha: float, dropout: float = 0.0,
-                 adapter_dtype: torch.dtype = torch.float32):
-        super().__init__(qt, bias, rank, alpha, dropout, adapter_dtype)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=adapter_dtype,
-                                               device=qt.packed.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, rank: int, alpha: float,
+                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32):
+        super().__init__(qt, bias, rank, alpha, dropout, adapter_dtype, qt.in_features)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.float()
-
-    def delta_offset(self) -> torch.Tensor:
-        raise TypeError("a full-width LoRA update varies within groups and cannot be merged into offsets")
 
     def dense_weight(self) -> torch.Tensor:
         """The 16-bit merged weight ``dequant(W_q) + s * B @ A``, ``(out, in)`` fp32."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import AdapterConfig, QuantConfig
 from .errors import ModelError
-from .layer import LoRALinear, QALoRALinear
+from .layer import LoRALinear, LowRankOnQuantized, QALoRALinear
 from .quant import QuantizedTensor, check_group_size, quantize_tensor, valid_group_sizes
 
 DEFAULT_MODEL = "default"
@@ -213,7 +213,7 @@ def target_linears(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
     from .infer import QuantLinear
 
     found = [(n, m) for n, m in model.named_modules()
-             if n.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, QALoRALinear, QuantLinear))]
+             if n.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, LowRankOnQuantized, QuantLinear))]
     if not found:
         raise ModelError(f"no linear layers named {list(targets)} in this model; it is not LLaMA-family "
                          "or the target names are wrong.")

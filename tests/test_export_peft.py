@@ -13,7 +13,7 @@ from qalora.errors import ModelError
 from qalora.export.adapter import save_adapter
 from qalora.export.native import save_quantized
 from qalora.export.peft import expand_lora_A, export_dequantized_base, export_peft_adapter
-from qalora.layer import QALoRALinear
+from qalora.layer import LowRankOnQuantized, QALoRALinear
 from qalora.merge import merge_adapters
 from qalora.model import set_module
 
@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
 def _dequantized_base(model):
     base = copy.deepcopy(model)
     for name, m in list(base.named_modules()):
-        if isinstance(m, QALoRALinear):
+        if isinstance(m, LowRankOnQuantized):
             linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
             linear.weight.data = m.quantized().dequantize()
             set_module(base, name, linear)
@@ -118,3 +118,33 @@ def test_bad_sources_say_what_to_pass(trained, tmp_path):
         export_peft_adapter(peft_dir, tmp_path / "out")
     with pytest.raises(ModelError, match="no QA-LoRA layers"):
         export_peft_adapter(_dequantized_base(model), tmp_path / "out")
+
+
+def test_baseline_adapter_exports_as_plain_lora_and_refuses_base_recovery(tmp_path):
+    """The LoRA+PTQ baseline's full-width lora_A is not expanded; PEFT reproduces its model."""
+    from peft import PeftModel
+
+    from qalora.layer import LoRALinear
+    from qalora.model import inject_qalora, quantize_model
+    from qalora.tiny import tiny_random_llama
+
+    model, _ = tiny_random_llama()
+    settings = AdapterConfig(rank=RANK, alpha=2 * RANK, dropout=0.0, method="qlora-ptq")
+    inject_qalora(model, quantize_model(model, QuantConfig(BITS, GROUP), settings.targets), settings)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 14 and not any(isinstance(m, QALoRALinear) for m in model.modules())
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B.normal_(std=0.05)
+        expected = model(**token_batch()).logits
+    adapter_dir = save_adapter(model, tmp_path / "adapter", base="tiny-random", quant=QuantConfig(BITS, GROUP),
+                               adapter=settings)
+    out = export_peft_adapter(adapter_dir, tmp_path / "peft")
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+    assert torch.equal(tensors[key], model.model.layers[0].mlp.down_proj.lora_A.detach())  # (r, in) as is
+    peft_model = PeftModel.from_pretrained(_dequantized_base(model), str(out)).eval()
+    with torch.no_grad():
+        assert (peft_model(**token_batch()).logits - expected).abs().max().item() < TOL
+    with pytest.raises(ModelError, match="re-quantized"):
+        export_dequantized_base(tmp_path / "merged", adapter_dir, tmp_path / "base")

@@ -1,7 +1,9 @@
 import json
 import os
+import resource
 
 import pytest
+import torch
 
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
 from qalora.pipeline import BASE_CACHE, TrainingStopped, finetune
@@ -20,6 +22,39 @@ def test_gptq_pipeline_merges_exactly(tmp_path):
     assert report["quant_method"] == "gptq" and report["bits"] == 3
     assert report["merge_max_abs_logit_diff"] <= 1e-4
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]["method"] == "gptq"
+    # A finished run no longer needs the quantized-base cache kept for resumes (as big as the model).
+    assert not (tmp_path / BASE_CACHE).exists()
+
+
+def test_seed_decides_the_adapter_even_after_other_runs_in_the_process(tmp_path):
+    """Two identical jobs in one worker process give identical adapters: the seed is applied
+    before the adapter is initialised, not after (the global RNG has moved on between jobs)."""
+    from safetensors.torch import load_file
+
+    from qalora.tiny import tiny_random_llama
+
+    model, tok = tiny_random_llama()
+    model.save_pretrained(tmp_path / "base", max_shard_size="200KB")  # the streamed (safetensors) path
+    tok.save_pretrained(tmp_path / "base")
+    args = (str(tmp_path / "base"), "builtin:default")
+    kw = dict(quant=QuantConfig(4, 32), adapter=AdapterConfig(rank=4), train_cfg=tcfg(steps=1, eval_every=1))
+    first = finetune(*args, tmp_path / "a", **kw)
+    torch.rand(1000)  # whatever else the process did in between
+    second = finetune(*args, tmp_path / "b", **kw)
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first["train_losses"] == second["train_losses"]
+    assert first["merge_max_abs_logit_diff"] <= 1e-4
+
+
+def test_peak_rss_is_the_runs_own_not_the_process_lifetime(tmp_path):
+    big = torch.ones(384 * 2 ** 20)  # 1.5 GiB, written, so resident
+    big += 1
+    del big
+    lifetime_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = finetune("tiny-random", "builtin:default", tmp_path, QuantConfig(4, 32), AdapterConfig(rank=4),
+                      tcfg(steps=1))
+    assert 0 < report["peak_rss_mb"] < lifetime_mb - 1000, (report["peak_rss_mb"], lifetime_mb)
 
 
 def test_stop_then_resume_reuses_base_and_continues(tmp_path):

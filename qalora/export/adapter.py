@@ -1,4 +1,8 @@
-"""The trained adapter on its own: lora_A/lora_B tensors plus the settings needed to re-apply them."""
+"""The trained adapter on its own: lora_A/lora_B tensors plus the settings needed to re-apply them.
+
+``method`` says which layer wrote it: ``qalora`` (``lora_A`` is ``(r, in // group_size)`` and sees
+group sums) or ``qlora-ptq``, the baseline (``lora_A`` is ``(r, in)``, a plain LoRA).
+"""
 from __future__ import annotations
 
 import json
@@ -7,7 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from ..config import AdapterConfig, QuantConfig
-from ..layer import QALoRALinear
+from ..layer import LowRankOnQuantized
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -20,19 +24,20 @@ def save_adapter(model: nn.Module, out_dir, base: str, quant: QuantConfig, adapt
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, m in model.named_modules():
-        if isinstance(m, QALoRALinear):
+        if isinstance(m, LowRankOnQuantized):
             tensors[f"{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
             tensors[f"{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
     save_file(tensors, out / WEIGHTS)
     config = {"adapter_type": "qalora", "base_model": base, "quantization": quant.to_dict(),
               "r": adapter.rank, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
-              "target_modules": list(adapter.targets), "group_size": quant.group_size}
+              "target_modules": list(adapter.targets), "group_size": quant.group_size,
+              "method": adapter.method}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return out
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir) -> int:
-    """Copy saved lora_A/lora_B into the model's ``QALoRALinear`` layers; returns how many layers."""
+    """Copy saved lora_A/lora_B into the model's adapter layers; returns how many layers."""
     import torch
     from safetensors.torch import load_file
 
@@ -40,7 +45,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir) -> int:
     count = 0
     with torch.no_grad():
         for name, m in model.named_modules():
-            if isinstance(m, QALoRALinear):
+            if isinstance(m, LowRankOnQuantized):
                 m.lora_A.copy_(state[f"{name}.lora_A.weight"])
                 m.lora_B.copy_(state[f"{name}.lora_B.weight"])
                 count += 1

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..layer import QALoRALinear
+from ..layer import LoRALinear, LowRankOnQuantized
 from ..quant import dequantize, unpack_codes
 from .adapter import CONFIG, WEIGHTS
 from .native import WEIGHTS as NATIVE_WEIGHTS
@@ -59,7 +59,9 @@ def export_peft_adapter(source, out_dir, base_model_name_or_path: str | None = N
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, (lora_A, lora_B) in layers.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = expand_lora_A(lora_A, settings["group_size"]).contiguous()
+        # The baseline (qlora-ptq) already has a full-width lora_A: it is a plain LoRA as it is.
+        repeat = settings["group_size"] if settings["method"] == "qalora" else 1
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = expand_lora_A(lora_A, repeat).contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_B.contiguous()
     save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
     config = {
@@ -70,12 +72,12 @@ def export_peft_adapter(source, out_dir, base_model_name_or_path: str | None = N
         "inference_mode": True, "modules_to_save": None,
     }
     (out / CONFIG).write_text(json.dumps(config, indent=2))
-    (out / README).write_text(_readme(config, settings["group_size"]))
+    (out / README).write_text(_readme(config, settings["group_size"], settings["method"]))
     return out
 
 
 def _from_model(model: nn.Module):
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QALoRALinear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowRankOnQuantized)}
     if not layers:
         raise ModelError("this model has no QA-LoRA layers; pass the trained model before merging, "
                          "or the job's 'adapter' folder.")
@@ -84,9 +86,11 @@ def _from_model(model: nn.Module):
     if len(ranks) > 1:
         raise ModelError(f"the QA-LoRA layers have different ranks {sorted(ranks)}; one adapter "
                          "config can hold only one rank.")
+    if len({type(m) for m in layers.values()}) > 1:
+        raise ModelError("the model mixes QA-LoRA and plain LoRA layers; one adapter holds one kind.")
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     settings = {"r": first.rank, "lora_alpha": first.scaling * first.rank, "lora_dropout": dropout,
-                "group_size": first.group_size}
+                "group_size": first.group_size, "method": "qlora-ptq" if isinstance(first, LoRALinear) else "qalora"}
     return {n: (m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu())
             for n, m in layers.items()}, settings
 
@@ -107,7 +111,7 @@ def _from_dir(adapter_dir: Path):
     layers = {n: (state[f"{n}.lora_A.weight"].float(), state[f"{n}.lora_B.weight"].float()) for n in names}
     settings = {"r": config["r"], "lora_alpha": config["lora_alpha"],
                 "lora_dropout": config.get("lora_dropout", 0.0), "group_size": config["group_size"],
-                "base": config.get("base_model")}
+                "base": config.get("base_model"), "method": config.get("method", "qalora")}
     return layers, settings
 
 
@@ -121,8 +125,12 @@ def export_dequantized_base(merged_dir, adapter_dir, out_dir, dtype: torch.dtype
     from safetensors.torch import load_file, save_file
 
     merged_dir, out = Path(merged_dir), Path(out_dir)
-    qc = read_quant_config(merged_dir)
     layers, settings = _from_dir(Path(adapter_dir))
+    if settings["method"] != "qalora":
+        raise ModelError(f"{adapter_dir} is a {settings['method']} (baseline) adapter: its merged model was "
+                         "re-quantized after a 16-bit merge, so the base it was trained on cannot be recovered "
+                         "from it. Export the PEFT adapter alone and apply it to the original float base.")
+    qc = read_quant_config(merged_dir)
     mismatch = sorted(set(qc["modules"]) ^ set(layers))
     if mismatch:
         raise ModelError(f"the adapter in {adapter_dir} and the model in {merged_dir} cover different "
@@ -149,8 +157,24 @@ def export_dequantized_base(merged_dir, adapter_dir, out_dir, dtype: torch.dtype
     return out
 
 
-def _readme(config: dict, group_size: int) -> str:
+def _readme(config: dict, group_size: int, method: str = "qalora") -> str:
     base = config["base_model_name_or_path"] or "<the dequantized base folder>"
+    if method != "qalora":
+        return f"""# LoRA adapter (QA-LoRA Studio's LoRA+PTQ baseline) in PEFT format
+
+Rank {config['r']}, alpha {config['lora_alpha']}, target modules {', '.join(config['target_modules'])}.
+A plain full-width LoRA trained on the {group_size}-group quantized base (QLoRA-style): PEFT loads it
+as is. It reproduces the trained model on the dequantized quantized base, and gives a close but
+different model on the original float base:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(base, "path/to/this/folder")
+```
+"""
     return f"""# QA-LoRA adapter in PEFT LoRA format
 
 Rank {config['r']}, alpha {config['lora_alpha']}, target modules {', '.join(config['target_modules'])}.
