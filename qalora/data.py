@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -279,8 +280,11 @@ def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
 def tokenize_records(records: list[dict], tokenizer, seq_len: int) -> list[dict]:
     """Token ids and labels (-100 except reply tokens), truncated to ``seq_len`` tokens.
 
-    Labels are aligned with ``input_ids`` (the model shifts them). Examples with no
-    supervised token left after truncation are dropped.
+    The rendered text is encoded once, so ``input_ids`` are exactly the ids of the whole
+    conversation (``apply_chat_template(..., tokenize=True)``) that inference continues from;
+    see :func:`_encode_labelled` for which tokens are supervised. Labels are aligned with
+    ``input_ids`` (the model shifts them). Examples with no supervised token left after
+    truncation are dropped.
     """
     if seq_len < 2:
         raise ConfigError(f"seq_len={seq_len} is too short; use at least 8 tokens (typical: 256-2048).")
@@ -288,11 +292,7 @@ def tokenize_records(records: list[dict], tokenizer, seq_len: int) -> list[dict]
         raise DataError("no records to tokenize; the dataset is empty.")
     bos, out = _leading_special_ids(tokenizer), []
     for record in records:
-        ids, labels = [], []
-        for piece, supervised in render_segments(record, tokenizer):
-            tokens = _encode(tokenizer, piece)
-            ids += tokens
-            labels += tokens if supervised else [IGNORE] * len(tokens)
+        ids, labels = _encode_labelled(tokenizer, render_segments(record, tokenizer))
         if ids[:len(bos)] != bos:
             ids, labels = bos + ids, [IGNORE] * len(bos) + labels
         ids, labels = ids[:seq_len], labels[:seq_len]
@@ -367,6 +367,38 @@ def _plain_segments(messages: list[dict], eos: str) -> list[tuple[str, bool]]:
 def _encode(tokenizer, text: str) -> list[int]:
     # Special tokens written in the text (template markers) are kept; none are added.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode_labelled(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` of the segments' joined text, encoded in one call.
+
+    Segment by segment, tokenizers that prepend '▁' to each call (SentencePiece) or merge
+    across a boundary would give other ids than the conversation seen at inference. A token
+    is supervised when its characters overlap a supervised segment, so a token that joins
+    a space and the reply's first word (SentencePiece's '▁Blue') is learned whichever side
+    of the boundary the template puts the space; template markers and the whitespace after
+    an end-of-turn token touch no supervised character. Tokenizers without character offsets
+    (slow, pure Python) are encoded segment by segment.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        return _encode_piecewise(tokenizer, segments)
+    text = "".join(piece for piece, _ in segments)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # supervised_before[i]: how many supervised characters precede position i of ``text``.
+    supervised_before = [0, *accumulate(int(sup) for piece, sup in segments for _ in piece)]
+    ids = list(enc["input_ids"])
+    labels = [i if supervised_before[end] > supervised_before[start] else IGNORE
+              for i, (start, end) in zip(ids, enc["offset_mapping"])]
+    return ids, labels
+
+
+def _encode_piecewise(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    ids, labels = [], []
+    for piece, supervised in segments:
+        tokens = _encode(tokenizer, piece)
+        ids += tokens
+        labels += tokens if supervised else [IGNORE] * len(tokens)
+    return ids, labels
 
 
 def _leading_special_ids(tokenizer) -> list[int]:

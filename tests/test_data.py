@@ -8,7 +8,7 @@ import torch
 from qalora import data
 from qalora.builtin_data import DEFAULT_SIZE, check_reply, contact_records, heldout_records
 from qalora.errors import ConfigError, DataError
-from qalora.tiny import byte_tokenizer
+from qalora.tiny import byte_tokenizer, llama2_tokenizer
 
 SEQ_LEN = 256
 ROWS = {  # format -> (two raw rows, their normalized records)
@@ -216,6 +216,39 @@ def test_templates_that_cannot_be_masked_raise_data_errors():
     tok.chat_template = "{{ messages | length }}" + byte_tokenizer().chat_template  # prefix changes
     with pytest.raises(DataError, match="renders earlier turns differently"):
         data.tokenize_records(ROWS["chat"][1][:1], tok, SEQ_LEN)
+
+
+def test_a_token_joining_the_prompt_space_and_the_reply_is_supervised():
+    # The generation prompt ends with a space; SentencePiece folds it into the reply's first
+    # piece ('▁Blue'), which must be learned, while the 'A:' marker must not.
+    tok = llama2_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\nA: "
+                         "{% else %}{{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}")
+    record = {"messages": [{"role": "user", "content": "Colour of the sky?"},
+                           {"role": "assistant", "content": "Blue"}]}
+    (ex,) = data.tokenize_records([record], tok, SEQ_LEN)
+    pieces = tok.convert_ids_to_tokens(ex["input_ids"])
+    assert pieces[-5:] == ["A", ":", "▁Blue", "</s>", "<0x0A>"]
+    assert [p for p, lab in zip(pieces, ex["labels"]) if lab != data.IGNORE] == ["▁Blue", "</s>"]
+
+
+def test_tokenizers_without_offsets_are_encoded_segment_by_segment():
+    class Slow:  # a pure-Python tokenizer: no character offsets
+        is_fast = False
+
+        def __init__(self, tok):
+            self._tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def __call__(self, text, **kwargs):
+            assert "return_offsets_mapping" not in kwargs
+            return self._tok(text, **kwargs)
+
+    tok = byte_tokenizer()  # one token per byte: piecewise and whole encodings agree
+    records = [MULTI_TURN, ROWS["chat"][1][0]]
+    assert data.tokenize_records(records, Slow(tok), SEQ_LEN) == data.tokenize_records(records, tok, SEQ_LEN)
 
 
 def test_text_records_supervise_every_token(plain_tok):

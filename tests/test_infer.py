@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qalora import kernels
-from qalora.infer import QuantLinear, chat, stream_chat
+from qalora.infer import QuantLinear, _generation_kwargs, chat, stream_chat
 from qalora.quant import quantize_tensor
 
 OUT, IN = 64, 256
@@ -65,3 +65,18 @@ def test_streaming_chat_grows_and_matches_non_streaming():
     assert all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
     assert pieces[-1] == chat(model, tok, msgs, max_new_tokens=12)
     assert kernels.KERNEL_GROUP_SIZES == (32, 64, 128, 256)
+
+
+def test_generation_stops_on_the_tokenizer_eos_and_every_config_eos():
+    from types import SimpleNamespace
+    from qalora.tiny import llama3_tokenizer
+    tok = llama3_tokenizer()  # eos <|eot_id|>, no pad token
+    eot, end = tok.eos_token_id, tok.convert_tokens_to_ids("<|end_of_text|>")
+    model = lambda eos: SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos))  # noqa: E731
+    assert _generation_kwargs(tok, 8, 0.0, 0.9)["eos_token_id"] == [eot]
+    assert _generation_kwargs(tok, 8, 0.0, 0.9, model=model(end))["eos_token_id"] == [eot, end]
+    assert _generation_kwargs(tok, 8, 0.0, 0.9, model=model([end, eot]))["eos_token_id"] == [eot, end]
+    assert _generation_kwargs(tok, 8, 0.0, 0.9, model=model(None))["eos_token_id"] == [eot]
+    assert _generation_kwargs(tok, 8, 0.0, 0.9)["pad_token_id"] == eot
+    tok.pad_token = tok.convert_ids_to_tokens(0)  # a pad id of 0 is kept, not mistaken for "none"
+    assert _generation_kwargs(tok, 8, 0.7, 0.9)["pad_token_id"] == 0

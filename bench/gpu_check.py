@@ -1,0 +1,206 @@
+"""The prepared GPU check: everything the CPU cannot prove, in one run of at most 8 minutes.
+
+On one CUDA GPU it runs, each step in its own process with its own time limit:
+
+1. the test suite on CUDA (``QALORA_TEST_DEVICE=cuda``; the library tiers always, the app and
+   jobs tiers where their packages are installed);
+2. train -> merge -> verify -> chat of the default model in bf16, with RTN and with GPTQ
+   (``python -m qalora train``, then a greedy reply from the saved low-bit model);
+3. decode speed of the merged model (PyTorch's int4 kernel where the GPU has it, the
+   dequantize fallback, and the bf16 base) and the training step time;
+
+and prints one table. ``--dry-run`` runs the same plumbing on the CPU with the tiny random
+model, two steps and the device-tracing tests only: it proves the script, not the GPU.
+
+    python bench/gpu_check.py [--dry-run] [--base default] [--budget-s 480]
+
+Where the embedded default model cannot travel (the device machine takes 64 MiB of files), the
+check writes a random-weight model of SmolLM2-135M's shape and says so in the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY_TESTS = ["tests/test_device.py", "tests/test_quant.py", "tests/test_layer.py", "tests/test_merge.py",
+                 "tests/test_infer.py", "tests/test_train.py", "tests/test_loader.py", "tests/test_model.py",
+                 "tests/test_pipeline.py", "tests/test_gptq.py", "tests/test_native.py", "tests/test_tokenizers.py"]
+APP_PACKAGES = ("sqlalchemy", "alembic", "gradio", "gguf")
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+PROMPT = "Make a contact card: Ana Ruiz, 41, lives in Porto."
+
+
+def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, float]:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
+        return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return 124, out + f"\n(timed out after {timeout:.0f} s)", time.perf_counter() - t0
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    from qalora import kernels
+    row = {"torch": torch.__version__, "device": device}
+    if device == "cuda":
+        row["gpu"] = torch.cuda.get_device_name(0)
+        row["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        row["int4 kernel"] = kernels.int4_kernel_supported(torch.device("cuda"), 4, 32, 576, 576)
+    return row
+
+
+def random_smollm2(directory: Path) -> str:
+    """SmolLM2-135M's shape with random bf16 weights and the ChatML byte tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qalora.tiny import byte_tokenizer
+    tok = byte_tokenizer()
+    shape = {**SMOLLM2_SHAPE, "vocab_size": max(len(tok), 256)}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                         bos_token_id=None)).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
+def suite(device: str, dry: bool, timeout: float) -> dict:
+    files = ["tests/test_device.py"] if dry else list(LIBRARY_TESTS)
+    if not dry and all(_importable(p) for p in APP_PACKAGES):
+        files = ["tests"]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "not slow", *files]
+    rc, out, secs = _run(cmd, timeout, {"QALORA_TEST_DEVICE": device})
+    tail = [ln for ln in out.splitlines() if " passed" in ln or " failed" in ln or " error" in ln]
+    return {"ok": rc == 0, "seconds": secs, "result": tail[-1].strip("= ") if tail else f"exit {rc}",
+            "scope": "whole suite" if files == ["tests"] else f"{len(files)} library test files",
+            "log": out[-4000:]}
+
+
+def finetune_and_chat(base: str, method: str, device: str, dry: bool, out: Path, timeout: float) -> dict:
+    steps, dtype = ("2", "float32") if dry else ("30", "bfloat16")
+    cmd = [sys.executable, "-m", "qalora", "train", "--base", base, "--bits", "4", "--group-size", "32",
+           "--quant-method", method, "--steps", steps, "--batch-size", "4", "--seq-len", "256",
+           "--eval-every", steps, "--save-every", steps, "--dtype", dtype, "--out", str(out)]
+    rc, log, secs = _run(cmd, timeout, {"QALORA_DEVICE": device})
+    report_path = out / "report.json"
+    if rc or not report_path.is_file():
+        return {"ok": False, "seconds": secs, "result": f"train exit {rc}", "log": log[-4000:]}
+    report = json.loads(report_path.read_text())
+    rc, reply, chat_s = _run([sys.executable, "-m", "qalora", "chat", str(out / "merged"), "--prompt", PROMPT,
+                              "--max-new-tokens", "32"], timeout / 3, {"QALORA_DEVICE": device})
+    ok = rc == 0 and report["merge_max_abs_logit_diff"] <= (1e-3 if dry else 5e-2)
+    return {"ok": ok, "seconds": secs + chat_s,
+            "result": (f"merge max|dlogit| {report['merge_max_abs_logit_diff']:.2g}, eval loss base "
+                       f"{report['eval_loss_quantized_base']:.3f} -> merged {report['eval_loss_merged']:.3f}, "
+                       f"{report['tokens_per_s']:.0f} tok/s, peak GPU {report.get('peak_gpu_mb') or 0:.0f} MB"),
+            "reply": reply.strip().splitlines()[-1][:80] if reply.strip() else "", "log": log[-2000:]}
+
+
+def speed(merged: Path, device: str, dry: bool) -> dict:
+    """Greedy decode tokens/s of the merged model: int4 kernel, dequantize fallback."""
+    import torch
+
+    from qalora.export.native import load_quantized
+    from qalora.infer import QuantLinear
+    new = 8 if dry else 128
+    result = {}
+    for label, use_kernel in (("int4 kernel", True), ("dequantize", False)):
+        model, tok = load_quantized(merged, device=device, use_kernel=use_kernel, dtype=torch.bfloat16)
+        active = any(m.kernel_active(torch.device(device)) for m in model.modules() if isinstance(m, QuantLinear))
+        ids = torch.tensor([tok(PROMPT)["input_ids"]], device=device)
+        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+        with torch.inference_mode():
+            model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, **kw)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        result[label] = {"tok_s": new / (time.perf_counter() - t0), "kernel_active": active}
+        del model
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model: check the script itself")
+    p.add_argument("--base", default=None, help="default: 'default' where installed, else a random SmolLM2 shape")
+    p.add_argument("--budget-s", type=float, default=480)
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda"
+    if not dry and not torch.cuda.is_available():
+        print("no CUDA GPU visible: run with --dry-run to check the script on the CPU")
+        return 2
+    start = time.perf_counter()
+    left = lambda: max(30.0, args.budget_s - (time.perf_counter() - start))  # noqa: E731
+    rows: list[tuple[str, bool, float, str]] = []
+    env = environment(device)
+    rows.append(("environment", True, 0.0, ", ".join(f"{k} {v}" for k, v in env.items())))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = args.base or ("tiny-random" if dry else None)
+        if base is None:
+            from qalora.errors import ModelError
+            from qalora.model import default_gguf_path
+            try:
+                default_gguf_path()
+                base = "default"
+            except ModelError:
+                base = random_smollm2(tmp / "random-smollm2")
+                rows.append(("base", True, 0.0, "default model not installed here: random SmolLM2-135M shape"))
+        s = suite(device, dry, min(left() * 0.45, 240))
+        rows.append((f"test suite on {device} ({s['scope']})", s["ok"], s["seconds"], s["result"]))
+        merged = None
+        for method in ("rtn", "gptq"):
+            r = finetune_and_chat(base, method, device, dry, tmp / method, min(left() / 2, 150))
+            rows.append((f"train->merge->verify->chat, {method}", r["ok"], r["seconds"],
+                         r["result"] + (f'; reply "{r["reply"]}"' if r.get("reply") else "")))
+            if not r["ok"]:
+                print(r["log"], file=sys.stderr)
+            elif merged is None:
+                merged = tmp / method / "merged"
+        if merged is not None:
+            t0 = time.perf_counter()
+            sp = speed(merged, device, dry)
+            rows.append(("decode (merged, bf16 activations)", True, time.perf_counter() - t0,
+                         ", ".join(f"{k} {v['tok_s']:.1f} tok/s{'' if v['kernel_active'] else ' (fallback)'}"
+                                   for k, v in sp.items())))
+    if not s["ok"]:
+        print(s["log"], file=sys.stderr)
+    total = time.perf_counter() - start
+    print(f"\nGPU check ({'dry run on CPU' if dry else 'CUDA'}), {total:.0f} s in all\n")
+    print("| step | ok | seconds | result |")
+    print("|---|---|---|---|")
+    for name, ok, secs, result in rows:
+        print(f"| {name} | {'yes' if ok else '**NO**'} | {secs:.0f} | {result} |")
+    if args.json:
+        args.json.write_text(json.dumps([dict(zip(("step", "ok", "seconds", "result"), r)) for r in rows], indent=2))
+    return 0 if all(r[1] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

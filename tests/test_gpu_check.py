@@ -1,0 +1,24 @@
+"""The prepared GPU check's own plumbing, on the CPU (``--dry-run``): every step runs and reports."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_fills_its_table(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {r["step"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"environment", "test suite on cpu (1 library test files)",
+                         "train->merge->verify->chat, rtn", "train->merge->verify->chat, gptq",
+                         "decode (merged, bf16 activations)"}
+    assert all(r["ok"] for r in rows.values())
+    assert "passed" in rows["test suite on cpu (1 library test files)"]["result"]
+    for method in ("rtn", "gptq"):
+        diff = float(rows[f"train->merge->verify->chat, {method}"]["result"].split("merge max|dlogit| ")[1].split(",")[0])
+        assert diff <= 1e-3
+    assert "| train->merge->verify->chat, gptq | yes |" in proc.stdout
