@@ -8,9 +8,10 @@ from qalora.quant import quantize_tensor
 OUT, IN = 64, 256
 
 
-def quant_linear(bits, group_size, use_kernel=True):
+def quant_linear(bits, group_size, use_kernel=True, device="cpu"):
     torch.manual_seed(bits * 7 + group_size)
-    return QuantLinear(quantize_tensor(torch.randn(OUT, IN) * 0.05, bits, group_size), use_kernel=use_kernel)
+    w = (torch.randn(OUT, IN) * 0.05).to(device)  # quantized where it lives, as the pipeline does
+    return QuantLinear(quantize_tensor(w, bits, group_size), use_kernel=use_kernel)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -49,8 +50,11 @@ def test_kernel_zero_mapping_is_exact_on_integer_inputs():
 
 
 @pytest.mark.requires_cuda
-def test_int4_kernel_equals_reference_cuda():
-    layer = quant_linear(4, 128).cuda()
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int4_kernel_equals_reference_cuda(bits):
+    layer = quant_linear(bits, 128, device="cuda")
+    assert layer.packed.is_cuda
+    assert layer.kernel_active(torch.device("cuda")) == (torch.cuda.get_device_capability() >= (8, 0))
     x = torch.randn(4, IN, device="cuda")
     ref = layer.reference_forward(x.to(torch.bfloat16).float())
     assert (layer(x) - ref).abs().max() <= 2e-2 * ref.abs().max()
@@ -80,3 +84,14 @@ def test_generation_stops_on_the_tokenizer_eos_and_every_config_eos():
     assert _generation_kwargs(tok, 8, 0.0, 0.9)["pad_token_id"] == eot
     tok.pad_token = tok.convert_ids_to_tokens(0)  # a pad id of 0 is kept, not mistaken for "none"
     assert _generation_kwargs(tok, 8, 0.7, 0.9)["pad_token_id"] == 0
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_cuda_int4_kernel_only_from_compute_capability_8(monkeypatch, capability, expected):
+    from qalora import kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert kernels.int4_kernel_supported(cuda, 4, 32, 256, 64) is expected
+    assert kernels.int4_kernel_supported(cuda, 8, 32, 256, 64) is False  # 8-bit never uses it
