@@ -124,8 +124,8 @@ def cmd_train(args) -> dict:
         report = finetune(args.base, args.data, args.out, quant, adapter, train, resume=args.resume,
                           on_step=on_step, on_stage=lambda s: logging.getLogger("qalora").info("stage: %s", s))
     keys = ("eval_loss_quantized_base", "eval_loss_adapter", "eval_loss_merged", "merge_max_abs_logit_diff",
-            "tokens_per_s", "peak_rss_mb", "wall_s")
-    print(json.dumps({k: report[k] for k in keys}, indent=2))
+            "tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "device", "wall_s")
+    print(json.dumps({k: report[k] for k in keys if report.get(k) is not None}, indent=2))
     print(f"saved the merged {quant.bits}-bit model to {args.out}/merged and the report to {args.out}/report.json")
     return report
 
@@ -134,7 +134,13 @@ def cmd_chat(args) -> str:
     from .export.native import load_quantized
     from .infer import stream_chat
 
-    model, tok = load_quantized(args.model_dir)
+    import torch
+
+    from .model import pick_device
+
+    device = pick_device()  # the GPU where there is one (QALORA_DEVICE overrides)
+    model, tok = load_quantized(args.model_dir, device=device,
+                                dtype=torch.bfloat16 if device.type == "cuda" else None)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
     shown = ""

@@ -14,6 +14,7 @@ permutation mapped as transformers' GGUF loader does).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -29,7 +30,11 @@ LAYERS_PREFIX = "model.layers."
 
 
 class SafetensorsShards:
-    """Tensors of a safetensors checkpoint folder, read one at a time (memory-mapped files)."""
+    """Tensors of a safetensors checkpoint folder, read one at a time.
+
+    Each read opens its shard and closes it again: a shard left open keeps every page read from
+    it mapped into the process, and the resident size would grow to the whole checkpoint.
+    """
 
     def __init__(self, directory):
         from safetensors import safe_open
@@ -41,15 +46,21 @@ class SafetensorsShards:
                              "save_pretrained(safe_serialization=True) or give a .gguf file.")
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted({self.directory / f for f in json.loads(index.read_text())["weight_map"].values()})
-        self._readers = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {key: r for r in self._readers for key in r.keys()}
+            self._where = {k: self.directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            self._where = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as reader:
+                    self._where.update({key: f for key in reader.keys()})
 
     def keys(self) -> set[str]:
         return set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), framework="pt") as reader:
+            return reader.get_tensor(name)
 
 
 class GGUFTensors:
@@ -170,9 +181,19 @@ def stream_quantized(source, config, quant: QuantConfig, targets, device, dtype:
             qweights[name] = qt
         if layer_dtype != dtype:
             set_compute_dtype(layer, dtype)  # norms back to dtype; scales and offsets stay fp32
+        release_freed_memory()
         if on_progress:
             on_progress(i + 1, len(layers))
     return model, qweights
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise, and a layer's float temporaries
+    would pile up as resident memory); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _load(model, source, names, name, device, dtype) -> None:

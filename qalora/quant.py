@@ -99,6 +99,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     out_f, in_f = codes.shape
     if in_f % 8:
         raise ConfigError(f"cannot pack {in_f} codes per row; in_features must be a multiple of 8.")
+    if 8 % bits == 0:
+        # Whole codes per byte: OR the shifted codes in uint8, no int64 copy of the weight.
+        c = codes.to(torch.uint8).reshape(out_f, in_f * bits // 8, 8 // bits)
+        out = c[..., 0].clone()
+        for k in range(1, 8 // bits):
+            out |= c[..., k] << (k * bits)
+        return out
     c = codes.to(torch.int64).reshape(out_f, in_f // 8, 8)
     shifts = torch.arange(8, dtype=torch.int64, device=codes.device) * bits
     word = (c << shifts).sum(-1, keepdim=True)  # fits: 8 * bits <= 64
