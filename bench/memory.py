@@ -125,6 +125,11 @@ def child(model_dir: str, out_dir: str, bits: int, group: int, steps: int, seq: 
     from qalora.config import AdapterConfig, QuantConfig, TrainConfig
     from qalora.pipeline import finetune
 
+    try:  # as the CLI and the worker do (absent from the code before)
+        from qalora.memory import limit_heap_retention
+        limit_heap_retention()
+    except ImportError:
+        pass
     peaks: dict[str, float] = {}
     gpu: dict[str, float] = {}
     current = ["startup"]

@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("all %d worker slot(s) for %s are taken (QALORA_WORKERS=%d); exiting",
                  settings.workers, settings.home, settings.workers)
         return 0
+    from qalora.memory import limit_heap_retention
+    limit_heap_retention()  # a worker process runs job after job: keep freed temporaries out of its heap
     worker = Worker()
     # SIGTERM/Ctrl-C: the running job checkpoints after its current step and goes back to the queue
     for sig in (signal.SIGTERM, signal.SIGINT):

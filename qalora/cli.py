@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     _eval_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from .memory import limit_heap_retention
+    limit_heap_retention()  # this process is ours: keep freed weight temporaries out of the heap
     try:
         {"train": cmd_train, "chat": cmd_chat, "export": cmd_export, "eval": cmd_eval}[args.command](args)
     except QALoRAError as exc:

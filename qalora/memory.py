@@ -6,9 +6,13 @@ for every later job. Linux lets a process reset its own high-water mark (``VmHWM
 """
 from __future__ import annotations
 
+import ctypes
 import resource
 
 import torch
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+HEAP_MMAP_THRESHOLD = 4 * 2 ** 20
 
 
 def _status_kb(field: str) -> int | None:
@@ -50,3 +54,18 @@ def peak_gpu_mb() -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+def limit_heap_retention(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more with its own mapping (glibc only).
+
+    glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, after which
+    the dequantized weights a training step allocates and frees (2-46 MB each on a 1B model) land
+    on the heap, whose freed holes are kept by the process: measured on a 1.1B model, the training
+    stage's peak RSS went from 2.7 GB to 2.1 GB with a fixed 4 MiB threshold. Process-wide, so only
+    the process owners call it: the CLI, the job worker, the benchmarks. Returns whether it applied.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
