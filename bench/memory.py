@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,10 +133,14 @@ def child(model_dir: str, out_dir: str, bits: int, group: int, steps: int, seq: 
         pass
     peaks: dict[str, float] = {}
     gpu: dict[str, float] = {}
+    seconds: dict[str, float] = {}
     current = ["startup"]
+    clock = [time.perf_counter()]
 
     def on_stage(name: str) -> None:
         peaks[current[0]] = max(peaks.get(current[0], 0.0), _status_kb("VmHWM") / 1024)
+        seconds[current[0]] = seconds.get(current[0], 0.0) + time.perf_counter() - clock[0]
+        clock[0] = time.perf_counter()
         if torch.cuda.is_available():
             gpu[current[0]] = torch.cuda.max_memory_allocated() / 2 ** 20
             torch.cuda.reset_peak_memory_stats()
@@ -148,7 +153,7 @@ def child(model_dir: str, out_dir: str, bits: int, group: int, steps: int, seq: 
                       train, resume=False, on_stage=on_stage)
     on_stage("end")
     merged = Path(out_dir) / "merged" / "model.safetensors"
-    print("RESULT " + json.dumps({"peaks": peaks, "gpu": gpu, "merge_diff": report["merge_max_abs_logit_diff"],
+    print("RESULT " + json.dumps({"peaks": peaks, "gpu": gpu, "seconds": seconds, "merge_diff": report["merge_max_abs_logit_diff"],
                                   "merged_bytes": merged.stat().st_size, "wall_s": report["wall_s"]}))
 
 
@@ -234,13 +239,14 @@ def main() -> None:
           f"{args.group_size}, rank {args.rank}, {args.steps} steps of 1 x {args.seq} tokens, CPU fp32 compute")
     print(f"bf16 checkpoint {bf16_bytes / mb:,.0f} MB; packed linears {packed / mb:,.0f} MB "
           f"({packed / linear:.3f} B/param); embeddings + head in fp32 {embed * 4 / mb:,.0f} MB\n")
-    head = "| stage | " + " | ".join(f"peak RSS {i} (MB)" for i in impls) + (" | new / before |" if len(impls) == 2
+    head = "| stage | " + " | ".join(f"peak RSS {i} (MB, time)" for i in impls) + (" | new / before |" if len(impls) == 2
                                                                                  else " |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for key, label in STAGE_ROWS:
         vals = [results[i]["peaks"].get(key) for i in impls]
-        cells = [f"{v:,.0f}" if v else "-" for v in vals]
+        cells = [f"{v:,.0f} ({results[i]['seconds'].get(key, 0):.0f} s)" if v else "-"
+                 for v, i in zip(vals, impls)]
         ratio = f" {vals[1] / vals[0]:.2f}x |" if len(vals) == 2 and all(vals) else (" - |" if len(vals) == 2
                                                                                    else "")
         print(f"| {label} | " + " | ".join(cells) + " |" + ratio)
@@ -258,8 +264,11 @@ def main() -> None:
     print("| base | params | packed linears | embeddings + head (bf16) | one bf16 layer (load) | "
           "training state | projected peak |")
     print("|---|---|---|---|---|---|---|")
-    for name, s in PROJECTED.items():
-        pr = projection(s, bpp, args.rank, args.group_size, 512)
+    rows = [(name, s, args.group_size, bpp) for name, s in PROJECTED.items()]
+    # The same layout at group 128 (codes + one fp32 scale and offset per group), for the largest base.
+    rows.append(("70B (Llama-3), group 128", PROJECTED["70B (Llama-3)"], 128, args.bits / 8 + 8 / 128))
+    for name, s, group, per_param in rows:
+        pr = projection(s, per_param, args.rank, group, 512)
         print(f"| {name} | {pr['params_b']:.1f}B | {pr['packed'] / GIB:.1f} GiB | {pr['embed_head'] / GIB:.1f} GiB | "
               f"{pr['load_extra'] / GIB:.2f} GiB | {pr['train_extra'] / GIB:.2f} GiB | **{pr['total'] / GIB:.1f} GiB** |")
 

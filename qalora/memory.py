@@ -7,6 +7,7 @@ for every later job. Linux lets a process reset its own high-water mark (``VmHWM
 from __future__ import annotations
 
 import ctypes
+import os
 import resource
 
 import torch
@@ -56,15 +57,20 @@ def peak_gpu_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2 ** 20
 
 
-def limit_heap_retention(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
+def limit_heap_retention(threshold: int | None = None) -> bool:
     """Serve every allocation of ``threshold`` bytes or more with its own mapping (glibc only).
 
     glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, after which
     the dequantized weights a training step allocates and frees (2-46 MB each on a 1B model) land
     on the heap, whose freed holes are kept by the process: measured on a 1.1B model, the training
     stage's peak RSS went from 2.7 GB to 2.1 GB with a fixed 4 MiB threshold. Process-wide, so only
-    the process owners call it: the CLI, the job worker, the benchmarks. Returns whether it applied.
+    the process owners call it: the CLI, the job worker, the benchmarks. ``QALORA_MMAP_THRESHOLD``
+    (bytes; 0 keeps glibc's own behaviour) overrides the default. Returns whether it applied.
     """
+    if threshold is None:
+        threshold = int(os.environ.get("QALORA_MMAP_THRESHOLD", HEAP_MMAP_THRESHOLD))
+    if threshold <= 0:
+        return False
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold)))
     except (OSError, AttributeError):

@@ -24,8 +24,9 @@ from .train import latest_checkpoint, train
 
 STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "evaluate", "done")
 BASE_CACHE = "quantized_base.safetensors"
-# The merge check compares logits on this many real tokens of the eval set: the adapter model's
-# logits are kept while the model is merged in place, so the budget bounds that memory.
+# The merge check compares logits on at most this many eval batches and real tokens: the adapter
+# model's logits are kept while the model is merged in place, so the budget bounds that memory.
+MERGE_CHECK_BATCHES = 4
 MERGE_CHECK_TOKENS = 1024
 
 
@@ -97,9 +98,9 @@ def _quantized_base(src: BaseSource, quant: QuantConfig, adapter: AdapterConfig,
 
 
 def check_batches(examples, batch_size: int, pad_id: int, device, budget: int = MERGE_CHECK_TOKENS) -> list[dict]:
-    """Eval batches for the merge check, up to ``budget`` real tokens, on ``device``."""
+    """Eval batches for the merge check (at most ``MERGE_CHECK_BATCHES``, ``budget`` real tokens)."""
     out, tokens = [], 0
-    for batch in batches(examples, batch_size, pad_id):
+    for batch in batches(examples, batch_size, pad_id, MERGE_CHECK_BATCHES):
         out.append({k: v.to(device) for k, v in batch.items()})
         tokens += int(batch["attention_mask"].sum())
         if tokens >= budget:
