@@ -104,6 +104,8 @@ def write_checkpoint(directory: Path, shape: dict, seed: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------
 # One implementation, in a child process
 
+# Own copies of train_step.py's two helpers: importing that module puts this checkout first on
+# sys.path, and the "before" child must import the old code from its worktree.
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):

@@ -193,3 +193,22 @@ def test_gptqmodel_checkpoint_imports_exactly(tmp_path, bits):
         # gptqmodel rounds scale * (q - zero) to float16 once (<= 2^-11 relative); we compute in
         # float32 from the same fp16 scales. A zero point off by one would be a full scale step.
         torch.testing.assert_close(_dequant(codes, scale, offset), reference, rtol=2 ** -10, atol=0)
+
+
+def test_bf16_model_is_calibrated_in_fp32_and_left_as_it_was():
+    """What the pipeline hands GPTQ on a GPU: a bf16 model. Each layer is calibrated in fp32 (the
+    dtype gptqmodel's Hessians and our exact code recovery need) and given back in bf16."""
+    fp32 = _tiny_llama()
+    bf16 = _tiny_llama().to(torch.bfloat16)
+    fp32.load_state_dict({k: v.float() for k, v in bf16.state_dict().items()})  # the same weights
+    before = {k: v.clone() for k, v in bf16.state_dict().items()}
+    got = gptq_quantize(bf16, _calibration(), 4, GROUP, TARGETS)
+    ref = gptq_quantize(fp32, _calibration(), 4, GROUP, TARGETS)
+    assert all(v.dtype == torch.bfloat16 and torch.equal(before[k], v) for k, v in bf16.state_dict().items())
+    for name, (codes, scale, offset) in got.items():
+        assert scale.dtype == offset.dtype == torch.float32 and codes.dtype == torch.uint8
+        # Layer 0's q/k/v see identical inputs (bf16 embeddings are exact in fp32); everything
+        # after the attention differs only through the bf16-rounded rotary tables.
+        same = (codes == ref[name][0]).float().mean().item()
+        first = ".layers.0.self_attn." in name and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")
+        assert same == 1.0 if first else same > 0.98, (name, same)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..infer import QuantLinear, set_compute_dtype
+from ..loader import materialize_buffers
 from ..quant import QuantizedTensor
 
 FORMAT = "qalora"
@@ -101,20 +102,10 @@ def load_quantized(model_dir, device: torch.device | str = "cpu", use_kernel: bo
     if missing or unexpected:
         raise ModelError(f"{model_dir}/{WEIGHTS} does not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}.")
-    _materialize_buffers(model, config, device)
+    materialize_buffers(model, config, device)
     if dtype is not None:
         set_compute_dtype(model, dtype)
         if getattr(config, "tie_word_embeddings", False):
             model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if with_tokenizer else None
     return model.eval(), tokenizer
-
-
-def _materialize_buffers(model: nn.Module, config, device) -> None:
-    """Non-persistent buffers (rotary frequencies) were created on meta; rebuild them for real."""
-    for name, module in model.named_modules():
-        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
-            with torch.device(device):
-                fresh = type(module)(config=config)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, fresh)
