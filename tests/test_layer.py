@@ -1,5 +1,6 @@
 import torch
 
+from helpers import DEVICE
 from qalora.layer import QALoRALinear
 from qalora.quant import quantize_tensor
 
@@ -8,7 +9,7 @@ OUT, IN, GROUP, RANK = 48, 128, 32, 4
 
 def make_layer(bits=4, dropout=0.0):
     torch.manual_seed(0)
-    qt = quantize_tensor(torch.randn(OUT, IN), bits, GROUP)
+    qt = quantize_tensor(torch.randn(OUT, IN, device=DEVICE), bits, GROUP)
     return QALoRALinear(qt, None, RANK, alpha=8.0, dropout=dropout), qt
 
 
@@ -25,7 +26,7 @@ def test_shapes_and_parameter_count():
 
 def test_untrained_layer_equals_quantized_base():
     layer, qt = make_layer()
-    x = torch.randn(3, 5, IN)
+    x = torch.randn(3, 5, IN, device=DEVICE)
     ref = x @ qt.dequantize().t()
     assert torch.allclose(layer(x), ref, atol=1e-5)
 
@@ -34,7 +35,7 @@ def test_adapter_matches_explicit_group_sum():
     layer, qt = make_layer()
     with torch.no_grad():
         layer.lora_B.normal_()
-    x = torch.randn(7, IN)
+    x = torch.randn(7, IN, device=DEVICE)
     pooled = torch.stack([x[:, g * GROUP:(g + 1) * GROUP].sum(-1) for g in range(IN // GROUP)], -1)
     ref = x @ qt.dequantize().t() + layer.scaling * pooled @ layer.lora_A.t() @ layer.lora_B.t()
     assert torch.allclose(layer(x), ref, atol=1e-4)
@@ -44,7 +45,7 @@ def test_gradients_reach_adapter_and_input_only():
     layer, qt = make_layer()
     with torch.no_grad():
         layer.lora_B.normal_()
-    x = torch.randn(4, IN, requires_grad=True)
+    x = torch.randn(4, IN, requires_grad=True, device=DEVICE)
     layer(x).square().sum().backward()
     assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
     assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
@@ -59,7 +60,7 @@ def test_gradients_reach_adapter_and_input_only():
 
 def test_backward_saves_packed_weight_not_dense():
     layer, _ = make_layer()
-    x = torch.randn(2, IN, requires_grad=True)
+    x = torch.randn(2, IN, requires_grad=True, device=DEVICE)
     saved = []
 
     def pack_hook(t):
@@ -74,7 +75,7 @@ def test_backward_saves_packed_weight_not_dense():
 
 def test_bf16_forward_close_to_fp32():
     layer, _ = make_layer()
-    x = torch.randn(4, IN)
+    x = torch.randn(4, IN, device=DEVICE)
     y32 = layer(x)
     y16 = layer(x.to(torch.bfloat16))
     assert y16.dtype == torch.bfloat16
@@ -87,13 +88,13 @@ def test_bf16_autocast_runs_forward_and_backward_through_the_packed_function():
     layer, qt = make_layer()
     with torch.no_grad():
         layer.lora_B.normal_()
-    x = torch.randn(4, 9, IN, requires_grad=True)
+    x = torch.randn(4, 9, IN, requires_grad=True, device=DEVICE)
     ref = layer(x)
     ref.square().mean().backward()
     ref_grad = layer.lora_A.grad.clone()
     layer.zero_grad()
     x2 = x.detach().clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y = layer(x2)
         assert y.dtype == torch.bfloat16
         y.float().square().mean().backward()
