@@ -142,6 +142,25 @@ def _watch_text(page, selector: str, name: str) -> None:
     }""", [selector, name])
 
 
+def _fill_numbers(page, values: dict) -> None:
+    """Type numbers into the form, then check them all again and retype any the page reset.
+
+    The Advanced accordion renders its fields as it opens; a value typed while it does can be
+    replaced by the field's initial value (seen once on a loaded CI machine: steps 40, not 12).
+    """
+    for _ in range(3):
+        for field, value in values.items():
+            box = page.locator(f"{field} input")
+            if box.input_value() != str(value):
+                box.fill(str(value))
+                box.press("Tab")
+        page.wait_for_timeout(300)
+        if all(page.locator(f"{f} input").input_value() == str(v) for f, v in values.items()):
+            return
+    for field, value in values.items():
+        expect(page.locator(f"{field} input")).to_have_value(str(value))
+
+
 def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     expect(page.locator("#launch")).to_be_visible(timeout=START_S * 1000)
     base = page.locator("#base-model input")
@@ -151,9 +170,7 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     base.fill("tiny-random")  # not in the list's first place: typed like any local path
     base.press("Enter")
     page.get_by_text("Advanced").click()
-    for field, value in (("#steps", STEPS), ("#batch-size", 2), ("#seq-len", 256), ("#lr", 0.005)):
-        page.locator(f"{field} input").fill(str(value))
-        page.locator(f"{field} input").press("Tab")
+    _fill_numbers(page, {"#steps": STEPS, "#batch-size": 2, "#seq-len": 256, "#lr": 0.005})
     group = page.locator("#group-size input")
     group.fill("48")
     group.press("Enter")
