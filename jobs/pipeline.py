@@ -7,6 +7,7 @@ traceback in ``<artifact dir>/job.log``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -69,6 +70,10 @@ def describe_error(exc: BaseException, spec: JobSpec | None) -> str:
         return (f"Out of memory{sizes}: reduce batch size or "
                 "sequence length (raise grad_accum to keep the effective batch), or turn on gradient "
                 "checkpointing, then resume the job.")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ("Out of disk space (or over a file-size limit) while writing the job's files: free space "
+                "where the jobs are stored (QALORA_HOME) and resume the job. Finished files are written "
+                "under a temporary name first, so nothing already saved was damaged.")
     if isinstance(exc, QALoRAError):
         return str(exc)
     return f"{type(exc).__name__}: {exc} (internal error; the full traceback is in the job log)."

@@ -122,6 +122,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     ``out_dir/checkpoints``. Raises :class:`TrainingStopped` when ``should_stop()`` fires.
     """
     from .export.adapter import save_adapter
+    from .export.atomic import atomic_path
     from .export.native import save_quantized
 
     log = log or logging.getLogger("qalora")
@@ -162,7 +163,8 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
         raise TrainingStopped(f"stopped after step {result.step}")
     eval_adapter = eval_loss(model, eval_examples, **ev)
     adapter_params = count_adapter_params(model)
-    save_adapter(model, out / "adapter", base=base, quant=quant, adapter=adapter)
+    with atomic_path(out / "adapter") as tmp:
+        save_adapter(model, tmp, base=base, quant=quant, adapter=adapter)
 
     stage("merge")
     # No copy of the model: keep the adapter model's logits on the check tokens, merge in place,
@@ -200,7 +202,8 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     }
     merged_cfg = {"method": quant.method, "adapter_method": adapter.method, "base": base,
                   "merge_max_abs_logit_diff": diff}
-    save_quantized(merged, tokenizer, out / "merged", extra_config=merged_cfg)
+    with atomic_path(out / "merged") as tmp:  # a failed save leaves no half model under merged/
+        save_quantized(merged, tokenizer, tmp, extra_config=merged_cfg)
 
     stage("evaluate")
     report["peak_rss_mb"] = memory.peak_rss_mb()

@@ -1,6 +1,7 @@
 import json
 import os
 import resource
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,28 @@ def test_stop_then_resume_reuses_base_and_continues(tmp_path):
                              AdapterConfig(rank=4), tcfg())
     assert report["train_losses"] == uninterrupted["train_losses"]
     assert report["eval_loss_merged"] == pytest.approx(uninterrupted["eval_loss_merged"], abs=1e-6)
+
+
+def test_a_failed_save_leaves_the_previous_model_untouched(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from jobs.pipeline import describe_error
+
+    finetune("tiny-random", "builtin:default", tmp_path, QuantConfig(4, 32), AdapterConfig(rank=4), tcfg(steps=1))
+    before = (tmp_path / "merged" / "model.safetensors").read_bytes()
+    real = safetensors.torch.save_file
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        if "merged" in str(filename):
+            Path(filename).write_bytes(b"half a model")  # what a full disk leaves behind
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError) as exc:
+        finetune("tiny-random", "builtin:default", tmp_path, QuantConfig(4, 32), AdapterConfig(rank=4), tcfg(steps=1))
+    assert (tmp_path / "merged" / "model.safetensors").read_bytes() == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".partial-", ".old-"))]
+    assert "Out of disk space" in describe_error(exc.value, None)

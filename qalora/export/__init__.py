@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ConfigError, ModelError
+from .atomic import atomic_path
 
 FORMATS = ("native", "gguf", "gptq", "peft")
 GGUF_QK = 32  # weights per Q4_1 block (ggml's QK4_1)
@@ -67,25 +68,30 @@ def export_run(run_dir, fmt: str, out=None) -> dict:
     qc = read_quant_config(merged)
     check_format(fmt, int(qc["bits"]), int(qc["group_size"]))
     root = merged.parent / "exports"
+    # Every export is written under a temporary name and renamed into place when complete.
     if fmt == "native":
         dest = Path(out) if out else root / "native"
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(merged, dest)
+        with atomic_path(dest) as tmp:
+            shutil.copytree(merged, tmp)
         return {"format": fmt, "path": str(dest), "exact": True}
     if fmt == "gguf":
         from .gguf import export_gguf
         kind = "f16" if int(qc["bits"]) == 8 else "q4_1"
-        dest = export_gguf(merged, Path(out) if out else root / f"model-{kind}.gguf")
+        dest = Path(out) if out else root / f"model-{kind}.gguf"
+        with atomic_path(dest) as tmp:
+            export_gguf(merged, tmp)
         return {"format": fmt, "path": str(dest), "exact": True, "gguf_type": kind.upper()}
     if fmt == "gptq":
         from .gptq import export_gptq
         dest = Path(out) if out else root / "gptq"
-        report = export_gptq(merged, dest)
+        with atomic_path(dest) as tmp:
+            report = export_gptq(merged, tmp)
         keep = ("max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "zero_points")
         return {"format": fmt, "path": str(dest), "exact": False, **{k: report[k] for k in keep if k in report}}
     if not adapter.is_dir():
         raise ModelError(f"{merged} has no adapter folder beside it; the PEFT export needs the run's adapter/.")
     from .peft import export_peft_adapter
-    dest = export_peft_adapter(adapter, Path(out) if out else root / "peft")
+    dest = Path(out) if out else root / "peft"
+    with atomic_path(dest) as tmp:
+        export_peft_adapter(adapter, tmp)
     return {"format": fmt, "path": str(dest), "exact": False}
