@@ -20,7 +20,7 @@ from .merge import merge_adapters, merge_and_requantize
 from .model import (BaseSource, count_adapter_params, inject_qalora, load_quantized_base, open_base, pick_device,
                     resolve_dtype)
 from .quant import QuantizedTensor
-from .train import latest_checkpoint, train
+from .train import check_fingerprint, latest_checkpoint, train
 
 STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "evaluate", "done")
 BASE_CACHE = "quantized_base.safetensors"
@@ -97,6 +97,34 @@ def _quantized_base(src: BaseSource, quant: QuantConfig, adapter: AdapterConfig,
     return model, qweights
 
 
+# Settings that do not change what is trained: a resume may change them freely.
+_FREE_SETTINGS = ("eval_every", "eval_batches", "save_every")
+
+
+def data_identity(source: str) -> str:
+    """``builtin:NAME``, or the size and SHA-256 of a data file (of each file, for a folder)."""
+    import hashlib
+
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        return str(source)  # built-in sets and cached dataset names are their own identity
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{f.stat().st_size}:".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return f"{sum(f.stat().st_size for f in files)} bytes, sha256 {digest.hexdigest()[:16]}"
+
+
+def run_fingerprint(base: str, data: str, quant: QuantConfig, adapter: AdapterConfig, train_cfg: TrainConfig) -> dict:
+    """What a checkpoint must match to be resumed: base, data contents and the training settings."""
+    train = {k: v for k, v in train_cfg.to_dict().items() if k not in _FREE_SETTINGS}
+    return {"base": base, "data": data_identity(data), "quant": quant.to_dict(),
+            "adapter": {**adapter.to_dict(), "targets": list(adapter.targets)}, "train": train}
+
+
 def check_batches(examples, batch_size: int, pad_id: int, device, budget: int = MERGE_CHECK_TOKENS) -> list[dict]:
     """Eval batches for the merge check (at most ``MERGE_CHECK_BATCHES``, ``budget`` real tokens)."""
     out, tokens = [], 0
@@ -135,6 +163,11 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     torch_dtype = resolve_dtype(train_cfg.dtype, device)
 
     stage("load")
+    fingerprint = run_fingerprint(base, data, quant, adapter, train_cfg)
+    if resume and (last := latest_checkpoint(out / "checkpoints")):
+        # Refuse a stale or foreign folder now, not after loading and quantizing the base.
+        saved = torch.load(last, map_location="cpu", weights_only=False).get("fingerprint")
+        check_fingerprint(saved, fingerprint, last)
     records = data_mod.load_records(data)  # read the data first: a bad file fails in seconds
     src = open_base(base)  # config and tokenizer only; the weights stream in at "quantize"
     tokenizer = src.tokenizer
@@ -158,7 +191,8 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     stage("train")
     resumed = resume and latest_checkpoint(out / "checkpoints") is not None
     result = train(model, train_examples, eval_examples, train_cfg, pad_id, ckpt_dir=out / "checkpoints",
-                   resume=resume, on_step=on_step, should_stop=should_stop, log=log)
+                   resume=resume, on_step=on_step, should_stop=should_stop, log=log,
+                   fingerprint=fingerprint)
     if result.stopped:
         raise TrainingStopped(f"stopped after step {result.step}")
     eval_adapter = eval_loss(model, eval_examples, **ev)

@@ -20,6 +20,7 @@ import torch
 
 from .config import StepInfo, TrainConfig
 from .data import collate
+from .errors import ConfigError
 from .eval import eval_loss, token_loss_sum
 
 CKPT_RE = re.compile(r"step-(\d+)\.pt$")
@@ -90,7 +91,19 @@ def latest_checkpoint(ckpt_dir) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(ckpt_dir, model, optimizer, scheduler, result: TrainResult) -> Path:
+def check_fingerprint(saved: dict | None, current: dict | None, path) -> None:
+    """Refuse to resume a run from checkpoints written for other settings or other data."""
+    if not saved or not current or saved == current:
+        return
+    diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    shown = "; ".join(f"{k}: was {saved.get(k)!r}, now {current.get(k)!r}" for k in diffs[:4])
+    raise ConfigError(f"{Path(path).parent} holds checkpoints of a different run ({shown}). Resume with the "
+                      "settings and data it was started with, or use a new output folder (or delete its "
+                      "checkpoints) to start afresh.")
+
+
+def save_checkpoint(ckpt_dir, model, optimizer, scheduler, result: TrainResult, fingerprint: dict | None = None
+                    ) -> Path:
     """Write ``step-N.pt`` atomically (temp file + rename) and keep the newest few."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +112,8 @@ def save_checkpoint(ckpt_dir, model, optimizer, scheduler, result: TrainResult) 
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"adapter": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), "step": result.step, "losses": result.losses,
-                "eval_losses": result.eval_losses, "tokens": result.tokens, "seconds": result.seconds}, tmp)
+                "eval_losses": result.eval_losses, "tokens": result.tokens, "seconds": result.seconds,
+                "fingerprint": fingerprint}, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -108,8 +122,9 @@ def save_checkpoint(ckpt_dir, model, optimizer, scheduler, result: TrainResult) 
     return path
 
 
-def load_checkpoint(path, model, optimizer, scheduler) -> TrainResult:
+def load_checkpoint(path, model, optimizer, scheduler, fingerprint: dict | None = None) -> TrainResult:
     state = torch.load(path, map_location="cpu", weights_only=False)
+    check_fingerprint(state.get("fingerprint"), fingerprint, path)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["adapter"].items():
@@ -122,11 +137,14 @@ def load_checkpoint(path, model, optimizer, scheduler) -> TrainResult:
 
 
 def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: TrainConfig, pad_id: int, *,
-          ckpt_dir=None, resume: bool = True, on_step=None, should_stop=None, log=None) -> TrainResult:
+          ckpt_dir=None, resume: bool = True, on_step=None, should_stop=None, log=None,
+          fingerprint: dict | None = None) -> TrainResult:
     """Train the model's trainable parameters for ``cfg.steps`` optimizer steps.
 
     ``on_step(StepInfo)`` runs after each step; ``should_stop()`` is checked after each step
     and, when true, a checkpoint is written and the loop returns with ``stopped=True``.
+    ``fingerprint`` (settings and data identity) is stored in every checkpoint; resuming from
+    checkpoints with a different one raises ``ConfigError``.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,7 +153,7 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     torch.manual_seed(cfg.seed)
     result = TrainResult()
     if resume and ckpt_dir and (path := latest_checkpoint(ckpt_dir)):
-        result = load_checkpoint(path, model, optimizer, scheduler)
+        result = load_checkpoint(path, model, optimizer, scheduler, fingerprint)
         if log:
             log.info("resumed from %s (step %d)", path.name, result.step)
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
@@ -171,7 +189,7 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
                 ev = eval_loss(model, eval_examples, cfg.batch_size, pad_id, cfg.eval_batches)
             result.eval_losses[result.step] = ev
         if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps):
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, result)
+            save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
         if log:
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", result.step, cfg.steps, step_loss, lr,
                      step_tokens / dt, "" if ev is None else f" eval {ev:.4f}")
@@ -179,7 +197,7 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
             on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev))
         if should_stop and result.step < cfg.steps and should_stop():
             if ckpt_dir and result.step % cfg.save_every:
-                save_checkpoint(ckpt_dir, model, optimizer, scheduler, result)
+                save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
             result.stopped = True
             break
     model.eval()

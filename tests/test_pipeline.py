@@ -98,3 +98,23 @@ def test_a_failed_save_leaves_the_previous_model_untouched(tmp_path, monkeypatch
     assert (tmp_path / "merged" / "model.safetensors").read_bytes() == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".partial-", ".old-"))]
     assert "Out of disk space" in describe_error(exc.value, None)
+
+
+def test_resume_refuses_checkpoints_of_other_settings_or_data(tmp_path):
+    from qalora.errors import ConfigError
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"Say {w}.", "output": w} for w in ("red", "green", "blue", "cyan", "pink", "gold")]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    run = tmp_path / "run"
+    args = ("tiny-random", str(data), run, QuantConfig(4, 32), AdapterConfig(rank=4))
+    with pytest.raises(TrainingStopped):
+        finetune(*args, tcfg(seq_len=64), should_stop=lambda: True)
+    with pytest.raises(ConfigError, match=r"different run \(train: .*'lr': 0.002.*'lr': 0.01"):
+        finetune(*args, tcfg(seq_len=64, lr=1e-2))
+    data.write_text("\n".join(json.dumps(r) for r in rows[::-1]))  # same size, other contents
+    with pytest.raises(ConfigError, match="different run \\(data: was '.* bytes, sha256"):
+        finetune(*args, tcfg(seq_len=64))
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    report = finetune(*args, tcfg(seq_len=64, eval_every=2))  # evaluation cadence may change
+    assert report["resumed_from_step"] == 1 and report["steps"] == 6
