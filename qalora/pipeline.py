@@ -20,7 +20,7 @@ from .merge import merge_adapters, merge_and_requantize
 from .model import (BaseSource, count_adapter_params, inject_qalora, load_quantized_base, open_base, pick_device,
                     resolve_dtype)
 from .quant import QuantizedTensor
-from .train import check_fingerprint, latest_checkpoint, train
+from .train import check_fingerprint, latest_checkpoint, read_fingerprint, train
 
 STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "evaluate", "done")
 BASE_CACHE = "quantized_base.safetensors"
@@ -166,8 +166,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     fingerprint = run_fingerprint(base, data, quant, adapter, train_cfg)
     if resume and (last := latest_checkpoint(out / "checkpoints")):
         # Refuse a stale or foreign folder now, not after loading and quantizing the base.
-        saved = torch.load(last, map_location="cpu", weights_only=False).get("fingerprint")
-        check_fingerprint(saved, fingerprint, last)
+        check_fingerprint(read_fingerprint(last), fingerprint, last)
     records = data_mod.load_records(data)  # read the data first: a bad file fails in seconds
     src = open_base(base)  # config and tokenizer only; the weights stream in at "quantize"
     tokenizer = src.tokenizer

@@ -7,6 +7,7 @@ optimizer, the scheduler and every RNG state (dropout) as they were after step `
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -23,7 +24,7 @@ from .data import collate
 from .errors import ConfigError
 from .eval import eval_loss, token_loss_sum
 
-CKPT_RE = re.compile(r"step-(\d+)\.pt$")
+CKPT_RE = re.compile(r"step-(\d+)\.safetensors$")
 KEEP_CHECKPOINTS = 2
 
 
@@ -72,23 +73,35 @@ def micro_batches(order: _Order, examples, cfg: TrainConfig, step: int, pad_id: 
         yield collate([examples[order[p]] for p in range(start, start + cfg.batch_size)], pad_id)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """RNG states as (tensors, JSON-able values): torch's and CUDA's are byte tensors."""
+    tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, state, gauss = random.getstate()
+    return tensors, {"version": version, "state": list(state), "gauss": gauss}
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _set_rng_state(tensors: dict[str, torch.Tensor], python: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def latest_checkpoint(ckpt_dir) -> Path | None:
-    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("step-*.pt") if (m := CKPT_RE.search(p.name))]
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("step-*") if (m := CKPT_RE.search(p.name))]
     return max(found)[1] if found else None
+
+
+def read_fingerprint(path) -> dict | None:
+    """The fingerprint a checkpoint was written with (reads the header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("state", "{}")).get("fingerprint")
 
 
 def check_fingerprint(saved: dict | None, current: dict | None, path) -> None:
@@ -104,36 +117,61 @@ def check_fingerprint(saved: dict | None, current: dict | None, path) -> None:
 
 def save_checkpoint(ckpt_dir, model, optimizer, scheduler, result: TrainResult, fingerprint: dict | None = None
                     ) -> Path:
-    """Write ``step-N.pt`` atomically (temp file + rename) and keep the newest few."""
+    """Write ``step-N.safetensors`` atomically (temp file + rename) and keep the newest few.
+
+    Data, not a pickle: the adapter, the optimizer's state tensors and the RNG states are
+    tensors; the step, losses, scheduler and optimizer settings, Python's RNG state and the
+    fingerprint are JSON in the file's metadata.
+    """
+    from safetensors.torch import save_file
+
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step-{result.step:06d}.pt"
-    tmp = path.with_suffix(".tmp")
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"adapter": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(), "step": result.step, "losses": result.losses,
-                "eval_losses": result.eval_losses, "tokens": result.tokens, "seconds": result.seconds,
-                "fingerprint": fingerprint}, tmp)
+    path = ckpt_dir / f"step-{result.step:06d}.safetensors"
+    tmp = ckpt_dir / f".{path.name}.tmp"
+    tensors = {f"adapter.{n}": p.detach().cpu().contiguous()
+               for n, p in model.named_parameters() if p.requires_grad}
+    opt = optimizer.state_dict()
+    for idx, values in opt["state"].items():
+        for key, value in values.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    rng_tensors, python_rng = _rng_state()
+    tensors.update(rng_tensors)
+    state = {"step": result.step, "losses": result.losses,
+             "eval_losses": {str(k): v for k, v in result.eval_losses.items()}, "tokens": result.tokens,
+             "seconds": result.seconds, "scheduler": scheduler.state_dict(), "param_groups": opt["param_groups"],
+             "python_rng": python_rng, "fingerprint": fingerprint}
+    save_file(tensors, tmp, metadata={"state": json.dumps(state)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-KEEP_CHECKPOINTS]:
+    for old in sorted(ckpt_dir.glob("step-*.safetensors"))[:-KEEP_CHECKPOINTS]:
         old.unlink(missing_ok=True)
     return path
 
 
 def load_checkpoint(path, model, optimizer, scheduler, fingerprint: dict | None = None) -> TrainResult:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     check_fingerprint(state.get("fingerprint"), fingerprint, path)
     params = dict(model.named_parameters())
+    optim_state: dict[int, dict] = {}
     with torch.no_grad():
-        for name, value in state["adapter"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+        for key, value in tensors.items():
+            if key.startswith("adapter."):
+                params[key[len("adapter."):]].copy_(value)
+            elif key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                optim_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": optim_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return TrainResult(losses=list(state["losses"]), eval_losses=dict(state["eval_losses"]), step=state["step"],
-                       resumed_from=state["step"], tokens=state["tokens"], seconds=state["seconds"])
+    _set_rng_state(tensors, state["python_rng"])
+    return TrainResult(losses=list(state["losses"]), eval_losses={int(k): v for k, v in state["eval_losses"].items()},
+                       step=state["step"], resumed_from=state["step"], tokens=state["tokens"],
+                       seconds=state["seconds"])
 
 
 def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: TrainConfig, pad_id: int, *,

@@ -50,7 +50,7 @@ def test_resumed_run_repeats_uninterrupted_losses(tmp_path):
     stopped = train(fresh_model(), data, held, cfg(), PAD, ckpt_dir=tmp_path / "b",
                     should_stop=lambda: len(calls) >= 4, on_step=lambda info: calls.append(info.step))
     assert stopped.stopped and stopped.step == 4
-    assert latest_checkpoint(tmp_path / "b").name == "step-000004.pt"
+    assert latest_checkpoint(tmp_path / "b").name == "step-000004.safetensors"
 
     torch.manual_seed(12345)  # a different process history must not matter
     steps = []
@@ -64,7 +64,17 @@ def test_resumed_run_repeats_uninterrupted_losses(tmp_path):
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
     train(fresh_model(), examples(), examples(n=2), cfg(steps=9), PAD, ckpt_dir=tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["step-000006.pt", "step-000009.pt"]
+    assert names == ["step-000006.safetensors", "step-000009.safetensors"]
+    # Data, not a pickle: tensors in safetensors, everything else JSON in its metadata.
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / names[-1]), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+        keys = set(f.keys())
+    assert state["step"] == 9 and len(state["losses"]) == 9 and state["scheduler"]["last_epoch"] == 9
+    assert "rng.torch" in keys and any(k.startswith("optim.") for k in keys)
+    assert sum(k.startswith("adapter.") for k in keys) == 28
 
 
 def test_schedule_warmup_then_cosine():

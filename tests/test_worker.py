@@ -80,7 +80,7 @@ def test_cancel_mid_training_stops_within_one_step(store, tmp_path):
     # the step running when cancel arrived may finish; no later step starts
     assert job["status"] == "canceled" and at_cancel["step"] <= job["step"] <= at_cancel["step"] + 1
     assert steps_of(job_id) == list(range(1, job["step"] + 1))
-    assert (Path(job["artifact_dir"]) / "checkpoints" / f"step-{job['step']:06d}.pt").is_file()
+    assert (Path(job["artifact_dir"]) / "checkpoints" / f"step-{job['step']:06d}.safetensors").is_file()
     assert "canceled" in service.read_log(job_id, tail=3)
 
 
@@ -153,7 +153,7 @@ def test_stopping_worker_hands_its_job_back_to_resume_later(store, tmp_path):
     thread.join(timeout=120)
     handed_back = service.get_job(job_id)
     assert handed_back["status"] == "queued" and 3 <= handed_back["step"] < total
-    ckpt = Path(handed_back["artifact_dir"]) / "checkpoints" / f"step-{handed_back['step']:06d}.pt"
+    ckpt = Path(handed_back["artifact_dir"]) / "checkpoints" / f"step-{handed_back['step']:06d}.safetensors"
     assert ckpt.is_file() and "shutting down" in service.read_log(job_id)
 
     assert Worker().run(burst=True) == 1
