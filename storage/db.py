@@ -77,8 +77,22 @@ def migrate(engine: Engine) -> None:
         if _at_head(engine):
             return
         try:
-            with engine.begin() as conn:
-                command.upgrade(_alembic_config(conn), "head")
+            with engine.connect() as conn:
+                sqlite = engine.dialect.name == "sqlite"
+                if sqlite:
+                    # Off outside any transaction (SQLite ignores it inside one): a migration that
+                    # rebuilds a table must not cascade-delete the rows that reference it.
+                    conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                    conn.commit()
+                try:
+                    with conn.begin():
+                        command.upgrade(_alembic_config(conn), "head")
+                        if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first():
+                            raise RuntimeError("a migration left rows whose job no longer exists")
+                finally:
+                    if sqlite:
+                        conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                        conn.commit()
         except Exception:
             # a server database has no file lock: losing the race to another migrator is fine
             if not _at_head(engine):

@@ -50,7 +50,9 @@ class Job(Base):
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="job", cascade="all, delete-orphan",
                                                      passive_deletes=True)
 
-    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),)
+    # AUTOINCREMENT: SQLite never hands out the id of a deleted job again, so a new job can never
+    # meet an old job's artifact folder (server databases' sequences never reuse ids anyway).
+    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"), {"sqlite_autoincrement": True})
 
 
 class Metric(Base):

@@ -202,7 +202,7 @@ def test_migrations_match_the_models_and_keep_history(store, tmp_path, monkeypat
     engine = get_engine(url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn)
-        assert ctx.get_current_revision() == "0001"
+        assert ctx.get_current_revision() == "0002"
         assert compare_metadata(ctx, Base.metadata) == []  # models.py and the migrations agree
     _engines.clear()  # a fresh process: migrating again must keep every row
     migrate(get_engine(url))
@@ -227,7 +227,7 @@ def test_processes_starting_together_on_a_new_database_migrate_it_once(tmp_path)
         p.join(timeout=60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     with get_engine(url).connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0001"]
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0002"]
 
 
 def test_settings_reject_bad_numbers(monkeypatch):
@@ -237,3 +237,45 @@ def test_settings_reject_bad_numbers(monkeypatch):
     monkeypatch.setenv("QALORA_WORKERS", "0")
     with pytest.raises(ConfigError, match="must be positive"):
         get_settings()
+
+
+def test_job_ids_are_never_reused_and_the_upgrade_keeps_every_row(tmp_path, monkeypatch):
+    """A database made before AUTOINCREMENT (revision 0001) is rebuilt without losing a metric or
+    artifact row; afterwards the id of a deleted job is never handed out again."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from storage.db import _alembic_config, _engines, _on_sqlite_connect, migrate
+    from sqlalchemy import event
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = create_engine(url)
+    event.listen(old, "connect", _on_sqlite_connect)  # foreign keys on, as in production
+    with old.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0001")
+        for job_id in (1, 2):
+            conn.exec_driver_sql(
+                "INSERT INTO jobs (id, name, status, spec, created_at, step, total_steps, attempts, "
+                f"cancel_requested) VALUES ({job_id}, 'j', 'succeeded', '{{}}', '2026-12-01', 3, 3, 1, 0)")
+            for step in (1, 2, 3):
+                conn.exec_driver_sql(f"INSERT INTO metrics (job_id, step, created_at) VALUES ({job_id}, {step}, "
+                                     "'2026-12-01')")
+            conn.exec_driver_sql(f"INSERT INTO artifacts (job_id, kind, path, size_bytes, created_at) VALUES "
+                                 f"({job_id}, 'merged', '/x', 1, '2026-12-01')")
+    migrate(old)
+    with old.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM metrics").scalar() == 6
+        assert conn.exec_driver_sql("SELECT count(*) FROM artifacts").scalar() == 2
+        sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'jobs'").scalar()
+        assert "AUTOINCREMENT" in sql
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # back on after migrating
+    old.dispose()
+
+    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("QALORA_DB_URL", url)
+    _engines.clear()
+    with db() as s:
+        repo.delete_job(s, 2)
+    with db() as s:
+        new_id = repo.create_job(s, name="n", spec={}, total_steps=1, artifact_root=tmp_path / "jobs")
+    assert new_id == 3  # not 2: the deleted job's id (and so its artifact folder name) stays retired
