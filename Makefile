@@ -3,7 +3,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 REQS   := requirements.txt requirements-nodeps.txt requirements-source.txt
 STAMP  := $(VENV)/.installed-$(shell cat $(REQS) | cksum | cut -d' ' -f1)
-export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export GPTQMODEL_CPU_WORKERS ?= $(shell nproc)
 export GRADIO_ANALYTICS_ENABLED ?= False
