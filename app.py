@@ -1,6 +1,7 @@
 """QA-LoRA Studio: fine-tune, watch, chat with and publish low-bit models from the browser.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--no-worker]     (QALORA_AUTH=user:password)
+    python app.py [--host 127.0.0.1] [--port 7860] [--no-worker] [--no-auth]
+    (QALORA_AUTH=user:password[,user2:password2] or QALORA_AUTH_FILE=path: login; required off loopback)
 
 The module-level ``demo`` is built at import time and never launched here, so tests import it.
 Each tab is laid out by one small builder; every handler calls ``jobs.service`` only. Training
@@ -12,7 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -352,7 +355,8 @@ def _publish(job_id, repo, private, token, progress=gr.Progress(track_tqdm=True)
         return _error(ValueError("pick a finished model first.")), ""
     try:
         url = service.publish_job(int(job_id), repo, private=bool(private), token=token,
-                                  progress=lambda fraction, text: progress(fraction, desc=text))
+                                  progress=lambda fraction, text: progress(fraction, desc=text),
+                                  allow_server_token=_ACCESS.server_token)
     except Exception as exc:
         return _error(exc), ""
     return f"Published ({'private' if private else 'public'}): [{url}]({url})", ""
@@ -407,12 +411,74 @@ demo = build_app()
 
 
 def _auth(raw: str | None):
+    """``QALORA_AUTH``: ``user:password``, several separated by commas."""
     if not raw:
         return None
-    user, sep, password = raw.partition(":")
-    if not sep or not user or not password:
-        raise SystemExit("QALORA_AUTH must look like user:password (both non-empty); unset it to disable login.")
-    return [(user, password)]
+    users = []
+    for entry in raw.split(","):
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("QALORA_AUTH must look like user:password (both non-empty; several separated by "
+                             "commas); unset it to disable login.")
+        users.append((user, password))
+    return users
+
+
+def _auth_file(path: str | None):
+    """``QALORA_AUTH_FILE``: one ``user:password`` per line; blank lines and ``#`` comments skipped."""
+    if not path:
+        return None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SystemExit(f"QALORA_AUTH_FILE={path} cannot be read ({exc.strerror}); fix the path or unset it.")
+    users = []
+    for n, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            user, sep, password = line.strip().partition(":")
+            if not sep or not user or not password:
+                raise SystemExit(f"QALORA_AUTH_FILE line {n} must look like user:password (both non-empty).")
+            users.append((user, password))
+    if not users:
+        raise SystemExit(f"QALORA_AUTH_FILE={path} names no user; add user:password lines or unset it.")
+    return users
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Access:
+    auth: list | None               # Gradio's auth list, or None for no login
+    server_token: bool              # may Publish fall back to HF_TOKEN / the login cache?
+    warning: str | None = None      # printed at start
+
+
+def access(host: str, no_auth: bool, env: dict) -> Access:
+    """Who may use the app, decided before it starts: login is required off loopback."""
+    users = (_auth(env.get("QALORA_AUTH")) or []) + (_auth_file(env.get("QALORA_AUTH_FILE")) or [])
+    if users:
+        return Access(users, server_token=True)
+    if _is_loopback(host):
+        return Access(None, server_token=True)
+    if not no_auth:
+        raise SystemExit(f"refusing to serve on {host} without a login: anyone who can reach it could run jobs on "
+                         "this machine and use its files. Set QALORA_AUTH=user:password (or QALORA_AUTH_FILE), "
+                         "or pass --no-auth if this network is yours alone.")
+    return Access(None, server_token=False, warning=(
+        f"WARNING: serving on {host} with no login (--no-auth). Anyone who can reach this address can start "
+        "jobs, read their results and use the GPU. Publishing needs each visitor's own Hub token; the server's "
+        "HF_TOKEN and login cache are not used."))
+
+
+_ACCESS = Access(None, server_token=True)  # what the module-level demo uses; main() replaces it
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -420,8 +486,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--no-worker", action="store_true", help="do not start a training worker process")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="serve beyond localhost without a login (not recommended; prints a warning)")
     args = parser.parse_args(argv)
-    auth = _auth(os.environ.get("QALORA_AUTH"))
+    global _ACCESS
+    _ACCESS = access(args.host, args.no_auth, dict(os.environ))
+    if _ACCESS.warning:
+        print(_ACCESS.warning, file=sys.stderr, flush=True)
+    auth = _ACCESS.auth
     # SIGTERM stops the app like Ctrl-C does, so the workers below are stopped too
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     workers = [] if args.no_worker else service.start_worker_process()

@@ -128,11 +128,15 @@ def loss_curve(job: dict, size: tuple[int, int] = (720, 400)):
     return img
 
 
-def resolve_token(field: str | None = None) -> str | None:
-    """The form's token, else ``HF_TOKEN``, else the Hugging Face login cache; ``None`` if none."""
+def resolve_token(field: str | None = None, allow_server_token: bool = True) -> str | None:
+    """The form's token, else (where allowed) ``HF_TOKEN``, else the Hugging Face login cache.
+
+    ``allow_server_token`` is false when the app is shared without login: a visitor must then
+    paste their own token, never publish with the operator's.
+    """
     from huggingface_hub import get_token
 
-    return (field or "").strip() or get_token()
+    return (field or "").strip() or (get_token() if allow_server_token else None)
 
 
 @contextmanager
@@ -169,7 +173,8 @@ def _http_error(exc, repo_id: str, endpoint: str) -> PublishError:
 
 
 def publish(job: dict, repo_name: str, *, private: bool = True, token: str | None = None,
-            endpoint: str | None = None, progress: Callable[[float, str], None] | None = None) -> str:
+            endpoint: str | None = None, progress: Callable[[float, str], None] | None = None,
+            allow_server_token: bool = True) -> str:
     """Create ``repo_name`` on the Hub and upload the job's merged model with card and curve.
 
     ``repo_name`` is ``name`` (under the token's user) or ``namespace/name``. Returns the
@@ -188,7 +193,10 @@ def publish(job: dict, repo_name: str, *, private: bool = True, token: str | Non
     merged = Path(job.get("artifact_dir") or "") / "merged"
     if job.get("status") != "succeeded" or not merged.is_dir():
         raise PublishError(f"job {job.get('id')} has no finished model to publish; pick a succeeded job.")
-    token = resolve_token(token)
+    token = resolve_token(token, allow_server_token)
+    if not token and not allow_server_token:
+        raise PublishError("Paste your Hugging Face token (write access): this server is shared without a login, "
+                           "so it does not lend its own token to visitors.")
     if not token:
         raise PublishError(f"No Hugging Face token found: {_TOKEN_HELP}.")
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")

@@ -162,3 +162,33 @@ def test_auth_setting():
     assert app._auth(None) is None and app._auth("ann:s3cret:x") == [("ann", "s3cret:x")]
     with pytest.raises(SystemExit, match="QALORA_AUTH must look like user:password"):
         app._auth("ann")
+
+
+def test_access_requires_a_login_off_loopback(tmp_path, capsys):
+    # loopback: no login needed, the server's own Hub token may be used
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert app.access(host, False, {}) == app.Access(None, server_token=True)
+    # anything else without a login: refused, with the fix named
+    for host in ("0.0.0.0", "192.168.1.5", "::"):
+        with pytest.raises(SystemExit, match="QALORA_AUTH=user:password .*--no-auth"):
+            app.access(host, False, {})
+    # --no-auth: allowed with a warning, and visitors must bring their own token
+    shared = app.access("0.0.0.0", True, {})
+    assert shared.auth is None and shared.server_token is False and "anyone who can reach" in shared.warning.lower()
+    # several users from QALORA_AUTH and from a file
+    users = tmp_path / "users"
+    users.write_text("# team\nann:pw1\n\nbob:pw:2\n")
+    got = app.access("0.0.0.0", False, {"QALORA_AUTH": "cy:pw3,dee:pw4", "QALORA_AUTH_FILE": str(users)})
+    assert got.auth == [("cy", "pw3"), ("dee", "pw4"), ("ann", "pw1"), ("bob", "pw:2")] and got.server_token
+    users.write_text("ann\n")
+    with pytest.raises(SystemExit, match="line 1 must look like user:password"):
+        app.access("0.0.0.0", False, {"QALORA_AUTH_FILE": str(users)})
+    with pytest.raises(SystemExit, match="cannot be read"):
+        app.access("0.0.0.0", False, {"QALORA_AUTH_FILE": str(tmp_path / "none")})
+
+
+def test_app_refuses_to_start_shared_without_login(monkeypatch):
+    monkeypatch.delenv("QALORA_AUTH", raising=False)
+    monkeypatch.delenv("QALORA_AUTH_FILE", raising=False)
+    with pytest.raises(SystemExit, match="refusing to serve on 0.0.0.0 without a login"):
+        app.main(["--host", "0.0.0.0", "--no-worker", "--port", "1"])

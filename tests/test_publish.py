@@ -268,3 +268,18 @@ def test_unreachable_hub_names_the_endpoint_not_the_token(env, hub):
     with pytest.raises(publish.PublishError, match=f"Cannot reach {dead}") as err:
         service.publish_job(env["id"], "contacts", token=TOKEN, endpoint=dead)
     assert TOKEN not in str(err.value)
+
+
+def test_shared_without_login_never_lends_the_servers_token(env, hub, monkeypatch):
+    """--no-auth off loopback: HF_TOKEN is set on the server, yet a visitor with an empty token field
+    is told to paste their own, and nothing reaches the Hub; their own token still works."""
+    import app
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setattr(app, "_ACCESS", app.access("0.0.0.0", True, {}))
+    shown, _ = app._publish(env["id"], "borrowed", True, "", progress=lambda *a, **k: None)
+    assert "Paste your Hugging Face token" in shown and TOKEN not in shown
+    assert hub.requests == [] and "alice/borrowed" not in hub.repos
+    shown, _ = app._publish(env["id"], "own", True, TOKEN, progress=lambda *a, **k: None)
+    assert shown.startswith("Published (private)")
