@@ -32,6 +32,7 @@ CARD_HINT = "*Pick a finished model to preview its model card.*"
 def _error(exc: Exception) -> str:
     """Messages for bad input are shown in the form; anything else without a traceback."""
     text = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+    text = service.with_upload_names(text)
     gr.Warning(text)
     return f"**Error:** {text}"
 

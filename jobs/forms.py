@@ -1,7 +1,8 @@
 """The new-job form's logic, free of any widget: choices, presets, parsing and dataset preview.
 
 Everything a person can get wrong in the form is caught here and raised as a ``QALoRAError``
-whose message names the field and the fix; the app shows it next to the form. Heavy imports
+whose message names the field and the fix; the app shows it next to the form. Server paths typed
+in the form are confined to allowed folders and uploads are kept (see ``jobs.confine``). Heavy imports
 (tokenizers, torch) happen inside the functions that need them, so the app starts fast.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
 from qalora.errors import ConfigError, DataError
 
+from .confine import confine_base, confine_data, keep_upload
 from .spec import JobSpec, model_dims
 
 BASE_CHOICES = ("default", "tiny-random")
@@ -43,7 +45,7 @@ def group_size_choices(base: str) -> list[int]:
 
     Raises ``ModelError`` for a path that does not exist or is not a LLaMA-family model.
     """
-    dims = model_dims(str(base or "").strip() or "default")
+    dims = model_dims(confine_base(str(base or "").strip() or "default"))
     if dims is None:
         return list(FALLBACK_GROUP_SIZES)
     return [g for g in _CANDIDATE_GROUP_SIZES if all(d % g == 0 for d in dims)]
@@ -58,12 +60,12 @@ def data_source(kind: str, builtin: str | None, upload: str | None, path_or_name
     if kind == "upload":
         if not upload:
             raise DataError("no file is uploaded; drop a .jsonl, .json, .csv or .parquet file on the upload box.")
-        return str(upload)
+        return keep_upload(str(upload))  # Gradio's temporary copy would vanish before a resume
     ref = (path_or_name or "").strip()
     if not ref:
         raise DataError("the dataset path or name is empty; type a file path, a dataset folder, or the name "
                         "of a dataset in the local datasets cache.")
-    return ref
+    return confine_data(ref)
 
 
 def _number(field: str, value, cast, minimum=None):
@@ -95,7 +97,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
     train = TrainConfig(steps=steps, batch_size=_number("batch size", batch_size, int, 1),
                         seq_len=_number("sequence length", seq_len, int, 8), lr=_number("learning rate", lr, float),
                         warmup_steps=min(10, steps // 10), eval_every=every, save_every=every, eval_batches=4)
-    spec = JobSpec(base=str(base or "").strip() or "default", data=data,
+    spec = JobSpec(base=confine_base(str(base or "").strip() or "default"), data=confine_data(data),
                    quant=QuantConfig(bits=_number("bits", bits, int), group_size=_number("group size", group_size, int),
                                      method=method),
                    adapter=AdapterConfig(rank=_number("rank", rank, int, 1), alpha=_number("alpha", alpha, float)),
@@ -134,7 +136,8 @@ def preview_dataset(source: str, base: str, n: int = 3) -> tuple[list[str], int]
     """
     from qalora.data import preview
 
-    base = str(base or "").strip() or "default"
+    base = confine_base(str(base or "").strip() or "default")
+    source = confine_data(source)
     model_dims(base)  # an unknown model path is reported before any loading
     try:
         tok = _tokenizer(base)

@@ -162,6 +162,7 @@ from .chat import build_messages, loaded_models, stream_reply, stream_side_by_si
 from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_GROUP_SIZE, DEFAULT_PRESET,  # noqa: E402,F401
                     METHOD_CHOICES, PRESETS, build_spec, builtin_choices, data_source, group_size_choices,
                     preview_dataset)
+from .confine import with_upload_names  # noqa: E402,F401
 from .publish import PublishError, loss_curve, model_card, resolve_token  # noqa: E402,F401
 
 

@@ -23,6 +23,7 @@ FORM = dict(base="tiny-random", bits=4, group_size=32, method="rtn", kind="built
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("QALORA_DB_URL", raising=False)
+    monkeypatch.setenv("QALORA_ALLOWED_DIRS", str(tmp_path))  # the tests' files live here
     return tmp_path
 
 
@@ -56,8 +57,10 @@ def test_launch_queues_a_job_and_switches_to_the_jobs_tab(home):
 @pytest.mark.parametrize("changes, message", [
     (dict(group_size="48"), "**Error:** group_size=48 does not divide in_features=64 of q_proj; valid group sizes for "
                             "this model include [16, 32, 64]."),
-    (dict(base="/no/such/model"), "**Error:** model '/no/such/model' was not found: give 'default', 'tiny-random', a "
-                                  "local model directory, a .gguf file, or a Hugging Face Hub id like 'org/name'."),
+    # server paths outside the allowed folders: one message, whether or not they exist
+    (dict(base="/no/such/model"), "**Error:** base model: the form only reads server files under "),
+    (dict(base="/etc"), "**Error:** base model: the form only reads server files under "),
+    (dict(kind="path or name", path="/etc/passwd"), "**Error:** dataset: the form only reads server files under "),
     (dict(group_size="16", exports=["gguf"]), "**Error:** GGUF export needs a group size that is a multiple of 32, "
                                               "got 16: llama.cpp's Q4_1 format keeps one scale and one offset per "
                                               "block of 32 weights, so a block would span groups with different "
@@ -68,14 +71,12 @@ def test_launch_queues_a_job_and_switches_to_the_jobs_tab(home):
     (dict(rank=0), "**Error:** rank must be at least 1 (got 0)."),
     (dict(kind="upload"), "**Error:** no file is uploaded; drop a .jsonl, .json, .csv or .parquet file on the "
                           "upload box."),
-    (dict(kind="path or name", path="missing.jsonl"), "**Error:** dataset 'missing.jsonl' not found; give "
-                                                      "builtin:default, the path of a .json/.jsonl/.csv/.parquet "
-                                                      "file, or a dataset folder."),
+    (dict(kind="path or name", path="missing.jsonl"), "**Error:** dataset: the form only reads server files under "),
 ])
 def test_bad_input_is_reported_in_the_form_and_nothing_is_queued(home, changes, message):
     with pytest.warns(UserWarning):  # gr.Warning outside a request: the toast becomes a warning
         note, picker, tabs = _launch(**changes)
-    assert note == message
+    assert note.startswith(message) and (note == message or "QALORA_ALLOWED_DIRS" in note)
     assert isinstance(picker, type(gr.skip())) and isinstance(tabs, type(gr.skip()))
     assert service.list_jobs() == []
 

@@ -1,0 +1,80 @@
+"""What the web form may read on the server: allowed folders only, uploads kept under their hash."""
+import hashlib
+import os
+
+import pytest
+
+from jobs import confine, forms
+from qalora.errors import QALoRAError
+
+ROWS = '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n'
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QALORA_ALLOWED_DIRS", raising=False)
+    (tmp_path / "home" / "datasets").mkdir(parents=True)
+    return tmp_path / "home"
+
+
+def _refusal(**kw) -> str:
+    with pytest.raises(QALoRAError) as exc:
+        forms.data_source(**{"kind": "path or name", "builtin": None, "upload": None, **kw})
+    return str(exc.value)
+
+
+def test_paths_outside_the_allowed_folders_get_one_message_whether_or_not_they_exist(home, tmp_path):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("instruction,output\npassword,hunter2\n")
+    messages = {_refusal(path_or_name=p) for p in (str(secret), str(tmp_path / "absent.csv"), "/etc/passwd",
+                                                   "/etc/shadow.jsonl", "../../etc/hosts", "~/.bashrc")}
+    assert len(messages) == 1  # nothing tells a visitor which of these exist
+    (message,) = messages
+    assert message.startswith("dataset: the form only reads server files under ")
+    assert str(home / "datasets") in message and "hunter2" not in message and "secret" not in message
+    with pytest.raises(QALoRAError, match="base model: the form only reads server files"):
+        forms.group_size_choices(str(tmp_path))
+    with pytest.raises(QALoRAError, match="base model: the form only reads server files"):
+        forms.group_size_choices("/etc/model.gguf")
+
+
+def test_allowed_folders_and_a_symlink_that_escapes_them(home, tmp_path, monkeypatch):
+    inside = home / "datasets" / "rows.jsonl"
+    inside.write_text(ROWS)
+    assert forms.data_source("path or name", None, None, str(inside)) == str(inside)
+    outside = tmp_path / "elsewhere" / "rows.jsonl"
+    outside.parent.mkdir()
+    outside.write_text(ROWS)
+    link = home / "datasets" / "link.jsonl"
+    link.symlink_to(outside)
+    assert "only reads server files" in _refusal(path_or_name=str(link))  # resolved, then refused
+    monkeypatch.setenv("QALORA_ALLOWED_DIRS", f"/nonexistent:{outside.parent}")
+    assert forms.data_source("path or name", None, None, str(outside)) == str(outside)
+    # Hub ids, built-in sets and cached dataset names are no server paths
+    assert forms.data_source("built-in", "builtin:contacts", None, "") == "builtin:contacts"
+    assert confine.confine_data("someorg/some-set") == "someorg/some-set"
+    assert confine.confine_base("org/model") == "org/model" and confine.confine_base("default") == "default"
+
+
+def test_uploads_are_kept_under_their_hash_and_capped(home, tmp_path, monkeypatch):
+    gradio_tmp = tmp_path / "gradio" / "my data.jsonl"
+    gradio_tmp.parent.mkdir()
+    gradio_tmp.write_text(ROWS)
+    kept = forms.data_source("upload", None, str(gradio_tmp), None)
+    assert kept == str(home / "uploads" / f"{hashlib.sha256(ROWS.encode()).hexdigest()}.jsonl")
+    gradio_tmp.unlink()  # Gradio cleans its temporary folder: the job still finds its data
+    assert open(kept).read() == ROWS
+    again = tmp_path / "gradio" / "copy.jsonl"
+    again.write_text(ROWS)
+    assert forms.data_source("upload", None, str(again), None) == kept  # same content, same file
+    assert confine.with_upload_names(f"{os.path.basename(kept)} row 2: missing 'output'") == \
+        "copy.jsonl row 2: missing 'output'"
+    monkeypatch.setenv("QALORA_MAX_UPLOAD_MB", "0.00001")
+    with pytest.raises(QALoRAError, match=r"copy.jsonl is 0 MB; uploads are limited to 0 MB \(QALORA_MAX_UPLOAD_MB\)"):
+        forms.data_source("upload", None, str(again), None)
+    wrong = tmp_path / "gradio" / "notes.txt"
+    wrong.write_text("x")
+    monkeypatch.delenv("QALORA_MAX_UPLOAD_MB")
+    with pytest.raises(QALoRAError, match="unsupported file type .txt"):
+        forms.data_source("upload", None, str(wrong), None)
