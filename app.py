@@ -151,7 +151,8 @@ def _job_rows(jobs: list[dict]) -> pd.DataFrame:
         if j["status"] == "running" and j["step"]:
             last = service.get_job(j["id"], metrics_after=j["step"] - 1)["metrics"]
             tps = last[-1]["tokens_per_s"] if last else None
-        rows.append([j["id"], j["name"], j["status"], f"{j['step']}/{j['total_steps']} ({j['progress']:.0%})",
+        status = "running (stalled)" if j.get("stalled_s") else j["status"]
+        rows.append([j["id"], j["name"], status, f"{j['step']}/{j['total_steps']} ({j['progress']:.0%})",
                      "" if j["loss"] is None else round(j["loss"], 4),
                      _duration(j["eta_s"]) if j["status"] == "running" else "", "" if tps is None else round(tps),
                      j["created_at"].strftime("%Y-%m-%d %H:%M") if j["created_at"] else ""])
@@ -172,6 +173,10 @@ def _job_summary(job: dict) -> str:
     lines = [f"### #{job['id']} {job['name']}: **{job['status']}**",
              f"stage `{job['stage'] or '-'}` · step {job['step']}/{job['total_steps']} · ETA "
              f"{_duration(job['eta_s']) if job['status'] == 'running' else '-'}"]
+    if job.get("stalled_s"):
+        lines.append(f"**Stalled:** no progress for {_duration(job['stalled_s'])} (the worker is alive but the "
+                     f"job does not move; cancel and resume it if this lasts). Last log line: "
+                     f"`{job.get('last_log_line') or '-'}`")
     if job["error"]:
         lines.append(f"**Error:** {job['error']}")
     return "\n\n".join(lines)

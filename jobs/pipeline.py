@@ -151,6 +151,12 @@ class _JobRun:
         if name != "done" and self.should_stop():
             raise _Stop(f"stopped before stage {name!r}")
 
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        """Progress inside a long stage (a decoder layer loaded and quantized) counts as progress."""
+        with db() as s:
+            if not repo.heartbeat(s, self.job_id, self.worker_id, stage=stage):
+                self.lost.set()
+
     def on_step(self, info) -> None:
         eta = (info.total_steps - info.step) * info.elapsed_s / max(info.step, 1)
         with db() as s:
@@ -167,7 +173,7 @@ class _JobRun:
             spec = JobSpec.from_dict(raw_spec)
             report = finetune(spec.base, spec.data, self.artifact_dir, spec.quant, spec.adapter, spec.train,
                               resume=True, log=self.log, on_step=self.on_step, should_stop=self.should_stop,
-                              on_stage=self.on_stage)
+                              on_stage=self.on_stage, on_progress=self.on_progress)
             report = self.after_training(spec, report)
         except (TrainingStopped, _Stop) as exc:
             return self._stopped(str(exc))

@@ -13,7 +13,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from storage import Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo
+from storage import Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo, utcnow
 
 from .pipeline import LOG_NAME
 from .spec import EXTRA_EXPORTS, JobSpec  # noqa: F401  (EXTRA_EXPORTS: for the app)
@@ -28,7 +28,24 @@ def _job_dict(job: Job) -> dict:
     d = {k: getattr(job, k) for k in JOB_FIELDS}
     d["progress"] = job.step / job.total_steps if job.total_steps else 0.0
     d["spec"], d["report"] = job.spec, job.report
+    # Alive (heartbeating) but not moving: a hung CUDA call or a deadlock. Shown, not acted on.
+    d["stalled_s"] = None
+    if job.status == JobStatus.RUNNING.value and job.progress_at is not None:
+        idle = (utcnow() - job.progress_at).total_seconds()
+        if idle >= get_settings().stall_s:
+            d["stalled_s"] = idle
+            d["last_log_line"] = _last_log_line(job.artifact_dir)
     return d
+
+
+def _last_log_line(folder: str | None) -> str:
+    path = Path(folder or "") / LOG_NAME
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 4096))
+        lines = f.read().decode("utf-8", errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def _metric_dict(m: Metric) -> dict:

@@ -143,11 +143,12 @@ def _masked_logits(model, check: list[dict]) -> list[torch.Tensor]:
 
 
 def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: AdapterConfig, train_cfg: TrainConfig, *,
-             resume: bool = True, on_step=None, should_stop=None, on_stage=None, log=None) -> dict:
+             resume: bool = True, on_step=None, should_stop=None, on_stage=None, on_progress=None, log=None) -> dict:
     """Run the whole pipeline; returns the report (also written to ``out_dir/report.json``).
 
     Writes ``out_dir/merged`` (native low-bit model), ``out_dir/adapter`` and checkpoints under
     ``out_dir/checkpoints``. Raises :class:`TrainingStopped` when ``should_stop()`` fires.
+    ``on_progress(stage, done, total)`` reports progress inside a stage (decoder layers loaded).
     """
     from .export.adapter import save_adapter
     from .export.atomic import atomic_path
@@ -177,7 +178,8 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     log.info("data: %d train / %d eval examples", len(train_examples), len(eval_examples))
 
     stage("quantize")
-    model, qweights = _quantized_base(src, quant, adapter, train_examples, out, resume, device, torch_dtype, log)
+    model, qweights = _quantized_base(src, quant, adapter, train_examples, out, resume, device, torch_dtype, log,
+                                      on_progress and (lambda done, total: on_progress("quantize", done, total)))
     # The adapter's initial values come from the global RNG: seed it so the job's seed decides them.
     torch.manual_seed(train_cfg.seed)
     inject_qalora(model, qweights, adapter)

@@ -40,6 +40,9 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     worker_id: Mapped[str | None] = mapped_column(String(128))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Last real progress (a step, a stage, a layer loaded): the heartbeat alone says the worker
+    # lives, not that the job moves; a stuck CUDA call keeps beating but stops progressing.
+    progress_at: Mapped[datetime | None] = mapped_column(DateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     artifact_dir: Mapped[str | None] = mapped_column(String(1024))

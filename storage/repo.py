@@ -55,7 +55,7 @@ def claim(s: Session, worker_id: str, job_id: int | None = None) -> int | None:
     next candidate). With ``job_id``, a job that is not queued raises ``IllegalTransition``.
     """
     now = utcnow()
-    values = dict(worker_id=worker_id, started_at=now, heartbeat_at=now, finished_at=None,
+    values = dict(worker_id=worker_id, started_at=now, heartbeat_at=now, progress_at=now, finished_at=None,
                   cancel_requested=False, error=None, attempts=Job.attempts + 1)
     if job_id is not None:
         _transition(s, job_id, S.RUNNING, **values)
@@ -111,8 +111,14 @@ def _owned(job_id: int, worker_id: str):
 
 
 def heartbeat(s: Session, job_id: int, worker_id: str, **values) -> bool:
-    """Refresh the heartbeat (and any job columns given); False if the job is no longer ours."""
-    stmt = update(Job).where(*_owned(job_id, worker_id)).values(heartbeat_at=utcnow(), **values)
+    """Refresh the heartbeat (and any job columns given); False if the job is no longer ours.
+
+    Any column given (a step, a stage) is progress too; a bare heartbeat is not.
+    """
+    now = utcnow()
+    if values:
+        values.setdefault("progress_at", now)
+    stmt = update(Job).where(*_owned(job_id, worker_id)).values(heartbeat_at=now, **values)
     return s.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1
 
 

@@ -21,6 +21,7 @@ class Settings:
     stale_s: float          # QALORA_STALE_S: silence after which a running job counts as orphaned
     poll_s: float           # QALORA_POLL_S: idle worker's wait between looks at the queue
     max_attempts: int       # QALORA_MAX_ATTEMPTS: automatic resumes before a job waits for a human
+    stall_s: float          # QALORA_STALL_S: a running job with no progress this long is shown stalled
 
     @property
     def jobs_dir(self) -> Path:
@@ -54,4 +55,5 @@ def get_settings() -> Settings:
         stale_s=_number("QALORA_STALE_S", 60.0, float),
         poll_s=_number("QALORA_POLL_S", 1.0, float),
         max_attempts=_number("QALORA_MAX_ATTEMPTS", 3, int),
+        stall_s=_number("QALORA_STALL_S", 1800.0, float),
     )

@@ -119,3 +119,35 @@ def test_queue_controls_follow_the_status_machine(store, tmp_path):
     job = service.get_job(second, metrics_after=1)
     assert job["progress"] == 0.5 and [(m["step"], m["eval_loss"]) for m in job["metrics"]] == [(2, 1.7)]
     assert service.read_log(second) == ""  # no log before the worker writes one
+
+
+def test_a_job_that_beats_but_does_not_move_is_shown_stalled(store, tmp_path, monkeypatch):
+    import app
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from jobs.pipeline import note
+    from storage import utcnow
+    from storage.models import Job
+
+    monkeypatch.setenv("QALORA_STALL_S", "600")
+    job_id = service.submit(_spec(_data(tmp_path)))
+    with db() as s:
+        repo.claim(s, "w1", job_id)
+        repo.record_step(s, job_id, "w1", step=3, train_loss=1.0, eval_loss=None, lr=1e-3, tokens_per_s=10.0,
+                         elapsed_s=1.0, eta_s=5.0)
+    note(job_id, service.get_job(job_id)["artifact_dir"], "step 3/12 loss 1.0000")
+    assert service.get_job(job_id)["stalled_s"] is None
+    with db() as s:  # 20 minutes later: heartbeats kept coming, no step did
+        s.execute(update(Job).where(Job.id == job_id).values(progress_at=utcnow() - timedelta(minutes=20)))
+        assert repo.heartbeat(s, job_id, "w1")  # a bare heartbeat is no progress
+    job = service.get_job(job_id)
+    assert 1190 < job["stalled_s"] < 1300 and job["last_log_line"].endswith("step 3/12 loss 1.0000")
+    assert app._job_rows([job]).iloc[0]["status"] == "running (stalled)"
+    assert "**Stalled:** no progress for 20m" in app._job_summary(job) and "step 3/12 loss 1.0000" in \
+        app._job_summary(job)
+    with db() as s:  # the next step clears it
+        repo.record_step(s, job_id, "w1", step=4, train_loss=0.9, eval_loss=None, lr=1e-3, tokens_per_s=10.0,
+                         elapsed_s=2.0, eta_s=4.0)
+    assert service.get_job(job_id)["stalled_s"] is None
