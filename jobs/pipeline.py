@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import signal
 import threading
 import traceback
 from pathlib import Path
@@ -22,6 +24,9 @@ from storage import IllegalTransition, Job, JobStatus, db, get_settings, repo
 from .spec import JobSpec
 
 LOG_NAME = "job.log"
+# Fault injection for tests: the first attempt of every job SIGKILLs its own worker on entering
+# this stage (tests/test_worker.py kills a worker in each stage and checks the resumed result).
+FAULT_STAGE = "QALORA_FAULT_STAGE"
 ARTIFACTS = {"merged": "merged", "adapter": "adapter", "report": "report.json", "log": LOG_NAME}
 # Jobs on the built-in training set are also scored on its multiple-choice questions (held-out people).
 BUILTIN_MC = {"builtin:default": "builtin:contacts-mc", "builtin:contacts": "builtin:contacts-mc"}
@@ -113,7 +118,7 @@ def run_job(job_id: int, worker_id: str | None = None, *, shutdown: threading.Ev
     with db() as s:
         job = repo.get_job(s, job_id)
         raw_spec, artifact_dir, attempt = job.spec, Path(job.artifact_dir), job.attempts
-    run = _JobRun(job_id, worker_id, artifact_dir, shutdown or threading.Event())
+    run = _JobRun(job_id, worker_id, artifact_dir, shutdown or threading.Event(), attempt)
     beat = _Heartbeat(job_id, worker_id, get_settings().heartbeat_s, run.lost)
     beat.start()
     try:
@@ -128,8 +133,10 @@ def run_job(job_id: int, worker_id: str | None = None, *, shutdown: threading.Ev
 class _JobRun:
     """One attempt at one job: the library's callbacks and the recording of its outcome."""
 
-    def __init__(self, job_id: int, worker_id: str, artifact_dir: Path, shutdown: threading.Event):
+    def __init__(self, job_id: int, worker_id: str, artifact_dir: Path, shutdown: threading.Event,
+                 attempt: int = 1):
         self.job_id, self.worker_id, self.artifact_dir, self.shutdown = job_id, worker_id, artifact_dir, shutdown
+        self.attempt = attempt
         self.lost = threading.Event()  # another worker owns the job now (we were presumed dead)
         self.log = job_logger(job_id, artifact_dir)
 
@@ -148,6 +155,8 @@ class _JobRun:
         with db() as s:
             if not repo.heartbeat(s, self.job_id, self.worker_id, stage=name):
                 self.lost.set()
+        if os.environ.get(FAULT_STAGE) == name and self.attempt == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the kill-anywhere resume test
         if name != "done" and self.should_stop():
             raise _Stop(f"stopped before stage {name!r}")
 

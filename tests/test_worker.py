@@ -209,3 +209,33 @@ def test_worker_slots_cap_workers_per_machine(store):
     again = acquire_slot(store)
     assert again is not None
     again.close()
+
+
+KILL_STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "export")
+
+
+def test_a_worker_killed_in_any_stage_resumes_to_the_same_bytes(store, tmp_path):
+    """SIGKILL the worker once on entering each stage; a new worker resumes the job, and the final
+    merged model (and GGUF export) are byte-identical to an uninterrupted run's."""
+    data = tiny_data(tmp_path / "d.jsonl")
+    spec = tiny_spec(data, steps=2 * SAVE_EVERY + 2).to_dict() | {"exports": ["gguf"]}
+    reference = service.submit(spec)
+    assert Worker().run(burst=True) == 1
+    ref_dir = Path(service.get_job(reference)["artifact_dir"])
+    expected = (ref_dir / "merged" / "model.safetensors").read_bytes()
+    expected_gguf = (ref_dir / "exports" / "model-q4_1.gguf").read_bytes()
+    for stage in KILL_STAGES:
+        job_id = service.submit(spec)
+        victim = subprocess.run([sys.executable, "-m", "jobs.worker", "--burst"], cwd=ROOT, timeout=300,
+                                env={**os.environ, "QALORA_FAULT_STAGE": stage}, capture_output=True)
+        assert victim.returncode == -signal.SIGKILL, (stage, victim.stdout[-2000:])
+        killed = service.get_job(job_id)
+        assert (killed["status"], killed["stage"]) == ("running", stage)
+        assert Worker().run(burst=True) == 1  # sees the dead worker, requeues, resumes
+        job = service.get_job(job_id)
+        assert (job["status"], job["attempts"]) == ("succeeded", 2), (stage, job["error"])
+        folder = Path(job["artifact_dir"])
+        assert (folder / "merged" / "model.safetensors").read_bytes() == expected, stage
+        assert (folder / "exports" / "model-q4_1.gguf").read_bytes() == expected_gguf, stage
+        assert steps_of(job_id) == list(range(1, 2 * SAVE_EVERY + 3)), stage
+        assert not [p.name for p in folder.rglob(".partial-*")], stage
