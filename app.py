@@ -198,6 +198,19 @@ def _merge_check(job: dict) -> str:
     return text
 
 
+def _job_with_metrics(job_id: int, seen: dict) -> tuple[dict, dict]:
+    """The job with all its metrics, fetching only the rows after those this page already has.
+
+    A new attempt (a resume) may rewrite the steps after its checkpoint: then all are fetched again.
+    """
+    cached = seen.get("metrics") if seen.get("metrics_of") == job_id else None
+    job = service.get_job(job_id, metrics_after=cached[-1]["step"] if cached else 0)
+    if cached and job["attempts"] != seen.get("metrics_attempts"):
+        cached, job = None, service.get_job(job_id)
+    job["metrics"] = (cached or []) + job["metrics"]
+    return job, {**seen, "metrics_of": job_id, "metrics": job["metrics"], "metrics_attempts": job["attempts"]}
+
+
 def _refresh(selected, seen):
     """One timer tick; parts that did not change are skipped so nothing flickers or closes."""
     jobs = service.list_jobs()
@@ -210,7 +223,7 @@ def _refresh(selected, seen):
             return table, picker, gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
         return table, picker, "*Select a job.*", None, "", "", {**seen, "job": "none"}
     try:
-        job = service.get_job(int(selected))
+        job, seen = _job_with_metrics(int(selected), seen)
     except Exception as exc:
         return table, picker, f"**Error:** {exc}", None, "", "", {**seen, "job": None}
     key = (job["id"], job["status"], job["stage"], len(job["metrics"]))

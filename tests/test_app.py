@@ -193,3 +193,38 @@ def test_app_refuses_to_start_shared_without_login(monkeypatch):
     monkeypatch.delenv("QALORA_AUTH_FILE", raising=False)
     with pytest.raises(SystemExit, match="refusing to serve on 0.0.0.0 without a login"):
         app.main(["--host", "0.0.0.0", "--no-worker", "--port", "1"])
+
+
+def test_the_jobs_timer_fetches_only_new_metric_rows(home, monkeypatch):
+    from storage import db, repo
+
+    _launch(name="metrics")
+    (job,) = service.list_jobs()
+    with db() as s:
+        repo.claim(s, "w1", job["id"])
+
+    def step(n):
+        with db() as s:
+            repo.record_step(s, job["id"], "w1", step=n, train_loss=1.0 / n, eval_loss=None, lr=1e-3,
+                             tokens_per_s=5.0, elapsed_s=float(n), eta_s=1.0)
+
+    asked = []
+    real = service.get_job
+    monkeypatch.setattr(service, "get_job", lambda job_id, metrics_after=0: asked.append(metrics_after) or
+                        real(job_id, metrics_after))
+    for n in (1, 2, 3):
+        step(n)
+    *_, plot, _, _, seen = app._refresh(job["id"], {})
+    for n in (4, 5):
+        step(n)
+    asked.clear()
+    *_, plot, _, _, seen = app._refresh(job["id"], seen)
+    assert 3 in asked and 0 not in asked  # only the rows after step 3 were read
+    assert sorted(plot[plot.series == "train"].step.tolist()) == [1, 2, 3, 4, 5]
+    with db() as s:  # a resume (new attempt) may rewrite steps: everything is read again
+        repo.interrupt(s, job["id"], "w1", reason="test")
+        repo.requeue(s, job["id"])
+        repo.claim(s, "w2", job["id"])
+    asked.clear()
+    app._refresh(job["id"], seen)
+    assert asked[-1] == 0
