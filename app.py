@@ -245,12 +245,27 @@ def _act(action, selected):
             "delete": "Deleted, with its files."}[action]
 
 
+DOWNLOADS_KEEP_S = 3600
+
+
+def _download_folder() -> Path:
+    """A fresh folder per request (two clicks never write the same file); old ones are removed."""
+    import shutil
+    import time
+
+    root = Path(tempfile.gettempdir()) / "qalora-downloads"
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if old.is_dir() and time.time() - old.stat().st_mtime > DOWNLOADS_KEEP_S:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=root))
+
+
 def _download(selected, fmt="native"):
     if selected is None:
         return gr.skip(), "Select a job first."
     try:
-        folder = Path(tempfile.gettempdir()) / "qalora-downloads"  # one file per job and format, replaced
-        path, note = service.download_model(int(selected), fmt, folder)
+        path, note = service.download_model(int(selected), fmt, _download_folder())
         return gr.update(value=str(path), visible=True), note
     except Exception as exc:
         return gr.skip(), _error(exc)

@@ -233,9 +233,11 @@ def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, s
     stem = f"qalora-job-{job_id:05d}-{'merged' if fmt == 'native' else fmt}"
     if source.is_file():
         path = dest / f"{stem}{source.suffix}"
-        shutil.copyfile(source, path)
+        shutil.copyfile(source, dest / f".partial-{path.name}")
     else:
-        path = Path(shutil.make_archive(str(dest / stem), "zip", source))
+        path = dest / f"{stem}.zip"
+        shutil.make_archive(str(dest / f".partial-{stem}"), "zip", source)
+    os.replace(dest / f".partial-{path.name}", path)  # the download link never points at a half file
     return path, export_note(result)
 
 

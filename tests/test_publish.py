@@ -177,6 +177,11 @@ def test_download_zips_the_merged_model(env, tmp_path):
     merged = Path(env["artifact_dir"]) / "merged"
     assert names == {p.name for p in merged.iterdir()} and "load_quantized" in note
     assert service.archive_model(env["id"], tmp_path).name == f"qalora-job-{env['id']:05d}-merged.zip"
+    # each click gets its own folder: two downloads never write the same file
+    again, _ = app._download(env["id"])
+    assert Path(again["value"]).parent != Path(update["value"]).parent
+    assert Path(again["value"]).name == Path(update["value"]).name
+    assert not list(Path(again["value"]).parent.glob(".partial-*"))
 
 
 def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tmp_path):
