@@ -170,6 +170,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
         check_fingerprint(read_fingerprint(last), fingerprint, last)
     records = data_mod.load_records(data)  # read the data first: a bad file fails in seconds
     src = open_base(base)  # config and tokenizer only; the weights stream in at "quantize"
+    log.info("base %s: %s at %s", base, src.kind, src.path or "(built in memory)")
     tokenizer = src.tokenizer
     stage("data")
     train_records, eval_records = data_mod.split_records(records, train_cfg.eval_fraction, train_cfg.seed)

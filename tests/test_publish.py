@@ -4,6 +4,7 @@ The fake implements the four endpoints an upload uses (whoami, repo creation, pr
 commit) and records what it was sent, so the tests check what a real Hub would receive.
 """
 import base64
+import hashlib
 import json
 import logging
 import threading
@@ -63,8 +64,57 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.requests.append(("GET", self.path))
         if self.path == "/api/whoami-v2" and self._authorized():
             self._reply(200, {"type": "user", "name": USER, "orgs": []})
-        elif self.path != "/api/whoami-v2":
+        elif self.path != "/api/whoami-v2" and not self._download(head=False):
             self._reply(404, {"error": "not found"})
+
+    def do_HEAD(self):
+        self.server.requests.append(("HEAD", self.path))
+        if not self._download(head=True):
+            self._reply(404, {"error": "not found"})
+
+    def _download(self, head: bool) -> bool:
+        """The read side of the Hub that snapshot_download uses: repo info, file tree, file bytes."""
+        path = self.path.split("?")[0].strip("/").split("/")
+        api = path[:2] == ["api", "models"] and len(path) >= 6 and path[4] in ("revision", "tree")
+        resolve = len(path) >= 5 and path[2] == "resolve"
+        if not (api or resolve):
+            return False
+        repo_id = "/".join(path[2:4] if api else path[:2])
+        repo = self.server.repos.get(repo_id)
+        if repo is None or (repo.get("gated") and self.headers.get("Authorization") != f"Bearer {TOKEN}"):
+            code, error = (404, "RepositoryNotFound") if repo is None else (403, "GatedRepo")
+            data = json.dumps({"error": error}).encode()
+            self.send_response(code)
+            self.send_header("X-Error-Code", error)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+            return True
+        sha = "f" * 40
+        files = repo["files"]
+        if api and path[4] == "revision":
+            self._reply(200, {"id": repo_id, "sha": sha, "private": repo["private"],
+                              "siblings": [{"rfilename": f} for f in sorted(files)]})
+        elif api:
+            self._reply(200, [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                              for f, b in sorted(files.items())])
+        else:
+            name = "/".join(path[4:])
+            if name not in files:
+                self._reply(404, {"error": "Entry not found"})
+                return True
+            data = files[name]
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", sha)
+            self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+        return True
 
     def do_POST(self):
         self.server.requests.append(("POST", self.path))
@@ -288,3 +338,40 @@ def test_shared_without_login_never_lends_the_servers_token(env, hub, monkeypatc
     assert hub.requests == [] and "alice/borrowed" not in hub.repos
     shown, _ = app._publish(env["id"], "own", True, TOKEN, progress=lambda *a, **k: None)
     assert shown.startswith("Published (private)")
+
+
+def test_a_hub_id_downloads_the_base_and_trains(hub, tmp_path, monkeypatch):
+    """A Hub id in a job downloads config, tokenizer and safetensors (streamed in layer by layer);
+    a missing or gated repo gives a message that names the fix."""
+    from huggingface_hub import constants
+
+    from qalora.errors import ModelError
+    from qalora.model import open_base
+    from qalora.pipeline import finetune
+    from qalora.tiny import tiny_random_llama
+
+    model, tok = tiny_random_llama()
+    model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
+    tok.save_pretrained(tmp_path / "src")
+    hub.repos["meta-tiny/llama"] = {"private": False, "files": {p.name: p.read_bytes()
+                                                                 for p in (tmp_path / "src").iterdir()}}
+    hub.repos["meta-tiny/gated"] = {**hub.repos["meta-tiny/llama"], "gated": True}
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+    src = open_base("meta-tiny/llama")
+    assert src.kind == "safetensors" and (src.path / "model.safetensors.index.json").is_file()
+    assert any(r[1].startswith("/meta-tiny/llama/resolve/") for r in hub.requests)
+    report = finetune("meta-tiny/llama", "builtin:default", tmp_path / "run", QuantConfig(4, 32),
+                      AdapterConfig(rank=4), TrainConfig(steps=1, batch_size=2, seq_len=320, eval_batches=1))
+    assert report["base"] == "meta-tiny/llama" and report["merge_max_abs_logit_diff"] <= 1e-4
+    with pytest.raises(ModelError, match="could not fetch 'meta-tiny/missing': the Hub at .* has no such model"):
+        open_base("meta-tiny/missing")
+    with pytest.raises(ModelError, match="could not fetch 'meta-tiny/gated': it is gated. .*set HF_TOKEN"):
+        open_base("meta-tiny/gated")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="Hub downloads are off"):
+        open_base("meta-tiny/other")
