@@ -173,6 +173,10 @@ def _job_summary(job: dict) -> str:
     lines = [f"### #{job['id']} {job['name']}: **{job['status']}**",
              f"stage `{job['stage'] or '-'}` · step {job['step']}/{job['total_steps']} · ETA "
              f"{_duration(job['eta_s']) if job['status'] == 'running' else '-'}"]
+    tasks = service.export_tasks(job["id"]) if job["status"] == "succeeded" else []
+    if tasks:
+        lines.append("Exports asked for later: " + ", ".join(
+            f"{t['format']} {t['status']}" + (f" ({t['error']})" if t["error"] else "") for t in tasks))
     if job.get("stalled_s"):
         lines.append(f"**Stalled:** no progress for {_duration(job['stalled_s'])} (the worker is alive but the "
                      f"job does not move; cancel and resume it if this lasts). Last log line: "
@@ -226,7 +230,9 @@ def _refresh(selected, seen):
         job, seen = _job_with_metrics(int(selected), seen)
     except Exception as exc:
         return table, picker, f"**Error:** {exc}", None, "", "", {**seen, "job": None}
-    key = (job["id"], job["status"], job["stage"], len(job["metrics"]))
+    exports = (tuple((t["format"], t["status"]) for t in service.export_tasks(job["id"]))
+               if job["status"] == "succeeded" else ())
+    key = (job["id"], job["status"], job["stage"], len(job["metrics"]), exports)
     if key == seen.get("job"):
         return table, picker, gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
     return (table, picker, _job_summary(job), _loss_frame(job["metrics"]), _merge_check(job),
@@ -267,6 +273,8 @@ def _download(selected, fmt="native"):
     try:
         path, note = service.download_model(int(selected), fmt, _download_folder())
         return gr.update(value=str(path), visible=True), note
+    except service.ExportQueued as queued:
+        return gr.skip(), str(queued)
     except Exception as exc:
         return gr.skip(), _error(exc)
 

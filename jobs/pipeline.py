@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from qalora.errors import QALoRAError
-from storage import IllegalTransition, Job, JobStatus, db, get_settings, repo
+from storage import ExportTask, IllegalTransition, Job, JobStatus, db, get_settings, repo
 
 from .spec import JobSpec
 
@@ -82,6 +82,49 @@ def describe_error(exc: BaseException, spec: JobSpec | None) -> str:
     if isinstance(exc, QALoRAError):
         return str(exc)
     return f"{type(exc).__name__}: {exc} (internal error; the full traceback is in the job log)."
+
+
+def export_note(result: dict) -> str:
+    fmt = result["format"]
+    if fmt == "gptq":
+        return (f"GPTQ stores integer zero points, so the merged offsets were rounded: against the exact "
+                f"model, max |logit difference| {result['max_abs_logit_diff']:.3g}, mean "
+                f"{result['mean_abs_logit_diff']:.3g}, same top-1 token at {result['top1_agreement']:.0%} of "
+                "positions. The native download is exact; GGUF differs from it only by fp16 rounding.")
+    if fmt == "gguf":
+        return (f"{result.get('gguf_type', 'GGUF')} file: the same codes, each group's scale and offset "
+                "stored in fp16 (exact up to fp16 rounding). Load it with llama.cpp, llama-cpp-python, "
+                "Ollama or LM Studio.")
+    if fmt == "peft":
+        return "PEFT LoRA adapter (lora_A expanded to full width); apply it to the 16-bit base with peft."
+    return "Native low-bit model: load with qalora.export.native.load_quantized."
+
+
+def run_export(task_id: int, worker_id: str) -> str:
+    """Write one export task's format for its job (in the worker, never the web process)."""
+    from qalora.export import export_run
+
+    with db() as s:
+        task = s.get(ExportTask, task_id)
+        job = repo.get_job(s, task.job_id)
+        fmt, job_id, artifact_dir = task.format, task.job_id, Path(job.artifact_dir)
+    log = job_logger(job_id, artifact_dir)
+    try:
+        log.info("export %s (asked for after the job ended) on worker %s", fmt, worker_id)
+        result = export_run(artifact_dir, fmt)
+        with db() as s:
+            repo.add_artifact(s, job_id, fmt, Path(result["path"]))
+            repo.finish_export(s, task_id, path=result["path"], note=export_note(result))
+        log.info("export %s: %s", fmt, result["path"])
+        return "done"
+    except Exception as exc:
+        message = describe_error(exc, None)
+        log.error("export %s failed: %s\n%s", fmt, message, traceback.format_exc())
+        with db() as s:
+            repo.finish_export(s, task_id, error=message)
+        return "failed"
+    finally:
+        close_logger(log)
 
 
 class _Heartbeat(threading.Thread):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from storage import Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo, utcnow
 
-from .pipeline import LOG_NAME
+from .pipeline import LOG_NAME, export_note  # noqa: F401 (export_note: public here too)
 from .spec import EXTRA_EXPORTS, JobSpec  # noqa: F401  (EXTRA_EXPORTS: for the app)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,22 +211,61 @@ def archive_model(job_id: int, dest_dir: str | Path, fmt: str = "native") -> Pat
     return download_model(job_id, fmt, dest_dir)[0]
 
 
-def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, str]:
-    """(file to download, note to show beside it). Exports not made by the job are made now.
+class ExportQueued(Exception):
+    """The format is not written yet: an export task is queued (or running) for a worker."""
 
-    The note states what the format costs: for GPTQ, the measured max logit difference between
-    the export and the exact merged model.
-    """
-    from qalora.export import export_run
+    def __init__(self, task: dict):
+        self.task = task
+        what = {"queued": "queued", "running": "being written"}[task["status"]]
+        super().__init__(f"The {task['format']} export is {what} by the worker (the web server never loads "
+                         "models); the Jobs tab shows when it is ready, then download again.")
 
-    keys = chat_keys(job_id)
-    run_dir = Path(keys["tuned"]).parent
+
+def _task_dict(t) -> dict:
+    return {"id": t.id, "format": t.format, "status": t.status, "path": t.path, "note": t.note, "error": t.error,
+            "created_at": t.created_at, "finished_at": t.finished_at}
+
+
+def export_tasks(job_id: int) -> list[dict]:
+    with db() as s:
+        return [_task_dict(t) for t in repo.export_tasks(s, job_id)]
+
+
+def request_export(job_id: int, fmt: str) -> dict:
+    """Queue an export of a finished job for a worker (or return the one queued, running or done)."""
+    from qalora.export import check_format
+
+    job = get_job(job_id, metrics_after=2**62)
+    r = job["report"] or {}
+    check_format(fmt, int(r.get("bits") or 4), int(r.get("group_size") or 32))  # refuse what cannot apply, now
+    with db() as s:
+        return _task_dict(repo.request_export(s, job_id, fmt))
+
+
+def _ready_export(job_id: int, fmt: str) -> dict | None:
+    """The job's finished export in ``fmt`` (made by the job or by a later task), if its file exists."""
     done = ((get_job(job_id, metrics_after=2**62)["report"] or {}).get("exports") or {}).get(fmt)
-    result = done if done and Path(done["path"]).exists() else None
+    if done and Path(done["path"]).exists():
+        return done
+    for task in reversed(export_tasks(job_id)):
+        if task["format"] == fmt and task["status"] == "done" and Path(task["path"]).exists():
+            return {"format": fmt, "path": task["path"], "note": task["note"]}
+    return None
+
+
+def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, str]:
+    """(file to download, note to show beside it). Packs files that exist; never exports here.
+
+    A format the job did not write is queued for a worker (``ExportQueued`` says so); the note
+    states what the format costs (for GPTQ, the measured max logit difference).
+    """
+    keys = chat_keys(job_id)
     if fmt == "native":
         source, result = Path(keys["tuned"]), {"format": "native"}
     else:
-        result = result or export_run(run_dir, fmt)
+        result = _ready_export(job_id, fmt)
+        if result is None:
+            raise ExportQueued(request_export(job_id, fmt))
         source = Path(result["path"])
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
@@ -238,20 +277,4 @@ def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, s
         path = dest / f"{stem}.zip"
         shutil.make_archive(str(dest / f".partial-{stem}"), "zip", source)
     os.replace(dest / f".partial-{path.name}", path)  # the download link never points at a half file
-    return path, export_note(result)
-
-
-def export_note(result: dict) -> str:
-    fmt = result["format"]
-    if fmt == "gptq":
-        return (f"GPTQ stores integer zero points, so the merged offsets were rounded: against the exact "
-                f"model, max |logit difference| {result['max_abs_logit_diff']:.3g}, mean "
-                f"{result['mean_abs_logit_diff']:.3g}, same top-1 token at {result['top1_agreement']:.0%} of "
-                "positions. The native download is exact; GGUF differs from it only by fp16 rounding.")
-    if fmt == "gguf":
-        return (f"{result.get('gguf_type', 'GGUF')} file: the same codes, each group's scale and offset "
-                "stored in fp16 (exact up to fp16 rounding). Load it with llama.cpp, llama-cpp-python, "
-                "Ollama or LM Studio.")
-    if fmt == "peft":
-        return "PEFT LoRA adapter (lora_A expanded to full width); apply it to the 16-bit base with peft."
-    return "Native low-bit model: load with qalora.export.native.load_quantized."
+    return path, result.get("note") or export_note(result)

@@ -23,7 +23,7 @@ from typing import IO
 
 from sqlalchemy.engine import make_url
 
-from storage import IllegalTransition, Settings, db, get_settings, repo, utcnow
+from storage import ExportTask, IllegalTransition, JobStatus, Settings, db, get_settings, repo, utcnow
 
 from .pipeline import note, run_job
 
@@ -107,7 +107,36 @@ class Worker:
             log.warning("job %d interrupted: %s", job_id, why)
             if retry:
                 requeued.append(job_id)
+        self._recover_exports()
         return requeued
+
+    def _recover_exports(self) -> None:
+        """Exports whose worker died go back to the queue (their writes are atomic: nothing torn)."""
+        from sqlalchemy import select
+
+        with db() as s:
+            owners = set(s.scalars(select(ExportTask.worker_id).where(ExportTask.status == "running")))
+        for owner in owners:
+            if owner and owner != self.id and _gone(owner):
+                with db() as s:
+                    repo.requeue_exports(s, owner)
+
+    def run_exports(self) -> int:
+        """Write the queued export tasks, oldest first, until a job is queued; returns how many ran."""
+        from .pipeline import run_export
+
+        ran = 0
+        while not self.stop.is_set():
+            with db() as s:
+                if repo.list_jobs(s, [JobStatus.QUEUED], limit=1):
+                    return ran  # training jobs go first
+                task = repo.claim_export(s, self.id)
+                task_id = task.id if task else None
+            if task_id is None:
+                return ran
+            log.info("export task %d: %s", task_id, run_export(task_id, self.id))
+            ran += 1
+        return ran
 
     def run(self, *, burst: bool = False, max_jobs: int | None = None) -> int:
         """Loop until ``stop`` is set (or the queue is empty with ``burst``); returns jobs run."""
@@ -124,6 +153,8 @@ class Worker:
                 self.stop.wait(settings.poll_s)
                 continue
             if job_id is None:
+                if self.run_exports():
+                    continue  # exports asked for after jobs ended run while no job waits
                 if burst:
                     break
                 self.stop.wait(settings.poll_s)

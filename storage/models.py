@@ -77,6 +77,22 @@ class Metric(Base):
     __table_args__ = (UniqueConstraint("job_id", "step", name="uq_metrics_job_step"),)
 
 
+class ExportTask(Base):
+    """An export asked for after a job ended: the worker writes it, not the web process."""
+    __tablename__ = "export_tasks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued, running, done, failed
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    path: Mapped[str | None] = mapped_column(String(1024))
+    note: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
 class Artifact(Base):
     __tablename__ = "artifacts"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import Artifact, Job, Metric, utcnow
+from .models import Artifact, ExportTask, Job, Metric, utcnow
 from .status import TRANSITIONS, IllegalTransition, JobStateError, JobStatus
 
 S = JobStatus
@@ -150,6 +150,55 @@ def add_artifact(s: Session, job_id: int, kind: str, path: Path) -> None:
             else path.stat().st_size if path.exists() else 0)
     s.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind))
     s.add(Artifact(job_id=job_id, kind=kind, path=str(path), size_bytes=size))
+
+
+# ---- exports asked for after a job ended (run by a worker) ---------------------------------
+
+def request_export(s: Session, job_id: int, fmt: str) -> ExportTask:
+    """The job's queued or running export task for ``fmt``, else a new queued one."""
+    job = s.get(Job, job_id)
+    if job is None:
+        raise JobStateError(f"Job {job_id} does not exist; refresh the job list.")
+    if job.status != S.SUCCEEDED.value:
+        raise JobStateError(f"Job {job_id} is {job.status}; exports are made from a finished model.")
+    task = s.scalar(select(ExportTask).where(ExportTask.job_id == job_id, ExportTask.format == fmt,
+                                             ExportTask.status.in_(("queued", "running")))
+                    .order_by(ExportTask.id.desc()))
+    if task is None:
+        task = ExportTask(job_id=job_id, format=fmt, status="queued")
+        s.add(task)
+        s.flush()
+    return task
+
+
+def claim_export(s: Session, worker_id: str) -> ExportTask | None:
+    """queued -> running for the oldest queued export; ``None`` when there is none."""
+    while True:
+        task_id = s.scalar(select(ExportTask.id).where(ExportTask.status == "queued")
+                           .order_by(ExportTask.id).limit(1))
+        if task_id is None:
+            return None
+        stmt = (update(ExportTask).where(ExportTask.id == task_id, ExportTask.status == "queued")
+                .values(status="running", worker_id=worker_id))
+        if s.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1:
+            return s.get(ExportTask, task_id)
+
+
+def finish_export(s: Session, task_id: int, *, path: str | None = None, note: str | None = None,
+                  error: str | None = None) -> None:
+    s.execute(update(ExportTask).where(ExportTask.id == task_id).values(
+        status="failed" if error else "done", path=path, note=note, error=error, finished_at=utcnow())
+        .execution_options(synchronize_session=False))
+
+
+def requeue_exports(s: Session, worker_id: str) -> None:
+    """Exports a dead worker was writing go back to the queue (writes are atomic: nothing is torn)."""
+    s.execute(update(ExportTask).where(ExportTask.status == "running", ExportTask.worker_id == worker_id)
+              .values(status="queued", worker_id=None).execution_options(synchronize_session=False))
+
+
+def export_tasks(s: Session, job_id: int) -> list[ExportTask]:
+    return list(s.scalars(select(ExportTask).where(ExportTask.job_id == job_id).order_by(ExportTask.id)))
 
 
 # ---- reads -------------------------------------------------------------------------------

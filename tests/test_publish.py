@@ -252,10 +252,29 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
     assert update["value"].endswith(".zip") and f"{gptq['max_abs_logit_diff']:.3g}" in note
     update, note = app._download(env["id"], "gguf")
     assert Path(update["value"]).read_bytes() == gguf_file.read_bytes() and "exact" in note
-    path, note = service.download_model(env["id"], "peft", tmp_path)  # not made by the job: made now
+    # not made by the job: the web process only queues it; a worker writes it
+    import sys
     import zipfile
+
+    import gradio as gr
+
+    from jobs.worker import Worker
+    torch_was_loaded = "torch" in sys.modules
+    update, note = app._download(env["id"], "peft")
+    assert note.startswith("The peft export is queued by the worker") and isinstance(update, type(gr.skip()))
+    assert [(t["format"], t["status"]) for t in service.export_tasks(env["id"])] == [("peft", "queued")]
+    assert app._download(env["id"], "peft")[1] == note  # asking twice queues it once
+    assert len(service.export_tasks(env["id"])) == 1
+    assert "peft queued" in app._job_summary(service.get_job(env["id"]))
+    assert not (Path(env["artifact_dir"]) / "exports" / "peft").exists()
+    assert ("torch" in sys.modules) == torch_was_loaded  # nothing was loaded to answer
+    assert Worker().run(burst=True) == 0  # no job ran; the export did
+    (task,) = service.export_tasks(env["id"])
+    assert task["status"] == "done" and Path(task["path"]).is_dir()
+    path, note = service.download_model(env["id"], "peft", tmp_path)
     with zipfile.ZipFile(path) as z:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(z.namelist())
+    assert "PEFT LoRA adapter" in note and "peft done" in app._job_summary(service.get_job(env["id"]))
 
 
 def _files_under(root):
