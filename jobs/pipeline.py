@@ -68,6 +68,17 @@ def _is_oom(exc: BaseException) -> bool:
                                                    or "can't allocate memory" in str(exc).lower())))
 
 
+_DISK_FULL = ("no space left on device", "file too large", "disk quota exceeded", f"os error {errno.ENOSPC})",
+              f"os error {errno.EFBIG})", f"os error {errno.EDQUOT})")
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """A full disk or a file-size limit, from Python (OSError) or a Rust writer (safetensors)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return any(marker in str(exc).lower() for marker in _DISK_FULL)
+
+
 def describe_error(exc: BaseException, spec: JobSpec | None) -> str:
     """The one-paragraph message shown in the UI; the traceback goes to the log."""
     if _is_oom(exc):
@@ -75,7 +86,7 @@ def describe_error(exc: BaseException, spec: JobSpec | None) -> str:
         return (f"Out of memory{sizes}: reduce batch size or "
                 "sequence length (raise grad_accum to keep the effective batch), or turn on gradient "
                 "checkpointing, then resume the job.")
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if _is_disk_full(exc):
         return ("Out of disk space (or over a file-size limit) while writing the job's files: free space "
                 "where the jobs are stored (QALORA_HOME) and resume the job. Finished files are written "
                 "under a temporary name first, so nothing already saved was damaged.")

@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from qalora.memory import limit_heap_retention
     limit_heap_retention()  # a worker process runs job after job: keep freed temporaries out of its heap
+    # A file-size limit (RLIMIT_FSIZE) makes a write fail with EFBIG, failing the job with a
+    # disk-space message, instead of killing the worker with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     worker = Worker()
     # SIGTERM/Ctrl-C: the running job checkpoints after its current step and goes back to the queue
     for sig in (signal.SIGTERM, signal.SIGINT):

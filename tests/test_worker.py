@@ -239,3 +239,38 @@ def test_a_worker_killed_in_any_stage_resumes_to_the_same_bytes(store, tmp_path)
         assert (folder / "exports" / "model-q4_1.gguf").read_bytes() == expected_gguf, stage
         assert steps_of(job_id) == list(range(1, 2 * SAVE_EVERY + 3)), stage
         assert not [p.name for p in folder.rglob(".partial-*")], stage
+
+
+def test_a_save_over_the_file_size_limit_fails_cleanly_and_resumes(store, tmp_path):
+    """RLIMIT_FSIZE in the worker process: the 16 MB merged model cannot be written. The job fails
+    with a disk-space message, no half model is left, and after the limit is lifted it resumes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qalora.tiny import TINY_DIMS, byte_tokenizer
+
+    tok = byte_tokenizer()
+    base = tmp_path / "wide-vocab"
+    config = LlamaConfig(vocab_size=32000, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=None, tie_word_embeddings=False, **TINY_DIMS)
+    LlamaForCausalLM(config).save_pretrained(base)  # embeddings + head: 16 MB in fp32
+    tok.save_pretrained(base)
+    spec = tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=SAVE_EVERY).to_dict() | {"base": str(base)}
+    job_id = service.submit(spec)
+    limit = 10 * 2 ** 20
+    code = (f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY)); "
+            "from jobs.worker import main; raise SystemExit(main(['--burst']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]  # the worker itself survived
+    job = service.get_job(job_id)
+    assert job["status"] == "failed" and job["error"].startswith("Out of disk space (or over a file-size limit)")
+    folder = Path(job["artifact_dir"])
+    assert not (folder / "merged").exists()  # no half model under the final name
+    assert not [p.name for p in folder.iterdir() if p.name.startswith((".partial-", ".old-"))]
+    assert (folder / "checkpoints" / f"step-{SAVE_EVERY:06d}.safetensors").is_file()  # training is kept
+
+    service.resume(job_id)
+    assert Worker().run(burst=True) == 1  # no limit here
+    job = service.get_job(job_id)
+    assert job["status"] == "succeeded" and job["report"]["resumed_from_step"] == SAVE_EVERY
+    assert (folder / "merged" / "model.safetensors").stat().st_size > limit
