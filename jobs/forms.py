@@ -32,6 +32,7 @@ PRESETS: dict[str, dict] = {
 }
 DEFAULT_PRESET = "quick"
 DATA_KINDS = ("built-in", "upload", "path or name")
+SUBMIT_SAMPLE_ROWS = 1000  # rows of a dataset checked in the form before queueing
 EVALS_PER_RUN = 5  # evaluations (and checkpoints) spread over a run, so the chart shows eval points
 
 
@@ -105,7 +106,9 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
     spec.validate()
     if check_rows:
         from qalora.data import load_records
-        count = len(load_records(spec.data))
+        # A bounded sample, so a large file is not parsed whole in the web process; the worker
+        # reads (and checks) every row when the job starts.
+        count = len(load_records(spec.data, limit=SUBMIT_SAMPLE_ROWS))
         if count < 2:
             raise DataError(f"{Path(spec.data).name} has {count} record; add at least two (one is held out "
                             "for evaluation).")

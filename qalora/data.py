@@ -40,12 +40,16 @@ _ROLE_NAMES = {"messages": ["system", "user", "assistant"],
                "conversations": ["system", "human", "gpt", "user", "assistant"]}
 
 
-def load_records(source: str) -> list[dict]:
-    """Load and normalize every record of ``source`` (see the module docstring)."""
+def load_records(source: str, limit: int | None = None) -> list[dict]:
+    """Load and normalize the records of ``source`` (see the module docstring).
+
+    ``limit`` reads and checks only the first ``limit`` records (a bounded sample: the web form
+    checks this much before queueing, the worker reads the whole file).
+    """
     source = str(source).strip()
     if source.startswith("builtin:"):
-        return builtin_records(source[len("builtin:"):])
-    name, rows = _read_rows(source)
+        return builtin_records(source[len("builtin:"):])[:limit]
+    name, rows = _read_rows(source, limit)
     if not rows:
         raise DataError(f"{name} is empty; add at least two records, e.g. one JSON object per line "
                         'like {"instruction": "...", "output": "..."}.')
@@ -56,26 +60,27 @@ def load_records(source: str) -> list[dict]:
     return [_normalize(fmt, row, f"{name} {where}") for where, row in rows]
 
 
-def _read_rows(source: str) -> tuple[str, list[tuple[str, dict]]]:
+def _read_rows(source: str, limit: int | None = None) -> tuple[str, list[tuple[str, dict]]]:
     """``(display name, [(location such as 'row 7 (line 8)', raw row), ...])``."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return path.name, _rows_of_dataset(_open_folder(path))
+        return path.name, _rows_of_dataset(_open_folder(path), limit)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix not in FILE_TYPES:
             raise DataError(f"{path.name}: unsupported file type {suffix or '(none)'}; "
                             f"use one of {', '.join(FILE_TYPES)}.")
         try:
-            text = None if suffix == ".parquet" else path.read_text(encoding="utf-8-sig")
+            text = None if suffix == ".parquet" else _read_text(path, suffix, limit)
         except UnicodeDecodeError as e:
             raise DataError(f"{path.name}: not UTF-8 text (bad byte at offset {e.start}); "
                             "save the file with UTF-8 encoding.") from None
-        return path.name, {".json": _rows_json, ".jsonl": _rows_jsonl, ".csv": _rows_csv,
-                           ".parquet": _rows_parquet}[suffix](path, text)
+        rows = {".json": _rows_json, ".jsonl": _rows_jsonl, ".csv": _rows_csv,
+                ".parquet": _rows_parquet}[suffix](path, text)
+        return path.name, rows[:limit]
     if path.suffix.lower() in FILE_TYPES or source.startswith((".", "/", "~")):
         raise DataError(f"{source}: file not found; check the path (relative paths start at {Path.cwd()}).")
-    return source, _rows_of_dataset(_load_cached_name(source))
+    return source, _rows_of_dataset(_load_cached_name(source), limit)
 
 
 def _rows_json(path: Path, text: str) -> list[tuple[str, dict]]:
@@ -163,13 +168,28 @@ def _load_cached_name(name: str):
                             "file and give that path.") from None
 
 
-def _rows_of_dataset(ds) -> list[tuple[str, dict]]:
+def _read_text(path: Path, suffix: str, limit: int | None) -> str:
+    """The file's text; for a bounded sample of a line-based file, only its first lines."""
+    if limit is None or suffix not in (".jsonl", ".csv"):
+        return path.read_text(encoding="utf-8-sig")
+    lines = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line in f:  # a CSV cell may span lines: take generously many, then rows are cut to limit
+            lines.append(line)
+            if len(lines) > 2 * limit + 1:
+                break
+    return "".join(lines)
+
+
+def _rows_of_dataset(ds, limit: int | None = None) -> list[tuple[str, dict]]:
     if hasattr(ds, "keys"):  # a DatasetDict: train on its train split
         splits = list(ds.keys())
         if "train" not in splits and len(splits) != 1:
             raise DataError(f"the dataset has splits {splits} but no 'train' split; save the split "
                             "you want to train on as its own dataset.")
         ds = ds["train" if "train" in splits else splits[0]]
+    if limit is not None and len(ds) > limit:
+        ds = ds.select(range(limit))
     return [(f"row {i} (1-based)", row) for i, row in enumerate(ds.to_list(), 1)]
 
 

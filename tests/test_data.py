@@ -328,3 +328,19 @@ def test_builtin_skill_check_scores_replies():
                                     n=10) == 0.5
     with pytest.raises(DataError, match="chat records"):
         data.builtin_skill_check([{"text": "x"}], lambda m: "", n=3)
+
+
+def test_a_bounded_sample_reads_only_the_head_of_a_line_based_file(tmp_path):
+    """The web form checks the first rows only; a problem far down the file is the worker's to find."""
+    from qalora.data import load_records
+
+    good = "".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(5000))
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(good.encode() + b"\xff\xfe not utf-8, not json\n")
+    sample = load_records(str(path), limit=1000)
+    assert len(sample) == 1000 and sample[-1]["messages"][0]["content"] == "q999"
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_records(str(path))  # the whole file: the worker's view
+    csv_path = tmp_path / "big.csv"
+    csv_path.write_text("instruction,output\n" + "".join(f"q{i},a{i}\n" for i in range(3000)) + 'bad,"unclosed\n')
+    assert len(load_records(str(csv_path), limit=50)) == 50
