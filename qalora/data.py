@@ -56,7 +56,8 @@ def load_records(source: str, limit: int | None = None) -> list[dict]:
     columns = {key for _, row in rows for key in row}
     fmt = next((f for f, (key, _) in FORMATS.items() if key in columns), None)
     if fmt is None:
-        raise DataError(f"{name}: unknown columns {sorted(columns)}; {_EXPECTED}.")
+        # Says how many columns, not which: error messages never echo the file's contents.
+        raise DataError(f"{name}: none of its {len(columns)} column(s) is a known record format; {_EXPECTED}.")
     return [_normalize(fmt, row, f"{name} {where}") for where, row in rows]
 
 
@@ -201,7 +202,9 @@ def _text(row: dict, key: str, where: str, need: str, required: bool = True) -> 
         problem = "missing" if value is None else "empty"
         raise DataError(f"{where}: {problem} '{key}' ({need}).")
     if not isinstance(value, str):
-        raise DataError(f"{where}: '{key}' must be text, got {type(value).__name__} {value!r}.")
+        # The message names the row and the type, never the value: errors must not echo file contents.
+        kind = type(value).__name__
+        raise DataError(f"{where}: '{key}' must be text, got {'an' if kind[0] in 'aeiou' else 'a'} {kind}.")
     return value
 
 
@@ -222,7 +225,7 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, where: str) -> lis
         raw_role = str(turn.get(role_key, "")).lower()
         role = _ROLES.get(raw_role) if raw_role in _ROLE_NAMES[key] else None
         if role is None:
-            raise DataError(f"{at}: '{role_key}' is {turn.get(role_key)!r}; use one of {_ROLE_NAMES[key]}.")
+            raise DataError(f"{at}: '{role_key}' is not one of {_ROLE_NAMES[key]}; use one of those.")
         content = _text(turn, text_key, at, f"every {role} message needs text")
         if role == "assistant" and not seen_user:
             raise DataError(f"{at}: assistant reply before any user message; start with a user "

@@ -86,7 +86,7 @@ def test_a_dataset_with_a_missing_column_is_refused_with_the_file_and_the_expect
     bad.write_text('{"question": "2+2?", "answer": "4"}\n{"question": "3+3?", "answer": "6"}\n')
     with pytest.warns(UserWarning):
         note, *_ = _launch(kind="upload", upload=str(bad))
-    assert note.startswith("**Error:** qa.jsonl: unknown columns ['answer', 'question']; expected one of these "
+    assert note.startswith("**Error:** qa.jsonl: none of its 2 column(s) is a known record format; expected one of these "
                            "column sets")
     rows = home / "alpaca.jsonl"
     rows.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')

@@ -78,3 +78,16 @@ def test_uploads_are_kept_under_their_hash_and_capped(home, tmp_path, monkeypatc
     monkeypatch.delenv("QALORA_MAX_UPLOAD_MB")
     with pytest.raises(QALoRAError, match="unsupported file type .txt"):
         forms.data_source("upload", None, str(wrong), None)
+
+
+def test_errors_about_an_allowed_file_never_echo_its_contents(home):
+    from qalora.data import load_records
+
+    for name, text in (("cols.jsonl", '{"hunter2": "x"}\n{"hunter2": "y"}\n'),
+                       ("value.jsonl", '{"instruction": "q", "output": ["hunter2"]}\n'),
+                       ("role.jsonl", '{"messages": [{"role": "hunter2", "content": "x"}]}\n')):
+        path = home / "datasets" / name
+        path.write_text(text)
+        with pytest.raises(QALoRAError) as exc:
+            load_records(forms.data_source("path or name", None, None, str(path)))
+        assert "hunter2" not in str(exc.value) and name in str(exc.value)
