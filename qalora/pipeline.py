@@ -169,6 +169,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
         # Refuse a stale or foreign folder now, not after loading and quantizing the base.
         check_fingerprint(read_fingerprint(last), fingerprint, last)
     records = data_mod.load_records(data)  # read the data first: a bad file fails in seconds
+    log.info("opening base %s (a Hub id is downloaded once, then read from the Hugging Face cache)", base)
     src = open_base(base)  # config and tokenizer only; the weights stream in at "quantize"
     log.info("base %s: %s at %s", base, src.kind, src.path or "(built in memory)")
     tokenizer = src.tokenizer
