@@ -243,10 +243,13 @@ def _act(action, selected):
     if selected is None:
         return "Select a job first."
     try:
-        getattr(service, action)(int(selected))
+        before = getattr(service, action)(int(selected))
     except Exception as exc:
         return _error(exc)
-    return {"cancel": "Cancel requested; a running job stops after its current step.",
+    if action == "cancel":
+        return ("Cancel requested; the job stops after its current step." if before["status"] == "running"
+                else "Canceled.")  # a queued or interrupted job is canceled at once
+    return {
             "resume": "Queued again; it resumes from its last checkpoint.",
             "delete": "Deleted, with its files."}[action]
 

@@ -214,6 +214,11 @@ class _JobRun:
         if name != "done" and self.should_stop():
             raise _Stop(f"stopped before stage {name!r}")
 
+    def library_stage(self, name: str) -> None:
+        """The library's stages; its "done" is not the job's, whose exports and scoring follow."""
+        if name != "done":
+            self.on_stage(name)
+
     def on_progress(self, stage: str, done: int, total: int) -> None:
         """Progress inside a long stage (a decoder layer loaded and quantized) counts as progress."""
         with db() as s:
@@ -236,7 +241,7 @@ class _JobRun:
             spec = JobSpec.from_dict(raw_spec)
             report = finetune(spec.base, spec.data, self.artifact_dir, spec.quant, spec.adapter, spec.train,
                               resume=True, log=self.log, on_step=self.on_step, should_stop=self.should_stop,
-                              on_stage=self.on_stage, on_progress=self.on_progress)
+                              on_stage=self.library_stage, on_progress=self.on_progress)
             report = self.after_training(spec, report)
         except (TrainingStopped, _Stop) as exc:
             return self._stopped(str(exc))
@@ -272,7 +277,7 @@ class _JobRun:
         if exports or mc_data:
             report["exports"] = exports
             (self.artifact_dir / ARTIFACTS["report"]).write_text(json.dumps(report, indent=2))
-            self.on_stage("done")
+        self.on_stage("done")  # once, after everything the job does
         return report
 
     def _succeed(self, s, report: dict) -> None:

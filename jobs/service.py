@@ -13,6 +13,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
+from sqlalchemy import select
+
 from storage import Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo, utcnow
 
 from .pipeline import LOG_NAME, export_note  # noqa: F401 (export_note: public here too)
@@ -65,10 +67,18 @@ def _require(s, job_id: int) -> Job:
 
 
 def submit(spec: JobSpec | dict) -> int:
-    """Validate ``spec`` and queue it; returns the job id. Bad specs raise before anything is stored."""
+    """Validate ``spec`` and queue it; returns the job id. Bad specs raise before anything is stored.
+
+    A name already used by another job gets a number (``name-2``, ``name-3``), so jobs stay apart.
+    """
     spec = (spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)).validate()
     settings = get_settings()
     with db() as s:
+        taken = set(s.scalars(select(Job.name).where(Job.name.like(f"{spec.name}%"))))
+        name, n = spec.name, 2
+        while name in taken:
+            name, n = f"{spec.name}-{n}", n + 1
+        spec.name = name
         return repo.create_job(s, name=spec.name, spec=spec.to_dict(), total_steps=spec.train.steps,
                                artifact_root=settings.jobs_dir)
 
@@ -201,7 +211,7 @@ def publish_job(job_id: int, repo_name: str, **kwargs) -> str:
     return publish(get_job(job_id), repo_name, **kwargs)
 
 
-DOWNLOAD_FORMATS = {"native": "merged low-bit model (native, exact)", "gguf": "GGUF for llama.cpp (exact)",
+DOWNLOAD_FORMATS = {"native": "merged low-bit model (native, exact)", "gguf": "GGUF for llama.cpp (exact codes, fp16 scales)",
                     "gptq": "GPTQ for gptqmodel / transformers (rounded zero points)",
                     "peft": "adapter in PEFT format"}
 

@@ -22,7 +22,7 @@ from .model import (BaseSource, count_adapter_params, inject_qalora, load_quanti
 from .quant import QuantizedTensor
 from .train import check_fingerprint, latest_checkpoint, read_fingerprint, train
 
-STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "evaluate", "done")
+STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "done")
 BASE_CACHE = "quantized_base.safetensors"
 # The merge check compares logits on at most this many eval batches and real tokens: the adapter
 # model's logits are kept while the model is merged in place, so the budget bounds that memory.
@@ -242,7 +242,6 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     with atomic_path(out / "merged") as tmp:  # a failed save leaves no half model under merged/
         save_quantized(merged, tokenizer, tmp, extra_config=merged_cfg)
 
-    stage("evaluate")
     report["peak_rss_mb"] = memory.peak_rss_mb()
     report["peak_gpu_mb"] = memory.peak_gpu_mb()
     report["wall_s"] = time.perf_counter() - t_start

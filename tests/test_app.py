@@ -149,7 +149,7 @@ def test_job_buttons_cancel_resume_and_delete(home):
     _launch(name="buttons")
     (job,) = service.list_jobs()
     assert app._act("cancel", None) == "Select a job first."
-    assert app._act("cancel", job["id"]) == "Cancel requested; a running job stops after its current step."
+    assert app._act("cancel", job["id"]) == "Canceled."  # it was only queued: nothing to wait for
     assert service.get_job(job["id"])["status"] == "canceled"
     assert app._act("resume", job["id"]) == "Queued again; it resumes from its last checkpoint."
     assert service.get_job(job["id"])["status"] == "queued"

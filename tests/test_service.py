@@ -151,3 +151,16 @@ def test_a_job_that_beats_but_does_not_move_is_shown_stalled(store, tmp_path, mo
         repo.record_step(s, job_id, "w1", step=4, train_loss=0.9, eval_loss=None, lr=1e-3, tokens_per_s=10.0,
                          elapsed_s=2.0, eta_s=4.0)
     assert service.get_job(job_id)["stalled_s"] is None
+
+
+def test_same_names_are_numbered_and_the_log_shows_each_stage_once(store, tmp_path):
+    from jobs.worker import Worker
+
+    spec = _spec(_data(tmp_path), steps=2, eval_every=2, save_every=2).to_dict() | {"exports": ["gguf"]}
+    first, second = service.submit(spec), service.submit(spec)
+    names = [service.get_job(j)["name"] for j in (first, second)]
+    assert names == ["sums", "sums-2"]
+    assert Worker().run(burst=True, max_jobs=1) == 1
+    stages = [line.split("stage: ")[1] for line in service.read_log(first, tail=1000).splitlines()
+              if "stage: " in line]
+    assert stages == ["load", "data", "quantize", "train", "merge", "verify", "save", "export", "done"]
