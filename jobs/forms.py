@@ -32,7 +32,9 @@ PRESETS: dict[str, dict] = {
 }
 DEFAULT_PRESET = "quick"
 DATA_KINDS = ("built-in", "upload", "path or name")
-SUBMIT_SAMPLE_ROWS = 1000  # rows of a dataset checked in the form before queueing
+SUBMIT_SAMPLE_ROWS = 1000
+MIN_RECORDS = 8  # enough to hold some out for evaluation and still train
+LR_RANGE = (1e-6, 1e-2)  # rows of a dataset checked in the form before queueing
 EVALS_PER_RUN = 5  # evaluations (and checkpoints) spread over a run, so the chart shows eval points
 
 
@@ -94,6 +96,11 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
     malformed row is reported in the form instead of failing the job in the worker.
     """
     steps = _number("steps", steps, int, 1)
+    rate = _number("learning rate", lr, float)
+    if not LR_RANGE[0] <= rate <= LR_RANGE[1]:
+        raise ConfigError(f"learning rate {rate:g} is outside the range that trains an adapter "
+                          f"({LR_RANGE[0]:g} to {LR_RANGE[1]:g}; typical 1e-4 to 3e-4); fix it in the advanced "
+                          "settings.")
     every = max(1, steps // EVALS_PER_RUN)
     train = TrainConfig(steps=steps, batch_size=_number("batch size", batch_size, int, 1),
                         seq_len=_number("sequence length", seq_len, int, 8), lr=_number("learning rate", lr, float),
@@ -108,11 +115,31 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
         from qalora.data import load_records
         # A bounded sample, so a large file is not parsed whole in the web process; the worker
         # reads (and checks) every row when the job starts.
-        count = len(load_records(spec.data, limit=SUBMIT_SAMPLE_ROWS))
-        if count < 2:
-            raise DataError(f"{Path(spec.data).name} has {count} record; add at least two (one is held out "
-                            "for evaluation).")
+        records = load_records(spec.data, limit=SUBMIT_SAMPLE_ROWS)
+        if len(records) < MIN_RECORDS:
+            raise DataError(f"{Path(spec.data).name} has {len(records)} record(s); a fine-tune needs at least "
+                            f"{MIN_RECORDS} (about one in ten is held out to measure it). Add more records.")
+        _check_replies_fit(records, spec)
     return spec
+
+
+def _check_replies_fit(records: list[dict], spec: JobSpec) -> None:
+    """Refuse a sequence length that cuts away every reply of the sample (the worker would fail)."""
+    from qalora.data import tokenize_records
+
+    if spec.base not in BASE_CHOICES and not Path(spec.base).expanduser().exists():
+        return  # a Hub id: its tokenizer is fetched by the worker, never by a web request
+    try:
+        tok = _tokenizer(spec.base)
+    except (OSError, ValueError):
+        return  # a Hub id not downloaded yet: the worker checks with the real tokenizer
+    sample = records[:200]
+    try:
+        tokenize_records(sample, tok, spec.train.seq_len)
+    except DataError:
+        raise DataError(f"sequence length {spec.train.seq_len} cuts away the whole reply of every one of the first "
+                        f"{len(sample)} records, leaving nothing to learn; raise it (typical 256-2048) or shorten "
+                        "the prompts.") from None
 
 
 @lru_cache(maxsize=2)

@@ -228,3 +228,27 @@ def test_the_jobs_timer_fetches_only_new_metric_rows(home, monkeypatch):
     asked.clear()
     app._refresh(job["id"], seen)
     assert asked[-1] == 0
+
+
+@pytest.mark.parametrize("changes, start", [
+    (dict(lr=1e9), "**Error:** learning rate 1e+09 is outside the range that trains an adapter (1e-06 to 0.01; "
+                   "typical 1e-4 to 3e-4)"),
+    (dict(lr=0), "**Error:** learning rate 0 is outside the range"),
+    (dict(seq=8), "**Error:** sequence length 8 cuts away the whole reply of every one of the first 200 records, "
+                  "leaving nothing to learn; raise it (typical 256-2048)"),
+])
+def test_what_the_worker_would_fail_on_is_refused_in_the_form(home, changes, start):
+    with pytest.warns(UserWarning):
+        note, *_ = _launch(**changes)
+    assert note.startswith(start), note
+    assert service.list_jobs() == []
+
+
+def test_too_few_records_are_refused_with_the_minimum(home):
+    few = home / "few.jsonl"
+    few.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(3)))
+    with pytest.warns(UserWarning):
+        note, *_ = _launch(kind="path or name", path=str(few))
+    assert note == ("**Error:** few.jsonl has 3 record(s); a fine-tune needs at least 8 (about one in ten is held "
+                    "out to measure it). Add more records.")
+    assert service.list_jobs() == []
