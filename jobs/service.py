@@ -36,18 +36,17 @@ def _job_dict(job: Job) -> dict:
         idle = (utcnow() - job.progress_at).total_seconds()
         if idle >= get_settings().stall_s:
             d["stalled_s"] = idle
-            d["last_log_line"] = _last_log_line(job.artifact_dir)
+            d["last_log_line"] = _log_tail(job.artifact_dir, 1).strip()
     return d
 
 
-def _last_log_line(folder: str | None) -> str:
+def _log_tail(folder: str | None, lines: int) -> str:
+    """The last ``lines`` lines of the log in a job's folder ('' before the job has started)."""
     path = Path(folder or "") / LOG_NAME
     if not path.is_file():
         return ""
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - 4096))
-        lines = f.read().decode("utf-8", errors="replace").strip().splitlines()
-    return lines[-1] if lines else ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return "".join(deque(f, maxlen=lines))
 
 
 def _metric_dict(m: Metric) -> dict:
@@ -156,11 +155,7 @@ def read_log(job_id: int, tail: int = 200) -> str:
     """The last ``tail`` lines of the job's log ('' before the job has started)."""
     with db() as s:
         folder = _require(s, job_id).artifact_dir
-    path = Path(folder) / LOG_NAME
-    if not path.is_file():
-        return ""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return "".join(deque(f, maxlen=tail))
+    return _log_tail(folder, tail)
 
 
 def start_worker_process(count: int | None = None, log_dir: Path | None = None) -> list[subprocess.Popen]:

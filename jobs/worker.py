@@ -23,7 +23,7 @@ from typing import IO
 
 from sqlalchemy.engine import make_url
 
-from storage import ExportTask, IllegalTransition, JobStatus, Settings, db, get_settings, repo, utcnow
+from storage import IllegalTransition, JobStatus, Settings, db, get_settings, repo, utcnow
 
 from .pipeline import note, run_job
 
@@ -112,10 +112,8 @@ class Worker:
 
     def _recover_exports(self) -> None:
         """Exports whose worker died go back to the queue (their writes are atomic: nothing torn)."""
-        from sqlalchemy import select
-
         with db() as s:
-            owners = set(s.scalars(select(ExportTask.worker_id).where(ExportTask.status == "running")))
+            owners = repo.export_owners(s)
         for owner in owners:
             if owner and owner != self.id and _gone(owner):
                 with db() as s:

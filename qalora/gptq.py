@@ -72,7 +72,8 @@ def gptq_quantize(model: nn.Module, calib_input_ids: list[torch.Tensor], bits: i
             inputs = capture_layer_inputs(model, layers[0], calib_input_ids)
             for layer in layers:
                 dtype = next(layer.parameters()).dtype
-                saved = {n: m.weight.detach().clone() for n, m in modules if id(m) in _ids(layer)}
+                inside = {id(m) for m in layer.modules()}
+                saved = {n: m.weight.detach().clone() for n, m in modules if id(m) in inside}
                 layer.float()
                 found, inputs = gptq_quantize_layer(layer, inputs, names, qcfg, bits, on_module=done)
                 results.update(found)
@@ -118,10 +119,6 @@ def gptq_quantize_layer(layer: nn.Module, inputs: list, names: dict[int, str], q
                 on_module(name)
     next_inputs = [((_hidden(layer(*args, **kwargs)),) + args[1:], kwargs) for args, kwargs in inputs]
     return results, next_inputs
-
-
-def _ids(module: nn.Module) -> set[int]:
-    return {id(m) for m in module.modules()}
 
 
 def _float32(obj):

@@ -14,7 +14,6 @@ permutation mapped as transformers' GGUF loader does).
 """
 from __future__ import annotations
 
-import ctypes
 import json
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from torch import nn
 from .config import QuantConfig
 from .errors import ModelError
 from .infer import QuantLinear, set_compute_dtype
+from .memory import release_freed_memory
+from .model import set_module
 from .quant import QuantizedTensor, check_group_size, from_codes, quantize_tensor
 
 LAYERS_PREFIX = "model.layers."
@@ -174,26 +175,14 @@ def stream_quantized(source, config, quant: QuantConfig, targets, device, dtype:
             qt_layer = {n: cached.get(n) or quantize_tensor(model.get_submodule(n).weight.data, quant.bits,
                                                             quant.group_size, n) for n in found}
         for name, qt in qt_layer.items():
-            qt = QuantizedTensor(qt.packed.to(device), qt.scale.to(device), qt.offset.to(device),
-                                 qt.bits, qt.group_size, qt.in_features)
-            old = model.get_submodule(name)
-            _set_module(model, name, QuantLinear(qt, old.bias, use_kernel=False))
-            qweights[name] = qt
+            qt = qweights[name] = qt.to(device)
+            set_module(model, name, QuantLinear(qt, model.get_submodule(name).bias, use_kernel=False))
         if layer_dtype != dtype:
             set_compute_dtype(layer, dtype)  # norms back to dtype; scales and offsets stay fp32
-        release_freed_memory()
+        release_freed_memory()  # the float layer's temporaries go back to the system
         if on_progress:
             on_progress(i + 1, len(layers))
     return model, qweights
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap back to the OS (glibc keeps it otherwise, and a layer's float temporaries
-    would pile up as resident memory); a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _load(model, source, names, name, device, dtype) -> None:
@@ -210,11 +199,6 @@ def _targets_of(model, i: int, targets) -> list[str]:
     prefix = f"{LAYERS_PREFIX}{i}."
     return [prefix + n for n, m in model.model.layers[i].named_modules()
             if n.rsplit(".", 1)[-1] in targets and isinstance(m, nn.Linear)]
-
-
-def _set_module(model, name, module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def _calibration_inputs(model, first_layer, calib_ids):

@@ -57,6 +57,14 @@ def peak_gpu_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2 ** 20
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap back to the OS now (glibc keeps it otherwise); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def limit_heap_retention(threshold: int | None = None) -> bool:
     """Serve every allocation of ``threshold`` bytes or more with its own mapping (glibc only).
 

@@ -60,19 +60,7 @@ def load_base(name: str, dtype: torch.dtype = torch.float32, device: torch.devic
         from .tiny import tiny_random_llama
         model, tok = tiny_random_llama()
     else:
-        path = default_gguf_path() if name == DEFAULT_MODEL else Path(os.path.expanduser(name))
-        kwargs = {}
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ModelError(f"GGUF file {path} does not exist; check the path.")
-            src, kwargs["gguf_file"] = str(path.parent), path.name
-        elif path.exists():
-            src = str(path)
-        elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
-            src = str(hub_snapshot(name))
-        else:
-            raise ModelError(f"model {name!r} was not found: give 'default', a local model directory, "
-                             "a .gguf file, or a Hugging Face Hub id like 'org/name'.")
+        _, src, kwargs = _resolve(name)
         check_architecture(src, **kwargs)
         try:
             tok = AutoTokenizer.from_pretrained(src, **kwargs)
@@ -111,21 +99,10 @@ def open_base(name: str) -> BaseSource:
         from .tiny import tiny_random_llama
         model, tok = tiny_random_llama()
         return BaseSource(name, "tiny", None, model.config, _with_pad(tok))
-    path = default_gguf_path() if name == DEFAULT_MODEL else Path(os.path.expanduser(name))
-    kwargs = {}
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"GGUF file {path} does not exist; check the path.")
-        src, kwargs["gguf_file"], kind = str(path.parent), path.name, "gguf"
-    elif path.exists():
-        src = str(path)
-    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        path = hub_snapshot(name)
-        src = str(path)
+    path, src, kwargs = _resolve(name)
+    if "gguf_file" in kwargs:
+        kind = "gguf"
     else:
-        raise ModelError(f"model {name!r} was not found: give 'default', a local model directory, "
-                         "a .gguf file, or a Hugging Face Hub id like 'org/name'.")
-    if "gguf_file" not in kwargs:
         kind = "safetensors" if any(Path(src).glob("*.safetensors")) else "transformers"
     check_architecture(src, **kwargs)
     try:
@@ -140,6 +117,23 @@ def open_base(name: str) -> BaseSource:
     if kind == "gguf" and getattr(config, "quantization_config", None) is not None:
         del config.quantization_config  # dequantized on load: a plain float model from here on
     return BaseSource(name, kind, path, config, _with_pad(tok))
+
+
+def _resolve(name: str) -> tuple[Path, str, dict]:
+    """``(path, folder for from_pretrained, its kwargs)`` of 'default', a .gguf, a folder or a Hub id
+    (downloaded first)."""
+    path = default_gguf_path() if name == DEFAULT_MODEL else Path(os.path.expanduser(name))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist; check the path.")
+        return path, str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        return path, str(path), {}
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        path = hub_snapshot(name)
+        return path, str(path), {}
+    raise ModelError(f"model {name!r} was not found: give 'default', a local model directory, "
+                     "a .gguf file, or a Hugging Face Hub id like 'org/name'.")
 
 
 def hub_snapshot(repo_id: str) -> Path:
@@ -206,10 +200,8 @@ def load_quantized_base(src: BaseSource, quant: QuantConfig, targets, device, dt
     else:
         qweights = quantize_model(model, quant, targets, calib_ids, on_progress=on_progress)
     for name, qt in qweights.items():
-        qt = QuantizedTensor(qt.packed.to(device), qt.scale.to(device), qt.offset.to(device),
-                             qt.bits, qt.group_size, qt.in_features)
+        qt = qweights[name] = qt.to(device)
         set_module(model, name, QuantLinear(qt, model.get_submodule(name).bias, use_kernel=False))
-        qweights[name] = qt
     for p in model.parameters():
         p.requires_grad_(False)
     return model, qweights
@@ -282,9 +274,7 @@ def inject_qalora(model: nn.Module, qweights: dict[str, QuantizedTensor], adapte
         p.requires_grad_(False)
     for name, qt in qweights.items():
         old = model.get_submodule(name)
-        device = old.weight.device if isinstance(old, nn.Linear) else old.packed.device
-        qt = QuantizedTensor(qt.packed.to(device), qt.scale.to(device), qt.offset.to(device),
-                             qt.bits, qt.group_size, qt.in_features)
+        qt = qt.to(old.weight.device if isinstance(old, nn.Linear) else old.packed.device)
         set_module(model, name, layer_cls(qt, old.bias, adapter.rank, adapter.alpha, adapter.dropout))
     return model
 

@@ -34,10 +34,6 @@ class TrainingStopped(Exception):
     """``should_stop()`` returned true; a checkpoint was written and the run can be resumed."""
 
 
-def peak_rss_mb() -> float:
-    return memory.peak_rss_mb()
-
-
 def calibration_ids(examples, n: int = 32) -> list[torch.Tensor]:
     """GPTQ calibration samples: the first ``n`` training examples, ``(1, T)`` each."""
     return [torch.tensor(ex["input_ids"]).unsqueeze(0) for ex in examples[:n]]

@@ -39,6 +39,11 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.codes(), self.scale, self.offset, dtype)
 
+    def to(self, device) -> QuantizedTensor:
+        """The same weight on ``device`` (no copy where it already is)."""
+        return QuantizedTensor(self.packed.to(device), self.scale.to(device), self.offset.to(device),
+                               self.bits, self.group_size, self.in_features)
+
 
 def valid_group_sizes(in_features: int, candidates=(16, 32, 64, 128, 256)) -> list[int]:
     return [g for g in candidates if in_features % g == 0]

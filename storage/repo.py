@@ -197,6 +197,11 @@ def requeue_exports(s: Session, worker_id: str) -> None:
               .values(status="queued", worker_id=None).execution_options(synchronize_session=False))
 
 
+def export_owners(s: Session) -> set[str]:
+    """Workers writing an export right now."""
+    return set(s.scalars(select(ExportTask.worker_id).where(ExportTask.status == "running")))
+
+
 def export_tasks(s: Session, job_id: int) -> list[ExportTask]:
     return list(s.scalars(select(ExportTask).where(ExportTask.job_id == job_id).order_by(ExportTask.id)))
 
