@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,18 +24,52 @@ import pandas as pd
 
 from jobs import service
 
-REFRESH_S = 2.0
+REFRESH_S = float(os.environ.get("QALORA_REFRESH_S") or 2.0)  # the Jobs tab's polling period
 LOG_LINES = 14
-JOB_COLUMNS = ["id", "name", "status", "progress", "loss", "ETA", "tokens/s", "created (UTC)"]
+JOB_COLUMNS = ["id", "name", "status", "stage", "progress", "loss", "ETA", "tokens/s", "created (UTC)"]
 CARD_HINT = "*Pick a finished model to preview its model card.*"
+CSS = ".field-error p { color: var(--error-text-color, #b91c1c); font-weight: 600; }"
 
 
 def _error(exc: Exception) -> str:
-    """Messages for bad input are shown in the form; anything else without a traceback."""
+    """The message, shown once, next to what the user did (no toast repeating it); no traceback."""
     text = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
     text = service.with_upload_names(text)
-    gr.Warning(text)
     return f"**Error:** {text}"
+
+
+def _field_note(message: str | None) -> str:
+    return f"⚠ {service.with_upload_names(message)}" if message else ""
+
+
+TICK_S = 1.0
+
+
+def _waiting(work, describe):
+    """Run ``work()`` in a thread; yield ``describe(seconds)`` every second until it ends, then
+    yield ``("done", result)`` (or raise its exception). Every wait over a second says what it
+    waits for."""
+    import threading
+    import time
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = work()
+        except BaseException as exc:  # re-raised in the request's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    thread.join(0.3)
+    while thread.is_alive():
+        yield describe(time.monotonic() - t0)
+        thread.join(TICK_S)
+    if "error" in box:
+        raise box["error"]
+    yield ("done", box["result"])
 
 
 def _duration(seconds) -> str:
@@ -56,36 +91,65 @@ def _model_choices() -> list[tuple[str, int]]:
 # ---- New fine-tune ---------------------------------------------------------------------------
 
 def _dataset_preview(kind, builtin, upload, path, base):
+    """Stream: what is being read while it is read, then the rendered records."""
     try:
-        texts, count = service.preview_dataset(service.data_source(kind, builtin, upload, path), base)
+        source = service.data_source(kind, builtin, upload, path)
+        what = f"Reading {service.with_upload_names(source)} and loading the base model's tokenizer"
+        for item in _waiting(lambda: service.preview_dataset(source, base), lambda t: f"*{what}… {t:.0f} s*"):
+            if isinstance(item, str):
+                yield item
+            else:
+                texts, count = item[1]
     except Exception as exc:
-        return _error(exc)
+        yield _error(exc)
+        return
     shown = "\n\n".join(f"**Example {i + 1}**\n```text\n{t.strip()}\n```" for i, t in enumerate(texts))
-    return f"**{count} records.** The first, rendered as the model sees them:\n\n{shown}"
+    yield f"**{count} records.** The first, rendered as the model sees them:\n\n{shown}"
 
 
 def _base_changed(base):
+    """(group size choices, note under the base field, base error); a Hub id is asked within 2 s."""
     try:
         sizes = service.group_size_choices(base)
     except Exception as exc:
-        return gr.update(), _error(exc)
+        return gr.update(), "", _field_note(str(exc))
     value = service.DEFAULT_GROUP_SIZE if service.DEFAULT_GROUP_SIZE in sizes else sizes[0]
-    return gr.update(choices=sizes, value=value), f"Group sizes valid for this model: {sizes}."
+    return gr.update(choices=sizes, value=value), f"Group sizes valid for this model: {sizes}.", ""
+
+
+def _exports_for(bits, group_size, chosen):
+    """The export checkboxes follow bits and group size: a format that cannot apply is taken out of
+    the choices, and the note under them says why."""
+    try:
+        ok, refused = service.export_choices(bits, group_size)
+    except Exception:
+        return gr.skip(), gr.skip()
+    choices = [(service.DOWNLOAD_FORMATS[f], f) for f in ok]
+    value = [f for f in (chosen or []) if f in ok]
+    why = "; ".join(f"{f.upper()} is off at group size {group_size}: {reason}" for f, reason in refused.items())
+    return gr.update(choices=choices, value=value), f"*{why}.*" if why else ""
 
 
 def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
             exports=()):
+    """(status under Launch, job picker, tabs, one note per form field): each problem is shown next
+    to the field it concerns, all at once; nothing is queued while there is one."""
+    fields = dict.fromkeys(service.FORM_FIELDS, "")
     try:
-        spec = service.build_spec(base=base, bits=bits, group_size=group_size, method=method,
-                                  data=service.data_source(kind, builtin, upload, path), rank=rank, alpha=alpha,
-                                  lr=lr, steps=steps, batch_size=batch, seq_len=seq, name=name,
-                                  exports=exports)
+        spec = service.form_spec(kind=kind, builtin=builtin, upload=upload, path=path, base=base, bits=bits,
+                                 group_size=group_size, method=method, rank=rank, alpha=alpha, lr=lr, steps=steps,
+                                 batch_size=batch, seq_len=seq, name=name, exports=exports)
         job_id = service.submit(spec)
+    except service.FormError as exc:
+        fields.update({k: _field_note(v) for k, v in exc.fields.items()})
+        where = ", ".join(label for k, label in service.FORM_FIELDS.items() if k in exc.fields)
+        return (f"**Not queued:** fix what is marked ⚠ next to: {where}.", gr.skip(), gr.skip(),
+                *fields.values())
     except Exception as exc:
-        return _error(exc), gr.skip(), gr.skip()
-    gr.Info(f"Job #{job_id} queued")
+        return (_error(exc), gr.skip(), gr.skip(), *fields.values())
     note = f"Job **#{job_id}** ({spec.name}) queued; follow it in the Jobs tab."
-    return note, gr.update(choices=_job_choices(service.list_jobs()), value=job_id), gr.Tabs(selected="jobs")
+    return (note, gr.update(choices=_job_choices(service.list_jobs()), value=job_id), gr.Tabs(selected="jobs"),
+            *fields.values())
 
 
 def build_new_tab():
@@ -96,11 +160,14 @@ def build_new_tab():
                                label="Base model", elem_id="base-model",
                                info="'default': the embedded SmolLM2-135M; 'tiny-random' for a smoke test; "
                                     "or type a local folder, a .gguf file or a Hub id (LLaMA family).")
-            base_note = gr.Markdown(f"Group sizes valid for this model: {service.group_size_choices('default')}.")
+            base_note = gr.Markdown(f"Group sizes valid for this model: {service.group_size_choices('default')}.",
+                                    elem_id="base-note")
+            base_err = gr.Markdown(elem_id="base-error", elem_classes="field-error")
             with gr.Row():
-                bits = gr.Radio(list(service.BITS_CHOICES), value=4, label="Bits")
+                bits = gr.Radio(list(service.BITS_CHOICES), value=4, label="Bits", elem_id="bits")
                 group = gr.Dropdown(service.group_size_choices("default"), value=service.DEFAULT_GROUP_SIZE,
                                     allow_custom_value=True, label="Group size", elem_id="group-size")
+            group_err = gr.Markdown(elem_id="group-size-error", elem_classes="field-error")
             method = gr.Radio(list(service.METHOD_CHOICES), value="rtn", label="Quantization method")
             presets = gr.Radio(list(service.PRESETS), value=service.DEFAULT_PRESET, label="Preset")
             with gr.Accordion("Advanced", open=False):
@@ -112,10 +179,12 @@ def build_new_tab():
                     steps = gr.Number(preset["steps"], label="Steps", precision=0, elem_id="steps")
                     batch = gr.Number(preset["batch_size"], label="Batch size", precision=0, elem_id="batch-size")
                     seq = gr.Number(preset["seq_len"], label="Sequence length", precision=0, elem_id="seq-len")
+            advanced_err = gr.Markdown(elem_id="advanced-error", elem_classes="field-error")
             exports = gr.CheckboxGroup([(service.DOWNLOAD_FORMATS[f], f) for f in service.EXTRA_EXPORTS],
                                        value=["gguf"], label="Also export when done", elem_id="exports",
-                                       info="The native low-bit model and the adapter are always saved; "
-                                            "GGUF needs a group size that is a multiple of 32.")
+                                       info="The native low-bit model and the adapter are always saved.")
+            exports_note = gr.Markdown(elem_id="exports-note")
+            exports_err = gr.Markdown(elem_id="exports-error", elem_classes="field-error")
             name = gr.Textbox(label="Run name (optional)", elem_id="run-name")
         with gr.Column():
             kind = gr.Radio(list(service.DATA_KINDS), value="built-in", label="Dataset")
@@ -124,12 +193,15 @@ def build_new_tab():
             upload = gr.File(label="Upload .jsonl / .json / .csv / .parquet", file_types=[".jsonl", ".json", ".csv",
                              ".parquet"], type="filepath", visible=False)
             path = gr.Textbox(label="File path, dataset folder, or cached dataset name", visible=False)
+            data_err = gr.Markdown(elem_id="data-error", elem_classes="field-error")
             preview_btn = gr.Button("Preview dataset")
             preview = gr.Markdown(elem_id="dataset-preview")
     launch = gr.Button("Launch fine-tune", variant="primary", elem_id="launch")
     status = gr.Markdown(elem_id="launch-status")
 
-    base.change(_base_changed, base, [group, base_note])
+    base.change(_base_changed, base, [group, base_note, base_err])
+    for control in (bits, group):  # the export choices follow bits and group size live
+        control.change(_exports_for, [bits, group, exports], [exports, exports_note], show_progress="hidden")
     fields = ("rank", "alpha", "lr", "steps", "batch_size", "seq_len")
     presets.change(lambda p: [service.PRESETS[p][k] for k in fields], presets, [rank, alpha, lr, steps, batch, seq])
     kind.change(lambda k: [gr.update(visible=k == v) for v in service.DATA_KINDS], kind, [builtin, upload, path])
@@ -139,7 +211,8 @@ def build_new_tab():
     path.submit(_dataset_preview, data_inputs, preview)
     inputs = [base, bits, group, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
               exports]
-    return launch, inputs, status
+    notes = dict(base=base_err, group_size=group_err, exports=exports_err, data=data_err, advanced=advanced_err)
+    return launch, inputs, [status, *(notes[k] for k in service.FORM_FIELDS)]
 
 
 # ---- Jobs ------------------------------------------------------------------------------------
@@ -152,7 +225,8 @@ def _job_rows(jobs: list[dict]) -> pd.DataFrame:
             last = service.get_job(j["id"], metrics_after=j["step"] - 1)["metrics"]
             tps = last[-1]["tokens_per_s"] if last else None
         status = "running (stalled)" if j.get("stalled_s") else j["status"]
-        rows.append([j["id"], j["name"], status, f"{j['step']}/{j['total_steps']} ({j['progress']:.0%})",
+        rows.append([j["id"], j["name"], status, j["stage_text"] if j["status"] == "running" else "",
+                     f"{j['step']}/{j['total_steps']} ({j['progress']:.0%})",
                      "" if j["loss"] is None else round(j["loss"], 4),
                      _duration(j["eta_s"]) if j["status"] == "running" else "", "" if tps is None else round(tps),
                      j["created_at"].strftime("%Y-%m-%d %H:%M") if j["created_at"] else ""])
@@ -169,10 +243,30 @@ def _loss_frame(metrics: list[dict]) -> pd.DataFrame | None:
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
 
 
+NOMINAL_STEPS = 30  # up to this many steps the chart labels each step (no fractional ticks)
+
+
+def _loss_plot(job: dict):
+    """The loss chart's update: steps as labels for a short run (a numeric axis would tick at 0.5,
+    1.5, …), a numeric step axis over the whole run otherwise."""
+    frame = _loss_frame(job["metrics"])
+    if frame is None:
+        return None
+    total = int(job["total_steps"] or 0)
+    if total <= NOMINAL_STEPS:
+        frame = frame.astype({"step": "str"})
+        return gr.update(value=frame, sort=[str(i) for i in range(1, total + 1)], x_lim=None)
+    return gr.update(value=frame, sort=None, x_lim=[0, total])
+
+
 def _job_summary(job: dict) -> str:
+    running = job["status"] == "running"
+    stage = f"stage `{job['stage_text'] if running else job['stage'] or '-'}`"
+    if running and job["stage_eta_s"] is not None:
+        stage += f" (about {_duration(job['stage_eta_s'])} left in it)"
+    eta = (_duration(job["eta_s"]) if job["eta_s"] is not None else "estimated once training starts") if running else "-"
     lines = [f"### #{job['id']} {job['name']}: **{job['status']}**",
-             f"stage `{job['stage'] or '-'}` · step {job['step']}/{job['total_steps']} · ETA "
-             f"{_duration(job['eta_s']) if job['status'] == 'running' else '-'}"]
+             f"{stage} · step {job['step']}/{job['total_steps']} · job ETA {eta}"]
     tasks = service.export_tasks(job["id"]) if job["status"] == "succeeded" else []
     if tasks:
         lines.append("Exports asked for later: " + ", ".join(
@@ -232,11 +326,12 @@ def _refresh(selected, seen):
         return table, picker, f"**Error:** {exc}", None, "", "", {**seen, "job": None}
     exports = (tuple((t["format"], t["status"]) for t in service.export_tasks(job["id"]))
                if job["status"] == "succeeded" else ())
-    key = (job["id"], job["status"], job["stage"], len(job["metrics"]), exports)
+    key = (job["id"], job["status"], job["stage_text"], len(job["metrics"]), exports,
+           None if job["stage_eta_s"] is None else round(job["stage_eta_s"]))
     if key == seen.get("job"):
         return table, picker, gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
-    return (table, picker, _job_summary(job), _loss_frame(job["metrics"]), _merge_check(job),
-            service.read_log(job["id"], LOG_LINES), {**seen, "job": key})
+    return (table, picker, _job_summary(job), _loss_plot(job), _merge_check(job),
+            service.readable_log(job["id"], LOG_LINES), {**seen, "job": key})
 
 
 def _act(action, selected):
@@ -271,15 +366,27 @@ def _download_folder() -> Path:
 
 
 def _download(selected, fmt="native"):
+    """Stream: what is being packed and for how long, then the file."""
     if selected is None:
-        return gr.skip(), "Select a job first."
+        yield gr.skip(), "Select a job first."
+        return
+    label = "the job log" if fmt == "log" else service.DOWNLOAD_FORMATS.get(fmt, fmt)
     try:
-        path, note = service.download_model(int(selected), fmt, _download_folder())
-        return gr.update(value=str(path), visible=True), note
+        work = ((lambda: (service.log_path(int(selected)), "The job's full log, tracebacks included."))
+                if fmt == "log" else lambda: service.download_model(int(selected), fmt, _download_folder()))
+        for item in _waiting(work, lambda t: f"*Preparing {label} of job #{selected} for download (packing its "
+                                             f"files into one archive)… {t:.0f} s*"):
+            if isinstance(item, str):
+                yield gr.skip(), item
+            else:
+                path, note = item[1]
     except service.ExportQueued as queued:
-        return gr.skip(), str(queued)
+        yield gr.skip(), str(queued)
+        return
     except Exception as exc:
-        return gr.skip(), _error(exc)
+        yield gr.skip(), _error(exc)
+        return
+    yield gr.update(value=str(path), visible=True), note
 
 
 def build_jobs_tab():
@@ -293,9 +400,10 @@ def build_jobs_tab():
         cancel, resume = gr.Button("Cancel"), gr.Button("Resume")
         delete, confirm = gr.Button("Delete"), gr.Button("Confirm delete", variant="stop", visible=False)
     with gr.Row():
-        fmt = gr.Dropdown([(label, key) for key, label in service.DOWNLOAD_FORMATS.items()], value="native",
-                          label="Download format", elem_id="download-format")
-        download = gr.Button("Download model")
+        fmt = gr.Dropdown([(label, key) for key, label in service.DOWNLOAD_FORMATS.items()]
+                          + [("job log (full, with tracebacks)", "log")], value="native",
+                          label="Download", elem_id="download-format")
+        download = gr.Button("Download", elem_id="download-button")
     action_note = gr.Markdown(elem_id="action-note")
     file = gr.File(label="Model file", visible=False)
     log = gr.Textbox(label="Log (last lines)", lines=16, max_lines=16, autoscroll=True, elem_id="job-log")
@@ -335,7 +443,17 @@ def _send(message, tuned, base, job_id, compare, system, max_new, temperature, t
                     for side, key in keys.items()}
         turn = lambda side, reply: [*histories[side], {"role": "user", "content": message},  # noqa: E731
                                     {"role": "assistant", "content": reply}]
-        yield "", turn("tuned", ""), turn("base", "") if compare else gr.skip(), "*Loading model…*"
+        yield "", turn("tuned", ""), turn("base", "") if compare else gr.skip(), "*Starting…*"
+        loaded = service.loaded_models()
+        todo = {side: key for side, key in keys.items() if loaded.get(side) != key}
+        if todo:
+            what = " and ".join(f"the fine-tuned model #{job_id}" if side == "tuned" else f"the base model `{key}`"
+                                for side, key in todo.items())
+            for item in _waiting(lambda: service.load_models(todo),
+                                 lambda t: f"*Loading {what} into memory… {t:.0f} s (once: it stays loaded for the "
+                                           "next turns)*"):
+                if isinstance(item, str):
+                    yield gr.skip(), gr.skip(), gr.skip(), item
         for replies in service.stream_side_by_side(requests, max_new_tokens=max_new, temperature=temperature,
                                                    top_p=top_p):
             yield (gr.skip(), turn("tuned", replies["tuned"]),
@@ -388,8 +506,10 @@ def _card(job_id, repo):
     except Exception as exc:
         return _error(exc), None, gr.skip()
     repo = (repo or "").strip() or job["name"]
+    # a bare name goes under the token's account when published; the snippet shows where
+    repo_id = repo if "/" in repo else f"<your-hub-username>/{repo}"
     # the card's YAML header is metadata for the Hub; preview it as code, not as a heading
-    _, meta, body = service.model_card(job, repo).split("---\n", 2)
+    _, meta, body = service.model_card(job, repo_id).split("---\n", 2)
     body = body.replace("![loss curve](loss_curve.png)", "*(loss_curve.png: the image above)*")
     return f"```yaml\n{meta}```\n{body}", service.loss_curve(job), repo
 
@@ -438,14 +558,14 @@ def build_app() -> gr.Blocks:
                     "watch it train, chat with it and publish it.")
         with gr.Tabs() as tabs:
             with gr.Tab("New fine-tune", id="new"):
-                launch, launch_inputs, launch_status = build_new_tab()
+                launch, launch_inputs, launch_outputs = build_new_tab()
             with gr.Tab("Jobs", id="jobs"):
                 job_picker = build_jobs_tab()
             with gr.Tab("Chat", id="chat") as chat_tab:
                 chat_model = build_chat_tab()
             with gr.Tab("Publish", id="publish") as publish_tab:
                 publish_model = build_publish_tab()
-        launch.click(_launch, launch_inputs, [launch_status, job_picker, tabs])
+        launch.click(_launch, launch_inputs, [launch_outputs[0], job_picker, tabs, *launch_outputs[1:]])
         # finished models appear when their tab is opened; the current choice is kept
         for tab, picker in ((chat_tab, chat_model), (publish_tab, publish_model)):
             tab.select(lambda: gr.update(choices=_model_choices()), None, picker)
@@ -542,10 +662,12 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM stops the app like Ctrl-C does, so the workers below are stopped too
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     workers = [] if args.no_worker else service.start_worker_process()
+    # the first dataset preview needs the default tokenizer: read it while the page loads
+    threading.Thread(target=service.warm_up, name="warm-up", daemon=True).start()
     try:
         # no run history: it would keep every call's inputs, the publish token included, in the browser
         demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, auth=auth,
-                                                       show_error=True, run_history=False)
+                                                       show_error=True, run_history=False, css=CSS)
     finally:
         for proc in workers:  # SIGTERM: a running job checkpoints and goes back to the queue
             proc.terminate()

@@ -8,14 +8,17 @@ in the form are confined to allowed folders and uploads are kept (see ``jobs.con
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
-from qalora.errors import ConfigError, DataError
+from qalora.errors import ConfigError, DataError, QALoRAError
 
 from .confine import confine_base, confine_data, keep_upload
-from .spec import JobSpec, model_dims
+from .spec import EXTRA_EXPORTS, JobSpec, check_data, check_group_size, dims_from_config, is_hub_id, model_dims
 
 BASE_CHOICES = ("default", "tiny-random")
 BITS_CHOICES = (2, 3, 4, 8)
@@ -38,20 +41,80 @@ LR_RANGE = (1e-6, 1e-2)  # rows of a dataset checked in the form before queueing
 EVALS_PER_RUN = 5  # evaluations (and checkpoints) spread over a run, so the chart shows eval points
 
 
+# The form's fields an error can be shown next to (the app places one note under each).
+FIELDS = {"base": "Base model", "group_size": "Group size", "exports": "Also export when done", "data": "Dataset",
+          "advanced": "Advanced settings"}
+
+
+class FormError(ConfigError):
+    """Every problem found in the form, by field (``fields``: field -> message); ``str`` joins them."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = dict(fields)
+        super().__init__(" ".join(self.fields.values()))
+
+
+class _Collect:
+    """Gathers one error per field, so the form shows every problem at once."""
+
+    def __init__(self):
+        self.fields: dict[str, str] = {}
+
+    @contextmanager
+    def field(self, name: str):
+        try:
+            yield
+        except FormError as exc:
+            for key, message in exc.fields.items():
+                self.fields.setdefault(key, message)
+        except QALoRAError as exc:
+            self.fields.setdefault(name, str(exc))
+
+    def raise_any(self) -> None:
+        if self.fields:
+            raise FormError(self.fields)
+
+
 def builtin_choices() -> list[str]:
     from qalora.builtin_data import builtin_names  # not qalora.data: that one imports torch
     return [f"builtin:{n}" for n in builtin_names()]
 
 
-def group_size_choices(base: str) -> list[int]:
-    """Group sizes that divide every targeted layer's ``in_features`` of ``base``.
+def base_dims(base: str) -> tuple[int, int, int] | None:
+    """The base's layer widths: from its config for a local folder, from the Hub (2 s at most) for a
+    Hub id, ``None`` for a .gguf file other than the default (read by the worker).
 
-    Raises ``ModelError`` for a path that does not exist or is not a LLaMA-family model.
+    Raises ``ModelError`` for a path that does not exist, a model that is not LLaMA-family, or a
+    Hub that cannot be reached (at once, instead of failing the job later).
     """
-    dims = model_dims(confine_base(str(base or "").strip() or "default"))
+    base = confine_base(str(base or "").strip() or "default")
+    dims = model_dims(base)
+    if dims is None and is_hub_id(base):
+        from qalora.hub import hub_config
+        dims = dims_from_config(hub_config(base), base)
+    return dims
+
+
+def group_size_choices(base: str) -> list[int]:
+    """Group sizes that divide every targeted layer's ``in_features`` of ``base``."""
+    dims = base_dims(base)
     if dims is None:
         return list(FALLBACK_GROUP_SIZES)
     return [g for g in _CANDIDATE_GROUP_SIZES if all(d % g == 0 for d in dims)]
+
+
+def export_choices(bits, group_size) -> tuple[list[str], dict[str, str]]:
+    """(exports that apply at these settings, {export: why it cannot}) for the export checkboxes."""
+    from qalora.export import check_format
+
+    ok, refused = [], {}
+    for fmt in EXTRA_EXPORTS:
+        try:
+            check_format(fmt, int(bits), int(group_size))
+            ok.append(fmt)
+        except (ConfigError, TypeError, ValueError) as exc:
+            refused[fmt] = str(exc).split(":")[0] if isinstance(exc, ConfigError) else "needs a valid group size"
+    return ok, refused
 
 
 def data_source(kind: str, builtin: str | None, upload: str | None, path_or_name: str | None) -> str:
@@ -95,44 +158,78 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
     With ``check_rows`` every record of the dataset is parsed now, so a missing column or a
     malformed row is reported in the form instead of failing the job in the worker.
     """
-    steps = _number("steps", steps, int, 1)
-    rate = _number("learning rate", lr, float)
-    if not LR_RANGE[0] <= rate <= LR_RANGE[1]:
-        raise ConfigError(f"learning rate {rate:g} is outside the range that trains an adapter "
-                          f"({LR_RANGE[0]:g} to {LR_RANGE[1]:g}; typical 1e-4 to 3e-4); fix it in the advanced "
-                          "settings.")
-    every = max(1, steps // EVALS_PER_RUN)
-    train = TrainConfig(steps=steps, batch_size=_number("batch size", batch_size, int, 1),
-                        seq_len=_number("sequence length", seq_len, int, 8), lr=_number("learning rate", lr, float),
-                        warmup_steps=min(10, steps // 10), eval_every=every, save_every=every, eval_batches=4)
-    spec = JobSpec(base=confine_base(str(base or "").strip() or "default"), data=confine_data(data),
-                   quant=QuantConfig(bits=_number("bits", bits, int), group_size=_number("group size", group_size, int),
-                                     method=method),
-                   adapter=AdapterConfig(rank=_number("rank", rank, int, 1), alpha=_number("alpha", alpha, float)),
-                   train=train, exports=tuple(exports or ()), name=name or "")
+    errors = _Collect()
+    with errors.field("advanced"):
+        steps = _number("steps", steps, int, 1)
+        rate = _number("learning rate", lr, float)
+        if not LR_RANGE[0] <= rate <= LR_RANGE[1]:
+            raise ConfigError(f"learning rate {rate:g} is outside the range that trains an adapter "
+                              f"({LR_RANGE[0]:g} to {LR_RANGE[1]:g}; typical 1e-4 to 3e-4); fix it in the advanced "
+                              "settings.")
+        every = max(1, steps // EVALS_PER_RUN)
+        train = TrainConfig(steps=steps, batch_size=_number("batch size", batch_size, int, 1),
+                            seq_len=_number("sequence length", seq_len, int, 8), lr=rate,
+                            warmup_steps=min(10, steps // 10), eval_every=every, save_every=every, eval_batches=4)
+        adapter = AdapterConfig(rank=_number("rank", rank, int, 1), alpha=_number("alpha", alpha, float))
+    dims = quant = None
+    with errors.field("base"):
+        base = confine_base(str(base or "").strip() or "default")
+        dims = base_dims(base)
+    with errors.field("group_size"):
+        quant = QuantConfig(bits=_number("bits", bits, int), group_size=_number("group size", group_size, int),
+                            method=method)
+        if dims is not None:
+            check_group_size(dims, quant.group_size, AdapterConfig().targets)
+    with errors.field("exports"):
+        from qalora.export import check_format
+        for fmt in exports or ():
+            if quant is not None:
+                check_format(fmt, quant.bits, quant.group_size)
+    with errors.field("data"):
+        data = confine_data(data)
+        check_data(data)
+    errors.raise_any()
+    spec = JobSpec(base=base, data=data, quant=quant, adapter=adapter, train=train, exports=tuple(exports or ()),
+                   name=name or "")
     spec.validate()
     if check_rows:
         from qalora.data import load_records
         # A bounded sample, so a large file is not parsed whole in the web process; the worker
         # reads (and checks) every row when the job starts.
-        records = load_records(spec.data, limit=SUBMIT_SAMPLE_ROWS)
-        if len(records) < MIN_RECORDS:
-            raise DataError(f"{Path(spec.data).name} has {len(records)} record(s); a fine-tune needs at least "
-                            f"{MIN_RECORDS} (about one in ten is held out to measure it). Add more records.")
-        _check_replies_fit(records, spec)
+        with errors.field("data"):
+            records = load_records(spec.data, limit=SUBMIT_SAMPLE_ROWS)
+            if len(records) < MIN_RECORDS:
+                raise DataError(f"{Path(spec.data).name} has {len(records)} record(s); a fine-tune needs at least "
+                                f"{MIN_RECORDS} (about one in ten is held out to measure it). Add more records.")
+        errors.raise_any()
+        with errors.field("advanced"):
+            _check_replies_fit(records, spec)
+        errors.raise_any()
     return spec
+
+
+def form_spec(*, kind: str, builtin: str | None, upload: str | None, path: str | None, **fields) -> JobSpec:
+    """``build_spec`` from the form's dataset inputs; a dataset that cannot be read is reported
+    together with every other field's problem (``FormError``)."""
+    errors = _Collect()
+    data = None
+    with errors.field("data"):
+        data = data_source(kind, builtin, upload, path)
+    if data is None:
+        with errors.field("data"):  # the other fields, checked against a dataset that exists
+            build_spec(data="builtin:default", check_rows=False, **fields)
+        errors.raise_any()
+    return build_spec(data=data, **fields)
 
 
 def _check_replies_fit(records: list[dict], spec: JobSpec) -> None:
     """Refuse a sequence length that cuts away every reply of the sample (the worker would fail)."""
     from qalora.data import tokenize_records
 
-    if spec.base not in BASE_CHOICES and not Path(spec.base).expanduser().exists():
-        return  # a Hub id: its tokenizer is fetched by the worker, never by a web request
     try:
         tok = _tokenizer(spec.base)
     except (OSError, ValueError):
-        return  # a Hub id not downloaded yet: the worker checks with the real tokenizer
+        return  # a Hub id whose tokenizer is not downloaded yet: the worker checks with the real one
     sample = records[:200]
     try:
         tokenize_records(sample, tok, spec.train.seq_len)
@@ -153,9 +250,40 @@ def _tokenizer(base: str):
     from transformers import AutoTokenizer
 
     path = default_gguf_path() if base == "default" else Path(base).expanduser()
+    if base == "default":
+        return _default_tokenizer(path)
     if path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(str(path) if path.exists() else base)
+    if path.exists():
+        return AutoTokenizer.from_pretrained(str(path))
+    # a Hub id: only a tokenizer already in the local cache (a web request never downloads one)
+    return AutoTokenizer.from_pretrained(base, local_files_only=True)
+
+
+def _default_tokenizer(gguf_path: Path):
+    """The embedded model's tokenizer, read out of its GGUF file once (tens of seconds) and then kept
+    as a tokenizer folder in the store, which loads in well under a second."""
+    from transformers import AutoTokenizer
+
+    from storage import get_settings
+
+    cached = get_settings().home / "cache" / f"default-tokenizer-{gguf_path.stat().st_size}"
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except (OSError, ValueError):
+            pass  # a damaged copy: read the GGUF again below
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(cached, ignore_errors=True)
+    os.replace(tmp, cached)
+    return tok
+
+
+def warm_up() -> None:
+    """Load what the form's first preview needs (the default tokenizer), e.g. in a thread at start."""
+    _tokenizer("default")
 
 
 def preview_dataset(source: str, base: str, n: int = 3) -> tuple[list[str], int]:

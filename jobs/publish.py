@@ -82,6 +82,13 @@ def model_card(job: dict, repo_id: str = "") -> str:
         f'model, tokenizer = load_quantized(snapshot_download("{load_id}"))', "```", ""])
 
 
+def y_range(values: list[float]) -> tuple[float, float]:
+    """The loss axis: the values with 5% room each side, never below 0 for losses that are not."""
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.05 or 0.5  # keep the extreme points off the frame
+    return (max(lo - pad, 0.0) if lo >= 0 else lo - pad), hi + pad
+
+
 def loss_curve(job: dict, size: tuple[int, int] = (720, 400)):
     """A PIL image of train loss (line) and eval loss (dots) against step, from the job's metrics."""
     from PIL import Image, ImageDraw, ImageFont
@@ -104,9 +111,7 @@ def loss_curve(job: dict, size: tuple[int, int] = (720, 400)):
         draw.text((left + 12, top + 12), "no metrics recorded", fill="#222", font=font)
         return img
     x_max = max(s for s, _ in points) or 1
-    y_lo, y_hi = min(v for _, v in points), max(v for _, v in points)
-    pad = (y_hi - y_lo) * 0.05 or 0.5  # keep the extreme points off the frame
-    y_lo, y_hi = y_lo - pad, y_hi + pad
+    y_lo, y_hi = y_range([v for _, v in points])
 
     def xy(step, loss):
         return left + (right - left) * step / x_max, bottom - (bottom - top) * (loss - y_lo) / (y_hi - y_lo)

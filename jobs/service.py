@@ -7,6 +7,7 @@ meant for the user are ``QALoRAError`` subclasses with a readable message.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,15 +22,19 @@ from .pipeline import LOG_NAME, export_note  # noqa: F401 (export_note: public h
 from .spec import EXTRA_EXPORTS, JobSpec  # noqa: F401  (EXTRA_EXPORTS: for the app)
 
 ROOT = Path(__file__).resolve().parents[1]
-JOB_FIELDS = ("id", "name", "status", "stage", "step", "total_steps", "loss", "eta_s", "error", "attempts",
-              "cancel_requested", "worker_id", "created_at", "started_at", "finished_at", "heartbeat_at",
-              "artifact_dir")
+JOB_FIELDS = ("id", "name", "status", "stage", "stage_done", "stage_total", "stage_started_at", "step",
+              "total_steps", "loss", "eta_s", "error", "attempts", "cancel_requested", "worker_id", "created_at",
+              "started_at", "finished_at", "heartbeat_at", "artifact_dir")
+# What each stage counts, for "quantize 12/30 layers".
+STAGE_UNITS = {"data": "parts", "quantize": "layers", "merge": "layers", "verify": "batches", "save": "model",
+               "evaluate": "questions", "export gguf": "tensors", "export gptq": "steps", "export peft": "files"}
 
 
 def _job_dict(job: Job) -> dict:
     d = {k: getattr(job, k) for k in JOB_FIELDS}
     d["progress"] = job.step / job.total_steps if job.total_steps else 0.0
     d["spec"], d["report"] = job.spec, job.report
+    d["stage_text"], d["stage_eta_s"] = _stage_progress(job)
     # Alive (heartbeating) but not moving: a hung CUDA call or a deadlock. Shown, not acted on.
     d["stalled_s"] = None
     if job.status == JobStatus.RUNNING.value and job.progress_at is not None:
@@ -38,6 +43,22 @@ def _job_dict(job: Job) -> dict:
             d["stalled_s"] = idle
             d["last_log_line"] = _log_tail(job.artifact_dir, 1).strip()
     return d
+
+
+def _stage_progress(job: Job) -> tuple[str, float | None]:
+    """("evaluate 12/40 questions", seconds left in the stage at its measured rate) for a running job."""
+    if job.status != JobStatus.RUNNING.value or not job.stage:
+        return job.stage or "", None
+    if job.stage == "train":
+        return f"train {job.step}/{job.total_steps} steps", None
+    if not job.stage_total:
+        return job.stage, None
+    text = f"{job.stage} {job.stage_done or 0}/{job.stage_total} {STAGE_UNITS.get(job.stage, '')}".rstrip()
+    eta = None
+    if job.stage_done and job.stage_started_at is not None:
+        elapsed = (utcnow() - job.stage_started_at).total_seconds()
+        eta = elapsed * (job.stage_total - job.stage_done) / job.stage_done
+    return text, eta
 
 
 def _log_tail(folder: str | None, lines: int) -> str:
@@ -151,6 +172,41 @@ def list_models() -> list[dict]:
     return models
 
 
+_STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
+_SERVER_PATH = re.compile(r"(?<![\w.$>])/(?:[^\s'\",)/]+/)+([^\s'\",)/]+)")  # /a/b/name -> …/name
+
+
+def readable_log(job_id: int, lines: int = 14) -> str:
+    """The job log's last ``lines`` entries for the page: no traceback (the downloadable log has it)
+    and no server paths (the job's folder and the store's home are named, not spelled out)."""
+    from .confine import with_upload_names
+
+    with db() as s:
+        folder = _require(s, job_id).artifact_dir
+    raw = _log_tail(folder, lines * 40).splitlines()
+    kept = [line for line in raw if _STAMPED.match(line)]
+    home = str(get_settings().home.resolve())
+    out = []
+    for line in kept[-lines:]:
+        line = with_upload_names(line)
+        if folder:
+            line = line.replace(str(folder), "<job folder>")
+        out.append(_SERVER_PATH.sub(r"…/\1", line.replace(home, "$QALORA_HOME")))
+    if len(kept) < len(raw):
+        out.append("(the full traceback is in the downloadable log: Download → job log)")
+    return "\n".join(out)
+
+
+def log_path(job_id: int) -> Path:
+    """The job's full log file, for download."""
+    with db() as s:
+        folder = _require(s, job_id).artifact_dir
+    path = Path(folder or "") / LOG_NAME
+    if not path.is_file():
+        raise JobStateError(f"Job {job_id} has no log yet: it has not started.")
+    return path
+
+
 def read_log(job_id: int, tail: int = 200) -> str:
     """The last ``tail`` lines of the job's log ('' before the job has started)."""
     with db() as s:
@@ -180,10 +236,12 @@ def start_worker_process(count: int | None = None, log_dir: Path | None = None) 
 
 # UI helpers (new-job form, chat, publish) live in their own modules; these re-exports and thin
 # wrappers keep this module the only one the app calls.
-from .chat import build_messages, loaded_models, stream_reply, stream_side_by_side  # noqa: E402,F401
+from .chat import build_messages, load_models, loaded_models, stream_reply, stream_side_by_side  # noqa: E402,F401
 from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_GROUP_SIZE, DEFAULT_PRESET,  # noqa: E402,F401
-                    METHOD_CHOICES, PRESETS, build_spec, builtin_choices, data_source, group_size_choices,
-                    preview_dataset)
+                    METHOD_CHOICES, PRESETS, FormError, build_spec, form_spec, builtin_choices, data_source, export_choices,
+                    group_size_choices, preview_dataset, warm_up)
+from .forms import FIELDS as FORM_FIELDS  # noqa: E402,F401
+from qalora.errors import QALoRAError  # noqa: E402,F401
 from .confine import with_upload_names  # noqa: E402,F401
 from .publish import PublishError, loss_curve, model_card, resolve_token  # noqa: E402,F401
 
@@ -258,6 +316,17 @@ def _ready_export(job_id: int, fmt: str) -> dict | None:
     return None
 
 
+def _zip_stored(folder: Path, archive: Path) -> None:
+    """Zip ``folder`` without compression: packed low-bit weights do not shrink, and storing them
+    is several times faster than deflating them."""
+    import zipfile
+
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(folder))
+
+
 def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, str]:
     """(file to download, note to show beside it). Packs files that exist; never exports here.
 
@@ -280,6 +349,6 @@ def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, s
         shutil.copyfile(source, dest / f".partial-{path.name}")
     else:
         path = dest / f"{stem}.zip"
-        shutil.make_archive(str(dest / f".partial-{stem}"), "zip", source)
+        _zip_stored(source, dest / f".partial-{path.name}")
     os.replace(dest / f".partial-{path.name}", path)  # the download link never points at a half file
     return path, result.get("note") or export_note(result)

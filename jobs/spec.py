@@ -42,7 +42,7 @@ class JobSpec:
         if unknown:
             raise ConfigError(f"export format(s) {unknown} are not available; choose from {list(EXPORT_FORMATS)}.")
         if not self.name:
-            short = Path(self.base).stem if self.base not in ("default", "tiny-random") else self.base
+            short = _short_name(self.base)
             self.name = f"{short}-{self.quant.bits}bit-g{self.quant.group_size}-r{self.adapter.rank}"
 
     def to_dict(self) -> dict:
@@ -80,6 +80,14 @@ class JobSpec:
     @property
     def extra_exports(self) -> tuple[str, ...]:
         return tuple(f for f in self.exports if f in EXTRA_EXPORTS)
+
+
+def _short_name(base: str) -> str:
+    """The base's own name: ``meta-llama/Llama-3.1-8B`` -> ``Llama-3.1-8B``, a .gguf file's stem."""
+    if base in ("default", "tiny-random"):
+        return base
+    name = Path(base.rstrip("/")).name
+    return name[:-len(".gguf")] if name.endswith(".gguf") else name
 
 
 def _absolute(ref: str) -> str:
@@ -128,26 +136,40 @@ def model_dims(base: str) -> tuple[int, int, int] | None:
         return None
     if path.is_dir():
         return _dims_from_config(path)
-    if _HUB_ID.match(base) and not base.startswith((".", "/", "~")):
-        return None  # a Hub id: only the worker can resolve it
+    if is_hub_id(base):
+        return None  # a Hub id: the form asks the Hub (jobs.forms.base_dims); the worker downloads it
     raise ModelError(f"model {base!r} was not found: give 'default', 'tiny-random', a local model "
                      "directory, a .gguf file, or a Hugging Face Hub id like 'org/name'.")
 
 
-def _dims_from_config(path: Path) -> tuple[int, int, int]:
-    from qalora.model import LLAMA_FAMILY
+def is_hub_id(base: str) -> bool:
+    """``org/name`` that is not a local path."""
+    return bool(_HUB_ID.match(base)) and not base.startswith((".", "/", "~")) and not Path(base).exists()
 
+
+def _dims_from_config(path: Path) -> tuple[int, int, int]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelError(f"{path} has no config.json; point to a folder saved with save_pretrained, "
                          "or to a .gguf file.")
     try:
         cfg = json.loads(cfg_file.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{cfg_file} is not a readable model config ({exc}); re-save the model.") from None
+    return dims_from_config(cfg, str(path), str(cfg_file))
+
+
+def dims_from_config(cfg: dict, where: str, file: str | None = None) -> tuple[int, int, int]:
+    """(hidden, attention width, intermediate) of a LLaMA-family ``config.json``'s contents."""
+    from qalora.model import LLAMA_FAMILY
+
+    try:
         hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{cfg_file} is not a readable model config ({exc}); re-save the model.") from None
+        raise ModelError(f"{file or where + ' config.json'} is not a readable model config ({exc}); "
+                         "re-save the model.") from None
     if cfg.get("model_type") not in LLAMA_FAMILY:
-        raise ModelError(f"{path} is a {cfg.get('model_type')!r} model; QA-LoRA Studio supports "
+        raise ModelError(f"{where} is a {cfg.get('model_type')!r} model; QA-LoRA Studio supports "
                          f"LLaMA-family causal LMs ({', '.join(LLAMA_FAMILY)}). Pick a LLaMA-family base.")
     heads = int(cfg.get("num_attention_heads") or 1)
     head_dim = int(cfg.get("head_dim") or hidden // heads)

@@ -34,18 +34,30 @@ def batches(examples: list[dict], batch_size: int, pad_id: int, max_batches: int
         yield collate(examples[i:i + batch_size], pad_id)
 
 
+def count_batches(n_examples: int, batch_size: int, max_batches: int | None = None) -> int:
+    n = -(-n_examples // batch_size)
+    return n if max_batches is None else min(n, max_batches)
+
+
 @torch.no_grad()
-def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int, max_batches: int | None = None) -> float:
-    """Mean per-token loss of ``model`` on ``examples`` (the first ``max_batches`` batches)."""
+def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int, max_batches: int | None = None,
+              on_progress=None) -> float:
+    """Mean per-token loss of ``model`` on ``examples`` (the first ``max_batches`` batches).
+
+    ``on_progress(done, total)`` is called after each batch.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in batches(examples, batch_size, pad_id, max_batches):
+    n_batches = count_batches(len(examples), batch_size, max_batches)
+    for i, batch in enumerate(batches(examples, batch_size, pad_id, max_batches), 1):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         s, n = token_loss_sum(logits, batch["labels"])
         total, count = total + s.item(), count + n
+        if on_progress:
+            on_progress(i, n_batches)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -58,7 +70,8 @@ HELDOUT_BUILTINS = ("builtin:contacts", "builtin:default")
 
 
 def evaluate_dir(model_dir, data: str, k_shot: int = 0, limit: int | None = None, scoring: str | None = None,
-                 seq_len: int = 1024, batch_size: int = 4, device: str = "cpu", use_kernel: bool = False) -> dict:
+                 seq_len: int = 1024, batch_size: int = 4, device: str = "cpu", use_kernel: bool = False,
+                 on_progress=None) -> dict:
     """Evaluate a saved low-bit model (a job's 'merged' folder) on ``data``.
 
     Multiple-choice data (see ``qalora.mc_eval``) gives accuracy by log-likelihood, scored by
@@ -66,6 +79,7 @@ def evaluate_dir(model_dir, data: str, k_shot: int = 0, limit: int | None = None
     gives the mean per-token loss on its replies and the perplexity; the built-in training set is
     replaced by held-out prompts of the same kind, so its loss is held-out too. ``limit`` caps the
     number of questions or records. ``use_kernel=False`` evaluates the exact dequantized weights.
+    ``on_progress(done, total)`` counts questions (or batches) scored.
     """
     from . import mc_eval
     from .builtin_data import heldout_records
@@ -76,7 +90,8 @@ def evaluate_dir(model_dir, data: str, k_shot: int = 0, limit: int | None = None
     result = {"model_dir": str(model_dir), "data": str(data)}
     if mc_eval.looks_multiple_choice(data):
         scoring = scoring or ("text" if str(data) == mc_eval.BUILTIN_MC else "letter")
-        mc = mc_eval.eval_multiple_choice(model, tokenizer, data, k_shot=k_shot, limit=limit, scoring=scoring)
+        mc = mc_eval.eval_multiple_choice(model, tokenizer, data, k_shot=k_shot, limit=limit, scoring=scoring,
+                                          on_progress=on_progress)
         mc["perplexity"] = perplexity(mc["loss"])
         return {**result, "kind": "multiple_choice", **mc}
     if str(data).strip() in HELDOUT_BUILTINS:
@@ -85,5 +100,5 @@ def evaluate_dir(model_dir, data: str, k_shot: int = 0, limit: int | None = None
         records = load_records(data)[:limit] if limit else load_records(data)
     examples = tokenize_records(records, tokenizer, seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loss = eval_loss(model, examples, batch_size, pad_id)
+    loss = eval_loss(model, examples, batch_size, pad_id, on_progress=on_progress)
     return {**result, "kind": "loss", "loss": loss, "perplexity": perplexity(loss), "examples": len(examples)}

@@ -239,7 +239,7 @@ def _scores(model, prompt: list[int], continuations: list[list[int]], pad_id: in
 
 
 def eval_multiple_choice(model, tokenizer, questions, k_shot: int = 0, limit: int | None = None,
-                         scoring: str = "letter") -> dict:
+                         scoring: str = "letter", on_progress=None) -> dict:
     """Accuracy of ``model`` on multiple-choice ``questions`` (a path or a list of MCQuestion).
 
     Returns ``accuracy`` (correct / n), ``correct``, ``n`` (scored questions: all but the first
@@ -280,6 +280,8 @@ def eval_multiple_choice(model, tokenizer, questions, k_shot: int = 0, limit: in
         predicted = max(range(len(scores)), key=lambda j: (scores[j], -j))
         nll, tokens = nll - scores[q.answer], tokens + len(conts[q.answer])
         results.append({"where": q.where, "answer": q.answer, "predicted": predicted, "scores": scores})
+        if on_progress:
+            on_progress(len(results), len(scored))
     model.train(was_training)
     correct = sum(r["answer"] == r["predicted"] for r in results)
     return {"accuracy": correct / len(results), "correct": correct, "n": len(results),

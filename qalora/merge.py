@@ -23,16 +23,35 @@ def merged_quantized(layer: QALoRALinear) -> QuantizedTensor:
                            layer.in_features)
 
 
-def merge_adapters(model: nn.Module, use_kernel: bool = True) -> nn.Module:
-    """Replace every ``QALoRALinear`` in ``model`` (in place) with a merged ``QuantLinear``."""
+def merge_adapters(model: nn.Module, use_kernel: bool = True, on_progress=None) -> nn.Module:
+    """Replace every ``QALoRALinear`` in ``model`` (in place) with a merged ``QuantLinear``.
+
+    ``on_progress(done, total)`` is called after each layer.
+    """
     names = [n for n, m in model.named_modules() if type(m) is QALoRALinear]
-    for name in names:
+    for i, name in enumerate(names, 1):
         layer = model.get_submodule(name)
         set_module(model, name, QuantLinear(merged_quantized(layer), layer.bias, use_kernel=use_kernel))
+        if on_progress:
+            on_progress(i, len(names))
     return model
 
 
-def merge_and_requantize(model: nn.Module, quant, calib_ids=None, use_kernel: bool = True) -> nn.Module:
+def use_kernels(model: nn.Module, on: bool = True) -> str:
+    """Switch every ``QuantLinear`` to the int4 kernel (``on``) or the dequantize reference.
+
+    Returns the path the model's layers now take: "int4 kernel", "dequantize" or "mixed".
+    """
+    paths = set()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.use_kernel = on
+            paths.add(m.kernel_active(m.packed.device))
+    return "mixed" if len(paths) > 1 else "int4 kernel" if paths == {True} else "dequantize"
+
+
+def merge_and_requantize(model: nn.Module, quant, calib_ids=None, use_kernel: bool = True,
+                         on_progress=None) -> nn.Module:
     """The baseline's deployment path (in place): merge each ``LoRALinear`` into a 16-bit
     weight, then quantize that again to ``quant``'s bits and group size (RTN or GPTQ)."""
     from .model import quantize_model
@@ -47,8 +66,11 @@ def merge_and_requantize(model: nn.Module, quant, calib_ids=None, use_kernel: bo
                 dense.bias.copy_(layer.bias)
         set_module(model, name, dense.to(layer.packed.device))
     leaf_names = tuple(sorted({n.rsplit(".", 1)[-1] for n in names}))
-    for name, qt in quantize_model(model, quant, leaf_names, calib_ids).items():
+    quantized = quantize_model(model, quant, leaf_names, calib_ids)
+    for i, (name, qt) in enumerate(quantized.items(), 1):
         set_module(model, name, QuantLinear(qt, model.get_submodule(name).bias, use_kernel=use_kernel))
+        if on_progress:
+            on_progress(i, len(quantized))
     return model
 
 

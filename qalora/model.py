@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import AdapterConfig, QuantConfig
 from .errors import ModelError
+from .hub import hub_error
 from .layer import LoRALinear, LowRankOnQuantized, QALoRALinear
 from .quant import QuantizedTensor, check_group_size, quantize_tensor, valid_group_sizes
 
@@ -145,28 +146,7 @@ def hub_snapshot(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, endpoint=endpoint, allow_patterns=[
             "*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]))
     except Exception as exc:  # every failure becomes one readable message naming the fix
-        raise ModelError(_hub_error(repo_id, exc, endpoint or "https://huggingface.co")) from exc
-
-
-def _hub_error(repo_id: str, exc: BaseException, endpoint: str) -> str:
-    chain, seen = [], exc
-    while seen is not None and len(chain) < 8:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    names = " ".join(type(e).__name__ + " " + str(e) for e in chain)
-    status = next((getattr(getattr(e, "response", None), "status_code", None) for e in chain
-                   if getattr(getattr(e, "response", None), "status_code", None)), None)
-    if "GatedRepo" in names or status == 403:
-        return (f"could not fetch {repo_id!r}: it is gated. Accept its license on the Hub, then set HF_TOKEN "
-                "(a token of the account that accepted it) for gated models, and submit again.")
-    if "RepositoryNotFound" in names or status in (401, 404):
-        return (f"could not fetch {repo_id!r}: the Hub at {endpoint} has no such model, or it is private. "
-                "Check the id, or set HF_TOKEN for a private or gated model.")
-    if "OfflineModeIsEnabled" in names:
-        return (f"could not fetch {repo_id!r}: Hub downloads are off (HF_HUB_OFFLINE=1). Unset it, or download "
-                "the model and give its folder.")
-    return (f"could not fetch {repo_id!r}: cannot reach the Hub at {endpoint} ({type(exc).__name__}). Check the "
-            "network (or HF_ENDPOINT), or download the model first and give its folder.")
+        raise ModelError(hub_error(repo_id, exc, endpoint or "https://huggingface.co")) from exc
 
 
 def _with_pad(tok):

@@ -15,8 +15,8 @@ import torch
 from . import data as data_mod
 from . import memory
 from .config import AdapterConfig, QuantConfig, TrainConfig
-from .eval import batches, eval_loss
-from .merge import merge_adapters, merge_and_requantize
+from .eval import batches, count_batches, eval_loss
+from .merge import merge_adapters, merge_and_requantize, use_kernels
 from .model import (BaseSource, count_adapter_params, inject_qalora, load_quantized_base, open_base, pick_device,
                     resolve_dtype)
 from .quant import QuantizedTensor
@@ -144,7 +144,9 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
 
     Writes ``out_dir/merged`` (native low-bit model), ``out_dir/adapter`` and checkpoints under
     ``out_dir/checkpoints``. Raises :class:`TrainingStopped` when ``should_stop()`` fires.
-    ``on_progress(stage, done, total)`` reports progress inside a stage (decoder layers loaded).
+    ``on_progress(stage, done, total)`` reports progress inside a stage: records tokenized ("data"),
+    decoder layers loaded and quantized, then eval batches ("quantize"), layers merged ("merge"),
+    check and eval batches ("verify"), the model written ("save").
     """
     from .export.adapter import save_adapter
     from .export.atomic import atomic_path
@@ -152,6 +154,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
 
     log = log or logging.getLogger("qalora")
     stage = on_stage or (lambda name: None)
+    progress = on_progress or (lambda name, done, total: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -171,13 +174,16 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     tokenizer = src.tokenizer
     stage("data")
     train_records, eval_records = data_mod.split_records(records, train_cfg.eval_fraction, train_cfg.seed)
+    progress("data", 0, 2)
     train_examples = data_mod.tokenize_records(train_records, tokenizer, train_cfg.seq_len)
+    progress("data", 1, 2)
     eval_examples = data_mod.tokenize_records(eval_records, tokenizer, train_cfg.seq_len)
+    progress("data", 2, 2)
     log.info("data: %d train / %d eval examples", len(train_examples), len(eval_examples))
 
     stage("quantize")
     model, qweights = _quantized_base(src, quant, adapter, train_examples, out, resume, device, torch_dtype, log,
-                                      on_progress and (lambda done, total: on_progress("quantize", done, total)))
+                                      lambda done, total: progress("quantize", done, total))
     # The adapter's initial values come from the global RNG: seed it so the job's seed decides them.
     torch.manual_seed(train_cfg.seed)
     inject_qalora(model, qweights, adapter)
@@ -194,7 +200,10 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
                    fingerprint=fingerprint)
     if result.stopped:
         raise TrainingStopped(f"stopped after step {result.step}")
-    eval_adapter = eval_loss(model, eval_examples, **ev)
+    # The training loop evaluated the adapter model at its last step: that is its eval loss.
+    eval_adapter = result.eval_losses.get(result.step)
+    if eval_adapter is None:
+        eval_adapter = eval_loss(model, eval_examples, **ev)
     adapter_params = count_adapter_params(model)
     with atomic_path(out / "adapter") as tmp:
         save_adapter(model, tmp, base=base, quant=quant, adapter=adapter)
@@ -204,18 +213,29 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     # then compare.
     check = check_batches(eval_examples, train_cfg.batch_size, pad_id, device)
     reference = _masked_logits(model, check)
+    merge_progress = lambda done, total: progress("merge", done, total)  # noqa: E731
     if adapter.method == "qlora-ptq":
         calib = calibration_ids(train_examples) if quant.method == "gptq" else None
-        merge_and_requantize(model, quant, calib, use_kernel=False)
+        merge_and_requantize(model, quant, calib, use_kernel=False, on_progress=merge_progress)
     else:
-        merge_adapters(model, use_kernel=False)
+        merge_adapters(model, use_kernel=False, on_progress=merge_progress)
     merged = model
     stage("verify")
-    diff = max((ref - got).abs().max().item() for ref, got in zip(reference, _masked_logits(merged, check)))
+    # The exactness check runs on the dequantize reference (it measures the merge, not a kernel's
+    # rounding); the merged model's eval loss then runs on the fast path it is deployed on.
+    n_eval = count_batches(len(eval_examples), train_cfg.batch_size, train_cfg.eval_batches)
+    total = len(check) + n_eval
+    diff = 0.0
+    for i, (ref, got) in enumerate(zip(reference, _masked_logits(merged, check)), 1):
+        diff = max(diff, (ref - got).abs().max().item())
+        progress("verify", i, total)
     del reference
-    eval_merged = eval_loss(merged, eval_examples, **ev)
-    log.info("merge check: max |logit diff| %.3g, eval loss adapter %.4f merged %.4f", diff, eval_adapter,
-             eval_merged)
+    merged_path = use_kernels(merged, True)
+    eval_merged = eval_loss(merged, eval_examples, **ev,
+                            on_progress=lambda done, n: progress("verify", len(check) + done, total))
+    use_kernels(merged, False)
+    log.info("merge check: max |logit diff| %.3g, eval loss adapter %.4f merged %.4f (%s path)", diff,
+             eval_adapter, eval_merged, merged_path)
 
     stage("save")
     report = {
@@ -229,14 +249,17 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
         "train_loss_last": result.losses[-1] if result.losses else None,
         "train_losses": result.losses, "eval_losses": {str(k): v for k, v in result.eval_losses.items()},
         "eval_loss_quantized_base": eval_base, "eval_loss_adapter": eval_adapter, "eval_loss_merged": eval_merged,
+        "eval_merged_path": merged_path,
         "merge_max_abs_logit_diff": diff, "tokens_per_s": result.tokens_per_s, "dtype": str(torch_dtype),
         "device": device.type, "config": {"quant": quant.to_dict(), "adapter": adapter.to_dict(),
                                           "train": train_cfg.to_dict()},
     }
     merged_cfg = {"method": quant.method, "adapter_method": adapter.method, "base": base,
                   "merge_max_abs_logit_diff": diff}
+    progress("save", 0, 1)
     with atomic_path(out / "merged") as tmp:  # a failed save leaves no half model under merged/
         save_quantized(merged, tokenizer, tmp, extra_config=merged_cfg)
+    progress("save", 1, 1)
 
     report["peak_rss_mb"] = memory.peak_rss_mb()
     report["peak_gpu_mb"] = memory.peak_gpu_mb()

@@ -33,6 +33,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     stage: Mapped[str | None] = mapped_column(String(32))
+    # Progress inside the current stage (layers quantized, questions scored) and when it began.
+    stage_done: Mapped[int | None] = mapped_column(Integer)
+    stage_total: Mapped[int | None] = mapped_column(Integer)
+    stage_started_at: Mapped[datetime | None] = mapped_column(DateTime)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer)
     loss: Mapped[float | None] = mapped_column(Float)

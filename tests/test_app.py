@@ -45,7 +45,7 @@ def test_importing_the_app_builds_demo_without_launching_or_importing_torch():
 
 
 def test_launch_queues_a_job_and_switches_to_the_jobs_tab(home):
-    note, picker, tabs = _launch(name="smoke")
+    note, picker, tabs, *fields = _launch(name="smoke")
     (job,) = service.list_jobs()
     assert note == f"Job **#{job['id']}** (smoke) queued; follow it in the Jobs tab."
     assert picker["value"] == job["id"] and picker["choices"] == [(f"#{job['id']} smoke (queued)", job["id"])]
@@ -54,66 +54,80 @@ def test_launch_queues_a_job_and_switches_to_the_jobs_tab(home):
     assert job["spec"]["train"]["eval_every"] == 1  # steps // 5 evaluations: the chart shows eval points
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(group_size="48"), "**Error:** group_size=48 does not divide in_features=64 of q_proj; valid group sizes for "
-                            "this model include [16, 32, 64]."),
+@pytest.mark.parametrize("changes, field, message", [
+    (dict(group_size="48"), "group_size", "group_size=48 does not divide in_features=64 of q_proj; valid group sizes "
+                                          "for this model include [16, 32, 64]."),
     # server paths outside the allowed folders: one message, whether or not they exist
-    (dict(base="/no/such/model"), "**Error:** base model: the form only reads server files under "),
-    (dict(base="/etc"), "**Error:** base model: the form only reads server files under "),
-    (dict(kind="path or name", path="/etc/passwd"), "**Error:** dataset: the form only reads server files under "),
-    (dict(group_size="16", exports=["gguf"]), "**Error:** GGUF export needs a group size that is a multiple of 32, "
-                                              "got 16: llama.cpp's Q4_1 format keeps one scale and one offset per "
-                                              "block of 32 weights, so a block would span groups with different "
-                                              "scales and the weights would have to be re-quantized, changing the "
-                                              "model. Fine-tune with group_size 32, 64 or 128, or export this model "
-                                              "in the native format."),
-    (dict(steps="ten"), "**Error:** steps must be a whole number (got 'ten'); fix it in the advanced settings."),
-    (dict(rank=0), "**Error:** rank must be at least 1 (got 0)."),
-    (dict(kind="upload"), "**Error:** no file is uploaded; drop a .jsonl, .json, .csv or .parquet file on the "
-                          "upload box."),
-    (dict(kind="path or name", path="missing.jsonl"), "**Error:** dataset: the form only reads server files under "),
+    (dict(base="/no/such/model"), "base", "base model: the form only reads server files under "),
+    (dict(base="/etc"), "base", "base model: the form only reads server files under "),
+    (dict(kind="path or name", path="/etc/passwd"), "data", "dataset: the form only reads server files under "),
+    (dict(group_size="16", exports=["gguf"]), "exports",
+     "GGUF export needs a group size that is a multiple of 32, got 16: llama.cpp's Q4_1 format keeps one scale and "
+     "one offset per block of 32 weights, so a block would span groups with different scales and the weights would "
+     "have to be re-quantized, changing the model. Fine-tune with group_size 32, 64 or 128, or export this model in "
+     "the native format."),
+    (dict(steps="ten"), "advanced", "steps must be a whole number (got 'ten'); fix it in the advanced settings."),
+    (dict(rank=0), "advanced", "rank must be at least 1 (got 0)."),
+    (dict(kind="upload"), "data", "no file is uploaded; drop a .jsonl, .json, .csv or .parquet file on the "
+                                  "upload box."),
+    (dict(kind="path or name", path="missing.jsonl"), "data", "dataset: the form only reads server files under "),
 ])
-def test_bad_input_is_reported_in_the_form_and_nothing_is_queued(home, changes, message):
-    with pytest.warns(UserWarning):  # gr.Warning outside a request: the toast becomes a warning
-        note, picker, tabs = _launch(**changes)
-    assert note.startswith(message) and (note == message or "QALORA_ALLOWED_DIRS" in note)
+def test_bad_input_is_shown_next_to_its_field_and_nothing_is_queued(home, changes, field, message):
+    note, picker, tabs, *fields = _launch(**changes)
+    notes = dict(zip(forms.FIELDS, fields))
+    assert notes[field].startswith("⚠ " + message), notes
+    assert notes[field] == "⚠ " + message or "QALORA_ALLOWED_DIRS" in notes[field]
+    assert [k for k, v in notes.items() if v] == [field]  # only the field concerned is marked
+    assert note == f"**Not queued:** fix what is marked ⚠ next to: {forms.FIELDS[field]}."
     assert isinstance(picker, type(gr.skip())) and isinstance(tabs, type(gr.skip()))
     assert service.list_jobs() == []
+
+
+def test_every_problem_of_the_form_is_shown_at_once_and_cleared_when_fixed(home):
+    note, _, _, *fields = _launch(lr=1e9, group_size="48", kind="upload")
+    notes = dict(zip(forms.FIELDS, fields))
+    assert notes["advanced"].startswith("⚠ learning rate 1e+09 is outside the range")
+    assert notes["group_size"].startswith("⚠ group_size=48 does not divide")
+    assert notes["data"].startswith("⚠ no file is uploaded")
+    assert note == "**Not queued:** fix what is marked ⚠ next to: Group size, Dataset, Advanced settings."
+    note, _, _, *fields = _launch(name="fixed")
+    assert fields == [""] * len(forms.FIELDS) and "queued" in note
+
+
+def _field_error(changes, field):
+    note, picker, tabs, *fields = _launch(**changes)
+    assert service.list_jobs() == []
+    return dict(zip(forms.FIELDS, fields))[field]
 
 
 def test_a_dataset_with_a_missing_column_is_refused_with_the_file_and_the_expected_columns(home):
     bad = home / "qa.jsonl"
     bad.write_text('{"question": "2+2?", "answer": "4"}\n{"question": "3+3?", "answer": "6"}\n')
-    with pytest.warns(UserWarning):
-        note, *_ = _launch(kind="upload", upload=str(bad))
-    assert note.startswith("**Error:** qa.jsonl: none of its 2 column(s) is a known record format; expected one of these "
+    note = _field_error(dict(kind="upload", upload=str(bad)), "data")
+    assert note.startswith("⚠ qa.jsonl: none of its 2 column(s) is a known record format; expected one of these "
                            "column sets")
     rows = home / "alpaca.jsonl"
     rows.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
-    with pytest.warns(UserWarning):
-        note, *_ = _launch(kind="path or name", path=str(rows))
+    note = _field_error(dict(kind="path or name", path=str(rows)), "data")
     assert "alpaca.jsonl row 2" in note and "output" in note
-    assert service.list_jobs() == []
 
 
 def test_base_model_field_offers_valid_group_sizes_and_rejects_non_llama(home):
-    update, note = app._base_changed(_config_dir(home, model_type="llama", hidden_size=96, intermediate_size=256,
-                                                 num_attention_heads=3))
+    update, note, error = app._base_changed(_config_dir(home, model_type="llama", hidden_size=96,
+                                                        intermediate_size=256, num_attention_heads=3))
     assert update["choices"] == [16, 32] and update["value"] == 32
-    assert note == "Group sizes valid for this model: [16, 32]."
+    assert (note, error) == ("Group sizes valid for this model: [16, 32].", "")
     assert forms.group_size_choices("default") == [16, 32, 64]  # SmolLM2-135M: 576 and 1536 wide
-    assert forms.group_size_choices("org/some-model") == list(forms.FALLBACK_GROUP_SIZES)
     (home / "model").rename(home / "llama")
-    with pytest.warns(UserWarning):
-        _, note = app._base_changed(_config_dir(home, model_type="gpt2", hidden_size=64, intermediate_size=256))
-    assert "is a 'gpt2' model; QA-LoRA Studio supports LLaMA-family causal LMs" in note
+    _, note, error = app._base_changed(_config_dir(home, model_type="gpt2", hidden_size=64, intermediate_size=256))
+    assert "is a 'gpt2' model; QA-LoRA Studio supports LLaMA-family causal LMs" in error and note == ""
 
 
 def test_dataset_preview_renders_records_with_the_base_chat_template(home):
     data = home / "sums.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Add {i} and 3.", "output": str(i + 3)}) + "\n"
                             for i in range(5)))
-    shown = app._dataset_preview("upload", None, str(data), "", "tiny-random")
+    shown = list(app._dataset_preview("upload", None, str(data), "", "tiny-random"))[-1]
     assert shown.startswith("**5 records.**")
     assert "<|im_start|>user\nAdd 0 and 3.<|im_end|>\n<|im_start|>assistant\n3<|im_end|>" in shown
     assert "Add 2 and 3." in shown and "Add 3 and 3." not in shown  # three examples only
@@ -137,7 +151,7 @@ def test_refresh_shows_a_queued_job_and_skips_unchanged_parts(home):
     _launch(name="watch")
     (job,) = service.list_jobs()
     table, picker, summary, plot, merge, log, seen = app._refresh(job["id"], {})
-    assert table.values.tolist()[0][:4] == [job["id"], "watch", "queued", "0/6 (0%)"]
+    assert table.values.tolist()[0][:5] == [job["id"], "watch", "queued", "", "0/6 (0%)"]
     assert picker["choices"] == [(f"#{job['id']} watch (queued)", job["id"])]
     assert summary.startswith(f"### #{job['id']} watch: **queued**") and plot is None
     assert merge == "*Merge check appears when the job succeeds.*"
@@ -155,8 +169,7 @@ def test_job_buttons_cancel_resume_and_delete(home):
     assert service.get_job(job["id"])["status"] == "queued"
     assert app._act("delete", job["id"]) == "Deleted, with its files."
     assert service.list_jobs() == []
-    with pytest.warns(UserWarning):
-        assert app._act("resume", job["id"]) == f"**Error:** Job {job['id']} does not exist; refresh the job list."
+    assert app._act("resume", job["id"]) == f"**Error:** Job {job['id']} does not exist; refresh the job list."
 
 
 def test_auth_setting():
@@ -220,7 +233,10 @@ def test_the_jobs_timer_fetches_only_new_metric_rows(home, monkeypatch):
     asked.clear()
     *_, plot, _, _, seen = app._refresh(job["id"], seen)
     assert 3 in asked and 0 not in asked  # only the rows after step 3 were read
-    assert sorted(plot[plot.series == "train"].step.tolist()) == [1, 2, 3, 4, 5]
+    frame = plot["value"]
+    # a 6-step job: steps are labels, in run order (a numeric axis would tick at 1.5, 2.5, ...)
+    assert frame[frame.series == "train"].step.tolist() == ["1", "2", "3", "4", "5"]
+    assert plot["sort"] == ["1", "2", "3", "4", "5", "6"]
     with db() as s:  # a resume (new attempt) may rewrite steps: everything is read again
         repo.interrupt(s, job["id"], "w1", reason="test")
         repo.requeue(s, job["id"])
@@ -231,24 +247,58 @@ def test_the_jobs_timer_fetches_only_new_metric_rows(home, monkeypatch):
 
 
 @pytest.mark.parametrize("changes, start", [
-    (dict(lr=1e9), "**Error:** learning rate 1e+09 is outside the range that trains an adapter (1e-06 to 0.01; "
+    (dict(lr=1e9), "⚠ learning rate 1e+09 is outside the range that trains an adapter (1e-06 to 0.01; "
                    "typical 1e-4 to 3e-4)"),
-    (dict(lr=0), "**Error:** learning rate 0 is outside the range"),
-    (dict(seq=8), "**Error:** sequence length 8 cuts away the whole reply of every one of the first 200 records, "
+    (dict(lr=0), "⚠ learning rate 0 is outside the range"),
+    (dict(seq=8), "⚠ sequence length 8 cuts away the whole reply of every one of the first 200 records, "
                   "leaving nothing to learn; raise it (typical 256-2048)"),
 ])
 def test_what_the_worker_would_fail_on_is_refused_in_the_form(home, changes, start):
-    with pytest.warns(UserWarning):
-        note, *_ = _launch(**changes)
+    note = _field_error(changes, "advanced")
     assert note.startswith(start), note
-    assert service.list_jobs() == []
 
 
 def test_too_few_records_are_refused_with_the_minimum(home):
     few = home / "few.jsonl"
     few.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(3)))
-    with pytest.warns(UserWarning):
-        note, *_ = _launch(kind="path or name", path=str(few))
-    assert note == ("**Error:** few.jsonl has 3 record(s); a fine-tune needs at least 8 (about one in ten is held "
+    note = _field_error(dict(kind="path or name", path=str(few)), "data")
+    assert note == ("⚠ few.jsonl has 3 record(s); a fine-tune needs at least 8 (about one in ten is held "
                     "out to measure it). Add more records.")
-    assert service.list_jobs() == []
+
+
+def test_export_choices_follow_bits_and_group_size():
+    update, note = app._exports_for(4, 16, ["gguf", "gptq"])
+    assert [key for _, key in update["choices"]] == ["gptq", "peft"] and update["value"] == ["gptq"]
+    assert note.startswith("*GGUF is off at group size 16: GGUF export needs a group size that is a multiple of 32")
+    update, note = app._exports_for(4, 64, ["gptq"])
+    assert [key for _, key in update["choices"]] == ["gguf", "gptq", "peft"] and note == ""
+    update, note = app._exports_for(8, 16, [])  # 8-bit goes to an F16 GGUF: any group size
+    assert "gguf" in [key for _, key in update["choices"]] and note == ""
+
+
+def test_long_runs_chart_steps_on_a_numeric_axis_over_the_whole_run():
+    metrics = [{"step": n, "train_loss": 1.0 / n, "eval_loss": None} for n in range(1, 41)]
+    plot = app._loss_plot({"metrics": metrics, "total_steps": 200})
+    assert plot["value"].step.dtype == "int64" and plot["x_lim"] == [0, 200] and plot["sort"] is None
+    assert app._loss_plot({"metrics": [], "total_steps": 200}) is None
+
+
+def test_waits_say_what_they_wait_for(monkeypatch):
+    import time
+
+    monkeypatch.setattr(app, "TICK_S", 0.05)
+    updates = list(app._waiting(lambda: time.sleep(0.5) or 42, lambda t: f"loading… {t:.1f} s"))
+    assert updates[-1] == ("done", 42) and len(updates) >= 3
+    assert all(u.startswith("loading… ") for u in updates[:-1])
+    with pytest.raises(ZeroDivisionError):
+        list(app._waiting(lambda: 1 / 0, str))
+    assert list(app._waiting(lambda: "quick", str)) == [("done", "quick")]  # no message under 0.3 s
+
+
+def test_auto_names_keep_the_models_own_name():
+    from jobs.spec import JobSpec
+    from qalora.config import QuantConfig
+
+    assert JobSpec(base="meta-llama/Llama-3.1-8B", quant=QuantConfig(4, 64)).name == "Llama-3.1-8B-4bit-g64-r16"
+    assert JobSpec(base="/models/tinyllama.Q8_0.gguf").name.startswith("tinyllama.Q8_0-4bit")
+    assert JobSpec(base="/models/llama-2-7b/").name.startswith("llama-2-7b-4bit")

@@ -54,6 +54,7 @@ def _app(tmp_path, *args, **env):
     port = _free_port()
     env = {**os.environ, "QALORA_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "QALORA_POLL_S": "0.2",
+           "QALORA_REFRESH_S": "0.5",
            "QALORA_HEARTBEAT_S": "1", **env}
     env.pop("QALORA_DB_URL", None)
     log_path = tmp_path / "app.log"
@@ -166,27 +167,55 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     base = page.locator("#base-model input")
     base.fill("/no/such/model")
     base.press("Enter")
-    expect(page.get_by_text("base model: the form only reads server files under").first).to_be_visible()
+    expect(page.locator("#base-error")).to_contain_text("base model: the form only reads server files under")
     base.fill("tiny-random")  # not in the list's first place: typed like any local path
     base.press("Enter")
+    expect(page.locator("#base-error")).to_have_text("")
     page.get_by_text("Advanced").click()
-    _fill_numbers(page, {"#steps": STEPS, "#batch-size": 2, "#seq-len": 256, "#lr": 0.005})
+    # refused inputs: every one is shown next to its field, at once, and nothing is queued
+    _fill_numbers(page, {"#steps": STEPS, "#batch-size": 2, "#seq-len": 256, "#lr": 1000000000})
     group = page.locator("#group-size input")
     group.fill("48")
     group.press("Enter")
     page.locator("#launch").click()
-    expect(page.locator("#launch-status")).to_contain_text("group_size=48 does not divide in_features=64")
+    expect(page.locator("#group-size-error")).to_contain_text("group_size=48 does not divide in_features=64")
+    expect(page.locator("#advanced-error")).to_contain_text("learning rate 1e+09 is outside the range")
+    expect(page.locator("#launch-status")).to_contain_text("Not queued: fix what is marked ⚠ next to: Group size, "
+                                                           "Advanced settings.")
     page.screenshot(path=ARTIFACTS / "browser-1-form-error.png", full_page=True)
-
+    _fill_numbers(page, {"#lr": 0.005, "#seq-len": 8})
+    page.locator("#launch").click()
+    expect(page.locator("#advanced-error")).to_contain_text("sequence length 8 cuts away the whole reply")
+    _fill_numbers(page, {"#seq-len": 256})
+    # the export choices follow the group size: at 16 GGUF cannot apply and says why
+    exports = page.locator("#exports")
+    expect(exports.get_by_label("GGUF for llama.cpp (exact codes, fp16 scales)")).to_be_checked()
+    group.fill("16")
+    group.press("Enter")
+    expect(page.locator("#exports-note")).to_contain_text("GGUF is off at group size 16: GGUF export needs a group "
+                                                          "size that is a multiple of 32")
+    expect(exports.get_by_label("GGUF for llama.cpp (exact codes, fp16 scales)")).to_have_count(0)
     group.fill("32")
     group.press("Enter")
+    expect(exports.get_by_label("GGUF for llama.cpp (exact codes, fp16 scales)")).to_have_count(1)
+    expect(page.locator("#exports-note")).to_have_text("")
     page.get_by_role("button", name="Preview dataset").click()
     expect(page.locator("#dataset-preview")).to_contain_text("1200 records")
     expect(page.locator("#dataset-preview")).to_contain_text("<|im_start|>assistant")
     page.locator("#launch").click()
     expect(page.locator("#launch-status")).to_contain_text("Job #1")  # the bad launch queued nothing
     expect(page.get_by_role("tab", name="Jobs")).to_have_attribute("aria-selected", "true")
+    for field in ("#group-size-error", "#advanced-error", "#data-error"):
+        expect(page.locator(field)).to_have_text("")
+    _watch_text(page, "#job-summary", "summaries")
+    _watch_text(page, "#jobs-table", "tables")
     expect(page.locator("#job-summary")).to_contain_text("succeeded", timeout=JOB_S * 1000)
+    # after the last step the job kept showing where it was: the finishing stages, with counts
+    finishing = r"(merge \d+/14 layers|verify \d+/\d+ batches|save \d/1 model|export gguf \d+/\d+ tensors|" \
+                r"evaluate \d+/40 questions)"
+    summaries = page.evaluate("window.summaries")
+    assert any(re.search("stage " + finishing, t) for t in summaries), summaries
+    assert any(re.search(finishing, t) for t in page.evaluate("window.tables"))
 
     train_line = page.locator('#loss-plot g.mark-line path[aria-label*="series: train"]')
     eval_line = page.locator('#loss-plot g.mark-line path[aria-label*="series: eval"]')
@@ -195,6 +224,7 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     assert eval_line.get_attribute("d").count("L") + 1 == STEPS // 2  # evaluated every steps // 5 = 2 steps
     expect(page.locator("#merge-check")).to_contain_text("max |logit difference|")
     expect(page.locator("#job-log textarea")).to_have_value(re.compile(r"succeeded: merge max \|logit diff\|"))
+    assert "/tmp/" not in page.locator("#job-log textarea").input_value()  # no server paths on the page
     time.sleep(1)  # let the chart finish its transition before the picture
     page.screenshot(path=ARTIFACTS / "browser-2-jobs.png", full_page=True)
 

@@ -118,3 +118,29 @@ def test_resume_refuses_checkpoints_of_other_settings_or_data(tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     report = finetune(*args, tcfg(seq_len=64, eval_every=2))  # evaluation cadence may change
     assert report["resumed_from_step"] == 1 and report["steps"] == 6
+
+
+def test_every_stage_reports_its_progress_and_finishing_reuses_the_last_evaluation(tmp_path):
+    """data, quantize, merge, verify and save each report (done, total) ending at total; the adapter's
+    eval loss is the training loop's last evaluation (not recomputed); the merged model's eval runs on
+    the int4 kernel where the CPU has it, within kernel rounding of the exact (dequantized) loss."""
+    from qalora.kernels import int4_kernel_supported
+
+    seen: dict[str, list[tuple[int, int]]] = {}
+    stages = []
+    report = finetune("tiny-random", "builtin:default", tmp_path, QuantConfig(4, 32), AdapterConfig(rank=4),
+                      tcfg(steps=4, eval_every=2), on_stage=stages.append,
+                      on_progress=lambda stage, done, total: seen.setdefault(stage, []).append((done, total)))
+    assert stages == ["load", "data", "quantize", "train", "merge", "verify", "save", "done"]
+    for stage in ("data", "quantize", "merge", "verify", "save"):
+        done = [d for d, _ in seen[stage]]
+        total = seen[stage][-1][1]
+        assert done == sorted(done) and done[-1] == total > 0, (stage, seen[stage])
+    assert seen["merge"][-1][1] == 2 * 7  # tiny-random: 2 layers x 7 projections merged one by one
+    assert seen["verify"][-1][1] == 4 + 2  # 4 check batches (under 1,024 tokens) + eval_batches=2
+    assert report["eval_loss_adapter"] == report["eval_losses"]["4"]  # the last step's evaluation, reused
+    cpu_kernel = int4_kernel_supported(torch.device("cpu"), 4, 32, 64, 64)
+    assert report["eval_merged_path"] == ("int4 kernel" if cpu_kernel else "dequantize")
+    # the kernel rounds scales and zeros to bf16: the loss moves by far less than training changed it
+    assert abs(report["eval_loss_merged"] - report["eval_loss_adapter"]) < 0.02
+    assert report["merge_max_abs_logit_diff"] <= 1e-4  # the exactness check stays on the reference path

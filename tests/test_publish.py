@@ -150,6 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
+
 def hub():
     server = FakeHub()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -221,14 +222,14 @@ def test_download_zips_the_merged_model(env, tmp_path):
 
     import app
 
-    update, note = app._download(env["id"])
+    update, note = _download_now(env["id"])
     with zipfile.ZipFile(update["value"]) as z:
         names = set(z.namelist())
     merged = Path(env["artifact_dir"]) / "merged"
     assert names == {p.name for p in merged.iterdir()} and "load_quantized" in note
     assert service.archive_model(env["id"], tmp_path).name == f"qalora-job-{env['id']:05d}-merged.zip"
     # each click gets its own folder: two downloads never write the same file
-    again, _ = app._download(env["id"])
+    again, _ = _download_now(env["id"])
     assert Path(again["value"]).parent != Path(update["value"]).parent
     assert Path(again["value"]).name == Path(update["value"]).name
     assert not list(Path(again["value"]).parent.glob(".partial-*"))
@@ -248,9 +249,9 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
     assert mc["n"] == 40 and mc["correct"] == round(mc["accuracy"] * 40) and mc["chance"] == 0.25
     # the jobs tab shows the GPTQ cost beside the download, and each format downloads as one file
     assert f"max |logit difference| {gptq['max_abs_logit_diff']:.3g}" in app._merge_check(env)
-    update, note = app._download(env["id"], "gptq")
+    update, note = _download_now(env["id"], "gptq")
     assert update["value"].endswith(".zip") and f"{gptq['max_abs_logit_diff']:.3g}" in note
-    update, note = app._download(env["id"], "gguf")
+    update, note = _download_now(env["id"], "gguf")
     assert Path(update["value"]).read_bytes() == gguf_file.read_bytes() and "exact" in note
     # not made by the job: the web process only queues it; a worker writes it
     import sys
@@ -260,10 +261,10 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
 
     from jobs.worker import Worker
     torch_was_loaded = "torch" in sys.modules
-    update, note = app._download(env["id"], "peft")
+    update, note = _download_now(env["id"], "peft")
     assert note.startswith("The peft export is queued by the worker") and isinstance(update, type(gr.skip()))
     assert [(t["format"], t["status"]) for t in service.export_tasks(env["id"])] == [("peft", "queued")]
-    assert app._download(env["id"], "peft")[1] == note  # asking twice queues it once
+    assert _download_now(env["id"], "peft")[1] == note  # asking twice queues it once
     assert len(service.export_tasks(env["id"])) == 1
     assert "peft queued" in app._job_summary(service.get_job(env["id"]))
     assert not (Path(env["artifact_dir"]) / "exports" / "peft").exists()
@@ -394,3 +395,74 @@ def test_a_hub_id_downloads_the_base_and_trains(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelError, match="Hub downloads are off"):
         open_base("meta-tiny/other")
+
+
+def _download_now(*args):
+    """The download handler streams what it prepares; the page ends on its last update."""
+    import app
+    return list(app._download(*args))[-1]
+
+
+def test_the_form_asks_the_hub_for_a_hub_id_within_its_budget(hub, tmp_path, monkeypatch):
+    """A Hub id's config is read in the form: real group sizes when the Hub answers, and at once a
+    clear refusal (nothing queued) when it has no such model, cannot be reached, or does not answer."""
+    import socket
+
+    from huggingface_hub import constants
+
+    import app
+    from jobs import forms
+    from qalora.errors import ModelError
+    from qalora.hub import hub_config
+
+    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QALORA_DB_URL", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    config = {"model_type": "llama", "hidden_size": 96, "intermediate_size": 256, "num_attention_heads": 3}
+    hub.repos["org/llama-96"] = {"private": False, "files": {"config.json": json.dumps(config).encode()}}
+    hub.repos["org/gpt"] = {"private": False, "files": {"config.json": json.dumps(
+        {"model_type": "gpt2", "hidden_size": 64, "intermediate_size": 256}).encode()}}
+    assert forms.group_size_choices("org/llama-96") == [16, 32]  # from the Hub's config, not a guess
+    update, note, error = app._base_changed("org/gpt")
+    assert "is a 'gpt2' model" in error
+    with pytest.raises(ModelError, match="the Hub at .* has no such model, or it is private"):
+        hub_config("org/missing")
+    # the whole form refuses a Hub id it cannot reach, next to the base field
+    form = dict(base="org/missing", bits=4, group_size=32, method="rtn", data="builtin:contacts", rank=4, alpha=8,
+                lr=1e-3, steps=6, batch_size=2, seq_len=256)
+    with pytest.raises(forms.FormError) as refused:
+        forms.build_spec(**form)
+    assert list(refused.value.fields) == ["base"] and "has no such model" in refused.value.fields["base"]
+    assert service.list_jobs() == []
+    # nothing listening: refused at once; a server that accepts and never answers: refused at the budget
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(ModelError, match=r"cannot reach the Hub at http://127\.0\.0\.1:\d+ to read 'org/x' "
+                                         r"\(ConnectError within 2 s\): download the model first"):
+        hub_config("org/x")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        with pytest.raises(ModelError, match=r"\(ReadTimeout within 0\.3 s\)"):
+            hub_config("org/y", timeout=0.3)
+
+
+def test_the_loss_axis_never_shows_a_negative_loss():
+    assert publish.y_range([0.01, 0.02, 2.0]) == (0.0, 2.0 + 0.05 * 1.99)
+    assert publish.y_range([0.3, 0.3]) == (0.0, 0.8)  # one value: 0.5 room, floored at 0
+    lo, hi = publish.y_range([1.0, 3.0])
+    assert (lo, hi) == (0.9, 3.1)
+
+
+def test_card_preview_names_the_repo_as_it_will_be_published(env):
+    import app
+
+    card, _, repo = app._card(env["id"], "my-model")
+    assert 'load_quantized(snapshot_download("<your-hub-username>/my-model"))' in card and repo == "my-model"
+    card, _, _ = app._card(env["id"], "team/my-model")
+    assert 'snapshot_download("team/my-model")' in card

@@ -202,7 +202,7 @@ def test_migrations_match_the_models_and_keep_history(store, tmp_path, monkeypat
     engine = get_engine(url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn)
-        assert ctx.get_current_revision() == "0004"
+        assert ctx.get_current_revision() == "0005"
         assert compare_metadata(ctx, Base.metadata) == []  # models.py and the migrations agree
     _engines.clear()  # a fresh process: migrating again must keep every row
     migrate(get_engine(url))
@@ -227,7 +227,7 @@ def test_processes_starting_together_on_a_new_database_migrate_it_once(tmp_path)
         p.join(timeout=60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     with get_engine(url).connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0004"]
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0005"]
 
 
 def test_settings_reject_bad_numbers(monkeypatch):

@@ -96,6 +96,13 @@ def test_bad_dataset_fails_readably_and_the_worker_goes_on(store, tmp_path):
     log = service.read_log(bad_id)
     assert "Traceback (most recent call last)" in log and "DataError" in log
     assert good_job["status"] == "succeeded" and steps_of(good_id) == [1, 2, 3]
+    # the page's log panel: the one-paragraph reason, no traceback, no server path
+    shown = service.readable_log(bad_id, 14)
+    assert "failed: bad.jsonl row 2 (line 2)" in shown
+    assert "Traceback" not in shown and "File \"" not in shown
+    assert bad_job["artifact_dir"] not in shown and str(tmp_path) not in shown
+    assert shown.endswith("(the full traceback is in the downloadable log: Download → job log)")
+    assert "Traceback (most recent call last)" in service.log_path(bad_id).read_text()  # the download has it
 
 
 def test_out_of_memory_is_reported_with_the_fix(store, tmp_path, monkeypatch):
@@ -274,3 +281,45 @@ def test_a_save_over_the_file_size_limit_fails_cleanly_and_resumes(store, tmp_pa
     job = service.get_job(job_id)
     assert job["status"] == "succeeded" and job["report"]["resumed_from_step"] == SAVE_EVERY
     assert (folder / "merged" / "model.safetensors").stat().st_size > limit
+
+
+def test_every_finishing_stage_reports_progress_and_the_eta_covers_them(store, tmp_path, monkeypatch):
+    """After the last step the job row still moves: each stage's (done, total) is written, the
+    overall ETA during training already counts the finishing stages, and the report keeps each
+    stage's time so the next job on the same base estimates from it."""
+    from jobs import pipeline
+
+    writes = []
+    real = repo.heartbeat
+
+    def spy(s, job_id, worker_id, **values):
+        if values:
+            writes.append(dict(values))
+        return real(s, job_id, worker_id, **values)
+
+    monkeypatch.setattr(repo, "heartbeat", spy)
+    spec = tiny_spec("builtin:contacts", steps=4, eval_every=2, seq_len=256)
+    spec.exports = ("native", "adapter", "gguf")
+    job_id = service.submit(spec)
+    assert pipeline.run_job(job_id) == "succeeded", service.get_job(job_id)["error"]
+    progress = {}
+    for w in writes:
+        if w.get("stage_total"):
+            progress.setdefault(w["stage"], []).append((w["stage_done"], w["stage_total"]))
+    for stage in ("quantize", "merge", "verify", "save", "export gguf", "evaluate"):
+        assert progress[stage][-1][0] == progress[stage][-1][1] > 0, (stage, progress.get(stage))
+    assert progress["evaluate"][-1] == (pipeline.MC_QUESTIONS, pipeline.MC_QUESTIONS)
+    # during training, the ETA is the steps left plus an estimate of merge..evaluate (> 0 at the last step)
+    train_etas = [w["eta_s"] for w in writes if w.get("step") == 4]
+    assert train_etas and train_etas[0] > 0
+    # entering each finishing stage resets its counters and stamps its start
+    entered = [w["stage"] for w in writes if "stage_started_at" in w]
+    assert entered[-7:] == ["merge", "verify", "save", "export", "export gguf", "evaluate", "done"]
+    report = service.get_job(job_id)["report"]
+    assert set(report["stage_s"]) >= {"load", "quantize", "train", "merge", "verify", "save", "export gguf",
+                                      "evaluate"}
+    assert all(v >= 0 for v in report["stage_s"].values())
+    # the next job on the same base estimates each finishing stage from these measured times
+    assert pipeline.stage_history("tiny-random") == report["stage_s"]
+    assert pipeline.estimate_stage("evaluate", 10.0, report["stage_s"]) == report["stage_s"]["evaluate"]
+    assert pipeline.estimate_stage("evaluate", 10.0, {}) == pipeline.FINISH_STEPS["evaluate"] * 10.0

@@ -55,15 +55,17 @@ def check_gguf_group_size(bits: int, group_size: int) -> None:
             f"model. Fine-tune with group_size 32, 64 or 128, or export this model in the native format.")
 
 
-def export_run(run_dir, fmt: str, out=None) -> dict:
+def export_run(run_dir, fmt: str, out=None, on_progress=None) -> dict:
     """Export run ``run_dir`` in ``fmt``; returns ``{"format", "path", "exact", ...}``.
 
     ``out`` defaults to ``<run_dir>/exports/<format>``. The GPTQ result also carries the measured
     cost of integer zero points (``max_abs_logit_diff``, ``mean_abs_logit_diff``,
-    ``top1_agreement``) against the exact merged model.
+    ``top1_agreement``) against the exact merged model. ``on_progress(done, total)`` counts the
+    export's steps (GGUF: tensors converted; GPTQ: zero-point candidates measured, then the write).
     """
     from .native import read_quant_config
 
+    progress = on_progress or (lambda done, total: None)
     merged, adapter = run_parts(run_dir)
     qc = read_quant_config(merged)
     check_format(fmt, int(qc["bits"]), int(qc["group_size"]))
@@ -73,19 +75,20 @@ def export_run(run_dir, fmt: str, out=None) -> dict:
         dest = Path(out) if out else root / "native"
         with atomic_path(dest) as tmp:
             shutil.copytree(merged, tmp)
+        progress(1, 1)
         return {"format": fmt, "path": str(dest), "exact": True}
     if fmt == "gguf":
         from .gguf import export_gguf
         kind = "f16" if int(qc["bits"]) == 8 else "q4_1"
         dest = Path(out) if out else root / f"model-{kind}.gguf"
         with atomic_path(dest) as tmp:
-            export_gguf(merged, tmp)
+            export_gguf(merged, tmp, on_progress=progress)
         return {"format": fmt, "path": str(dest), "exact": True, "gguf_type": kind.upper()}
     if fmt == "gptq":
         from .gptq import export_gptq
         dest = Path(out) if out else root / "gptq"
         with atomic_path(dest) as tmp:
-            report = export_gptq(merged, tmp)
+            report = export_gptq(merged, tmp, on_progress=progress)
         keep = ("max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement", "zero_points")
         return {"format": fmt, "path": str(dest), "exact": False, **{k: report[k] for k in keep if k in report}}
     if not adapter.is_dir():
@@ -94,4 +97,5 @@ def export_run(run_dir, fmt: str, out=None) -> dict:
     dest = Path(out) if out else root / "peft"
     with atomic_path(dest) as tmp:
         export_peft_adapter(adapter, tmp)
+    progress(1, 1)
     return {"format": fmt, "path": str(dest), "exact": False}

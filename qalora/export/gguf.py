@@ -32,11 +32,12 @@ ARCH = "llama"
 INERT_MERGE = "<no-merges> <no-merges>"
 
 
-def export_gguf(model_dir, out_path=None) -> Path:
+def export_gguf(model_dir, out_path=None, on_progress=None) -> Path:
     """Write the merged checkpoint in ``model_dir`` as one llama.cpp GGUF file; returns its path.
 
     The default path is ``<model_dir>-q4_1.gguf`` (2/3/4-bit) or ``<model_dir>-f16.gguf`` (8-bit)
     beside the directory. Raises ConfigError for a group size Q4_1 cannot hold exactly.
+    ``on_progress(done, total)`` counts tensors converted, then written.
     """
     import gguf
 
@@ -55,14 +56,19 @@ def export_gguf(model_dir, out_path=None) -> Path:
     file_type = gguf.LlamaFileType.MOSTLY_F16 if bits == 8 else gguf.LlamaFileType.MOSTLY_Q4_1
     _add_hparams(writer, config, qc, file_type)
     _add_tokenizer(writer, model_dir, config["vocab_size"])
-    for name, array, raw_dtype in _gguf_tensors(model_dir, config, qc):
+    total = len(qc["modules"]) + 1  # each quantized module, then the rest with the write
+    for i, (name, array, raw_dtype) in enumerate(_gguf_tensors(model_dir, config, qc), 1):
         writer.add_tensor(name, array, raw_dtype=raw_dtype)
+        if on_progress and i < total:  # the quantized modules come first
+            on_progress(i, total)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
+    if on_progress:
+        on_progress(total, total)
     part.replace(out)
     return out
 

@@ -105,7 +105,7 @@ def _storable(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale.abs() < FP16_TINY, FP16_TINY, scale)
 
 
-def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int = 256) -> dict:
+def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int = 256, on_progress=None) -> dict:
     """Write the merged model in ``model_dir`` (native format) as a GPTQ checkpoint in ``out_dir``.
 
     Args:
@@ -114,6 +114,7 @@ def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int
             exact model's (by mean |diff|). Neither wins everywhere: the fit minimizes the weight
             error, but activations with outlier channels weight some inputs far more than others.
         check_tokens: at most this many tokens per check sequence.
+        on_progress: ``(done, total)`` after each zero-point method is measured and after the write.
     Returns:
         The report (also written to ``out_dir/export_report.json``): ``max_abs_logit_diff`` and
         ``mean_abs_logit_diff`` between the exported model, dequantized exactly from the written
@@ -145,13 +146,16 @@ def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int
     ids = check_ids(tokenizer, check_tokens)
     reference = logits_of(exact, ids)
     tried = {}
-    for mode in (("fit", "round") if zero_points == "auto" else (zero_points,)):
+    modes = ("fit", "round") if zero_points == "auto" else (zero_points,)
+    for mode in modes:
         groups = {name: fit_zero_points(codes, scale, offset, bits) if mode == "fit"
                   else round_zero_points(scale, offset, bits)
                   for name, (codes, scale, offset) in layers.items()}
         # What a GPTQ reader computes from the file: w = fp16(scale) * (q - zero).
         exported = {name: (s.half().float(), -s.half().float() * z) for name, (s, z) in groups.items()}
         tried[mode] = (groups, logit_gap(reference, logits_of(with_offsets(exact, exported), ids)))
+        if on_progress:
+            on_progress(len(tried), len(modes) + 1)
     chosen = min(tried, key=lambda m: tried[m][1]["mean_abs_logit_diff"])
     groups, gap = tried[chosen]
     tensors = dict(state)  # embeddings, norms, lm_head, biases: unchanged
@@ -173,6 +177,8 @@ def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int
               "group_size": group_size, "modules": len(layers), "zero_points": chosen, **gap,
               "alternatives": {mode: g for mode, (_, g) in tried.items()}}
     (out / REPORT).write_text(json.dumps(report, indent=2))
+    if on_progress:
+        on_progress(len(modes) + 1, len(modes) + 1)
     return report
 
 
