@@ -117,17 +117,28 @@ def _base_changed(base):
     return gr.update(choices=sizes, value=value), f"Group sizes valid for this model: {sizes}.", ""
 
 
-def _exports_for(bits, group_size, chosen):
+def _exports_for(bits, group_size, wanted):
     """The export checkboxes follow bits and group size: a format that cannot apply is taken out of
-    the choices, and the note under them says why."""
+    the choices, and the note under them says why. ``wanted`` is what the user ticked, including
+    formats hidden for now, so a tick comes back when its format applies again."""
     try:
         ok, refused = service.export_choices(bits, group_size)
     except Exception:
         return gr.skip(), gr.skip()
     choices = [(service.DOWNLOAD_FORMATS[f], f) for f in ok]
-    value = [f for f in (chosen or []) if f in ok]
+    value = [f for f in (wanted or []) if f in ok]
     why = "; ".join(f"{f.upper()} is off at group size {group_size}: {reason}" for f, reason in refused.items())
     return gr.update(choices=choices, value=value), f"*{why}.*" if why else ""
+
+
+def _ticked(value, wanted, bits, group_size):
+    """What the user wants exported after a click on the checkboxes: the visible ticks plus the
+    wanted formats that are hidden at the current bits and group size."""
+    try:
+        ok, _ = service.export_choices(bits, group_size)
+    except Exception:
+        ok = service.EXTRA_EXPORTS
+    return [f for f in (wanted or []) if f not in ok] + list(value or [])
 
 
 def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
@@ -183,6 +194,7 @@ def build_new_tab():
             exports = gr.CheckboxGroup([(service.DOWNLOAD_FORMATS[f], f) for f in service.EXTRA_EXPORTS],
                                        value=["gguf"], label="Also export when done", elem_id="exports",
                                        info="The native low-bit model and the adapter are always saved.")
+            wanted = gr.State(["gguf"])  # ticked by the user, hidden or not
             exports_note = gr.Markdown(elem_id="exports-note")
             exports_err = gr.Markdown(elem_id="exports-error", elem_classes="field-error")
             name = gr.Textbox(label="Run name (optional)", elem_id="run-name")
@@ -201,7 +213,8 @@ def build_new_tab():
 
     base.change(_base_changed, base, [group, base_note, base_err])
     for control in (bits, group):  # the export choices follow bits and group size live
-        control.change(_exports_for, [bits, group, exports], [exports, exports_note], show_progress="hidden")
+        control.change(_exports_for, [bits, group, wanted], [exports, exports_note], show_progress="hidden")
+    exports.input(_ticked, [exports, wanted, bits, group], wanted, show_progress="hidden")
     fields = ("rank", "alpha", "lr", "steps", "batch_size", "seq_len")
     presets.change(lambda p: [service.PRESETS[p][k] for k in fields], presets, [rank, alpha, lr, steps, batch, seq])
     kind.change(lambda k: [gr.update(visible=k == v) for v in service.DATA_KINDS], kind, [builtin, upload, path])

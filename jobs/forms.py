@@ -188,23 +188,23 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
     with errors.field("data"):
         data = confine_data(data)
         check_data(data)
+    if check_rows and "data" not in errors.fields:
+        from qalora.data import load_records
+        # A bounded sample, so a large file is not parsed whole in the web process; the worker
+        # reads (and checks) every row when the job starts.
+        records = None
+        with errors.field("data"):
+            records = load_records(data, limit=SUBMIT_SAMPLE_ROWS)
+            if len(records) < MIN_RECORDS:
+                raise DataError(f"{Path(data).name} has {len(records)} record(s); a fine-tune needs at least "
+                                f"{MIN_RECORDS} (about one in ten is held out to measure it). Add more records.")
+        if records and "advanced" not in errors.fields and "base" not in errors.fields:
+            with errors.field("advanced"):  # checked even when another field is wrong: all problems at once
+                _check_replies_fit(records, base, train.seq_len)
     errors.raise_any()
     spec = JobSpec(base=base, data=data, quant=quant, adapter=adapter, train=train, exports=tuple(exports or ()),
                    name=name or "")
     spec.validate()
-    if check_rows:
-        from qalora.data import load_records
-        # A bounded sample, so a large file is not parsed whole in the web process; the worker
-        # reads (and checks) every row when the job starts.
-        with errors.field("data"):
-            records = load_records(spec.data, limit=SUBMIT_SAMPLE_ROWS)
-            if len(records) < MIN_RECORDS:
-                raise DataError(f"{Path(spec.data).name} has {len(records)} record(s); a fine-tune needs at least "
-                                f"{MIN_RECORDS} (about one in ten is held out to measure it). Add more records.")
-        errors.raise_any()
-        with errors.field("advanced"):
-            _check_replies_fit(records, spec)
-        errors.raise_any()
     return spec
 
 
@@ -222,19 +222,19 @@ def form_spec(*, kind: str, builtin: str | None, upload: str | None, path: str |
     return build_spec(data=data, **fields)
 
 
-def _check_replies_fit(records: list[dict], spec: JobSpec) -> None:
+def _check_replies_fit(records: list[dict], base: str, seq_len: int) -> None:
     """Refuse a sequence length that cuts away every reply of the sample (the worker would fail)."""
     from qalora.data import tokenize_records
 
     try:
-        tok = _tokenizer(spec.base)
+        tok = _tokenizer(base)
     except (OSError, ValueError):
         return  # a Hub id whose tokenizer is not downloaded yet: the worker checks with the real one
     sample = records[:200]
     try:
-        tokenize_records(sample, tok, spec.train.seq_len)
+        tokenize_records(sample, tok, seq_len)
     except DataError:
-        raise DataError(f"sequence length {spec.train.seq_len} cuts away the whole reply of every one of the first "
+        raise DataError(f"sequence length {seq_len} cuts away the whole reply of every one of the first "
                         f"{len(sample)} records, leaving nothing to learn; raise it (typical 256-2048) or shorten "
                         "the prompts.") from None
 

@@ -94,6 +94,14 @@ def test_every_problem_of_the_form_is_shown_at_once_and_cleared_when_fixed(home)
     assert fields == [""] * len(forms.FIELDS) and "queued" in note
 
 
+def test_a_sequence_length_that_cuts_every_reply_is_reported_beside_a_bad_group_size(home):
+    note, _, _, *fields = _launch(seq=8, group_size="48")
+    notes = dict(zip(forms.FIELDS, fields))
+    assert notes["group_size"].startswith("⚠ group_size=48 does not divide")
+    assert notes["advanced"].startswith("⚠ sequence length 8 cuts away the whole reply of every one of the first")
+    assert service.list_jobs() == []
+
+
 def _field_error(changes, field):
     note, picker, tabs, *fields = _launch(**changes)
     assert service.list_jobs() == []
@@ -274,6 +282,18 @@ def test_export_choices_follow_bits_and_group_size():
     assert [key for _, key in update["choices"]] == ["gguf", "gptq", "peft"] and note == ""
     update, note = app._exports_for(8, 16, [])  # 8-bit goes to an F16 GGUF: any group size
     assert "gguf" in [key for _, key in update["choices"]] and note == ""
+
+
+def test_a_tick_hidden_by_an_invalid_group_size_comes_back_with_a_valid_one():
+    wanted = ["gguf"]
+    update, _ = app._exports_for(4, 16, wanted)
+    assert update["value"] == []  # GGUF needs a multiple of 32: hidden, not forgotten
+    wanted = app._ticked(["gptq"], wanted, 4, 16)  # the user ticks GPTQ meanwhile
+    assert wanted == ["gguf", "gptq"]
+    update, _ = app._exports_for(4, 64, wanted)
+    assert update["value"] == ["gguf", "gptq"]
+    wanted = app._ticked(["gptq"], wanted, 4, 64)  # unticking a visible format forgets it
+    assert app._exports_for(4, 64, wanted)[0]["value"] == ["gptq"]
 
 
 def test_long_runs_chart_steps_on_a_numeric_axis_over_the_whole_run():

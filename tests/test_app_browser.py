@@ -197,7 +197,7 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     expect(exports.get_by_label("GGUF for llama.cpp (exact codes, fp16 scales)")).to_have_count(0)
     group.fill("32")
     group.press("Enter")
-    expect(exports.get_by_label("GGUF for llama.cpp (exact codes, fp16 scales)")).to_have_count(1)
+    expect(exports.get_by_label("GGUF for llama.cpp (exact codes, fp16 scales)")).to_be_checked()  # the tick is back
     expect(page.locator("#exports-note")).to_have_text("")
     page.get_by_role("button", name="Preview dataset").click()
     expect(page.locator("#dataset-preview")).to_contain_text("1200 records")

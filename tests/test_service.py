@@ -38,13 +38,14 @@ def _spec(data: str, **train) -> JobSpec:
                    train=TrainConfig(**cfg), name="sums")
 
 
-def _eval_loss_of_saved_model(model_dir: Path, spec: dict) -> float:
-    """Recompute the report's merged eval loss from the files on disk, in this process."""
+def _eval_loss_of_saved_model(model_dir: Path, spec: dict, path: str) -> float:
+    """Recompute the report's merged eval loss from the files on disk, in this process, on the
+    same layer path (int4 kernel or dequantize) the report names."""
     from qalora import data as data_mod
     from qalora.eval import eval_loss
     from qalora.export.native import load_quantized
 
-    model, tok = load_quantized(model_dir, use_kernel=False)
+    model, tok = load_quantized(model_dir, use_kernel=path == "int4 kernel")
     train = spec["train"]
     _, eval_records = data_mod.split_records(data_mod.load_records(spec["data"]), train["eval_fraction"],
                                              train["seed"])
@@ -74,7 +75,7 @@ def test_submit_run_in_a_worker_process_and_find_the_merged_model(store, tmp_pat
 
     (model,) = service.list_models()
     assert (model["job_id"], model["bits"], model["group_size"], model["rank"]) == (job_id, 4, 32, 4)
-    loss = _eval_loss_of_saved_model(Path(model["path"]), job["spec"])
+    loss = _eval_loss_of_saved_model(Path(model["path"]), job["spec"], report["eval_merged_path"])
     assert abs(loss - report["eval_loss_merged"]) < 1e-4  # the saved files are the verified model
 
     tail = service.read_log(job_id, tail=2).splitlines()
