@@ -91,7 +91,7 @@ def suite(device: str, dry: bool, timeout: float) -> dict:
     tail = [ln for ln in out.splitlines() if " passed" in ln or " failed" in ln or " error" in ln]
     return {"ok": rc == 0, "seconds": secs, "result": tail[-1].strip("= ") if tail else f"exit {rc}",
             "scope": "whole suite" if files == ["tests"] else f"{len(files)} library test files",
-            "log": out[-4000:]}
+            "log": out}
 
 
 def finetune_and_chat(base: str, method: str, device: str, dry: bool, out: Path, timeout: float) -> dict:
@@ -102,8 +102,9 @@ def finetune_and_chat(base: str, method: str, device: str, dry: bool, out: Path,
     rc, log, secs = _run(cmd, timeout, {"QALORA_DEVICE": device})
     report_path = out / "report.json"
     if rc or not report_path.is_file():
-        return {"ok": False, "seconds": secs, "result": f"train exit {rc}", "log": log[-4000:]}
+        return {"ok": False, "seconds": secs, "result": f"train exit {rc}", "log": log}
     report = json.loads(report_path.read_text())
+    report.setdefault("peak_gpu_mb", None)
     rc, reply, chat_s = _run([sys.executable, "-m", "qalora", "chat", str(out / "merged"), "--prompt", PROMPT,
                               "--max-new-tokens", "32"], timeout / 3, {"QALORA_DEVICE": device})
     ok = rc == 0 and report["merge_max_abs_logit_diff"] <= (1e-3 if dry else 5e-2)
@@ -111,7 +112,7 @@ def finetune_and_chat(base: str, method: str, device: str, dry: bool, out: Path,
             "result": (f"merge max|dlogit| {report['merge_max_abs_logit_diff']:.2g}, eval loss base "
                        f"{report['eval_loss_quantized_base']:.3f} -> merged {report['eval_loss_merged']:.3f}, "
                        f"{report['tokens_per_s']:.0f} tok/s, peak GPU {report.get('peak_gpu_mb') or 0:.0f} MB"),
-            "reply": reply.strip().splitlines()[-1][:80] if reply.strip() else "", "log": log[-2000:]}
+            "reply": reply.strip().splitlines()[-1][:80] if reply.strip() else "", "log": log + "\n--- chat ---\n" + reply}
 
 
 def speed(merged: Path, device: str, dry: bool) -> dict:
@@ -140,12 +141,19 @@ def speed(merged: Path, device: str, dry: bool) -> dict:
     return result
 
 
+def _keep(directory: Path | None, name: str, text: str) -> None:
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model: check the script itself")
     p.add_argument("--base", default=None, help="default: 'default' where installed, else a random SmolLM2 shape")
     p.add_argument("--budget-s", type=float, default=480)
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--log-dir", type=Path, default=None, help="write each step's whole output here")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
@@ -173,24 +181,33 @@ def main() -> int:
                 base = random_smollm2(tmp / "random-smollm2")
                 rows.append(("base", True, 0.0, "default model not installed here: random SmolLM2-135M shape"))
         s = suite(device, dry, min(left() * 0.45, 240))
+        _keep(args.log_dir, "suite.log", s["log"])
         rows.append((f"test suite on {device} ({s['scope']})", s["ok"], s["seconds"], s["result"]))
         merged = None
         for method in ("rtn", "gptq"):
             r = finetune_and_chat(base, method, device, dry, tmp / method, min(left() / 2, 150))
             rows.append((f"train->merge->verify->chat, {method}", r["ok"], r["seconds"],
                          r["result"] + (f'; reply "{r["reply"]}"' if r.get("reply") else "")))
+            _keep(args.log_dir, f"{method}.log", r["log"])
             if not r["ok"]:
-                print(r["log"], file=sys.stderr)
+                print(r["log"][-4000:], file=sys.stderr)
             elif merged is None:
                 merged = tmp / method / "merged"
         if merged is not None:
             t0 = time.perf_counter()
-            sp = speed(merged, device, dry)
-            rows.append(("decode (merged, bf16 activations)", True, time.perf_counter() - t0,
-                         ", ".join(f"{k} {v['tok_s']:.1f} tok/s{'' if v['kernel_active'] else ' (fallback)'}"
-                                   for k, v in sp.items())))
+            try:
+                sp = speed(merged, device, dry)
+                rows.append(("decode (merged, bf16 activations)", True, time.perf_counter() - t0,
+                             ", ".join(f"{k} {v['tok_s']:.1f} tok/s{'' if v['kernel_active'] else ' (fallback)'}"
+                                       for k, v in sp.items())))
+            except Exception as exc:  # the table still prints; the traceback goes to stderr and the log
+                import traceback
+                _keep(args.log_dir, "decode.log", traceback.format_exc())
+                traceback.print_exc()
+                rows.append(("decode (merged, bf16 activations)", False, time.perf_counter() - t0,
+                             f"{type(exc).__name__}: {exc}"[:300]))
     if not s["ok"]:
-        print(s["log"], file=sys.stderr)
+        print(s["log"][-4000:], file=sys.stderr)
     total = time.perf_counter() - start
     print(f"\nGPU check ({'dry run on CPU' if dry else 'CUDA'}), {total:.0f} s in all\n")
     print("| step | ok | seconds | result |")
