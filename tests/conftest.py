@@ -26,7 +26,8 @@ def pytest_report_header(config):
 
 @pytest.fixture
 def device() -> torch.device:
-    return torch.device(TEST_DEVICE)
+    from helpers import resolve_device
+    return resolve_device(TEST_DEVICE)
 
 
 def pytest_collection_modifyitems(config, items):

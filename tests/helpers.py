@@ -13,7 +13,18 @@ from qalora.tiny import tiny_random_llama
 
 RANK = 4
 GROUP = 32
-DEVICE = torch.device(os.environ.get("QALORA_TEST_DEVICE", "cpu"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cuda`` names the current GPU with its index (``cuda:0``): tensors report their device
+    with the index, and ``torch.device("cuda") != torch.device("cuda:0")``."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+DEVICE = resolve_device(os.environ.get("QALORA_TEST_DEVICE", "cpu"))
 
 
 def tiny_qalora(bits=4, group_size=GROUP, rank=RANK, dropout=0.0, seed=0, randomize_b=True, device=DEVICE):

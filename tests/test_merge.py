@@ -2,7 +2,7 @@ import copy
 
 import torch
 
-from helpers import GROUP, tiny_qalora, token_batch
+from helpers import DEVICE, GROUP, tiny_qalora, token_batch
 from qalora.infer import QuantLinear
 from qalora.layer import QALoRALinear
 from qalora.merge import max_logit_diff, merge_adapters
@@ -50,6 +50,7 @@ def test_baseline_lora_needs_requantization_and_loses_exactness():
     from qalora.tiny import tiny_random_llama
 
     model, _ = tiny_random_llama()
+    model.to(DEVICE)
     adapter = AdapterConfig(rank=4, method="qlora-ptq")
     inject_qalora(model, quantize_model(model, QuantConfig(3, 32), adapter.targets), adapter)
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]

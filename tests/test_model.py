@@ -51,6 +51,7 @@ def test_wrong_targets_are_refused():
         quantize_model(model, QuantConfig(), ("c_attn",))
 
 
+@pytest.mark.slow  # needs the embedded default model installed (not on the GPU machine: 98 MB cannot travel)
 def test_default_model_file_is_found_without_importing_package():
     import sys
     path = default_gguf_path()

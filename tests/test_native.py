@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_qalora, token_batch
+from helpers import DEVICE, tiny_qalora, token_batch
 from qalora.errors import ModelError
 from qalora.export.native import load_quantized, save_quantized
 from qalora.merge import max_logit_diff, merge_adapters
@@ -40,7 +40,7 @@ def test_checkpoint_layout_and_config(saved):
 
 def test_reload_in_process_is_identical(saved):
     merged, out = saved
-    loaded, tok = load_quantized(out, use_kernel=False)
+    loaded, tok = load_quantized(out, device=DEVICE, use_kernel=False)
     assert max_logit_diff(merged, loaded, [token_batch()]) == 0.0
     assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).startswith("<|im_start|>")
 
@@ -50,8 +50,8 @@ def test_reload_in_fresh_process(saved):
     batch = token_batch(n=1, t=10)
     expected = merged(**batch).logits[0, -1].tolist()
     code = ("import sys, json, torch; from qalora.export.native import load_quantized;"
-            f"m, _ = load_quantized({str(out)!r}, use_kernel=False);"
-            f"ids = torch.tensor([{batch['input_ids'][0].tolist()}]);"
+            f"m, _ = load_quantized({str(out)!r}, device={str(DEVICE)!r}, use_kernel=False);"
+            f"ids = torch.tensor([{batch['input_ids'][0].tolist()}], device={str(DEVICE)!r});"
             "print(json.dumps(m(input_ids=ids).logits[0, -1].tolist()))")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
