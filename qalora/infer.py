@@ -17,7 +17,8 @@ class QuantLinear(nn.Module):
     """A merged low-bit linear: packed codes, float scale and float offset, no adapter.
 
     ``forward`` uses PyTorch's int4 kernel where the device, bits and group size allow it
-    (``use_kernel``), else dequantizes and runs a dense matmul (the reference).
+    (``use_kernel``) and the call has few rows (decode; see ``kernels.KERNEL_MAX_ROWS``), else
+    dequantizes and runs a dense matmul (the reference).
     """
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None, use_kernel: bool = True):
@@ -63,7 +64,8 @@ class QuantLinear(nn.Module):
         return F.linear(x.to(dtype), w, None if self.bias is None else self.bias.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.kernel_active(x.device):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows > kernels.kernel_max_rows(x.device) or not self.kernel_active(x.device):
             return self.reference_forward(x)
         y = kernels.int4_matmul(x, *self._kernel_weights(), self.group_size, self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)

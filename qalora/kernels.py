@@ -9,9 +9,18 @@ its bf16 rounding costs least.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+# The int4 kernels are built for few rows (decode: one token per sequence); for many rows
+# (prefill, evaluation) dequantize-then-matmul is faster. One layer, 4-bit (bench/gpu_check.py's
+# "one layer" row and docs/gpu-check.md): on an H200 the kernel took 37-48 us against 164-389 us
+# at 1 row and 599-1591 us against 175-425 us at 512 rows (LLaMA-7B shapes), a crossover near 110
+# rows if the kernel's time grows linearly; on a 2-core x86 CPU the crossover was near 256 rows.
+# Above these row counts a layer takes the dequantize path.
+KERNEL_MAX_ROWS = {"cpu": 128, "cuda": 64}
 
 
 def int4_kernel_supported(device: torch.device, bits: int, group_size: int, in_features: int,
@@ -28,10 +37,21 @@ def int4_kernel_supported(device: torch.device, bits: int, group_size: int, in_f
     return False
 
 
+def kernel_max_rows(device: torch.device) -> int:
+    """Most activation rows (tokens) a call sends through the int4 kernel on ``device``."""
+    return KERNEL_MAX_ROWS.get(device.type, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability, asked once per GPU (layers ask on every call)."""
     if not torch.cuda.is_available():
         return (0, 0)
-    return torch.cuda.get_device_capability(device)
+    return _capability(device.index)  # None: the current GPU
 
 
 def kernel_codes_and_zeros(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int):

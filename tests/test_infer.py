@@ -44,9 +44,22 @@ def test_kernel_zero_mapping_is_exact_on_integer_inputs():
     layer = quant_linear(4, 32)
     x = torch.zeros(IN, IN)
     x[torch.arange(IN), torch.arange(IN)] = 1.0
-    got = layer(x).t()
+    got = torch.cat([layer(rows) for rows in x.split(kernels.kernel_max_rows(x.device))]).t()
     w = layer.quantized().dequantize()
     assert (got - w).abs().max() <= 2 ** -7 * w.abs().max()  # bf16 rounding of scale and zero
+
+
+def test_many_rows_take_the_dequantize_path_few_take_the_kernel():
+    """Prefill-sized calls (more rows than KERNEL_MAX_ROWS) run dequantize-and-matmul, which beats
+    the int4 kernel there; decode-sized calls run the kernel."""
+    layer = quant_linear(4, 32)
+    limit = kernels.kernel_max_rows(torch.device("cpu"))
+    many = torch.randn(2, limit // 2 + 1, IN)  # limit + 2 rows in a (batch, tokens, in) activation
+    assert torch.equal(layer(many), layer.reference_forward(many))
+    few = many[:, :limit // 2]  # exactly limit rows
+    kernel_out = few.to(torch.bfloat16).float() @ layer.kernel_weight().t()
+    assert (layer(few) - kernel_out).abs().max() <= 2 ** -8 * kernel_out.abs().max()
+    assert not torch.equal(layer(few), layer.reference_forward(few))
 
 
 @pytest.mark.requires_cuda
@@ -87,11 +100,13 @@ def test_generation_stops_on_the_tokenizer_eos_and_every_config_eos():
 
 
 @pytest.mark.parametrize("capability,expected", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
-def test_cuda_int4_kernel_only_from_compute_capability_8(monkeypatch, capability, expected):
+def test_cuda_int4_kernel_only_from_compute_capability_8(monkeypatch, request, capability, expected):
     from qalora import kernels
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    kernels._capability.cache_clear()  # asked once per GPU: forget the last parameter's answer
+    request.addfinalizer(kernels._capability.cache_clear)  # and leave no made-up answer behind
     cuda = torch.device("cuda")
     assert kernels.int4_kernel_supported(cuda, 4, 32, 256, 64) is expected
     assert kernels.int4_kernel_supported(cuda, 8, 32, 256, 64) is False  # 8-bit never uses it
