@@ -142,10 +142,19 @@ def _ticked(value, wanted, bits, group_size):
 
 
 def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
-            exports=()):
+            wanted=()):
     """(status under Launch, job picker, tabs, one note per form field): each problem is shown next
-    to the field it concerns, all at once; nothing is queued while there is one."""
+    to the field it concerns, all at once; nothing is queued while there is one.
+
+    ``wanted`` is the formats the user ticked (the ``wanted`` state, not the checkboxes' value: a
+    click right after a group-size change can carry ticks of choices just taken away); those the
+    bits and group size allow are exported, as the checkboxes show."""
     fields = dict.fromkeys(service.FORM_FIELDS, "")
+    try:
+        ok, _ = service.export_choices(bits, group_size)
+        exports = [f for f in (wanted or []) if f in ok]
+    except Exception:
+        exports = list(wanted or [])  # the form reports the bad bits or group size itself
     try:
         spec = service.form_spec(kind=kind, builtin=builtin, upload=upload, path=path, base=base, bits=bits,
                                  group_size=group_size, method=method, rank=rank, alpha=alpha, lr=lr, steps=steps,
@@ -223,7 +232,7 @@ def build_new_tab():
     upload.upload(_dataset_preview, data_inputs, preview)
     path.submit(_dataset_preview, data_inputs, preview)
     inputs = [base, bits, group, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
-              exports]
+              wanted]
     notes = dict(base=base_err, group_size=group_err, exports=exports_err, data=data_err, advanced=advanced_err)
     return launch, inputs, [status, *(notes[k] for k in service.FORM_FIELDS)]
 

@@ -187,8 +187,12 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     page.locator("#launch").click()
     expect(page.locator("#advanced-error")).to_contain_text("sequence length 8 cuts away the whole reply")
     _fill_numbers(page, {"#seq-len": 256})
-    # the export choices follow the group size: at 16 GGUF cannot apply and says why
+    # the export choices follow the group size: at 48 and 16 GGUF cannot apply and says why; the
+    # default tick comes back with a group size that allows it
     exports = page.locator("#exports")
+    expect(exports.get_by_label("GGUF for llama.cpp (exact codes, fp16 scales)")).to_have_count(0)
+    group.fill("32")
+    group.press("Enter")
     expect(exports.get_by_label("GGUF for llama.cpp (exact codes, fp16 scales)")).to_be_checked()
     group.fill("16")
     group.press("Enter")
