@@ -52,10 +52,11 @@ def _chat_parser(sub) -> None:
 def _export_parser(sub) -> None:
     from .export import FORMATS
 
-    p = sub.add_parser("export", help="write a finished run in another format (native, gguf, gptq, peft)")
+    p = sub.add_parser("export", help="write a finished run in another format (native, gguf, torchao, gptq, peft)")
     p.add_argument("run_dir", help="a run folder (train --out DIR, or a job's folder) or its merged/ folder")
     p.add_argument("--format", choices=FORMATS, required=True,
-                   help="native: copy; gguf: llama.cpp file (exact, Q4_1/F16); gptq: gptqmodel/transformers "
+                   help="native: copy; gguf: llama.cpp file (exact, Q4_1/F16); torchao: a folder stock "
+                        "transformers loads (float zero points, bf16); gptq: gptqmodel/transformers "
                         "folder (integer zero points, cost measured); peft: PEFT LoRA adapter")
     p.add_argument("--out", default=None, help="destination (default: RUN_DIR/exports/...)")
 

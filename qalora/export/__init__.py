@@ -8,6 +8,7 @@ format     what is written                             exact?
 =========  ==========================================  =====================================
 native     the ``merged`` folder, copied               yes (it is the model)
 gguf       one ``.gguf`` file for llama.cpp            yes, Q4_1 (group size multiple of 32)
+torchao    a transformers folder (torchao int-x)       yes up to bf16 scales and zero points
 gptq       a gptqmodel / transformers GPTQ folder      no: integer zero points; cost measured
 peft       a PEFT LoRA adapter for the 16-bit base     adapter only (expanded ``lora_A``)
 =========  ==========================================  =====================================
@@ -20,7 +21,7 @@ from pathlib import Path
 from ..errors import ConfigError, ModelError
 from .atomic import atomic_path
 
-FORMATS = ("native", "gguf", "gptq", "peft")
+FORMATS = ("native", "gguf", "torchao", "gptq", "peft")
 GGUF_QK = 32  # weights per Q4_1 block (ggml's QK4_1)
 
 
@@ -84,6 +85,12 @@ def export_run(run_dir, fmt: str, out=None, on_progress=None) -> dict:
         with atomic_path(dest) as tmp:
             export_gguf(merged, tmp, on_progress=progress)
         return {"format": fmt, "path": str(dest), "exact": True, "gguf_type": kind.upper()}
+    if fmt == "torchao":
+        from .torchao import export_torchao
+        dest = Path(out) if out else root / "torchao"
+        with atomic_path(dest) as tmp:
+            export_torchao(merged, tmp, on_progress=progress)
+        return {"format": fmt, "path": str(dest), "exact": False, "dtype": "bfloat16"}
     if fmt == "gptq":
         from .gptq import export_gptq
         dest = Path(out) if out else root / "gptq"
