@@ -7,6 +7,7 @@ so tests (and private Hub mirrors) point the upload elsewhere.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -19,6 +20,16 @@ from qalora.errors import QALoRAError
 
 CARD = "README.md"
 CURVE = "loss_curve.png"
+MODELFILE = "Modelfile"
+# What can go up, in the order the card presents it; the repository's root holds the transformers
+# checkpoint (so `from_pretrained(repo)` works) and the GGUF file with its Ollama Modelfile.
+PUBLISH_FORMATS = {
+    "transformers": "transformers checkpoint (torchao int-x; from_pretrained loads it)",
+    "gguf": "GGUF for llama.cpp and Ollama, with a Modelfile",
+    "native": "native QA-LoRA folder (exact), in native/",
+    "adapter": "the QA-LoRA adapter, in adapter/",
+}
+DEFAULT_BASE_IDS = {"default": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _REPO_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _TOKEN_HELP = ("paste a token with write access (https://huggingface.co/settings/tokens) in the token field, "
@@ -46,15 +57,94 @@ def _table(head: str, pairs) -> str:
     return "\n".join([f"| {head} | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in pairs)])
 
 
-def model_card(job: dict, repo_id: str = "") -> str:
-    """A Hub model card (markdown with YAML metadata) describing the job's merged low-bit model."""
+def publish_choices(job: dict) -> tuple[list[str], dict[str, str]]:
+    """(formats this job can publish, {format: why not} for the others), in PUBLISH_FORMATS order."""
+    from qalora.errors import ConfigError
+    from qalora.export import check_gguf_group_size
+
+    r = job.get("report") or {}
+    refused = {}
+    try:
+        check_gguf_group_size(int(r.get("bits") or 4), int(r.get("group_size") or 32))
+    except ConfigError as exc:
+        refused["gguf"] = str(exc)
+    if not (Path(job.get("artifact_dir") or "") / "adapter").is_dir():
+        refused["adapter"] = "this job kept no adapter folder."
+    return [f for f in PUBLISH_FORMATS if f not in refused], refused
+
+
+def gguf_name(job: dict) -> str:
+    return "model-f16.gguf" if int((job.get("report") or {}).get("bits") or 4) == 8 else "model-q4_1.gguf"
+
+
+def hub_base_id(base: str | None) -> str | None:
+    """The base model's Hub id for the card's metadata, where it has one."""
+    if base in DEFAULT_BASE_IDS:
+        return DEFAULT_BASE_IDS[base]
+    return base if base and re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists() else None
+
+
+def _fidelity(fmt: str, job: dict, measured: dict | None) -> str:
+    if fmt == "transformers":
+        m = measured or ((job.get("report") or {}).get("exports") or {}).get("torchao") or {}
+        if "max_abs_logit_diff" not in m:
+            return "codes exact; scales and zero points in bf16"
+        return (f"codes exact; scales and zero points in bf16: max \\|logit difference\\| "
+                f"{m['max_abs_logit_diff']:.3g} (largest logit {m['max_abs_logit']:.3g}), same top token on "
+                f"{m['top1_agreement']:.0%} of {m['check_tokens']} tokens")
+    return {"gguf": "codes exact; each group's scale and offset in fp16",
+            "native": "exact: the merged model itself", "adapter": "the trained adapter, before merging"}[fmt]
+
+
+def _snippets(formats, repo: str, gguf: str, name: str) -> list[str]:
+    """The card's usage section: one tested snippet per published format (Ollama's is not run here)."""
+    chat = '[{"role": "user", "content": "Hello!"}]'
+    out = ["## How to use", ""]
+    if "transformers" in formats:
+        out += ["### transformers", "", "Needs `pip install transformers torchao`.", "", "```python",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+                f"inputs = tokenizer.apply_chat_template({chat}, add_generation_prompt=True,",
+                '                                       return_tensors="pt", return_dict=True)',
+                "out = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
+                'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+                "```", ""]
+    if "gguf" in formats:
+        out += ["### llama.cpp (llama-cpp-python)", "", "```python", "from llama_cpp import Llama", "",
+                f'llm = Llama.from_pretrained("{repo}", filename="{gguf}")',
+                f"reply = llm.create_chat_completion(messages={chat}, max_tokens=64, temperature=0)",
+                'print(reply["choices"][0]["message"]["content"])', "```", "",
+                "### Ollama", "", "```sh", f"hf download {repo} {gguf} {MODELFILE} --local-dir {name}",
+                f"cd {name} && ollama create {name} -f {MODELFILE} && ollama run {name}", "```", ""]
+    if "native" in formats:
+        out += ["### QA-LoRA Studio (native, exact)", "", "```python",
+                "from huggingface_hub import snapshot_download",
+                "from qalora.export.native import load_quantized", "",
+                f'path = snapshot_download("{repo}", allow_patterns=["native/*"])',
+                'model, tokenizer = load_quantized(f"{path}/native")', "```", ""]
+    return out
+
+
+def model_card(job: dict, repo_id: str = "", formats=None, measured: dict | None = None) -> str:
+    """A Hub model card (YAML metadata + markdown) for the job's model as published in ``formats``
+    (default: every format the job can publish); ``measured`` is the transformers export's fidelity."""
+    from huggingface_hub import ModelCardData
+
     r, spec = job.get("report") or {}, job.get("spec") or {}
+    formats = [f for f in PUBLISH_FORMATS if f in (formats if formats is not None else publish_choices(job)[0])]
     t = (r.get("config") or {}).get("train") or spec.get("train") or {}
     base, name = r.get("base") or spec.get("base"), repo_id or job.get("name") or f"job-{job.get('id')}"
     bits, group = r.get("bits"), r.get("group_size")
-    hub_base = base if base and re.fullmatch(r"[\w.-]+/[\w.-]+", base) and not Path(base).exists() else None
-    meta = ["---", "library_name: transformers", f"tags: [qalora, quantized, {bits}-bit, lora]"]
-    meta += [f"base_model: {hub_base}"] if hub_base else []
+    gguf = gguf_name(job)
+    tags = ["qalora", "lora", "quantized", f"{bits}-bit", f"group-size-{group}"]
+    tags += ["torchao"] * ("transformers" in formats) + ["gguf", gguf.split("-")[1].split(".")[0]] * ("gguf" in formats)
+    meta = ModelCardData(library_name="transformers" if "transformers" in formats else None,
+                         base_model=hub_base_id(base), pipeline_tag="text-generation", tags=tags)
+    files = {"transformers": "`config.json`, `model*.safetensors`, tokenizer files",
+             "gguf": f"`{gguf}`, `{MODELFILE}`", "native": "`native/`", "adapter": "`adapter/`"}
+    runs = {"transformers": "transformers + torchao", "gguf": "llama.cpp, llama-cpp-python, Ollama",
+            "native": "QA-LoRA Studio (`qalora`)", "adapter": "QA-LoRA Studio, on the quantized base"}
     rows = [("base model", _display_ref(base)), ("bits", bits), ("group size", group),
             ("quantization", str(r.get("quant_method", "")).upper()), ("dataset", _display_ref(r.get("data"))),
             ("LoRA rank / alpha", f"{r.get('rank')} / {_fmt(r.get('alpha'))}"), ("steps", r.get("steps")),
@@ -67,19 +157,37 @@ def model_card(job: dict, repo_id: str = "") -> str:
                ("merge check: max abs logit difference", _fmt(r.get("merge_max_abs_logit_diff"), 3))]
     load_id = repo_id or "<user>/<repo>"
     return "\n".join([
-        *meta, "---", "", f"# {name}", "",
+        "---", meta.to_yaml(), "---", "", f"# {name}", "",
         f"A QA-LoRA fine-tune of {_display_ref(base)}, merged into {bits}-bit group-wise weights "
         f"(group size {group}): the adapter was trained on the quantized model and folded into the "
         "quantization offsets, so this checkpoint is low-bit with no adapter left to apply.", "",
+        "## Files", "", "| format | files | runs in | fidelity to the trained model |", "|---|---|---|---|",
+        *(f"| {PUBLISH_FORMATS[f].split(' (')[0].split(',')[0]} | {files[f]} | {runs[f]} | {_fidelity(f, job, measured)} |"
+          for f in formats), "",
         "## Training", "", _table("setting", rows), "", "## Results", "", _table("measure", results), "",
         "The merge check compares the logits of the trained (quantized model + adapter) and the merged "
-        "low-bit model on held-out batches; a small difference means the merge is exact up to rounding.", "",
-        f"![loss curve]({CURVE})", "",
-        "## How to load", "",
-        "The weights are packed low-bit codes with float scales and offsets (QA-LoRA Studio's native format).",
-        "", "```python", "from huggingface_hub import snapshot_download",
-        "from qalora.export.native import load_quantized", "",
-        f'model, tokenizer = load_quantized(snapshot_download("{load_id}"))', "```", ""])
+        "low-bit model on held-out batches, in fp32; a small difference means the merge is exact up to rounding.", "",
+        f"![loss curve]({CURVE})", "", *_snippets(formats, load_id, gguf, Path(load_id).name.lower())])
+
+
+def modelfile(gguf: str, tokenizer_dir: Path) -> str:
+    """An Ollama Modelfile for ``gguf``: ChatML models get their template spelled out; others use
+    the chat template inside the GGUF file, which Ollama reads."""
+    config = {}
+    path = Path(tokenizer_dir) / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+    template = (Path(tokenizer_dir) / "chat_template.jinja")
+    template = template.read_text() if template.is_file() else str(config.get("chat_template") or "")
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    lines = [f"FROM ./{gguf}"]
+    if "<|im_start|>" in template:
+        lines += ['TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}', "{{ .Content }}<|im_end|>",
+                  '{{ end }}<|im_start|>assistant', '"""', 'PARAMETER stop "<|im_end|>"']
+    if eos and eos != "<|im_end|>":
+        lines.append(f'PARAMETER stop "{eos}"')
+    return "\n".join(lines) + "\n"
 
 
 def y_range(values: list[float]) -> tuple[float, float]:
@@ -177,14 +285,61 @@ def _http_error(exc, repo_id: str, endpoint: str) -> PublishError:
     return PublishError(f"Publishing to {endpoint} failed (HTTP {status}); try again later.")
 
 
+def _chosen(job: dict, formats) -> list[str]:
+    ok, refused = publish_choices(job)
+    if formats is None:
+        return ok
+    unknown = [f for f in formats if f not in PUBLISH_FORMATS]
+    if unknown:
+        raise PublishError(f"format(s) {unknown} cannot be published; choose from {list(PUBLISH_FORMATS)}.")
+    if not formats:
+        raise PublishError("Tick at least one format to publish.")
+    for f in formats:
+        if f in refused:
+            raise PublishError(f"{f} cannot be published for this job: {refused[f]}")
+    return [f for f in PUBLISH_FORMATS if f in formats]
+
+
+def repo_files(job: dict, formats: list[str], scratch: Path, step) -> tuple[list[tuple[str, Path]], dict | None]:
+    """``[(path in the repo, local file)]`` for ``formats``, writing the exports a job did not make
+    (into its ``exports/``), and the transformers export's measured fidelity."""
+    from qalora.export import export_run
+
+    run = Path(job["artifact_dir"])
+    exports = (job.get("report") or {}).get("exports") or {}
+    files: list[tuple[str, Path]] = []
+    measured = None
+
+    def under(folder: Path, prefix: str = "") -> list[tuple[str, Path]]:
+        return [(prefix + p.relative_to(folder).as_posix(), p) for p in sorted(folder.rglob("*")) if p.is_file()]
+
+    if "transformers" in formats:
+        step(0.05, "writing the transformers checkpoint (torchao) and measuring it against the merged model")
+        measured = export_run(run, "torchao")
+        files += under(Path(measured["path"]))
+    if "gguf" in formats:
+        gguf = Path((exports.get("gguf") or {}).get("path") or "")
+        if not gguf.is_file():
+            step(0.1, "writing the GGUF file")
+            gguf = Path(export_run(run, "gguf")["path"])
+        (scratch / MODELFILE).write_text(modelfile(gguf_name(job), run / "merged"), encoding="utf-8")
+        files += [(gguf_name(job), gguf), (MODELFILE, scratch / MODELFILE)]
+    if "native" in formats:
+        files += under(run / "merged", "native/")
+    if "adapter" in formats:
+        files += under(run / "adapter", "adapter/")
+    return files, measured
+
+
 def publish(job: dict, repo_name: str, *, private: bool = True, token: str | None = None,
             endpoint: str | None = None, progress: Callable[[float, str], None] | None = None,
-            allow_server_token: bool = True) -> str:
-    """Create ``repo_name`` on the Hub and upload the job's merged model with card and curve.
+            allow_server_token: bool = True, formats=None) -> str:
+    """Create ``repo_name`` on the Hub and upload the job's model in ``formats`` (default: all
+    that apply, see ``PUBLISH_FORMATS``) with card and curve.
 
     ``repo_name`` is ``name`` (under the token's user) or ``namespace/name``. Returns the
     repository URL. Raises ``PublishError`` with a readable message for a missing or bad
-    token, a taken or invalid name, or an unreachable Hub.
+    token, a taken or invalid name, a format the job cannot have, or an unreachable Hub.
     """
     import httpx2
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -198,6 +353,7 @@ def publish(job: dict, repo_name: str, *, private: bool = True, token: str | Non
     merged = Path(job.get("artifact_dir") or "") / "merged"
     if job.get("status") != "succeeded" or not merged.is_dir():
         raise PublishError(f"job {job.get('id')} has no finished model to publish; pick a succeeded job.")
+    formats = _chosen(job, formats)
     token = resolve_token(token, allow_server_token)
     if not token and not allow_server_token:
         raise PublishError("Paste your Hugging Face token (write access): this server is shared without a login, "
@@ -212,12 +368,16 @@ def publish(job: dict, repo_name: str, *, private: bool = True, token: str | Non
             step(0.05, "checking the token")
             if "/" not in repo_id:
                 repo_id = f"{api.whoami(token=token, cache=False)['name']}/{repo_name}"
-            step(0.15, f"creating {'private' if private else 'public'} repository {repo_id}")
-            url = str(api.create_repo(repo_id, token=token, private=private, exist_ok=False))
             with tempfile.TemporaryDirectory(prefix="qalora-card-") as tmp:
-                (Path(tmp) / CARD).write_text(model_card(job, repo_id), encoding="utf-8")
+                # exports first: a failure there leaves no empty repository behind
+                try:
+                    files, measured = repo_files(job, formats, Path(tmp), step)
+                except OSError as exc:  # a full disk, not the network
+                    raise PublishError(f"Writing the files to publish failed: {exc.strerror or exc}.") from None
+                step(0.15, f"creating {'private' if private else 'public'} repository {repo_id}")
+                url = str(api.create_repo(repo_id, token=token, private=private, exist_ok=False))
+                (Path(tmp) / CARD).write_text(model_card(job, repo_id, formats, measured), encoding="utf-8")
                 loss_curve(job).save(Path(tmp) / CURVE)
-                files = [(p.relative_to(merged).as_posix(), p) for p in sorted(merged.rglob("*")) if p.is_file()]
                 files += [(CARD, Path(tmp) / CARD), (CURVE, Path(tmp) / CURVE)]
                 size_mb = sum(p.stat().st_size for _, p in files) / 2**20
                 step(0.3, f"uploading {len(files)} files ({size_mb:.1f} MB)")

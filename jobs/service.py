@@ -243,7 +243,8 @@ from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_GROUP_SIZE, 
 from .forms import FIELDS as FORM_FIELDS  # noqa: E402,F401
 from qalora.errors import QALoRAError  # noqa: E402,F401
 from .confine import with_upload_names  # noqa: E402,F401
-from .publish import PublishError, loss_curve, model_card, resolve_token  # noqa: E402,F401
+from .publish import (PUBLISH_FORMATS, PublishError, loss_curve, model_card, publish_choices,  # noqa: E402,F401
+                      resolve_token)
 
 
 def chat_keys(job_id: int, compare: bool = False) -> dict[str, str]:

@@ -7,6 +7,10 @@ import base64
 import hashlib
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +22,7 @@ from jobs.spec import JobSpec
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
 from storage import get_settings
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_fakeSECRETtoken1234567890"
 USER = "alice"
 STEPS = 4
@@ -75,7 +80,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _download(self, head: bool) -> bool:
         """The read side of the Hub that snapshot_download uses: repo info, file tree, file bytes."""
         path = self.path.split("?")[0].strip("/").split("/")
-        api = path[:2] == ["api", "models"] and len(path) >= 6 and path[4] in ("revision", "tree")
+        info = path[:2] == ["api", "models"] and len(path) == 4  # repo info, as at a revision
+        api = info or path[:2] == ["api", "models"] and len(path) >= 6 and path[4] in ("revision", "tree")
         resolve = len(path) >= 5 and path[2] == "resolve"
         if not (api or resolve):
             return False
@@ -94,7 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         sha = "f" * 40
         files = repo["files"]
-        if api and path[4] == "revision":
+        if info or api and path[4] == "revision":
             self._reply(200, {"id": repo_id, "sha": sha, "private": repo["private"],
                               "siblings": [{"rfilename": f} for f in sorted(files)]})
         elif api:
@@ -204,7 +210,9 @@ def test_card_names_the_job_settings_and_results(env):
                 "| LoRA rank / alpha | 4 / 8 |", f"| steps | {STEPS} |", "| batch size x seq len | 2 x 256 |",
                 f"| eval loss, merged low-bit model | {report['eval_loss_merged']:.4g} |",
                 f"| merge check: max abs logit difference | {report['merge_max_abs_logit_diff']:.3g} |",
-                "![loss curve](loss_curve.png)", 'load_quantized(snapshot_download("alice/contacts"))'):
+                "![loss curve](loss_curve.png)", 'snapshot_download("alice/contacts", allow_patterns=["native/*"])',
+                'AutoModelForCausalLM.from_pretrained("alice/contacts")',
+                'Llama.from_pretrained("alice/contacts", filename="model-q4_1.gguf")'):
         assert row in card
 
 
@@ -282,7 +290,23 @@ def _files_under(root):
     return [p for p in root.rglob("*") if p.is_file()]
 
 
-def test_publish_private_uploads_card_curve_and_weights_and_never_keeps_the_token(env, hub, caplog):
+def _code_blocks(card: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", card, flags=re.S)
+
+
+def _run_snippet(code: str, hub, tmp_path) -> str:
+    """A card snippet as a user runs it: a fresh process, online, its own cache, the fake Hub."""
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
+           "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout.strip()
+
+
+def test_publish_uploads_every_format_and_the_cards_snippets_run(env, hub, caplog, tmp_path):
+    from huggingface_hub import ModelCard
+
     caplog.set_level(logging.DEBUG)
     steps = []
     url = service.publish_job(env["id"], "contacts-4bit", private=True, token=TOKEN, endpoint=hub.url,
@@ -290,17 +314,71 @@ def test_publish_private_uploads_card_curve_and_weights_and_never_keeps_the_toke
     assert url == f"{hub.url}/alice/contacts-4bit"
     repo = hub.repos["alice/contacts-4bit"]
     assert repo["private"] is True
-    merged = Path(env["artifact_dir"]) / "merged"
-    assert set(repo["files"]) == {p.name for p in merged.iterdir()} | {"README.md", "loss_curve.png"}
-    assert repo["files"]["README.md"].decode() == publish.model_card(env, "alice/contacts-4bit")
-    assert hub.validated == [repo["files"]["README.md"].decode()]
-    assert repo["files"]["model.safetensors"] == (merged / "model.safetensors").read_bytes()
+    run = Path(env["artifact_dir"])
+    # every file, byte for byte: the transformers checkpoint at the root, GGUF + Modelfile, native/, adapter/
+    expected = {p.relative_to(run / "exports" / "torchao").as_posix(): p for p in _files_under(run / "exports" / "torchao")}
+    expected |= {"native/" + p.relative_to(run / "merged").as_posix(): p for p in _files_under(run / "merged")}
+    expected |= {"adapter/" + p.relative_to(run / "adapter").as_posix(): p for p in _files_under(run / "adapter")}
+    expected["model-q4_1.gguf"] = Path(env["report"]["exports"]["gguf"]["path"])
+    assert set(repo["files"]) == set(expected) | {"Modelfile", "README.md", "loss_curve.png"}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "native/model.safetensors",
+            "adapter/adapter_model.safetensors"} <= set(repo["files"])
+    assert all(repo["files"][name] == path.read_bytes() for name, path in expected.items())
+    config = json.loads(repo["files"]["config.json"])
+    assert config["quantization_config"]["quant_method"] == "torchao" and config["dtype"] == "bfloat16"
+    assert repo["files"]["Modelfile"].decode().startswith("FROM ./model-q4_1.gguf\nTEMPLATE")
     assert repo["files"]["loss_curve.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    card = repo["files"]["README.md"].decode()
+    assert hub.validated == [card]
+    # the card's metadata is what the Hub reads, and its fidelity row is the measured one
+    data = ModelCard(card).data
+    assert (data.library_name, data.pipeline_tag) == ("transformers", "text-generation") and data.base_model is None
+    assert {"qalora", "4-bit", "torchao", "gguf", "q4_1"} <= set(data.tags)
+    measured = re.search(r"max \\\|logit difference\\\| ([\d.e+-]+) \(largest logit ([\d.e+-]+)\), same top token "
+                         r"on (\d+)% of (\d+) tokens", card)
+    assert measured and 0 < float(measured[1]) < 0.1 * float(measured[2]) and int(measured[3]) >= 80, card
+    # every file a snippet names is in the repo
+    named = set(re.findall(r'filename="([^"]+)"', card)) | set(re.findall(r"hf download \S+ (\S+) (\S+)", card)[0])
+    assert named == {"model-q4_1.gguf", "Modelfile"} and named <= set(repo["files"])
+    # the transformers and llama-cpp-python snippets run as printed, downloading from the Hub
+    blocks = _code_blocks(card, "python")
+    assert len(blocks) == 3 and [("from_pretrained" in b, "llama_cpp" in b, "load_quantized" in b) for b in blocks] \
+        == [(True, False, False), (True, True, False), (False, False, True)]
+    reply = _run_snippet(blocks[0], hub, tmp_path)
+    local = _run_snippet(blocks[0].replace('"alice/contacts-4bit"', repr(str(run / "exports" / "torchao"))),
+                         hub, tmp_path)
+    assert reply and reply == local  # the Hub's copy answers as the local export does
+    gguf_reply = _run_snippet(blocks[1], hub, tmp_path)
+    from llama_cpp import Llama
+    llm = Llama(str(expected["model-q4_1.gguf"]), verbose=False)
+    direct = llm.create_chat_completion(messages=[{"role": "user", "content": "Hello!"}], max_tokens=64,
+                                        temperature=0)["choices"][0]["message"]["content"]
+    assert gguf_reply and gguf_reply == direct.strip()
+    native = _run_snippet(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + blocks[2] +
+                          "print(type(model).__name__, sum(1 for m in model.modules() if type(m).__name__ == 'QuantLinear'))",
+                          hub, tmp_path)
+    assert native == "LlamaForCausalLM 14"
     assert [f for f, _ in steps] == sorted(f for f, _ in steps) and steps[-1][0] == 1.0
     # the token is in no file under QALORA_HOME (database, WAL, logs, artifacts) and no log record
     for path in _files_under(get_settings().home):
         assert TOKEN.encode() not in path.read_bytes(), path
     assert TOKEN not in caplog.text and TOKEN not in json.dumps(service.get_job(env["id"]), default=str)
+
+
+def test_publish_only_the_ticked_formats_and_refuse_what_cannot_apply(env, hub):
+    service.publish_job(env["id"], "only-gguf", token=TOKEN, endpoint=hub.url, formats=["gguf"])
+    files = set(hub.repos["alice/only-gguf"]["files"])
+    assert files == {"model-q4_1.gguf", "Modelfile", "README.md", "loss_curve.png"}
+    card = hub.repos["alice/only-gguf"]["files"]["README.md"].decode()
+    assert "library_name" not in card.split("---")[1] and "AutoModelForCausalLM" not in card
+    with pytest.raises(publish.PublishError, match="Tick at least one format"):
+        service.publish_job(env["id"], "none", token=TOKEN, endpoint=hub.url, formats=[])
+    with pytest.raises(publish.PublishError, match=r"format\(s\) \['awq'\] cannot be published"):
+        service.publish_job(env["id"], "awq", token=TOKEN, endpoint=hub.url, formats=["awq"])
+    job16 = {**env, "report": {**env["report"], "group_size": 16}}
+    assert publish.publish_choices(job16)[0] == ["transformers", "native", "adapter"]
+    assert "multiple of 32" in publish.publish_choices(job16)[1]["gguf"]
+    assert "alice/none" not in hub.repos and "alice/awq" not in hub.repos
 
 
 def test_public_repo_under_an_explicit_namespace_and_token_from_environment(env, hub, monkeypatch):
@@ -463,6 +541,7 @@ def test_card_preview_names_the_repo_as_it_will_be_published(env):
     import app
 
     card, _, repo = app._card(env["id"], "my-model")
-    assert 'load_quantized(snapshot_download("<your-hub-username>/my-model"))' in card and repo == "my-model"
-    card, _, _ = app._card(env["id"], "team/my-model")
-    assert 'snapshot_download("team/my-model")' in card
+    assert 'from_pretrained("<your-hub-username>/my-model")' in card and repo == "my-model"
+    card, _, _ = app._card(env["id"], "team/my-model", ["native"])
+    assert 'snapshot_download("team/my-model", allow_patterns=["native/*"])' in card
+    assert "from_pretrained" not in card  # only the ticked formats are described
