@@ -520,7 +520,7 @@ def build_chat_tab():
 
 # ---- Publish ---------------------------------------------------------------------------------
 
-def _card(job_id, repo):
+def _card(job_id, repo, formats=None):
     if job_id is None:
         return CARD_HINT, None, gr.skip()
     try:
@@ -531,17 +531,31 @@ def _card(job_id, repo):
     # a bare name goes under the token's account when published; the snippet shows where
     repo_id = repo if "/" in repo else f"<your-hub-username>/{repo}"
     # the card's YAML header is metadata for the Hub; preview it as code, not as a heading
-    _, meta, body = service.model_card(job, repo_id).split("---\n", 2)
+    _, meta, body = service.model_card(job, repo_id, formats).split("---\n", 2)
     body = body.replace("![loss curve](loss_curve.png)", "*(loss_curve.png: the image above)*")
     return f"```yaml\n{meta}```\n{body}", service.loss_curve(job), repo
 
 
-def _publish(job_id, repo, private, token, progress=gr.Progress(track_tqdm=True)):
+def _publish_formats(job_id):
+    """The format checkboxes for a job: every format it can have, all ticked; the others named
+    with the reason underneath."""
+    if job_id is None:
+        return gr.skip(), ""
+    try:
+        ok, refused = service.publish_choices(service.get_job(int(job_id)))
+    except Exception as exc:
+        return gr.skip(), _error(exc)
+    why = "; ".join(f"{f} is not offered: {reason}" for f, reason in refused.items())
+    return (gr.update(choices=[(service.PUBLISH_FORMATS[f], f) for f in ok], value=ok),
+            f"*{why}*" if why else "")
+
+
+def _publish(job_id, repo, private, token, formats=None, progress=gr.Progress(track_tqdm=True)):
     """Upload; the token field is cleared afterwards so the page does not keep it either."""
     if job_id is None:
         return _error(ValueError("pick a finished model first.")), ""
     try:
-        url = service.publish_job(int(job_id), repo, private=bool(private), token=token,
+        url = service.publish_job(int(job_id), repo, private=bool(private), token=token, formats=formats,
                                   progress=lambda fraction, text: progress(fraction, desc=text),
                                   allow_server_token=_ACCESS.server_token)
     except Exception as exc:
@@ -556,6 +570,10 @@ def build_publish_tab():
             refresh = gr.Button("↻ Refresh list")
             repo = gr.Textbox(label="Repository name", placeholder="name or namespace/name", elem_id="publish-repo")
             private = gr.Checkbox(True, label="Private repository")
+            formats = gr.CheckboxGroup([(v, k) for k, v in service.PUBLISH_FORMATS.items()],
+                                       value=list(service.PUBLISH_FORMATS), label="Formats to upload",
+                                       elem_id="publish-formats")
+            formats_note = gr.Markdown(elem_id="publish-formats-note")
             token = gr.Textbox(label="Hugging Face token (optional)", type="password", elem_id="publish-token",
                                info="Used for this upload only, never stored. Empty: HF_TOKEN or your "
                                     "`hf auth login`.")
@@ -566,9 +584,11 @@ def build_publish_tab():
                              elem_id="publish-curve", buttons=["download", "fullscreen"])
             card = gr.Markdown(CARD_HINT, elem_id="card-preview")
     refresh.click(lambda: gr.update(choices=_model_choices()), None, model)
-    model.change(_card, [model, gr.State("")], [card, curve, repo])
-    repo.blur(_card, [model, repo], [card, curve, repo])
-    publish.click(_publish, [model, repo, private, token], [result, token])
+    model.change(_publish_formats, model, [formats, formats_note]).then(
+        _card, [model, gr.State(""), formats], [card, curve, repo])
+    repo.blur(_card, [model, repo, formats], [card, curve, repo])
+    formats.input(_card, [model, repo, formats], [card, curve, repo])
+    publish.click(_publish, [model, repo, private, token, formats], [result, token])
     return model
 
 

@@ -238,7 +238,7 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     _watch_text(page, "#chat-status", "statuses")
     page.locator("#chat-input textarea").fill("contact card -> Hana lives in Oslo.")
     page.locator("#chat-send").click()
-    expect(page.locator("#chat-status")).to_contain_text("loaded", timeout=CHAT_S * 1000)
+    expect(page.locator("#chat-status")).to_contain_text("kept in memory for the next turn", timeout=CHAT_S * 1000)
     statuses = [s.strip() for s in page.evaluate("window.statuses") if s.strip()]
     # the reply arrived as a stream of updates: first "generating", then the final state
     assert "Generating…" in statuses and statuses.index("Generating…") < len(statuses) - 1, statuses

@@ -545,3 +545,5 @@ def test_card_preview_names_the_repo_as_it_will_be_published(env):
     card, _, _ = app._card(env["id"], "team/my-model", ["native"])
     assert 'snapshot_download("team/my-model", allow_patterns=["native/*"])' in card
     assert "from_pretrained" not in card  # only the ticked formats are described
+    update, note = app._publish_formats(env["id"])  # a job of group size 32 with an adapter: everything
+    assert update["value"] == ["transformers", "gguf", "native", "adapter"] and note == ""

@@ -90,7 +90,8 @@ def export_run(run_dir, fmt: str, out=None, on_progress=None) -> dict:
         dest = Path(out) if out else root / "torchao"
         with atomic_path(dest) as tmp:
             export_torchao(merged, tmp, on_progress=progress)
-        return {"format": fmt, "path": str(dest), "exact": False, "dtype": "bfloat16"}
+        from .torchao import fidelity
+        return {"format": fmt, "path": str(dest), "exact": False, "dtype": "bfloat16", **fidelity(merged, dest)}
     if fmt == "gptq":
         from .gptq import export_gptq
         dest = Path(out) if out else root / "gptq"
