@@ -251,10 +251,17 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     page.get_by_role("tab", name="Publish").click()
     _pick_first(page, "#publish-model")
     card = page.locator("#card-preview")
-    expect(card).to_contain_text("How to load")
+    expect(card).to_contain_text("How to use")
     for text in ("library_name: transformers", "group size", "RTN", "builtin:contacts", "merge check",
-                 "load_quantized"):
+                 "AutoModelForCausalLM.from_pretrained", "model-q4_1.gguf", "Modelfile", "load_quantized"):
         expect(card).to_contain_text(text)
+    # every format the job can have is ticked; the card describes only what is ticked
+    formats = page.locator("#publish-formats")
+    for label in ("transformers checkpoint", "GGUF for llama.cpp", "native QA-LoRA folder", "the QA-LoRA adapter"):
+        expect(formats.get_by_label(re.compile(label))).to_be_checked()
+    formats.get_by_label(re.compile("native QA-LoRA folder")).uncheck()
+    expect(card).not_to_contain_text("load_quantized")
+    expect(card).to_contain_text("AutoModelForCausalLM.from_pretrained")
     expect(page.locator("#publish-curve img")).to_be_visible()
     expect(page.locator("#publish-token input")).to_have_value("")
     page.screenshot(path=ARTIFACTS / "browser-4-publish.png", full_page=True)
