@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per migration step is noise here
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # optional GPU kernels it cannot load: noise
     settings = get_settings()
     slot = acquire_slot(settings)
     if slot is None:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m qalora train|chat|export|eval``. The only module that touches argv."""
+"""Command line: ``python -m qalora train|chat|serve|export|eval``. The only module that touches argv."""
 from __future__ import annotations
 
 import argparse
@@ -40,13 +40,30 @@ def _train_parser(sub) -> None:
 
 
 def _chat_parser(sub) -> None:
-    p = sub.add_parser("chat", help="reply with a saved low-bit model")
-    p.add_argument("model_dir", help="a 'merged' directory written by train")
+    p = sub.add_parser("chat", help="reply with a saved low-bit model (llama.cpp on a CPU where a GGUF is possible)")
+    p.add_argument("model_dir", help="a run folder (train --out DIR, or a job's folder) or its merged/ folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=0.95)
+    _runtime_argument(p)
+
+
+def _runtime_argument(p) -> None:
+    from .runtime import PREFER
+
+    p.add_argument("--runtime", choices=PREFER, default="auto",
+                   help="auto: llama.cpp on the run's GGUF file on a CPU (written once if missing), else PyTorch")
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible API (/v1/chat/completions, /v1/completions) for a run")
+    p.add_argument("run_dir", help="a run folder (train --out DIR, or a job's folder) or its merged/ folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-id", default=None, help="the model's name in the API (default: the run folder's name)")
+    _runtime_argument(p)
 
 
 def _export_parser(sub) -> None:
@@ -132,21 +149,15 @@ def cmd_train(args) -> dict:
 
 
 def cmd_chat(args) -> str:
-    from .export.native import load_quantized
-    from .infer import stream_chat
+    from .runtime import open_runtime
 
-    import torch
-
-    from .model import pick_device
-
-    device = pick_device()  # the GPU where there is one (QALORA_DEVICE overrides)
-    model, tok = load_quantized(args.model_dir, device=device,
-                                dtype=torch.bfloat16 if device.type == "cuda" else None)
+    runtime = open_runtime(args.model_dir, prefer=args.runtime)  # QALORA_DEVICE picks the device
+    print(f"answered by: {runtime.name} ({runtime.reason})", file=sys.stderr)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
     shown = ""
-    for text in stream_chat(model, tok, messages, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p):
+    for text in runtime.stream_chat(messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p):
         sys.stdout.write(text[len(shown):])
         sys.stdout.flush()
         shown = text
@@ -154,19 +165,37 @@ def cmd_chat(args) -> str:
     return shown
 
 
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from .export import run_parts
+    from .runtime import open_runtime
+    from .serve import build_app
+
+    merged, _ = run_parts(args.run_dir)
+    model_id = args.model_id or (merged.parent.name if merged.name == "merged" else merged.name)
+    runtime = open_runtime(merged, prefer=args.runtime)
+    print(f"serving {model_id!r} with {runtime.name} ({runtime.reason}) at http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    uvicorn.run(build_app(runtime, model_id), host=args.host, port=args.port, log_level="info")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qalora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _chat_parser(sub)
+    _serve_parser(sub)
     _export_parser(sub)
     _eval_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # torchao (imported by transformers and gptqmodel) logs every optional GPU kernel it cannot load
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     from .memory import limit_heap_retention
     limit_heap_retention()  # this process is ours: keep freed weight temporaries out of the heap
     try:
-        {"train": cmd_train, "chat": cmd_chat, "export": cmd_export, "eval": cmd_eval}[args.command](args)
+        {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export, "eval": cmd_eval}[args.command](args)
     except QALoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
