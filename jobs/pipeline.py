@@ -37,7 +37,7 @@ MC_QUESTIONS = 40
 # Seconds each finishing stage takes, in training steps of the same job, when no earlier job on
 # the same base has timed it (measured on the default model, 4-bit g32, batch 4, seq 256, CPU;
 # bench/finishing.py). Earlier jobs' measured times replace these as soon as there are some.
-FINISH_STEPS = {"merge": 0.5, "verify": 3.0, "save": 0.5, "export gguf": 4.0, "export gptq": 40.0,
+FINISH_STEPS = {"merge": 0.5, "verify": 3.0, "save": 0.5, "export gguf": 4.0, "export torchao": 5.0, "export gptq": 40.0,
                 "export peft": 1.0, "evaluate": 10.0}
 HISTORY_JOBS = 50  # succeeded jobs searched for the same base's stage times
 
@@ -140,6 +140,11 @@ def export_note(result: dict) -> str:
         return (f"{result.get('gguf_type', 'GGUF')} file: the same codes, each group's scale and offset "
                 "stored in fp16 (exact up to fp16 rounding). Load it with llama.cpp, llama-cpp-python, "
                 "Ollama or LM Studio.")
+    if fmt == "torchao":
+        return (f"transformers checkpoint (torchao int-x): the same codes, scales and float zero points in bf16; "
+                f"against the exact model, max |logit difference| {result['max_abs_logit_diff']:.3g} (largest "
+                f"logit {result['max_abs_logit']:.3g}), same top token at {result['top1_agreement']:.0%} of "
+                "positions. Load it with transformers' AutoModelForCausalLM.from_pretrained (pip install torchao).")
     if fmt == "peft":
         return "PEFT LoRA adapter (lora_A expanded to full width); apply it to the 16-bit base with peft."
     return "Native low-bit model: load with qalora.export.native.load_quantized."

@@ -236,7 +236,8 @@ def start_worker_process(count: int | None = None, log_dir: Path | None = None) 
 
 # UI helpers (new-job form, chat, publish) live in their own modules; these re-exports and thin
 # wrappers keep this module the only one the app calls.
-from .chat import build_messages, load_models, loaded_models, stream_reply, stream_side_by_side  # noqa: E402,F401
+from .chat import (build_messages, load_models, loaded_models, runtime_of, stream_reply,  # noqa: E402,F401
+                   stream_side_by_side)
 from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_GROUP_SIZE, DEFAULT_PRESET,  # noqa: E402,F401
                     METHOD_CHOICES, PRESETS, FormError, build_spec, form_spec, builtin_choices, data_source, export_choices,
                     group_size_choices, preview_dataset, warm_up)
@@ -259,6 +260,23 @@ def chat_keys(job_id: int, compare: bool = False) -> dict[str, str]:
     return keys
 
 
+def serve_command(job_id: int, port: int = 8000) -> dict:
+    """How to serve job ``job_id``'s model to OpenAI clients: ``{"command", "model_id", "base_url"}``.
+
+    The run folder is written relative to the app's working directory when under it, else under
+    ``$QALORA_HOME`` (the page names no other server path)."""
+    run = Path(chat_keys(job_id)["tuned"]).parent.resolve()
+    home = get_settings().home.resolve()
+    if run.is_relative_to(Path.cwd().resolve()):
+        shown = str(run.relative_to(Path.cwd().resolve()))
+    elif run.is_relative_to(home):
+        shown = f'"$QALORA_HOME"/{run.relative_to(home)}'
+    else:
+        shown = str(run)
+    return {"command": f"python -m qalora serve {shown} --port {port}", "model_id": run.name,
+            "base_url": f"http://127.0.0.1:{port}/v1"}
+
+
 def publish_job(job_id: int, repo_name: str, **kwargs) -> str:
     """Upload job ``job_id``'s merged model to the Hub (see ``jobs.publish.publish``); returns the URL."""
     from .publish import publish
@@ -266,6 +284,7 @@ def publish_job(job_id: int, repo_name: str, **kwargs) -> str:
 
 
 DOWNLOAD_FORMATS = {"native": "merged low-bit model (native, exact)", "gguf": "GGUF for llama.cpp (exact codes, fp16 scales)",
+                    "torchao": "transformers checkpoint (torchao, bf16 scales and zero points)",
                     "gptq": "GPTQ for gptqmodel / transformers (rounded zero points)",
                     "peft": "adapter in PEFT format"}
 

@@ -15,8 +15,9 @@ from qalora.errors import ConfigError, DataError, ModelError
 
 # Always written by qalora.pipeline.finetune: the merged low-bit model and the adapter.
 DEFAULT_EXPORTS = ("native", "adapter")
-# Written after training when the spec asks (qalora.export): llama.cpp file, GPTQ folder, PEFT adapter.
-EXTRA_EXPORTS = ("gguf", "gptq", "peft")
+# Written after training when the spec asks (qalora.export): llama.cpp file, transformers (torchao)
+# folder, GPTQ folder, PEFT adapter.
+EXTRA_EXPORTS = ("gguf", "torchao", "gptq", "peft")
 EXPORT_FORMATS = DEFAULT_EXPORTS + EXTRA_EXPORTS
 DATA_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -282,10 +282,10 @@ def test_too_few_records_are_refused_with_the_minimum(home):
 
 def test_export_choices_follow_bits_and_group_size():
     update, note = app._exports_for(4, 16, ["gguf", "gptq"])
-    assert [key for _, key in update["choices"]] == ["gptq", "peft"] and update["value"] == ["gptq"]
+    assert [key for _, key in update["choices"]] == ["torchao", "gptq", "peft"] and update["value"] == ["gptq"]
     assert note.startswith("*GGUF is off at group size 16: GGUF export needs a group size that is a multiple of 32")
     update, note = app._exports_for(4, 64, ["gptq"])
-    assert [key for _, key in update["choices"]] == ["gguf", "gptq", "peft"] and note == ""
+    assert [key for _, key in update["choices"]] == ["gguf", "torchao", "gptq", "peft"] and note == ""
     update, note = app._exports_for(8, 16, [])  # 8-bit goes to an F16 GGUF: any group size
     assert "gguf" in [key for _, key in update["choices"]] and note == ""
 

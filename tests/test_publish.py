@@ -284,6 +284,14 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
     with zipfile.ZipFile(path) as z:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(z.namelist())
     assert "PEFT LoRA adapter" in note and "peft done" in app._job_summary(service.get_job(env["id"]))
+    # the transformers (torchao) checkpoint the same way, with its measured fidelity in the note
+    _download_now(env["id"], "torchao")
+    assert Worker().run(burst=True) == 0
+    path, note = service.download_model(env["id"], "torchao", tmp_path)
+    with zipfile.ZipFile(path) as z:
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(z.namelist())
+        assert json.loads(z.read("config.json"))["quantization_config"]["quant_method"] == "torchao"
+    assert "from_pretrained" in note and re.search(r"max \|logit difference\| [\d.e-]+ \(largest logit", note)
 
 
 def _files_under(root):
