@@ -476,15 +476,39 @@ def _send(message, tuned, base, job_id, compare, system, max_new, temperature, t
                                            "next turns)*"):
                 if isinstance(item, str):
                     yield gr.skip(), gr.skip(), gr.skip(), item
+        answering = f"*Generating with {(service.runtime_of('tuned') or {}).get('name', 'the model')}…*"
         for replies in service.stream_side_by_side(requests, max_new_tokens=max_new, temperature=temperature,
                                                    top_p=top_p):
             yield (gr.skip(), turn("tuned", replies["tuned"]),
-                   turn("base", replies["base"]) if compare else gr.skip(), "*Generating…*")
+                   turn("base", replies["base"]) if compare else gr.skip(), answering)
     except Exception as exc:
         yield gr.skip(), gr.skip(), gr.skip(), _error(exc)
         return
     loaded = f"Model #{job_id}" + (f" and base `{keys['base']}`" if compare else "")
-    yield gr.skip(), gr.skip(), gr.skip(), f"{loaded} loaded; kept in memory for the next turn."
+    yield gr.skip(), gr.skip(), gr.skip(), f"{loaded} loaded; kept in memory for the next turn. {_answered_by(compare)}"
+
+
+def _answered_by(compare: bool) -> str:
+    """Which runtime answered each side, and why that one."""
+    tuned = service.runtime_of("tuned")
+    if tuned is None:  # another session switched models meanwhile
+        return ""
+    text = f"Answered by **{tuned['name']}** ({tuned['reason']})."
+    if compare and (base := service.runtime_of("base")):
+        text += f" Base model: **{base['name']}**."
+    return text
+
+
+def _serve_note(job_id) -> str:
+    """The command that serves the picked model to OpenAI clients, on the same runtime as this chat."""
+    if job_id is None:
+        return ""
+    try:
+        serve = service.serve_command(int(job_id))
+    except Exception as exc:
+        return _error(exc)
+    return (f"OpenAI-compatible API for this model (same runtime as this chat): `{serve['command']}`, then "
+            f"`OpenAI(base_url=\"{serve['base_url']}\", api_key=\"-\")` with `model=\"{serve['model_id']}\"`.")
 
 
 def build_chat_tab():
@@ -492,6 +516,7 @@ def build_chat_tab():
         model = gr.Dropdown([], value=None, label="Finished model", elem_id="chat-model", scale=3)
         refresh = gr.Button("↻ Refresh list", scale=1)
         compare = gr.Checkbox(False, label="Side by side with the base model", elem_id="chat-compare", scale=2)
+    serve_note = gr.Markdown(elem_id="chat-serve")
     with gr.Accordion("Generation settings", open=False):
         system = gr.Textbox(label="System prompt", placeholder="(none)")
         with gr.Row():
@@ -510,7 +535,7 @@ def build_chat_tab():
 
     refresh.click(lambda: gr.update(choices=_model_choices()), None, model)
     compare.change(lambda c: gr.update(visible=c), compare, base)
-    model.change(lambda: ([], []), None, [tuned, base])
+    model.change(lambda job_id: ([], [], _serve_note(job_id)), model, [tuned, base, serve_note])
     args = ([message, tuned, base, model, compare, system, max_new, temperature, top_p], [message, tuned, base, status])
     send.click(_send, *args)
     message.submit(_send, *args)

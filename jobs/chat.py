@@ -1,8 +1,9 @@
 """Chat with finished models: one loaded model per side, kept between turns, freed on switch.
 
 The app process holds at most two models: the fine-tuned low-bit one ("tuned", keyed by its
-merged directory) and, for side-by-side mode, its float base ("base", keyed by the base
-name). Asking a slot for a different key frees the model it holds before loading the next,
+merged directory, answered by the runtime ``qalora.runtime.open_runtime`` picks: llama.cpp on
+the run's GGUF file on a CPU, PyTorch's int4 path on CUDA or where no GGUF is possible) and, for
+side-by-side mode, its float base ("base", keyed by the base name, in PyTorch). Asking a slot for a different key frees the model it holds before loading the next,
 so switching models never stacks memory. torch is imported lazily: the app starts without it.
 """
 from __future__ import annotations
@@ -22,19 +23,24 @@ def _free_memory() -> None:
 
 
 class ModelSlot:
-    """Holds at most one ``(model, tokenizer)``; ``get(key)`` loads ``key``, replacing the previous one.
+    """Holds at most one loaded model; ``get(key)`` loads ``key``, replacing the previous one.
 
     A reply already streaming from the previous model keeps its own reference and finishes;
     the memory is released when it does.
     """
 
-    def __init__(self, loader: Callable[[str], tuple]):
+    def __init__(self, loader: Callable[[str], object]):
         self._loader = loader
         self._lock = threading.Lock()
         self.key: str | None = None
-        self._loaded: tuple | None = None
+        self._loaded = None
 
-    def get(self, key: str) -> tuple:
+    @property
+    def loaded(self):
+        """The model held now, or ``None``."""
+        return self._loaded
+
+    def get(self, key: str):
         with self._lock:
             if key != self.key or self._loaded is None:
                 self._release()
@@ -52,21 +58,20 @@ class ModelSlot:
             _free_memory()
 
 
-def _load_tuned(merged_dir: str) -> tuple:
-    import torch
+def _load_tuned(merged_dir: str):
+    from qalora.runtime import open_runtime
 
-    from qalora.export.native import load_quantized
-    from qalora.model import pick_device
-
-    # bf16 activations pair with the int4 kernel (CPU and CUDA); scales and offsets stay fp32
-    return load_quantized(merged_dir, device=pick_device(), dtype=torch.bfloat16)
+    return open_runtime(merged_dir)
 
 
-def _load_base(base: str) -> tuple:
+def _load_base(base: str):
     from qalora.model import load_base, pick_device, resolve_dtype
+    from qalora.runtime import context_length
+    from qalora.runtime.pytorch import PyTorchRuntime
 
     device = pick_device()
-    return load_base(base, dtype=resolve_dtype("auto", device), device=device)
+    model, tok = load_base(base, dtype=resolve_dtype("auto", device), device=device)
+    return PyTorchRuntime(model, tok, context_length(model.config.to_dict()), f"float base model on {device}")
 
 
 _SLOTS = {"tuned": ModelSlot(_load_tuned), "base": ModelSlot(_load_base)}
@@ -81,6 +86,12 @@ def slot(side: str) -> ModelSlot:
 def loaded_models() -> dict[str, str | None]:
     """Which key each side holds right now (``None``: nothing loaded)."""
     return {side: s.key for side, s in _SLOTS.items()}
+
+
+def runtime_of(side: str) -> dict | None:
+    """What answers on ``side`` now: ``{"name", "reason"}`` of its runtime (``None``: nothing loaded)."""
+    loaded = slot(side).loaded
+    return None if loaded is None else {"name": loaded.name, "reason": loaded.reason}
 
 
 def load_models(keys: dict[str, str]) -> None:
@@ -111,22 +122,20 @@ def build_messages(history: list[dict], user_message: str, system_prompt: str = 
 def stream_reply(side: str, key: str, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 0.95) -> Iterator[str]:
     """Yield the growing reply of the model ``key`` on ``side`` (loaded on first use)."""
-    from qalora.infer import stream_chat
-
     if not 1 <= int(max_new_tokens) <= 4096:
         raise ValueError(f"max new tokens={max_new_tokens} must be between 1 and 4096.")
     if not 0.0 <= float(temperature) <= 2.0 or not 0.0 < float(top_p) <= 1.0:
         raise ValueError("temperature must be in [0, 2] and top-p in (0, 1]; 0 temperature means greedy.")
-    model, tok = slot(side).get(key)
-    yield from stream_chat(model, tok, messages, max_new_tokens=int(max_new_tokens),
-                           temperature=float(temperature), top_p=float(top_p))
+    runtime = slot(side).get(key)
+    yield from runtime.stream_chat(messages, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                   top_p=float(top_p))
 
 
 def stream_side_by_side(requests: dict[str, tuple[str, list[dict]]], **generation) -> Iterator[dict[str, str]]:
     """Answer each side's conversation at once; ``requests`` maps side -> (model key, messages).
 
-    Yields ``{side: reply so far}``. Each model generates in its own thread (``stream_chat``);
-    taking turns reading their streams keeps both replies growing on screen together.
+    Yields ``{side: reply so far}``. Taking turns reading the two streams (a PyTorch runtime
+    generates in its own thread, llama.cpp one token per read) keeps both replies growing together.
     """
     for side, (key, _) in requests.items():  # load (and free) first, so a load error comes before any text
         slot(side).get(key)

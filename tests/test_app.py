@@ -328,3 +328,33 @@ def test_auto_names_keep_the_models_own_name():
     assert JobSpec(base="meta-llama/Llama-3.1-8B", quant=QuantConfig(4, 64)).name == "Llama-3.1-8B-4bit-g64-r16"
     assert JobSpec(base="/models/tinyllama.Q8_0.gguf").name.startswith("tinyllama.Q8_0-4bit")
     assert JobSpec(base="/models/llama-2-7b/").name.startswith("llama-2-7b-4bit")
+
+
+def test_chat_says_which_runtime_answers_and_how_to_serve_the_model(home):
+    from jobs import chat
+    from qalora.export.native import save_quantized
+    from qalora.merge import merge_adapters
+    from storage import db, repo
+    from tests.helpers import tiny_qalora
+
+    _launch(name="served")
+    (job,) = service.list_jobs()
+    model, tok = tiny_qalora()
+    save_quantized(merge_adapters(model), tok, Path(job["artifact_dir"]) / "merged")
+    with db() as s:
+        repo.claim(s, "w", job["id"])
+        repo.succeed(s, job["id"], "w", report={"base": "tiny-random", "bits": 4, "group_size": 32})
+    assert app._serve_note(job["id"]) == (
+        f'OpenAI-compatible API for this model (same runtime as this chat): `python -m qalora serve '
+        f'"$QALORA_HOME"/jobs/job-{job["id"]:05d} --port 8000`, then `OpenAI(base_url="http://127.0.0.1:8000/v1", '
+        f'api_key="-")` with `model="job-{job["id"]:05d}"`.')
+    try:
+        updates = list(app._send("contact card -> Hana lives in Oslo.", [], [], job["id"], False, "", 8, 0.0, 0.95))
+    finally:
+        chat.slot("tuned").unload()
+    statuses = [u[3] for u in updates]
+    assert "*Generating with llama.cpp (GGUF Q4_1)…*" in statuses
+    assert statuses[-1] == (f"Model #{job['id']} loaded; kept in memory for the next turn. Answered by **llama.cpp "
+                            "(GGUF Q4_1)** (CPU, with the run's GGUF export exports/model-q4_1.gguf (written for "
+                            "this chat)).")
+    assert (Path(job["artifact_dir"]) / "exports" / "model-q4_1.gguf").is_file()

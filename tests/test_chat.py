@@ -1,10 +1,9 @@
-"""Chat: one model per side kept between turns, freed on switch; streamed replies match generate."""
+"""Chat: one model per side kept between turns, freed on switch; streamed replies match each runtime's."""
 import gc
 import weakref
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from jobs import chat
 from qalora.export.native import save_quantized
@@ -71,22 +70,27 @@ def merged_dir(tmp_path):
 
 
 def test_side_by_side_streams_both_models_and_ends_with_their_greedy_replies(merged_dir):
-    from qalora.export.native import load_quantized
     from qalora.model import load_base
+    from qalora.runtime import open_runtime
 
     try:
         updates = list(chat.stream_side_by_side({"tuned": (merged_dir, MESSAGES), "base": ("tiny-random", MESSAGES)},
                                                 max_new_tokens=MAX_NEW))
         assert chat.loaded_models() == {"tuned": merged_dir, "base": "tiny-random"}
+        # on a CPU the fine-tuned model answers in llama.cpp, from the GGUF export beside its run
+        assert chat.runtime_of("tuned") == {"name": "llama.cpp (GGUF Q4_1)", "reason": (
+            "CPU, with the run's GGUF export exports/model-q4_1.gguf (written for this chat)")}
+        assert chat.runtime_of("base") == {"name": "PyTorch (float32)", "reason": "float base model on cpu"}
     finally:
         for side in chat.SIDES:
             chat.slot(side).unload()
     for side in chat.SIDES:
         texts = [u[side] for u in updates]
         assert texts[-1] and all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each update extends it
-    tuned_model, tuned_tok = load_quantized(merged_dir, dtype=torch.bfloat16)
     base_model, base_tok = load_base("tiny-random")
-    assert updates[-1]["tuned"] == generate_reply(tuned_model, tuned_tok, MESSAGES, max_new_tokens=MAX_NEW)
+    tuned = open_runtime(merged_dir)
+    assert updates[-1]["tuned"] == tuned.chat(MESSAGES, max_new_tokens=MAX_NEW).text
+    tuned.close()
     assert updates[-1]["base"] == generate_reply(base_model, base_tok, MESSAGES, max_new_tokens=MAX_NEW)
     assert updates[-1]["tuned"] != updates[-1]["base"]  # the adapter changed the model
 

@@ -43,12 +43,17 @@ def test_train_writes_report_and_models(trained):
     assert "eval_loss_merged" in res.stdout
 
 
-def test_chat_prints_reply(trained):
+def test_chat_prints_reply_and_the_runtime_that_answers(trained):
     out, _ = trained
-    res = cli("chat", str(out / "merged"), "--prompt", "Make a contact card: Ana is 30 and lives in Rome.",
-              "--max-new-tokens", "8")
+    prompt = ("--prompt", "Make a contact card: Ana is 30 and lives in Rome.", "--max-new-tokens", "8")
+    res = cli("chat", str(out / "merged"), *prompt)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip()
+    assert "answered by: llama.cpp (GGUF Q4_1) (CPU, with the run's GGUF export exports/model-q4_1.gguf" in res.stderr
+    res_torch = cli("chat", str(out), *prompt, "--runtime", "pytorch")
+    assert res_torch.returncode == 0, res_torch.stderr[-2000:]
+    assert "answered by: PyTorch int4 kernel (merged model on the CPU)" in res_torch.stderr
+    assert res_torch.stdout == res.stdout  # greedy: the same 8 tokens in both runtimes (measured)
 
 
 @pytest.mark.parametrize("args, message", [

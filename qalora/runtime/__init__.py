@@ -1,0 +1,199 @@
+"""Runtimes that answer with a finished model: llama.cpp on its GGUF file, or PyTorch.
+
+The chat (app and CLI) and the OpenAI-compatible server open one through :func:`open_runtime`,
+which tries each backend in ``BACKENDS`` order and takes the first that can run the model here:
+
+=============  =================================================  ==============================
+backend        when                                               file
+=============  =================================================  ==============================
+llama.cpp      CPU, and the model has (or can have) a GGUF export  ``RUN/exports/model-*.gguf``
+pytorch        anywhere else: CUDA, or no GGUF possible            ``RUN/merged`` (int4 kernel)
+=============  =================================================  ==============================
+
+Every backend tokenizes and detokenizes with the model's own tokenizer (the prompt is
+``qalora.data.encode_prompt``, the training format) and only computes next tokens, so both feed
+the same token ids and turn the same ids into the same text; they stop on the same end ids.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..errors import ConfigError, ModelError
+
+MAX_CONTEXT = 8192  # tokens of KV cache at most, whatever the model's positions allow
+
+
+@dataclass
+class Generation:
+    """A reply so far: its text, token counts and, once finished, why it ended."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop" (end id or stop string) or "length"
+
+
+class ContextError(ConfigError):
+    """The prompt and the tokens asked for do not fit in the model's context window."""
+
+
+class Runtime:
+    """A loaded model that turns prompt token ids into reply tokens; backends implement ``_tokens``.
+
+    One generation runs at a time (a lock held while a stream is open): a second caller waits.
+    """
+
+    name = "runtime"
+
+    def __init__(self, tokenizer, end_ids: list[int], context_length: int, reason: str = ""):
+        self.tokenizer = tokenizer
+        self.end_ids = set(end_ids)
+        self.context_length = int(context_length)
+        self.reason = reason  # why this backend answers here (and why an earlier one did not)
+        self._lock = threading.Lock()
+
+    def _tokens(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+                seed: int | None) -> Iterator[int]:
+        """Yield the next token ids after ``ids`` (sampled as asked) until closed or exhausted."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the model's memory now (it is also freed when the runtime is collected)."""
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """``messages`` rendered exactly as in training, ready for the next reply."""
+        from ..data import encode_prompt
+        return encode_prompt(messages, self.tokenizer)
+
+    def text_ids(self, prompt: str) -> list[int]:
+        """A plain-text prompt's ids, with the special tokens the tokenizer adds (e.g. BOS)."""
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
+        if n_prompt + max_new_tokens > self.context_length:
+            raise ContextError(
+                f"This model's maximum context length is {self.context_length} tokens, but the prompt has {n_prompt} "
+                f"and {max_new_tokens} more were asked for ({n_prompt + max_new_tokens} in all); shorten the "
+                f"conversation or ask for at most {max(self.context_length - n_prompt, 0)} new tokens.")
+
+    def stream(self, ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 0.95,
+               stop: list[str] | tuple = (), seed: int | None = None) -> Iterator[Generation]:
+        """Yield the reply to ``ids`` as it grows; the last item carries ``finish_reason``.
+
+        ``temperature`` 0 is greedy; a ``stop`` string ends the reply before it (OpenAI's rule).
+        Text is yielded only when it grows and does not end inside a multi-byte character.
+        """
+        if max_new_tokens < 1:
+            raise ConfigError(f"max new tokens={max_new_tokens} must be at least 1.")
+        self.check_fits(len(ids), max_new_tokens)
+        stop = [s for s in stop if s]
+        with self._lock:
+            made: list[int] = []
+            text, shown, reason = "", "", "length"
+            tokens = self._tokens(list(ids), max_new_tokens, float(temperature), float(top_p), seed)
+            try:
+                for token in tokens:
+                    if token in self.end_ids:
+                        reason = "stop"
+                        break
+                    made.append(token)
+                    text = self.tokenizer.decode(made, skip_special_tokens=True)
+                    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+                    if cut >= 0:
+                        text, reason = text[:cut], "stop"
+                        break
+                    ready = text[:len(text) - _pending(text, stop)]
+                    if len(ready) > len(shown) and not ready.endswith("\ufffd"):
+                        shown = ready
+                        yield Generation(shown, len(ids), len(made))
+                    if len(made) >= max_new_tokens:
+                        break
+            finally:
+                tokens.close()
+            yield Generation(text, len(ids), len(made), reason)
+
+    def stream_chat(self, messages: list[dict], **generation) -> Iterator[str]:
+        """Yield the reply's text as it grows (as ``qalora.infer.stream_chat`` does)."""
+        for g in self.stream(self.chat_ids(messages), **generation):
+            yield g.text
+
+    def generate(self, ids: list[int], **generation) -> Generation:
+        for g in self.stream(ids, **generation):
+            pass
+        return g
+
+    def chat(self, messages: list[dict], **generation) -> Generation:
+        return self.generate(self.chat_ids(messages), **generation)
+
+    def complete(self, prompt: str, **generation) -> Generation:
+        return self.generate(self.text_ids(prompt), **generation)
+
+
+def _pending(text: str, stop: list[str]) -> int:
+    """Characters at the end of ``text`` held back because a stop string may begin there."""
+    return max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+               default=0)
+
+
+def end_ids(tokenizer, *eos_token_ids) -> list[int]:
+    """Every id that ends a reply: the tokenizer's eos and each ``eos_token_id`` given (one id or a
+    list, from the model's config or generation config; Llama-3 instruct lists ``<|end_of_text|>``
+    and ``<|eot_id|>``)."""
+    ids = [tokenizer.eos_token_id]
+    for eos in eos_token_ids:
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def context_length(config: dict) -> int:
+    return min(int(config.get("max_position_embeddings") or MAX_CONTEXT), MAX_CONTEXT)
+
+
+@dataclass
+class Backend:
+    """``open(merged_dir, device)`` returns a Runtime, or a sentence saying why it cannot run here."""
+
+    name: str
+    open: Callable[[Path, object], "Runtime | str"]
+    aliases: tuple = field(default_factory=tuple)
+
+
+def _backends() -> list[Backend]:
+    from . import llamacpp, pytorch
+    return [Backend("llama.cpp", llamacpp.dispatch, ("llamacpp", "gguf")),
+            Backend("pytorch", pytorch.dispatch, ("torch",))]
+
+
+PREFER = ("auto", "llama.cpp", "pytorch")
+
+
+def open_runtime(model_dir, device=None, prefer: str = "auto") -> Runtime:
+    """The runtime that answers for the finished model in ``model_dir`` (a run or its merged folder).
+
+    ``device``: default ``qalora.model.pick_device()``. ``prefer``: "auto" (first backend that can
+    run here), or one backend by name, which raises ``ModelError`` with the reason if it cannot.
+    The runtime's ``reason`` says why it answers.
+    """
+    from ..export import run_parts
+    from ..export.native import read_quant_config
+
+    merged, _ = run_parts(model_dir)
+    read_quant_config(merged)  # a clear error for a folder that is not a finished model
+    if device is None:
+        from ..model import pick_device
+        device = pick_device()
+    backends = [b for b in _backends() if prefer == "auto" or prefer in (b.name, *b.aliases)]
+    if not backends:
+        raise ConfigError(f"runtime {prefer!r} is unknown; choose one of {', '.join(PREFER)}.")
+    skipped = []
+    for backend in backends:
+        got = backend.open(merged, device)
+        if isinstance(got, Runtime):
+            if skipped:
+                got.reason = f"{got.reason}; " + "; ".join(skipped)
+            return got
+        skipped.append(f"not {backend.name}: {got}")
+    raise ModelError(f"the {prefer} runtime cannot run this model here: " + "; ".join(skipped))

@@ -1,0 +1,94 @@
+"""llama.cpp backend: the model's GGUF export, run on the CPU by llama-cpp-python.
+
+The file is the one the user downloads or publishes, ``RUN/exports/model-q4_1.gguf`` (8-bit:
+``model-f16.gguf``). A job that did not export it gets it written on first use by ``export_run``,
+under a temporary name renamed into place, and reused afterwards. The GGUF holds the same codes
+as the merged model with scales and offsets rounded to fp16 (see ``qalora.export.gguf``).
+
+Prompts are tokenized by the model's tokenizer and fed to llama.cpp as ids, so llama.cpp sees the
+training format token for token; llama.cpp keeps the KV cache of the longest common prefix
+between calls, so a chat's next turn only evaluates the new messages.
+"""
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import ConfigError, ModelError
+from . import Runtime, context_length, end_ids
+
+
+def gguf_path(merged: Path, bits: int) -> Path:
+    """Where ``export_run`` puts the run's GGUF file."""
+    return merged.parent / "exports" / f"model-{'f16' if bits == 8 else 'q4_1'}.gguf"
+
+
+def ensure_gguf(merged: Path) -> tuple[Path, bool]:
+    """``(path, written now)``: the run's GGUF export, written if missing or older than the model."""
+    from ..export import export_run
+    from ..export.native import WEIGHTS, read_quant_config
+
+    path = gguf_path(merged, int(read_quant_config(merged)["bits"]))
+    if path.is_file() and path.stat().st_mtime >= (merged / WEIGHTS).stat().st_mtime:
+        return path, False
+    return Path(export_run(merged, "gguf")["path"]), True
+
+
+class LlamaCppRuntime(Runtime):
+    def __init__(self, path: Path, tokenizer, ends: list[int], n_ctx: int, threads: int, reason: str = ""):
+        import llama_cpp
+
+        super().__init__(tokenizer, ends, n_ctx, reason)
+        self.path = Path(path)
+        self.name = f"llama.cpp (GGUF {'F16' if path.name.endswith('f16.gguf') else 'Q4_1'})"
+        self._llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                    verbose=False)
+        # freed when collected or, at the latest, at exit while llama_cpp's module is still whole
+        self._free = weakref.finalize(self, self._llm.close)
+
+    def _tokens(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+                seed: int | None) -> Iterator[int]:
+        import llama_cpp
+
+        self._llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else int(seed))
+        # Greedy, or temperature and top-p alone (no top-k, min-p or repeat penalty), like PyTorch's path.
+        sampling = (dict(temp=0.0, top_k=1) if temperature == 0 else
+                    dict(temp=temperature, top_p=top_p, top_k=0, min_p=0.0))
+        return self._llm.generate(ids, repeat_penalty=1.0, **sampling)
+
+    def close(self) -> None:
+        with self._lock:
+            self._free()
+
+
+def dispatch(merged: Path, device) -> Runtime | str:
+    """The llama.cpp runtime for ``merged`` on ``device``, or why it cannot run there."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..export.native import read_quant_config
+
+    if torch.device(device).type != "cpu":
+        return f"llama-cpp-python runs on the CPU here and the device is {device}"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama-cpp-python is not installed"
+    qc = read_quant_config(merged)
+    bits, group_size = int(qc["bits"]), int(qc["group_size"])
+    if bits <= 4 and group_size % 32:
+        return (f"group size {group_size} is not a multiple of 32, so no GGUF Q4_1 file holds this model "
+                "exactly")
+    try:
+        path, written = ensure_gguf(merged)
+    except (ConfigError, ModelError) as exc:
+        return f"no GGUF file is possible ({exc})"
+    except OSError as exc:
+        return f"its GGUF file could not be written ({exc.strerror or exc})"
+    config = json.loads((merged / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    reason = f"CPU, with the run's GGUF export exports/{path.name}" + (" (written for this chat)" if written else "")
+    return LlamaCppRuntime(path, tokenizer, end_ids(tokenizer, config.get("eos_token_id")), context_length(config),
+                           torch.get_num_threads(), reason)
