@@ -1,11 +1,18 @@
 """Decode speed at batch 1: the merged INT4 QA-LoRA model in PyTorch, its exports in their own
-runtimes (GGUF Q4_1 in llama.cpp, GPTQ in gptqmodel), and the transformers fp32 and bf16 base.
+runtimes (GGUF Q4_1 in llama.cpp, GPTQ in gptqmodel), the app's chat path, and the transformers
+fp32 and bf16 base.
 
 All models are the embedded SmolLM2-135M, in one process, same prompt, greedy, exactly
-``--new-tokens`` generated (EOS ignored), prompt processing included, best of ``--repeats``.
-The merged model is built the way a job builds it (RTN 4-bit, group 32, adapter merged into the
-offsets); its speed does not depend on what the adapter learned. Every runtime gets the same
-number of threads.
+``--new-tokens`` generated (EOS ignored), prompt processing included (llama.cpp's prompt cache is
+cleared before each run), best of ``--repeats``; first-token latency is the best run's time from
+the call to the first new token (the chat rows: to the first text the app receives). The merged
+model is built the way a job builds it (RTN 4-bit, group 32, adapter merged into the offsets);
+its speed does not depend on what the adapter learned. Every runtime gets the same number of
+threads.
+
+The app's chat rows drive ``jobs.chat.stream_reply`` (what the Chat tab streams from) on the
+runtime it picks, and the PyTorch runtime it picks on CUDA or where no GGUF is possible; both
+stream text as it grows, their end ids cleared so they generate the same number of tokens.
 
     python bench/decode.py [--new-tokens 128] [--repeats 3] [--skip gguf,gptq]
 """
@@ -25,42 +32,63 @@ import torch  # noqa: E402
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a robot."}]
 
 
-def tokens_per_s(model, tok, new_tokens: int, repeats: int) -> float:
+def best_of(run, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """``(tokens/s, first-token seconds)`` of the fastest of ``repeats`` runs; ``run(n, first)``
+    generates ``n`` tokens and calls ``first()`` when the first one is out."""
+    run(8, lambda: None)  # warm-up
+    best, first_at = float("inf"), float("inf")
+    for _ in range(repeats):
+        stamp: list[float] = []
+        t = time.perf_counter()
+        run(new_tokens, lambda: stamp.append(time.perf_counter()))
+        took = time.perf_counter() - t
+        if took < best:
+            best, first_at = took, stamp[0] - t
+    return new_tokens / best, first_at
+
+
+class _FirstToken:
+    """A ``generate`` streamer that calls ``first()`` when the first new token is out."""
+
+    def __init__(self, first):
+        self.first, self.puts = first, 0
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:  # the first put is the prompt
+            self.first()
+
+    def end(self):
+        pass
+
+
+def tokens_per_s(model, tok, new_tokens: int, repeats: int) -> tuple[float, float]:
     from qalora.infer import chat_input_ids
     ids = chat_input_ids(tok, PROMPT)
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, temperature=None, top_p=None, top_k=None,
                   pad_token_id=tok.pad_token_id, eos_token_id=None)
+
+    def run(n, first):
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, streamer=_FirstToken(first), **kwargs)
+        assert out.shape[1] - ids.shape[1] == n
+
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kwargs)  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-            best = min(best, time.perf_counter() - t)
-    assert out.shape[1] - ids.shape[1] == new_tokens
-    return new_tokens / best
+        return best_of(run, new_tokens, repeats)
 
 
-def best_of(run, new_tokens: int, repeats: int) -> float:
-    run(8)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run(new_tokens)
-        best = min(best, time.perf_counter() - t)
-    return new_tokens / best
-
-
-def llama_cpp_tokens_per_s(gguf_path: Path, prompt_ids: list[int], new_tokens: int, repeats: int) -> float:
+def llama_cpp_tokens_per_s(gguf_path: Path, prompt_ids: list[int], new_tokens: int, repeats: int):
     import llama_cpp
 
     llm = llama_cpp.Llama(str(gguf_path), n_ctx=512, n_threads=torch.get_num_threads(),
                           n_threads_batch=torch.get_num_threads(), verbose=False)
 
-    def run(n):
+    def run(n, first):
+        llm.reset()  # otherwise generate reuses the cached prompt
         made = 0
-        for _ in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):  # greedy; EOS does not stop it
+        for _ in llm.generate(prompt_ids, temp=0.0, top_k=1):  # greedy; EOS does not stop it
             made += 1
+            if made == 1:
+                first()
             if made == n:
                 break
         assert made == n
@@ -69,6 +97,33 @@ def llama_cpp_tokens_per_s(gguf_path: Path, prompt_ids: list[int], new_tokens: i
         return best_of(run, new_tokens, repeats)
     finally:
         llm.close()
+
+
+def app_chat_tokens_per_s(merged: Path, prefer: str, new_tokens: int, repeats: int):
+    """The Chat tab's path: ``jobs.chat.stream_reply`` on the runtime ``open_runtime`` picks
+    (``prefer="auto"``), or on the PyTorch runtime it picks on CUDA or where no GGUF is possible."""
+    from jobs import chat
+    from qalora.runtime import open_runtime
+
+    if prefer == "auto":
+        runtime, stream = chat.slot("tuned").get(str(merged)), chat.stream_reply
+    else:
+        runtime = open_runtime(merged, prefer=prefer)
+        stream = lambda side, key, messages, **gen: runtime.stream_chat(messages, **gen)  # noqa: E731
+    runtime.end_ids.clear()  # exactly n tokens, as in the other rows
+
+    def run(n, first):
+        runtime.clear_cache()
+        texts = iter(stream("tuned", str(merged), PROMPT, max_new_tokens=n, temperature=0.0))
+        next(texts)
+        first()
+        for _ in texts:
+            pass
+
+    try:
+        return runtime.name, best_of(run, new_tokens, repeats)
+    finally:
+        chat.slot("tuned").unload()
 
 
 def gptqmodel_tokens_per_s(gptq_dir: Path, tok, new_tokens: int, repeats: int) -> float:
@@ -103,7 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma-separated: gguf, gptq")
+    ap.add_argument("--skip", default="", help="comma-separated: gguf, gptq, chat")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     import tempfile
@@ -115,7 +170,7 @@ def main() -> None:
     from qalora.model import load_base
 
     base, tok = load_base("default", dtype=torch.float32)
-    rows = []
+    rows = []  # (name, (tokens/s, first-token seconds))
     rows.append(("transformers fp32 base", tokens_per_s(base, tok, args.new_tokens, args.repeats)))
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
     rows.append(("transformers bf16 base", tokens_per_s(bf16, tok, args.new_tokens, args.repeats)))
@@ -127,22 +182,29 @@ def main() -> None:
         del model
     work = Path(tempfile.mkdtemp(prefix="qalora-decode-"))
     save_quantized(merged_int4(base, False, compute_dtype=None), tok, work / "merged")
+    standalone = None
     if "gguf" not in skip:
-        path = export_gguf(work / "merged", work / "model-q4_1.gguf")
+        # where a job's export lands, so the app's chat runs this very file
+        path = export_gguf(work / "merged", work / "exports" / "model-q4_1.gguf")
         prompt_ids = chat_input_ids(tok, PROMPT)[0].tolist()
-        rows.append(("same model, GGUF Q4_1 export, llama.cpp",
-                     llama_cpp_tokens_per_s(path, prompt_ids, args.new_tokens, args.repeats)))
+        standalone = llama_cpp_tokens_per_s(path, prompt_ids, args.new_tokens, args.repeats)
+        rows.append(("same model, GGUF Q4_1 export, llama.cpp (standalone)", standalone))
+    if "chat" not in skip:
+        for prefer, what in (("auto", "the app picks on this CPU"), ("pytorch", "on CUDA or without GGUF")):
+            name, result = app_chat_tokens_per_s(work / "merged", prefer, args.new_tokens, args.repeats)
+            rows.append((f"in-app chat (streamed), {name}: {what}", result))
     if "gptq" not in skip:
         export_gptq(work / "merged", work / "gptq")
         rows.append(("same model, GPTQ export, gptqmodel (torch backend, bf16)",
                      gptqmodel_tokens_per_s(work / "gptq", tok, args.new_tokens, args.repeats)))
-    ref = rows[0][1]
+    ref = rows[0][1][0]
     print(f"\nDecode, SmolLM2-135M, batch 1, {args.new_tokens} new tokens, greedy, best of {args.repeats}, "
           f"{torch.get_num_threads()} threads")
-    print("| model | tokens/s | vs fp32 base |")
-    print("|---|---:|---:|")
-    for name, tps in rows:
-        print(f"| {name} | {tps:.1f} | {tps / ref:.2f}x |")
+    print("| model | tokens/s | vs fp32 base | vs llama.cpp standalone (same file) | first token |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (tps, first) in rows:
+        vs_llama = f"{tps / standalone[0]:.2f}x" if standalone else "-"
+        print(f"| {name} | {tps:.1f} | {tps / ref:.2f}x | {vs_llama} | {first * 1000:.0f} ms |")
     import shutil
     shutil.rmtree(work, ignore_errors=True)
 

@@ -134,8 +134,8 @@ def stream_reply(side: str, key: str, messages: list[dict], max_new_tokens: int 
 def stream_side_by_side(requests: dict[str, tuple[str, list[dict]]], **generation) -> Iterator[dict[str, str]]:
     """Answer each side's conversation at once; ``requests`` maps side -> (model key, messages).
 
-    Yields ``{side: reply so far}``. Taking turns reading the two streams (a PyTorch runtime
-    generates in its own thread, llama.cpp one token per read) keeps both replies growing together.
+    Yields ``{side: reply so far}``. Each read of a runtime's stream computes its next token, so
+    taking turns reading the two keeps both replies growing on screen together.
     """
     for side, (key, _) in requests.items():  # load (and free) first, so a load error comes before any text
         slot(side).get(key)

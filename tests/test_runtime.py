@@ -22,6 +22,7 @@ from qalora.infer import chat as generate_reply
 from qalora.merge import merge_adapters
 from qalora.runtime import ContextError, open_runtime
 from qalora.runtime.llamacpp import dispatch as llamacpp_dispatch
+from qalora.runtime.pytorch import _pick
 
 MESSAGES = [{"role": "user", "content": "contact card -> Hana lives in Oslo."}]
 TOKENS = 40
@@ -124,6 +125,18 @@ def test_lengths_end_ids_and_stop_strings(llama_rt, torch_rt):
         with pytest.raises(ContextError, match=f"maximum context length is 512 tokens, but the prompt has "
                                                f"{len(ids)} and 500 more"):
             rt.generate(ids, max_new_tokens=500)
+
+
+def test_sampling_keeps_the_top_p_nucleus_and_a_seed_repeats_the_reply(llama_rt, torch_rt):
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    g = torch.Generator().manual_seed(0)
+    assert {_pick(logits, 1.0, 0.6, g) for _ in range(200)} == {0, 1}  # 0.5 + 0.3 covers 0.6
+    assert {_pick(logits, 1.0, 1.0, g) for _ in range(400)} == {0, 1, 2, 3}
+    assert {_pick(logits * 50, 0.01, 1.0, g) for _ in range(50)} == {0}  # a low temperature is near greedy
+    for rt in (llama_rt, torch_rt):
+        ids = rt.chat_ids(MESSAGES)
+        sampled = [rt.generate(ids, max_new_tokens=12, temperature=1.0, seed=seed).text for seed in (7, 7, 8)]
+        assert sampled[0] == sampled[1] != sampled[2]
 
 
 @pytest.mark.slow

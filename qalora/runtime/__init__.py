@@ -63,6 +63,9 @@ class Runtime:
     def close(self) -> None:
         """Free the model's memory now (it is also freed when the runtime is collected)."""
 
+    def clear_cache(self) -> None:
+        """Forget any state kept from earlier prompts, so the next prompt is evaluated whole."""
+
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """``messages`` rendered exactly as in training, ready for the next reply."""
         from ..data import encode_prompt

@@ -58,6 +58,10 @@ class LlamaCppRuntime(Runtime):
                     dict(temp=temperature, top_p=top_p, top_k=0, min_p=0.0))
         return self._llm.generate(ids, repeat_penalty=1.0, **sampling)
 
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._llm.reset()
+
     def close(self) -> None:
         with self._lock:
             self._free()

@@ -1,13 +1,13 @@
 """PyTorch backend: the merged model's ``QuantLinear`` layers, on the int4 kernel where it applies.
 
-``generate`` runs in its own thread and hands each new token over a queue; closing the stream
-stops it after the token being computed (a stopping criterion checks a flag), so an abandoned
-reply does not keep the model busy.
+Tokens come from a plain decode loop over a KV cache (the steps ``generate`` takes: the prompt
+once, then one token at a time, logits of the last position only), run in the reader's thread:
+each ``next`` computes one token, and a reader that stops reading stops the work. Measured on the
+2-core CPU: ``generate`` in a second thread, as a streamer needs, decoded at 26-28 tokens/s where
+the same call in the calling thread made 37-40.
 """
 from __future__ import annotations
 
-import queue
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -31,57 +31,43 @@ class PyTorchRuntime(Runtime):
     def _tokens(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
                 seed: int | None) -> Iterator[int]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
+        from transformers import DynamicCache
 
-        from ..infer import _generation_kwargs
+        cache = DynamicCache(config=self.model.config)
+        generator = None
+        if seed is not None and temperature > 0:
+            generator = torch.Generator(self.device).manual_seed(int(seed))
 
-        handed: queue.Queue = queue.Queue()
-        closed = threading.Event()
+        def step(x: list[int]) -> torch.Tensor:
+            # inference mode per call: a generator must not leave it switched on in its reader's thread
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([x], device=self.device), past_key_values=cache,
+                                 use_cache=True, logits_to_keep=1)
+                return out.logits[0, -1].float()
 
-        class Streamer(BaseStreamer):
-            prompt = True
+        logits = step(ids)
+        for _ in range(max_new_tokens):
+            token = _pick(logits, temperature, top_p, generator)
+            yield token
+            logits = step([token])
 
-            def put(self, value):
-                if self.prompt:  # generate hands the prompt over first
-                    self.prompt = False
-                    return
-                handed.put(value.reshape(-1).tolist())
 
-            def end(self):
-                handed.put(None)
+def _pick(logits, temperature: float, top_p: float, generator) -> int:
+    """Greedy at temperature 0, else a sample from the top-p nucleus of ``softmax(logits / T)``.
 
-        class Closed(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), closed.is_set(), dtype=torch.bool, device=input_ids.device)
+    Args:
+        logits: float ``(vocab,)``.
+    """
+    import torch
 
-        kwargs = _generation_kwargs(self.tokenizer, max_new_tokens, temperature, top_p, model=self.model)
-        kwargs["eos_token_id"] = sorted(self.end_ids) or None
-        if temperature > 0:
-            kwargs["top_k"] = 0  # temperature and top-p alone, as the llama.cpp backend samples
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-
-        def run():
-            try:
-                if seed is not None:
-                    torch.manual_seed(int(seed))
-                with torch.inference_mode():
-                    self.model.generate(x, attention_mask=torch.ones_like(x), streamer=Streamer(),
-                                        stopping_criteria=StoppingCriteriaList([Closed()]), **kwargs)
-            except BaseException as exc:  # raised in the reader's thread below
-                handed.put(exc)
-                handed.put(None)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        try:
-            while (item := handed.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield from item
-        finally:
-            closed.set()
-            thread.join()  # the model is free again before the next stream starts
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(0) - sorted_p >= top_p  # tokens past the nucleus (the first always stays)
+        probs = probs.scatter(0, order, sorted_p.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def dispatch(merged: Path, device) -> Runtime:
