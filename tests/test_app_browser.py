@@ -241,7 +241,9 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     expect(page.locator("#chat-status")).to_contain_text("kept in memory for the next turn", timeout=CHAT_S * 1000)
     statuses = [s.strip() for s in page.evaluate("window.statuses") if s.strip()]
     # the reply arrived as a stream of updates: first "generating", then the final state
-    assert "Generating…" in statuses and statuses.index("Generating…") < len(statuses) - 1, statuses
+    generating = [i for i, s in enumerate(statuses) if s.startswith("Generating with llama.cpp")]
+    assert generating and generating[0] < len(statuses) - 1, " | ".join(statuses)
+    assert "Answered by llama.cpp (GGUF Q4_1)" in statuses[-1]  # the chat says which runtime answered
     for side in ("#chat-tuned", "#chat-base"):  # both models answered the same message
         expect(page.locator(f"{side} [data-testid='user']")).to_have_text("contact card -> Hana lives in Oslo.")
         expect(page.locator(f"{side} [data-testid='bot']")).to_have_count(1)
