@@ -44,3 +44,20 @@ def tiny_qalora(bits=4, group_size=GROUP, rank=RANK, dropout=0.0, seed=0, random
 def token_batch(n=2, t=24, vocab=250, seed=0, device=DEVICE):
     ids = torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def default_qalora(rank=4, seed=0):
+    """The embedded default model (SmolLM2-135M), 4-bit g32, with a small random adapter: a real
+    model whose merged weights differ from the base. Returns ``(model, tokenizer)`` on the CPU."""
+    from qalora.model import load_base
+
+    model, tok = load_base("default")
+    adapter = AdapterConfig(rank=rank)
+    torch.manual_seed(seed)  # lora_A's initialization
+    inject_qalora(model, quantize_model(model, QuantConfig(4, 32), adapter.targets), adapter)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    return model, tok

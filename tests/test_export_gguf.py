@@ -26,8 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from helpers import tiny_qalora
-from qalora.config import AdapterConfig, QuantConfig
+from helpers import default_qalora, tiny_qalora
 from qalora.errors import ConfigError
 from qalora.export.gguf import export_gguf, q4_1_blocks, rope_permutation
 from qalora.export.native import load_quantized, save_quantized
@@ -66,17 +65,7 @@ def tiny3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def default4(tmp_path_factory):
-    from qalora.model import inject_qalora, load_base, quantize_model
-    model, tok = load_base("default")
-    adapter = AdapterConfig(rank=4)
-    torch.manual_seed(0)  # lora_A's initialization
-    inject_qalora(model, quantize_model(model, QuantConfig(4, 32), adapter.targets), adapter)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-    out = merged_dir(model, tok, tmp_path_factory.mktemp("default4") / "merged")
+    out = merged_dir(*default_qalora(), tmp_path_factory.mktemp("default4") / "merged")
     return out, export_gguf(out)
 
 

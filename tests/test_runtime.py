@@ -15,7 +15,7 @@ import itertools
 import pytest
 import torch
 
-from helpers import tiny_qalora
+from helpers import default_qalora, tiny_qalora
 from qalora.errors import ModelError
 from qalora.export.native import load_quantized, save_quantized
 from qalora.infer import chat as generate_reply
@@ -141,18 +141,7 @@ def test_sampling_keeps_the_top_p_nucleus_and_a_seed_repeats_the_reply(llama_rt,
 
 @pytest.mark.slow
 def test_default_model_greedy_replies_agree_between_runtimes(tmp_path):
-    from qalora.config import AdapterConfig, QuantConfig
-    from qalora.model import inject_qalora, load_base, quantize_model
-
-    model, tok = load_base("default")
-    adapter = AdapterConfig(rank=4)
-    torch.manual_seed(0)
-    inject_qalora(model, quantize_model(model, QuantConfig(4, 32), adapter.targets), adapter)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    model, tok = default_qalora()
     save_quantized(merge_adapters(model, use_kernel=False), tok, tmp_path / "run" / "merged")
     del model
     llama_rt, torch_rt = open_runtime(tmp_path / "run"), open_runtime(tmp_path / "run", prefer="pytorch")
