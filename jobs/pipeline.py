@@ -25,6 +25,7 @@ from storage import ExportTask, IllegalTransition, Job, JobStatus, db, get_setti
 from .spec import JobSpec
 
 LOG_NAME = "job.log"
+BOARD_DIR = "tensorboard"  # TensorBoard event files of the job's training (see Board)
 # Fault injection for tests: the first attempt of every job SIGKILLs its own worker on entering
 # this stage (tests/test_worker.py kills a worker in each stage and checks the resumed result).
 FAULT_STAGE = "QALORA_FAULT_STAGE"
@@ -177,6 +178,32 @@ def run_export(task_id: int, worker_id: str) -> str:
         close_logger(log)
 
 
+class Board:
+    """TensorBoard event files in the job's folder (``tensorboard/``), the format people's tools read:
+    ``train/loss``, ``train/lr``, ``train/tokens_per_s``, ``train/grad_norm`` at every step and
+    ``eval/loss`` where evaluated. A resumed attempt starts its file with a purge at its first step,
+    so TensorBoard drops what the interrupted attempt logged past the checkpoint and the curves
+    read as one run. The writer is opened at the first step (it imports TensorBoard)."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.writer = directory, None
+
+    def step(self, info) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.directory), purge_step=info.step, flush_secs=5)
+        scalars = {"train/loss": info.loss, "train/lr": info.lr, "train/tokens_per_s": info.tokens_per_s,
+                   "train/grad_norm": info.extra.get("grad_norm"), "eval/loss": info.eval_loss}
+        for tag, value in scalars.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, info.step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 class _Heartbeat(threading.Thread):
     """Keeps the job's heartbeat fresh while the main thread is busy inside the library."""
 
@@ -232,6 +259,7 @@ class _JobRun:
         self.attempt = attempt
         self.lost = threading.Event()  # another worker owns the job now (we were presumed dead)
         self.log = job_logger(job_id, artifact_dir)
+        self.board = Board(artifact_dir / BOARD_DIR)
         self.stage: str | None = None
         self.stage_t0 = time.perf_counter()
         self.stage_s: dict[str, float] = {}  # seconds spent in each stage this attempt
@@ -306,6 +334,7 @@ class _JobRun:
                 self.lost.set()
 
     def on_step(self, info) -> None:
+        self.board.step(info)
         self.s_per_step = info.elapsed_s / max(info.step, 1)
         eta = self.eta("train", steps_left=info.total_steps - info.step)
         with db() as s:
@@ -324,6 +353,7 @@ class _JobRun:
             report = finetune(spec.base, spec.data, self.artifact_dir, spec.quant, spec.adapter, spec.train,
                               resume=True, log=self.log, on_step=self.on_step, should_stop=self.should_stop,
                               on_stage=self.library_stage, on_progress=self.on_progress)
+            self.board.close()
             report = self.after_training(spec, report)
         except (TrainingStopped, _Stop) as exc:
             return self._stopped(str(exc))
@@ -336,6 +366,8 @@ class _JobRun:
             self.log.warning("worker %s stopping mid-job:\n%s", self.worker_id, traceback.format_exc())
             self._finish(lambda s: self._hand_back(s, "the worker stopped"), JobStatus.QUEUED)
             raise
+        finally:
+            self.board.close()
         self.log.info("succeeded: merge max |logit diff| %.3g", report["merge_max_abs_logit_diff"])
         return self._finish(lambda s: self._succeed(s, report), JobStatus.SUCCEEDED)
 

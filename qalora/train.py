@@ -211,7 +211,7 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
             (loss / cfg.grad_accum).backward()
             step_loss += loss.item() / cfg.grad_accum
             step_tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))  # before clipping
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -232,7 +232,8 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", result.step, cfg.steps, step_loss, lr,
                      step_tokens / dt, "" if ev is None else f" eval {ev:.4f}")
         if on_step:
-            on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev))
+            on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev,
+                             extra={"grad_norm": grad_norm}))
         if should_stop and result.step < cfg.steps and should_stop():
             if ckpt_dir and result.step % cfg.save_every:
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
