@@ -356,6 +356,18 @@ def _refresh(selected, seen):
             service.readable_log(job["id"], LOG_LINES), {**seen, "job": key})
 
 
+def _move(direction, selected):
+    """Move the selected queued job one place sooner or later; says where it now stands."""
+    if selected is None:
+        return "Select a job first."
+    try:
+        order = service.move(int(selected), direction)
+    except Exception as exc:
+        return _error(exc)
+    return (f"Job #{selected} is now {order.index(int(selected)) + 1} of {len(order)} in the queue "
+            f"(runs in this order: {', '.join(f'#{i}' for i in order)}).")
+
+
 def _act(action, selected):
     if selected is None:
         return "Select a job first."
@@ -420,6 +432,7 @@ def build_jobs_tab():
     merge = gr.Markdown(elem_id="merge-check")
     with gr.Row():
         cancel, resume = gr.Button("Cancel"), gr.Button("Resume")
+        up, down = gr.Button("Move up in queue", elem_id="move-up"), gr.Button("Move down", elem_id="move-down")
         delete, confirm = gr.Button("Delete"), gr.Button("Confirm delete", variant="stop", visible=False)
     with gr.Row():
         fmt = gr.Dropdown([(label, key) for key, label in service.DOWNLOAD_FORMATS.items()]
@@ -437,6 +450,8 @@ def build_jobs_tab():
     table.select(_row_job, None, picker)
     cancel.click(lambda p: _act("cancel", p), picker, action_note)
     resume.click(lambda p: _act("resume", p), picker, action_note)
+    up.click(lambda p: _move("up", p), picker, action_note)
+    down.click(lambda p: _move("down", p), picker, action_note)
     delete.click(lambda: gr.update(visible=True), None, confirm)
     confirm.click(lambda p: (_act("delete", p), gr.update(visible=False), None), picker, [action_note, confirm, picker])
     download.click(_download, [picker, fmt], [file, action_note])

@@ -179,11 +179,12 @@ def run_export(task_id: int, worker_id: str) -> str:
 
 
 class Board:
-    """TensorBoard event files in the job's folder (``tensorboard/``), the format people's tools read:
+    """TensorBoard event files in the job's folder, the format people's tools read:
     ``train/loss``, ``train/lr``, ``train/tokens_per_s``, ``train/grad_norm`` at every step and
-    ``eval/loss`` where evaluated. A resumed attempt starts its file with a purge at its first step,
-    so TensorBoard drops what the interrupted attempt logged past the checkpoint and the curves
-    read as one run. The writer is opened at the first step (it imports TensorBoard)."""
+    ``eval/loss`` where evaluated. Each attempt writes its own run (``tensorboard/attempt-N``): a
+    resumed job shows the interrupted attempt up to where it died and the resumed one from its
+    checkpoint on. Flushed at every step; the writer is opened at the first step (it imports
+    TensorBoard)."""
 
     def __init__(self, directory: Path):
         self.directory, self.writer = directory, None
@@ -191,12 +192,13 @@ class Board:
     def step(self, info) -> None:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.directory), purge_step=info.step, flush_secs=5)
+            self.writer = SummaryWriter(str(self.directory))
         scalars = {"train/loss": info.loss, "train/lr": info.lr, "train/tokens_per_s": info.tokens_per_s,
                    "train/grad_norm": info.extra.get("grad_norm"), "eval/loss": info.eval_loss}
         for tag, value in scalars.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, info.step)
+        self.writer.flush()  # on disk at every step: a killed worker loses none of what it logged
 
     def close(self) -> None:
         if self.writer is not None:
@@ -259,7 +261,7 @@ class _JobRun:
         self.attempt = attempt
         self.lost = threading.Event()  # another worker owns the job now (we were presumed dead)
         self.log = job_logger(job_id, artifact_dir)
-        self.board = Board(artifact_dir / BOARD_DIR)
+        self.board = Board(artifact_dir / BOARD_DIR / f"attempt-{attempt}")
         self.stage: str | None = None
         self.stage_t0 = time.perf_counter()
         self.stage_s: dict[str, float] = {}  # seconds spent in each stage this attempt

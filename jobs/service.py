@@ -143,6 +143,19 @@ def resume(job_id: int) -> dict:
         return _job_dict(_require(s, job_id))
 
 
+def queue_order() -> list[int]:
+    """Queued job ids in the order workers will run them."""
+    with db() as s:
+        return repo.queued_ids(s)
+
+
+def move(job_id: int, direction: str) -> list[int]:
+    """Move queued job ``job_id`` one place ``up`` (sooner) or ``down`` (later); returns the new
+    queue order. A job that is not queued raises ``JobStateError`` with what it is."""
+    with db() as s:
+        return repo.move_queued(s, job_id, direction)
+
+
 def delete(job_id: int) -> None:
     """Remove a job that is not running, its metrics, and its artifact directory."""
     with db() as s:

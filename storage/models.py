@@ -48,6 +48,10 @@ class Job(Base):
     # lives, not that the job moves; a stuck CUDA call keeps beating but stops progressing.
     progress_at: Mapped[datetime | None] = mapped_column(DateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Where a queued job stands: workers claim the lowest first. A new job takes its id (first
+    # come, first served, and a resumed job keeps its place ahead of later ones); moving a job
+    # up or down swaps it with its neighbour.
+    queue_position: Mapped[int | None] = mapped_column(Integer)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     artifact_dir: Mapped[str | None] = mapped_column(String(1024))
     report: Mapped[dict | None] = mapped_column(JSON)

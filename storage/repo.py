@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import Artifact, ExportTask, Job, Metric, utcnow
@@ -44,13 +44,48 @@ def create_job(s: Session, *, name: str, spec: dict, total_steps: int, artifact_
     s.add(job)
     s.flush()
     job.artifact_dir = str(Path(artifact_root) / f"job-{job.id:05d}")
+    job.queue_position = job.id
     return job.id
 
 
-def claim(s: Session, worker_id: str, job_id: int | None = None) -> int | None:
-    """queued -> running for ``job_id``, or for the oldest queued job; returns the id claimed.
+def _queue_order():
+    return func.coalesce(Job.queue_position, Job.id), Job.created_at, Job.id
 
-    Oldest by creation, so a resumed job goes before the jobs submitted after it.
+
+def queued_ids(s: Session) -> list[int]:
+    """Queued jobs in the order workers will claim them."""
+    return list(s.scalars(select(Job.id).where(Job.status == S.QUEUED.value).order_by(*_queue_order())))
+
+
+def move_queued(s: Session, job_id: int, direction: str) -> list[int]:
+    """Swap queued job ``job_id`` with the queued job before it (``up``) or after it (``down``);
+    returns the new queue order. At either end it stays. A job that is not queued raises."""
+    if direction not in ("up", "down"):
+        raise ValueError(f"direction {direction!r}: use 'up' or 'down'.")
+    order = queued_ids(s)
+    if job_id not in order:
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
+        raise JobStateError(f"Job {job_id} is {status or 'unknown'}, not queued: only queued jobs can be moved.")
+    i = order.index(job_id)
+    j = i - 1 if direction == "up" else i + 1
+    if 0 <= j < len(order):
+        other = order[j]
+        pos = dict(s.execute(select(Job.id, func.coalesce(Job.queue_position, Job.id))
+                             .where(Job.id.in_([job_id, other]))).all())
+        if pos[job_id] == pos[other]:  # equal keys (never from create_job): make room first
+            pos[other] = pos[job_id] + (1 if direction == "up" else -1)
+        for a, b in ((job_id, other), (other, job_id)):
+            s.execute(update(Job).where(Job.id == a).values(queue_position=pos[b])
+                      .execution_options(synchronize_session=False))
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def claim(s: Session, worker_id: str, job_id: int | None = None) -> int | None:
+    """queued -> running for ``job_id``, or for the first queued job; returns the id claimed.
+
+    First by queue position (the id unless moved), so a resumed job goes before the jobs
+    submitted after it.
     Without ``job_id``, returns ``None`` when nothing is queued (a lost race moves on to the
     next candidate). With ``job_id``, a job that is not queued raises ``IllegalTransition``.
     """
@@ -62,7 +97,7 @@ def claim(s: Session, worker_id: str, job_id: int | None = None) -> int | None:
         return job_id
     while True:
         candidate = s.scalar(select(Job.id).where(Job.status == S.QUEUED.value)
-                             .order_by(Job.created_at, Job.id).limit(1))
+                             .order_by(*_queue_order()).limit(1))
         if candidate is None:
             return None
         try:

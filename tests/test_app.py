@@ -55,6 +55,18 @@ def test_a_format_the_group_size_takes_away_is_not_exported(home):
     assert "peft" in job["spec"]["exports"]
 
 
+def test_queued_jobs_move_up_and_down_from_the_jobs_tab(home):
+    for name in ("a", "b", "c"):
+        _launch(name=name)
+    a, b, c = sorted(j["id"] for j in service.list_jobs())
+    assert app._move("up", c) == f"Job #{c} is now 2 of 3 in the queue (runs in this order: #{a}, #{c}, #{b})."
+    assert service.queue_order() == [a, c, b]
+    assert app._move("down", a).startswith(f"Job #{a} is now 2 of 3")
+    service.cancel(b)
+    assert app._move("up", b).endswith(f"Job {b} is canceled, not queued: only queued jobs can be moved.")
+    assert app._move("up", None) == "Select a job first."
+
+
 def test_launch_queues_a_job_and_switches_to_the_jobs_tab(home):
     note, picker, tabs, *fields = _launch(name="smoke")
     (job,) = service.list_jobs()

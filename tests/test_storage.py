@@ -102,6 +102,27 @@ def test_claim_takes_oldest_queued_first_and_resume_clears_the_run(store):
         assert [repo.claim(s, "w") for _ in range(3)] == [ids[0], ids[2], None]
 
 
+def test_queued_jobs_move_up_and_down_and_workers_claim_in_the_new_order(store):
+    ids = [_job_in(store, S.QUEUED) for _ in range(4)]
+    with db() as s:
+        assert repo.queued_ids(s) == ids
+        assert repo.move_queued(s, ids[3], "up") == [ids[0], ids[1], ids[3], ids[2]]
+        assert repo.move_queued(s, ids[3], "up") == [ids[0], ids[3], ids[1], ids[2]]
+        assert repo.move_queued(s, ids[0], "up") == [ids[0], ids[3], ids[1], ids[2]]  # first already: stays
+        assert repo.move_queued(s, ids[0], "down") == [ids[3], ids[0], ids[1], ids[2]]
+    with db() as s:
+        assert repo.queued_ids(s) == [ids[3], ids[0], ids[1], ids[2]]  # stored, not just returned
+        assert repo.claim(s, "w") == ids[3]
+        with pytest.raises(JobStateError, match=f"Job {ids[3]} is running, not queued: only queued jobs can be moved"):
+            repo.move_queued(s, ids[3], "down")
+        with pytest.raises(ValueError, match="use 'up' or 'down'"):
+            repo.move_queued(s, ids[0], "sideways")
+        repo.fail(s, ids[3], "w", "bad")
+        repo.requeue(s, ids[3])  # a resumed job keeps the place it had
+    with db() as s:
+        assert [repo.claim(s, "w") for _ in range(5)] == [ids[3], ids[0], ids[1], ids[2], None]
+
+
 def _claimer(barrier, results, rounds):
     """Child process with its own engine: one claim per round, in lock-step with the other."""
     worker = f"w{mp.current_process().pid}"
@@ -202,7 +223,7 @@ def test_migrations_match_the_models_and_keep_history(store, tmp_path, monkeypat
     engine = get_engine(url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn)
-        assert ctx.get_current_revision() == "0005"
+        assert ctx.get_current_revision() == "0006"
         assert compare_metadata(ctx, Base.metadata) == []  # models.py and the migrations agree
     _engines.clear()  # a fresh process: migrating again must keep every row
     migrate(get_engine(url))
@@ -227,7 +248,7 @@ def test_processes_starting_together_on_a_new_database_migrate_it_once(tmp_path)
         p.join(timeout=60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     with get_engine(url).connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0005"]
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0006"]
 
 
 def test_settings_reject_bad_numbers(monkeypatch):

@@ -147,19 +147,28 @@ def test_killed_worker_leaves_a_job_that_is_resumed_without_repeating_steps(stor
     assert steps_of(job_id) == list(range(1, total + 1))  # every step once, none twice
     log = service.read_log(job_id, tail=10_000)
     assert f"interrupted: worker {orphan['worker_id']} died" in log
-    # TensorBoard, read with its own reader, holds the same curve: the resumed attempt purged what the
-    # killed one logged past its checkpoint, so every step is there once, with the database's values
+    # TensorBoard, read with its own reader: each attempt is its own run; the killed one holds every
+    # step up to its checkpoint (flushed at each step), the resumed one every step after it, and
+    # together they are the database's curve
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    board = EventAccumulator(str(Path(job["artifact_dir"]) / "tensorboard"))
-    board.Reload()
+    root = Path(job["artifact_dir"]) / "tensorboard"
+    assert sorted(p.name for p in root.iterdir()) == ["attempt-1", "attempt-2"]
+    runs = {}
+    for name in ("attempt-1", "attempt-2"):
+        runs[name] = EventAccumulator(str(root / name))
+        runs[name].Reload()
+    resumed = job["report"]["resumed_from_step"]
+    first = [(e.step, e.value) for e in runs["attempt-1"].Scalars("train/loss")][:resumed]
+    second = [(e.step, e.value) for e in runs["attempt-2"].Scalars("train/loss")]
+    assert [step for step, _ in first + second] == list(range(1, total + 1)), (first, second)
+    metrics = service.get_job(job_id)["metrics"]
+    assert all(abs(value - m["train_loss"]) <= 1e-6 * max(1.0, abs(m["train_loss"]))
+               for (_, value), m in zip(first + second, metrics))
+    board = runs["attempt-2"]
     assert {"train/loss", "train/lr", "train/tokens_per_s", "train/grad_norm", "eval/loss"} <= \
         set(board.Tags()["scalars"])
-    losses = [(e.step, e.value) for e in board.Scalars("train/loss")]
-    metrics = service.get_job(job_id)["metrics"]
-    assert [step for step, _ in losses] == list(range(1, total + 1))
-    assert all(abs(value - m["train_loss"]) <= 1e-6 * max(1.0, abs(m["train_loss"]))
-               for (_, value), m in zip(losses, metrics))
-    assert [e.step for e in board.Scalars("eval/loss")] == [m["step"] for m in metrics if m["eval_loss"] is not None]
+    assert [e.step for e in board.Scalars("eval/loss")] == \
+        [m["step"] for m in metrics if m["eval_loss"] is not None and m["step"] > resumed]
     assert all(e.value > 0 for e in board.Scalars("train/grad_norm"))
 
 
