@@ -355,7 +355,6 @@ class _JobRun:
             report = finetune(spec.base, spec.data, self.artifact_dir, spec.quant, spec.adapter, spec.train,
                               resume=True, log=self.log, on_step=self.on_step, should_stop=self.should_stop,
                               on_stage=self.library_stage, on_progress=self.on_progress)
-            self.board.close()
             report = self.after_training(spec, report)
         except (TrainingStopped, _Stop) as exc:
             return self._stopped(str(exc))

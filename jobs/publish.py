@@ -314,8 +314,10 @@ def repo_files(job: dict, formats: list[str], scratch: Path, step) -> tuple[list
         return [(prefix + p.relative_to(folder).as_posix(), p) for p in sorted(folder.rglob("*")) if p.is_file()]
 
     if "transformers" in formats:
-        step(0.05, "writing the transformers checkpoint (torchao) and measuring it against the merged model")
-        measured = export_run(run, "torchao")
+        measured = exports.get("torchao")
+        if not (measured and Path(measured["path"]).is_dir()):
+            step(0.05, "writing the transformers checkpoint (torchao) and measuring it against the merged model")
+            measured = export_run(run, "torchao")
         files += under(Path(measured["path"]))
     if "gguf" in formats:
         gguf = Path((exports.get("gguf") or {}).get("path") or "")

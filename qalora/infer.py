@@ -105,9 +105,9 @@ def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p
     """``generate`` arguments that stop on every end id: the tokenizer's eos and each of the
     model's ``generation_config.eos_token_id`` (Llama-3 instruct lists ``<|end_of_text|>`` and
     ``<|eot_id|>``; passing one id would override that list)."""
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    config_eos = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
-    eos = list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *config_eos] if i is not None))
+    from .runtime import end_ids
+
+    eos = end_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos or None)
     if temperature > 0:

@@ -70,10 +70,9 @@ def move_queued(s: Session, job_id: int, direction: str) -> list[int]:
     j = i - 1 if direction == "up" else i + 1
     if 0 <= j < len(order):
         other = order[j]
+        # positions start as ids and are only ever swapped, so they stay distinct
         pos = dict(s.execute(select(Job.id, func.coalesce(Job.queue_position, Job.id))
                              .where(Job.id.in_([job_id, other]))).all())
-        if pos[job_id] == pos[other]:  # equal keys (never from create_job): make room first
-            pos[other] = pos[job_id] + (1 if direction == "up" else -1)
         for a, b in ((job_id, other), (other, job_id)):
             s.execute(update(Job).where(Job.id == a).values(queue_position=pos[b])
                       .execution_options(synchronize_session=False))

@@ -33,12 +33,17 @@ def tiny_qalora(bits=4, group_size=GROUP, rank=RANK, dropout=0.0, seed=0, random
     adapter = AdapterConfig(rank=rank, alpha=2 * rank, dropout=dropout)
     inject_qalora(model, quantize_model(model, QuantConfig(bits, group_size), adapter.targets), adapter)
     if randomize_b:
-        g = torch.Generator().manual_seed(seed + 1)
+        randomize_lora_b(model, seed + 1, 0.05)
+    return model.eval(), tok
+
+
+def randomize_lora_b(model, seed: int, std: float) -> None:
+    """Give every adapter a non-zero ``lora_B`` (it starts at zero), so merging changes the weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval(), tok
+                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def token_batch(n=2, t=24, vocab=250, seed=0, device=DEVICE):
@@ -55,9 +60,5 @@ def default_qalora(rank=4, seed=0):
     adapter = AdapterConfig(rank=rank)
     torch.manual_seed(seed)  # lora_A's initialization
     inject_qalora(model, quantize_model(model, QuantConfig(4, 32), adapter.targets), adapter)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    randomize_lora_b(model, seed + 1, 0.01)
     return model, tok
