@@ -26,7 +26,7 @@ from jobs import service
 
 REFRESH_S = float(os.environ.get("QALORA_REFRESH_S") or 2.0)  # the Jobs tab's polling period
 LOG_LINES = 14
-JOB_COLUMNS = ["id", "name", "status", "stage", "progress", "loss", "ETA", "tokens/s", "created (UTC)"]
+JOB_COLUMNS = ["id", "name", "status", "stage", "progress", "loss", "ETA", "tokens/s", "sweep", "created (UTC)"]
 CARD_HINT = "*Pick a finished model to preview its model card.*"
 CSS = ".field-error p { color: var(--error-text-color, #b91c1c); font-weight: 600; }"
 
@@ -142,23 +142,33 @@ def _ticked(value, wanted, bits, group_size):
 
 
 def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
-            wanted=()):
+            wanted=(), sweep=False, sweep_bits=(), sweep_groups=(), sweep_ranks="", sweep_lrs=""):
     """(status under Launch, job picker, tabs, one note per form field): each problem is shown next
     to the field it concerns, all at once; nothing is queued while there is one.
 
     ``wanted`` is the formats the user ticked (the ``wanted`` state, not the checkboxes' value: a
     click right after a group-size change can carry ticks of choices just taken away); those the
-    bits and group size allow are exported, as the checkboxes show."""
+    bits and group size allow are exported, as the checkboxes show. With ``sweep`` one job is
+    queued per combination of the sweep values (``jobs.sweep``)."""
     fields = dict.fromkeys(service.FORM_FIELDS, "")
     try:
         ok, _ = service.export_choices(bits, group_size)
         exports = [f for f in (wanted or []) if f in ok]
     except Exception:
         exports = list(wanted or [])  # the form reports the bad bits or group size itself
+    form = dict(kind=kind, builtin=builtin, upload=upload, path=path, base=base, bits=bits, group_size=group_size,
+                method=method, rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch, seq_len=seq, name=name)
     try:
-        spec = service.form_spec(kind=kind, builtin=builtin, upload=upload, path=path, base=base, bits=bits,
-                                 group_size=group_size, method=method, rank=rank, alpha=alpha, lr=lr, steps=steps,
-                                 batch_size=batch, seq_len=seq, name=name, exports=exports)
+        if sweep:
+            grid = {"bits": sweep_bits, "group_size": sweep_groups, "rank": sweep_ranks, "lr": sweep_lrs}
+            plan = service.plan_sweep(grid, **form, exports=list(wanted or []))
+            sweep_id, ids = service.submit_sweep(plan, name or "")
+            note = (f"Sweep **{sweep_id}**: {len(ids)} jobs queued (#{ids[0]}–#{ids[-1]}); follow them in the Jobs "
+                    "tab, compare them in the Compare tab." + (f" {len(plan.refused)} combination(s) refused: see "
+                                                              "the sweep plan." if plan.refused else ""))
+            return (note, gr.update(choices=_job_choices(service.list_jobs()), value=ids[0]),
+                    gr.Tabs(selected="jobs"), *fields.values())
+        spec = service.form_spec(**form, exports=exports)
         job_id = service.submit(spec)
     except service.FormError as exc:
         fields.update({k: _field_note(v) for k, v in exc.fields.items()})
@@ -170,6 +180,37 @@ def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, a
     note = f"Job **#{job_id}** ({spec.name}) queued; follow it in the Jobs tab."
     return (note, gr.update(choices=_job_choices(service.list_jobs()), value=job_id), gr.Tabs(selected="jobs"),
             *fields.values())
+
+
+def _sweep_opened(on, bits, group, rank, lr):
+    """Show the sweep values, starting from the form's single values."""
+    if not on:
+        return gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    try:
+        lr_text = f"{float(lr):g}"
+    except (TypeError, ValueError):
+        lr_text = str(lr or "")
+    return (gr.update(visible=True), [int(bits)] if bits else [4], [int(group)] if str(group).isdigit() else [],
+            str(rank if rank is not None else ""), lr_text)
+
+
+def _sweep_plan(on, base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq,
+                name, wanted, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs):
+    """How many jobs the sweep makes and what it refuses, as the values are picked (the dataset's
+    rows are read at Launch)."""
+    if not on:
+        return gr.skip()
+    grid = {"bits": sweep_bits, "group_size": sweep_groups, "rank": sweep_ranks, "lr": sweep_lrs}
+    try:
+        plan = service.plan_sweep(grid, kind="built-in", builtin="builtin:default", upload=None, path=None,
+                                  check_rows=False, base=base, bits=bits, group_size=group_size, method=method,
+                                  rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch, seq_len=seq,
+                                  name=name, exports=list(wanted or []))
+    except service.FormError as exc:
+        return "⚠ " + service.with_upload_names(" ".join(exc.fields.values()))
+    except Exception as exc:
+        return _error(exc)
+    return plan.summary()
 
 
 def build_new_tab():
@@ -207,6 +248,21 @@ def build_new_tab():
             exports_note = gr.Markdown(elem_id="exports-note")
             exports_err = gr.Markdown(elem_id="exports-error", elem_classes="field-error")
             name = gr.Textbox(label="Run name (optional)", elem_id="run-name")
+            sweep = gr.Checkbox(False, label="Sweep: queue one job per combination of several values",
+                                elem_id="sweep-mode")
+            with gr.Group(visible=False) as sweep_box:
+                sweep_bits = gr.CheckboxGroup(list(service.BITS_CHOICES), value=[4], label="Bits to try",
+                                              elem_id="sweep-bits")
+                sweep_groups = gr.CheckboxGroup(list(service.SWEEP_GROUP_SIZES), value=[service.DEFAULT_GROUP_SIZE],
+                                                label="Group sizes to try", elem_id="sweep-groups",
+                                                info="A size the model cannot take is refused, with the reason.")
+                with gr.Row():
+                    sweep_ranks = gr.Textbox(str(preset["rank"]), label="Ranks to try", elem_id="sweep-ranks",
+                                             info="Comma-separated; alpha keeps the advanced settings' alpha/rank.")
+                    sweep_lrs = gr.Textbox(f"{preset['lr']:g}", label="Learning rates to try", elem_id="sweep-lrs",
+                                           info="Comma-separated, e.g. 1e-4, 3e-4.")
+                sweep_plan = gr.Markdown(elem_id="sweep-plan")
+            sweep_err = gr.Markdown(elem_id="sweep-error", elem_classes="field-error")
         with gr.Column():
             kind = gr.Radio(list(service.DATA_KINDS), value="built-in", label="Dataset")
             builtins = service.builtin_choices()
@@ -232,8 +288,17 @@ def build_new_tab():
     upload.upload(_dataset_preview, data_inputs, preview)
     path.submit(_dataset_preview, data_inputs, preview)
     inputs = [base, bits, group, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
-              wanted]
-    notes = dict(base=base_err, group_size=group_err, exports=exports_err, data=data_err, advanced=advanced_err)
+              wanted, sweep, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs]
+    sweep.change(_sweep_opened, [sweep, bits, group, rank, lr], [sweep_box, sweep_bits, sweep_groups, sweep_ranks,
+                                                                 sweep_lrs])
+    plan_inputs = [sweep, *inputs[:16], sweep_bits, sweep_groups, sweep_ranks, sweep_lrs]
+    for control in (sweep_bits, sweep_groups, base, method, steps, rank, alpha):
+        control.change(_sweep_plan, plan_inputs, sweep_plan, show_progress="hidden")
+    for control in (sweep_ranks, sweep_lrs):
+        control.blur(_sweep_plan, plan_inputs, sweep_plan, show_progress="hidden")
+        control.submit(_sweep_plan, plan_inputs, sweep_plan, show_progress="hidden")
+    notes = dict(base=base_err, group_size=group_err, exports=exports_err, data=data_err, advanced=advanced_err,
+                 sweep=sweep_err)
     return launch, inputs, [status, *(notes[k] for k in service.FORM_FIELDS)]
 
 
@@ -251,7 +316,7 @@ def _job_rows(jobs: list[dict]) -> pd.DataFrame:
                      f"{j['step']}/{j['total_steps']} ({j['progress']:.0%})",
                      "" if j["loss"] is None else round(j["loss"], 4),
                      _duration(j["eta_s"]) if j["status"] == "running" else "", "" if tps is None else round(tps),
-                     j["created_at"].strftime("%Y-%m-%d %H:%M") if j["created_at"] else ""])
+                     j["sweep_id"] or "", j["created_at"].strftime("%Y-%m-%d %H:%M") if j["created_at"] else ""])
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
 
@@ -368,6 +433,22 @@ def _move(direction, selected):
             f"(runs in this order: {', '.join(f'#{i}' for i in order)}).")
 
 
+def _cancel_sweep(selected):
+    """Cancel every job of the selected job's sweep that has not ended."""
+    if selected is None:
+        return "Select a job of the sweep first."
+    try:
+        sweep_id = service.get_job(int(selected), metrics_after=2**62)["sweep_id"]
+        if not sweep_id:
+            return f"Job #{selected} is not part of a sweep; use Cancel."
+        out = service.cancel_sweep(sweep_id)
+    except Exception as exc:
+        return _error(exc)
+    ids = lambda key: ", ".join(f"#{i}" for i in out[key]) or "none"  # noqa: E731
+    return (f"Sweep {sweep_id}: canceled {ids('canceled')}; stopping after their current step {ids('stopping')}; "
+            f"already ended, left as they are {ids('ended')}.")
+
+
 def _act(action, selected):
     if selected is None:
         return "Select a job first."
@@ -433,6 +514,7 @@ def build_jobs_tab():
     with gr.Row():
         cancel, resume = gr.Button("Cancel"), gr.Button("Resume")
         up, down = gr.Button("Move up in queue", elem_id="move-up"), gr.Button("Move down", elem_id="move-down")
+        cancel_sweep = gr.Button("Cancel its whole sweep", elem_id="cancel-sweep")
         delete, confirm = gr.Button("Delete"), gr.Button("Confirm delete", variant="stop", visible=False)
     with gr.Row():
         fmt = gr.Dropdown([(label, key) for key, label in service.DOWNLOAD_FORMATS.items()]
@@ -452,6 +534,7 @@ def build_jobs_tab():
     resume.click(lambda p: _act("resume", p), picker, action_note)
     up.click(lambda p: _move("up", p), picker, action_note)
     down.click(lambda p: _move("down", p), picker, action_note)
+    cancel_sweep.click(_cancel_sweep, picker, action_note)
     delete.click(lambda: gr.update(visible=True), None, confirm)
     confirm.click(lambda p: (_act("delete", p), gr.update(visible=False), None), picker, [action_note, confirm, picker])
     download.click(_download, [picker, fmt], [file, action_note])
@@ -460,6 +543,111 @@ def build_jobs_tab():
 
 def _row_job(evt: gr.SelectData):
     return int(evt.row_value[0]) if evt.row_value else gr.skip()
+
+
+# ---- Compare ---------------------------------------------------------------------------------
+
+BEST_CSS = "background-color: #d1fae5; font-weight: 700"
+COMPARE_HINT = "*Pick jobs (or a sweep) to compare their curves, settings and outcomes.*"
+
+
+def _comparable_choices() -> list[tuple[str, int]]:
+    """Jobs with something to compare: every job that has started (queued ones have no data yet)."""
+    return _job_choices([j for j in service.list_jobs() if j["status"] != "queued"])
+
+
+def _sweep_choices() -> list[tuple[str, str]]:
+    return [(f"{w['sweep_id']} ({w['jobs']} jobs)", w["sweep_id"]) for w in service.list_sweeps()]
+
+
+def _compare_table(result: dict):
+    """The comparison as a styled table: numbers kept as numbers (so a header click sorts them),
+    shown rounded, the best value of each outcome column highlighted."""
+    from jobs.compare import _cell
+
+    cols = result["columns"]
+    frame = pd.DataFrame([[r.get(k) for k, _, _ in cols] for r in result["rows"]], columns=[h for _, h, _ in cols])
+    ids = [r["id"] for r in result["rows"]]
+
+    def marks(_):
+        return pd.DataFrame([[BEST_CSS if i in result["best"].get(k, ()) else "" for k, _, _ in cols] for i in ids],
+                            columns=frame.columns)
+
+    formats = {h: (lambda v, k=k: _cell(k, None if pd.isna(v) else v)) for k, h, _ in cols}
+    return frame.style.apply(marks, axis=None).format(formats)
+
+
+def _compare(picked, x_axis, quality):
+    """(curves, table, scatter, CSV button, note) for the picked jobs."""
+    ids = [int(i) for i in picked or []]
+    if not ids:
+        return None, None, None, gr.update(visible=False), COMPARE_HINT
+    try:
+        result = service.compare(ids)
+        csv_path = service.compare_csv(ids, _download_folder())
+    except Exception as exc:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), _error(exc)
+    x = "tokens" if x_axis == "tokens seen" else "step"
+    curves = pd.DataFrame(result["curves"], columns=["job", "split", "series", "step", "tokens", "loss"])
+    curves = curves.assign(x=curves[x]).astype({"x": "int64", "loss": "float64"})
+    key, _ = service.COMPARE_QUALITY[quality]
+    points = pd.DataFrame([{**p, "quality": p[key], "frontier": p[f"{key}_frontier"]} for p in result["scatter"]
+                           if p[key] is not None],
+                          columns=["job", "merged_mb", "quality", "frontier", "bits", "group_size", "rank"])
+    running = sum(r["status"] == "running" for r in result["rows"])
+    note = (f"{len(ids)} job(s); best value per outcome highlighted; the frontier is the jobs no other job beats on "
+            "both merged size and quality." + (f" {running} still running: their curves grow." if running else ""))
+    return (gr.update(value=curves if len(curves) else None, x_title="training tokens seen" if x == "tokens" else "step"),
+            _compare_table(result),
+            gr.update(value=points if len(points) else None, y_title=quality),
+            gr.update(value=str(csv_path), visible=True), note)
+
+
+def _compare_opened(picked, sweep):
+    """Fresh choices; with nothing picked yet, the newest sweep and its jobs are picked."""
+    jobs, sweeps = _comparable_choices(), _sweep_choices()
+    if picked or not sweeps:
+        return gr.update(choices=jobs), gr.update(choices=sweeps)
+    newest = sweeps[0][1]
+    return gr.update(choices=jobs, value=service.sweep_jobs(newest)), gr.update(choices=sweeps, value=newest)
+
+
+def _compare_tick(picked, x_axis, quality):
+    """The timer: redraw only while a picked job is running."""
+    running = {j["id"] for j in service.list_jobs("running")}
+    if not running & {int(i) for i in picked or []}:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    return _compare(picked, x_axis, quality)
+
+
+def build_compare_tab():
+    with gr.Row():
+        sweep = gr.Dropdown([], value=None, label="Sweep", elem_id="compare-sweep", scale=2,
+                            info="Picking a sweep picks its jobs.")
+        picked = gr.Dropdown([], value=[], multiselect=True, label="Jobs to compare", elem_id="compare-jobs", scale=5)
+    with gr.Row():
+        x_axis = gr.Radio(["step", "tokens seen"], value="step", label="Loss curves by", elem_id="compare-x")
+        quality = gr.Radio(list(service.COMPARE_QUALITY), value=next(iter(service.COMPARE_QUALITY)),
+                           label="Quality axis of the size-vs-quality plot", elem_id="compare-quality")
+    note = gr.Markdown(COMPARE_HINT, elem_id="compare-note")
+    curves = gr.LinePlot(None, x="x", y="loss", color="series", title="Train and eval loss", x_title="step",
+                         elem_id="compare-curves", height=340)
+    table = gr.Dataframe(interactive=False, label="Settings and outcomes (click a header to sort)",
+                         elem_id="compare-table", max_height=420)
+    with gr.Row():
+        scatter = gr.ScatterPlot(None, x="merged_mb", y="quality", color="frontier", title="Size vs quality",
+                                 x_title="merged model MB (native)", y_title=next(iter(service.COMPARE_QUALITY)),
+                                 color_map={"frontier": "#16a34a", "dominated": "#9ca3af"},
+                                 tooltip=["job", "bits", "group_size", "rank", "merged_mb", "quality"],
+                                 elem_id="compare-scatter", height=340, scale=3)
+        csv = gr.DownloadButton("Download the table (CSV)", visible=False, elem_id="compare-csv", scale=1)
+    outputs = [curves, table, scatter, csv, note]
+    sweep.input(lambda w: gr.update(value=service.sweep_jobs(w)) if w else gr.skip(), sweep, picked)
+    for control in (picked, x_axis, quality):
+        control.change(_compare, [picked, x_axis, quality], outputs, show_progress="hidden")
+    gr.Timer(max(REFRESH_S, 1.0) * 2.5).tick(_compare_tick, [picked, x_axis, quality], outputs,
+                                              show_progress="hidden")
+    return picked, sweep
 
 
 # ---- Chat ------------------------------------------------------------------------------------
@@ -643,12 +831,15 @@ def build_app() -> gr.Blocks:
                 launch, launch_inputs, launch_outputs = build_new_tab()
             with gr.Tab("Jobs", id="jobs"):
                 job_picker = build_jobs_tab()
+            with gr.Tab("Compare", id="compare") as compare_tab:
+                compare_jobs, compare_sweep = build_compare_tab()
             with gr.Tab("Chat", id="chat") as chat_tab:
                 chat_model = build_chat_tab()
             with gr.Tab("Publish", id="publish") as publish_tab:
                 publish_model = build_publish_tab()
         launch.click(_launch, launch_inputs, [launch_outputs[0], job_picker, tabs, *launch_outputs[1:]])
         # finished models appear when their tab is opened; the current choice is kept
+        compare_tab.select(_compare_opened, [compare_jobs, compare_sweep], [compare_jobs, compare_sweep])
         for tab, picker in ((chat_tab, chat_model), (publish_tab, publish_model)):
             tab.select(lambda: gr.update(choices=_model_choices()), None, picker)
     return app

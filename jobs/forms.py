@@ -43,7 +43,7 @@ EVALS_PER_RUN = 5  # evaluations (and checkpoints) spread over a run, so the cha
 
 # The form's fields an error can be shown next to (the app places one note under each).
 FIELDS = {"base": "Base model", "group_size": "Group size", "exports": "Also export when done", "data": "Dataset",
-          "advanced": "Advanced settings"}
+          "advanced": "Advanced settings", "sweep": "Sweep"}
 
 
 class FormError(ConfigError):

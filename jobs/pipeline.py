@@ -342,7 +342,7 @@ class _JobRun:
         with db() as s:
             if not repo.record_step(s, self.job_id, self.worker_id, step=info.step, train_loss=info.loss,
                                     eval_loss=info.eval_loss, lr=info.lr, tokens_per_s=info.tokens_per_s,
-                                    elapsed_s=info.elapsed_s, eta_s=eta):
+                                    elapsed_s=info.elapsed_s, eta_s=eta, tokens_seen=info.tokens_seen):
                 self.lost.set()
 
     def execute(self, raw_spec: dict) -> str:

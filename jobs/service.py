@@ -18,13 +18,16 @@ from sqlalchemy import select
 
 from storage import Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo, utcnow
 
+from .compare import QUALITY as COMPARE_QUALITY  # noqa: F401  (the scatter's quality axes, for the app)
 from .pipeline import LOG_NAME, export_note  # noqa: F401 (export_note: public here too)
 from .spec import EXTRA_EXPORTS, JobSpec  # noqa: F401  (EXTRA_EXPORTS: for the app)
+from .sweep import AXES as SWEEP_AXES, GROUP_SIZE_CHOICES as SWEEP_GROUP_SIZES, MAX_JOBS as MAX_SWEEP_JOBS  # noqa: F401
+from .sweep import SweepPlan, plan_sweep as _plan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_FIELDS = ("id", "name", "status", "stage", "stage_done", "stage_total", "stage_started_at", "step",
               "total_steps", "loss", "eta_s", "error", "attempts", "cancel_requested", "worker_id", "created_at",
-              "started_at", "finished_at", "heartbeat_at", "artifact_dir")
+              "started_at", "finished_at", "heartbeat_at", "artifact_dir", "sweep_id")
 # What each stage counts, for "quantize 12/30 layers".
 STAGE_UNITS = {"data": "parts", "quantize": "layers", "merge": "layers", "verify": "batches", "save": "model",
                "evaluate": "questions", "export gguf": "tensors", "export gptq": "steps", "export peft": "files"}
@@ -72,7 +75,8 @@ def _log_tail(folder: str | None, lines: int) -> str:
 
 def _metric_dict(m: Metric) -> dict:
     return {"step": m.step, "train_loss": m.train_loss, "eval_loss": m.eval_loss, "lr": m.lr,
-            "tokens_per_s": m.tokens_per_s, "elapsed_s": m.elapsed_s, "time": m.created_at}
+            "tokens_per_s": m.tokens_per_s, "elapsed_s": m.elapsed_s, "tokens_seen": m.tokens_seen,
+            "time": m.created_at}
 
 
 def _artifact_dict(a: Artifact) -> dict:
@@ -92,15 +96,63 @@ def submit(spec: JobSpec | dict) -> int:
     A name already used by another job gets a number (``name-2``, ``name-3``), so jobs stay apart.
     """
     spec = (spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)).validate()
-    settings = get_settings()
     with db() as s:
-        taken = set(s.scalars(select(Job.name).where(Job.name.like(f"{spec.name}%"))))
-        name, n = spec.name, 2
-        while name in taken:
-            name, n = f"{spec.name}-{n}", n + 1
-        spec.name = name
-        return repo.create_job(s, name=spec.name, spec=spec.to_dict(), total_steps=spec.train.steps,
-                               artifact_root=settings.jobs_dir)
+        return _queue(s, spec)
+
+
+def _queue(s, spec: JobSpec, sweep_id: str | None = None) -> int:
+    taken = set(s.scalars(select(Job.name).where(Job.name.like(f"{spec.name}%"))))
+    name, n = spec.name, 2
+    while name in taken:
+        name, n = f"{spec.name}-{n}", n + 1
+    spec.name = name
+    return repo.create_job(s, name=spec.name, spec=spec.to_dict(), total_steps=spec.train.steps,
+                           artifact_root=get_settings().jobs_dir, sweep_id=sweep_id)
+
+
+def plan_sweep(grid: dict, **form) -> SweepPlan:
+    """The jobs a sweep makes (``jobs.sweep.plan_sweep``): validated specs, refused combinations with
+    the reason, exports left out; raises ``FormError`` for what no combination can fix."""
+    return _plan_sweep(grid, **form)
+
+
+def submit_sweep(plan: SweepPlan, label: str = "") -> tuple[str, list[int]]:
+    """Queue every job of ``plan`` in one transaction under a new sweep id; returns (sweep id, job ids)."""
+    import secrets
+
+    stem = re.sub(r"[^\w.-]+", "-", label.strip())[:40].strip("-") or "sweep"
+    sweep_id = f"{stem}-{utcnow():%m%d-%H%M}-{secrets.token_hex(2)}"
+    with db() as s:
+        return sweep_id, [_queue(s, spec.validate(), sweep_id) for spec in plan.specs]
+
+
+def list_sweeps() -> list[dict]:
+    """Sweeps, newest first: ``{"sweep_id", "jobs", "created_at"}``."""
+    with db() as s:
+        return [{"sweep_id": sid, "jobs": n, "created_at": t} for sid, n, t in repo.sweeps(s)]
+
+
+def sweep_jobs(sweep_id: str) -> list[int]:
+    with db() as s:
+        return repo.sweep_job_ids(s, sweep_id)
+
+
+def cancel_sweep(sweep_id: str) -> dict[str, list[int]]:
+    """Cancel every job of a sweep that has not ended: queued and interrupted ones at once, running
+    ones after their current step. Returns ids by what happened: ``canceled``, ``stopping``,
+    ``ended`` (finished, failed or canceled before: left as they are)."""
+    ids = sweep_jobs(sweep_id)
+    if not ids:
+        raise JobStateError(f"Sweep {sweep_id!r} has no jobs; refresh the list.")
+    out: dict[str, list[int]] = {"canceled": [], "stopping": [], "ended": []}
+    for job_id in ids:
+        try:
+            before = cancel(job_id)
+        except (IllegalTransition, JobStateError):
+            out["ended"].append(job_id)
+            continue
+        out["stopping" if before["status"] == JobStatus.RUNNING.value else "canceled"].append(job_id)
+    return out
 
 
 def list_jobs(status: str | JobStatus | list | None = None, limit: int = 200) -> list[dict]:
@@ -154,6 +206,23 @@ def move(job_id: int, direction: str) -> list[int]:
     queue order. A job that is not queued raises ``JobStateError`` with what it is."""
     with db() as s:
         return repo.move_queued(s, job_id, direction)
+
+
+def compare(job_ids) -> dict:
+    """The Compare tab's data for these jobs (``jobs.compare.compare``): table columns, rows and best
+    cells, loss-curve points by step and tokens, size-vs-quality points with the frontier."""
+    from .compare import compare as _compare
+
+    return _compare([get_job(int(i)) for i in dict.fromkeys(job_ids or ())])
+
+
+def compare_csv(job_ids, dest_dir: str | Path) -> Path:
+    """The comparison table as a CSV file in ``dest_dir``."""
+    from .compare import write_csv
+
+    ids = list(dict.fromkeys(int(i) for i in job_ids or ()))
+    name = f"qalora-compare-{'-'.join(map(str, ids[:8]))}{'-more' if len(ids) > 8 else ''}.csv"
+    return write_csv(compare(ids), Path(dest_dir) / name)
 
 
 def delete(job_id: int) -> None:

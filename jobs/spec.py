@@ -43,7 +43,7 @@ class JobSpec:
         if unknown:
             raise ConfigError(f"export format(s) {unknown} are not available; choose from {list(EXPORT_FORMATS)}.")
         if not self.name:
-            short = _short_name(self.base)
+            short = short_name(self.base)
             self.name = f"{short}-{self.quant.bits}bit-g{self.quant.group_size}-r{self.adapter.rank}"
 
     def to_dict(self) -> dict:
@@ -83,7 +83,7 @@ class JobSpec:
         return tuple(f for f in self.exports if f in EXTRA_EXPORTS)
 
 
-def _short_name(base: str) -> str:
+def short_name(base: str) -> str:
     """The base's own name: ``meta-llama/Llama-3.1-8B`` -> ``Llama-3.1-8B``, a .gguf file's stem."""
     if base in ("default", "tiny-random"):
         return base

@@ -169,6 +169,19 @@ class Worker:
         return ran
 
 
+def run_here(job_id: int) -> str:
+    """Run queued job ``job_id`` in this process now (``python -m qalora sweep --local``); returns its
+    status. Ctrl-C stops it after its current step and puts it back in the queue (``queued``)."""
+    worker = Worker()
+    with db() as s:
+        repo.claim(s, worker.id, job_id)
+    previous = signal.signal(signal.SIGINT, lambda *_: worker.stop.set())
+    try:
+        return run_job(job_id, worker.id, shutdown=worker.stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.worker", description=__doc__.split("\n")[0])
     parser.add_argument("--burst", action="store_true", help="exit when no job is queued")

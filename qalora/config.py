@@ -122,4 +122,5 @@ class StepInfo:
     tokens_per_s: float
     elapsed_s: float
     eval_loss: float | None = None
+    tokens_seen: int = 0  # training tokens (not padding) in all steps so far, this one included
     extra: dict = field(default_factory=dict)

@@ -233,7 +233,7 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
                      step_tokens / dt, "" if ev is None else f" eval {ev:.4f}")
         if on_step:
             on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev,
-                             extra={"grad_norm": grad_norm}))
+                             tokens_seen=result.tokens, extra={"grad_norm": grad_norm}))
         if should_stop and result.step < cfg.steps and should_stop():
             if ckpt_dir and result.step % cfg.save_every:
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)

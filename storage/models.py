@@ -52,6 +52,8 @@ class Job(Base):
     # come, first served, and a resumed job keeps its place ahead of later ones); moving a job
     # up or down swaps it with its neighbour.
     queue_position: Mapped[int | None] = mapped_column(Integer)
+    # The jobs one sweep queued share this id: listed, compared and canceled together.
+    sweep_id: Mapped[str | None] = mapped_column(String(64), index=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     artifact_dir: Mapped[str | None] = mapped_column(String(1024))
     report: Mapped[dict | None] = mapped_column(JSON)
@@ -77,6 +79,7 @@ class Metric(Base):
     lr: Mapped[float | None] = mapped_column(Float)
     tokens_per_s: Mapped[float | None] = mapped_column(Float)
     elapsed_s: Mapped[float | None] = mapped_column(Float)
+    tokens_seen: Mapped[int | None] = mapped_column(BigInteger)  # training tokens up to this step
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="metrics")

@@ -38,9 +38,10 @@ def _transition(s: Session, job_id: int, target: JobStatus, *, owner: str | None
 
 # ---- transitions -------------------------------------------------------------------------
 
-def create_job(s: Session, *, name: str, spec: dict, total_steps: int, artifact_root: Path) -> int:
+def create_job(s: Session, *, name: str, spec: dict, total_steps: int, artifact_root: Path,
+               sweep_id: str | None = None) -> int:
     """A new queued job; its artifact directory is ``artifact_root/job-<id>``."""
-    job = Job(name=name, spec=spec, total_steps=total_steps, status=S.QUEUED.value)
+    job = Job(name=name, spec=spec, total_steps=total_steps, status=S.QUEUED.value, sweep_id=sweep_id)
     s.add(job)
     s.flush()
     job.artifact_dir = str(Path(artifact_root) / f"job-{job.id:05d}")
@@ -158,7 +159,7 @@ def heartbeat(s: Session, job_id: int, worker_id: str, **values) -> bool:
 
 def record_step(s: Session, job_id: int, worker_id: str, *, step: int, train_loss: float | None,
                 eval_loss: float | None, lr: float | None, tokens_per_s: float | None,
-                elapsed_s: float | None, eta_s: float | None) -> bool:
+                elapsed_s: float | None, eta_s: float | None, tokens_seen: int | None = None) -> bool:
     """Store one step's metrics and progress; False (nothing written) if the job is not ours.
 
     A resumed run re-trains the steps after its checkpoint, so rows from ``step`` on are
@@ -168,7 +169,8 @@ def record_step(s: Session, job_id: int, worker_id: str, *, step: int, train_los
         return False
     s.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step >= step))
     s.execute(insert(Metric).values(job_id=job_id, step=step, train_loss=train_loss, eval_loss=eval_loss, lr=lr,
-                                    tokens_per_s=tokens_per_s, elapsed_s=elapsed_s, created_at=utcnow()))
+                                    tokens_per_s=tokens_per_s, elapsed_s=elapsed_s, tokens_seen=tokens_seen,
+                                    created_at=utcnow()))
     return True
 
 
@@ -251,6 +253,18 @@ def list_jobs(s: Session, statuses: list[JobStatus] | None = None, limit: int = 
     if statuses:
         stmt = stmt.where(Job.status.in_([S(st).value for st in statuses]))
     return list(s.scalars(stmt))
+
+
+def sweep_job_ids(s: Session, sweep_id: str) -> list[int]:
+    """The jobs of one sweep, in the order they were queued."""
+    return list(s.scalars(select(Job.id).where(Job.sweep_id == sweep_id).order_by(Job.id)))
+
+
+def sweeps(s: Session, limit: int = 50) -> list[tuple[str, int, datetime]]:
+    """(sweep id, job count, first job's creation time), newest sweep first."""
+    stmt = (select(Job.sweep_id, func.count(Job.id), func.min(Job.created_at)).where(Job.sweep_id.is_not(None))
+            .group_by(Job.sweep_id).order_by(func.min(Job.created_at).desc()).limit(limit))
+    return [tuple(row) for row in s.execute(stmt)]
 
 
 def running_jobs(s: Session) -> list[Job]:
