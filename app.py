@@ -632,8 +632,8 @@ def build_compare_tab():
     note = gr.Markdown(COMPARE_HINT, elem_id="compare-note")
     curves = gr.LinePlot(None, x="x", y="loss", color="series", title="Train and eval loss", x_title="step",
                          elem_id="compare-curves", height=340)
-    table = gr.Dataframe(interactive=False, label="Settings and outcomes (click a header to sort)",
-                         elem_id="compare-table", max_height=420)
+    table = gr.Dataframe(interactive=False, label="Settings and outcomes (click a header to sort; scroll sideways "
+                         "for every outcome)", elem_id="compare-table", max_height=420, pinned_columns=2)
     with gr.Row():
         scatter = gr.ScatterPlot(None, x="merged_mb", y="quality", color="frontier", title="Size vs quality",
                                  x_title="merged model MB (native)", y_title=next(iter(service.COMPARE_QUALITY)),

@@ -370,3 +370,69 @@ def test_chat_says_which_runtime_answers_and_how_to_serve_the_model(home):
                             "(GGUF Q4_1)** (CPU, with the run's GGUF export exports/model-q4_1.gguf (written for "
                             "this chat)).")
     assert (Path(job["artifact_dir"]) / "exports" / "model-q4_1.gguf").is_file()
+
+
+def _launch_sweep(bits=(2, 4), groups=(32, 48), ranks="4", lrs="1e-3", **changes):
+    return app._launch(*{**FORM, **changes}.values(), True, list(bits), list(groups), ranks, lrs)
+
+
+def test_a_sweep_from_the_form_queues_one_job_per_combination_under_one_sweep_id(home):
+    note, picker, tabs, *fields = _launch_sweep(exports=["gguf"])
+    jobs = sorted(service.list_jobs(), key=lambda j: j["id"])
+    assert [(j["spec"]["quant"]["bits"], j["spec"]["quant"]["group_size"]) for j in jobs] == [(2, 32), (4, 32)]
+    sweep_id = jobs[0]["sweep_id"]
+    assert sweep_id and jobs[1]["sweep_id"] == sweep_id and all("gguf" in j["spec"]["exports"] for j in jobs)
+    assert note == (f"Sweep **{sweep_id}**: 2 jobs queued (#{jobs[0]['id']}–#{jobs[1]['id']}); follow them in the "
+                    "Jobs tab, compare them in the Compare tab. 2 combination(s) refused: see the sweep plan.")
+    assert picker["value"] == jobs[0]["id"] and tabs.selected == "jobs" and fields == [""] * len(forms.FIELDS)
+    rows = app._job_rows(service.list_jobs())
+    assert list(rows["sweep"]) == [sweep_id, sweep_id]
+    # the plan shown before Launch says the same
+    plan = app._sweep_plan(True, *list(FORM.values())[:4], *list(FORM.values())[4:15], ["gguf"], [2, 4], [32, 48],
+                           "4", "1e-3")
+    assert plan.startswith("**2 jobs** will be queued (bits 2, 4 × group size 32, 48 × rank 4 × learning rate 0.001)")
+    assert "Refused 2 (bits 2, group size 48; bits 4, group size 48): group_size=48 does not divide" in plan
+    # the Jobs tab cancels the whole sweep from any of its jobs
+    assert app._cancel_sweep(jobs[1]["id"]) == (f"Sweep {sweep_id}: canceled #{jobs[0]['id']}, #{jobs[1]['id']}; "
+                                                "stopping after their current step none; already ended, left as "
+                                                "they are none.")
+    assert {j["status"] for j in service.list_jobs()} == {"canceled"}
+
+
+def test_a_bad_sweep_value_is_shown_under_the_sweep_and_nothing_is_queued(home):
+    note, picker, tabs, *fields = _launch_sweep(ranks="4, 0")
+    notes = dict(zip(forms.FIELDS, fields))
+    assert notes["sweep"] == "⚠ sweep: rank 0 must be at least 1." and [k for k, v in notes.items() if v] == ["sweep"]
+    assert note == "**Not queued:** fix what is marked ⚠ next to: Sweep."
+    assert service.list_jobs() == []
+    _, _, _, *fields = _launch_sweep(groups=(48,))
+    assert dict(zip(forms.FIELDS, fields))["sweep"].startswith("⚠ none of the 2 combinations can run on this model")
+    assert service.list_jobs() == []
+
+
+def test_opening_the_sweep_starts_from_the_forms_single_values():
+    box, bits, groups, ranks, lrs = app._sweep_opened(True, 3, 64, 8, 0.0003)
+    assert box["visible"] is True and (bits, groups, ranks, lrs) == ([3], [64], "8", "0.0003")
+
+
+def test_the_compare_table_keeps_numbers_sortable_and_highlights_the_best_cell():
+    result = {"columns": [("id", "job", None), ("eval_merged", "eval loss: merged", "min"),
+                          ("native_mb", "native MB", "min")],
+              "rows": [{"id": 1, "eval_merged": 1.25, "native_mb": 80.5}, {"id": 2, "eval_merged": 1.5,
+                                                                            "native_mb": 60.25}],
+              "best": {"eval_merged": [1], "native_mb": [2]}}
+    sent = gr.Dataframe(interactive=False).postprocess(app._compare_table(result))  # what the page gets
+    assert sent.data == [[1, 1.25, 80.5], [2, 1.5, 60.25]]  # numbers: a header click sorts them as numbers
+    assert sent.metadata["display_value"] == [["1", "1.2500", "80.5"], ["2", "1.5000", "60.2"]]  # shown rounded
+    best = app.BEST_CSS
+    assert sent.metadata["styling"] == [["", best, ""], ["", "", best]]  # the best cell of each outcome
+
+
+def test_the_compare_tab_preselects_the_newest_sweep_and_hints_when_nothing_is_picked(home):
+    assert app._compare([], "step", "eval loss (merged)")[-1] == app.COMPARE_HINT
+    _launch_sweep(groups=(32,))
+    jobs, sweep = app._compare_opened([], None)
+    (sweep_id,) = {j["sweep_id"] for j in service.list_jobs()}
+    assert sweep["value"] == sweep_id and jobs["value"] == sorted(j["id"] for j in service.list_jobs())
+    kept, _ = app._compare_opened([jobs["value"][0]], None)
+    assert "value" not in kept  # a pick the user made is kept

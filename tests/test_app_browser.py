@@ -269,3 +269,55 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     page.screenshot(path=ARTIFACTS / "browser-4-publish.png", full_page=True)
     if os.environ.get("QALORA_UPDATE_SCREENSHOT"):
         shutil.copy(ARTIFACTS / "browser-2-jobs.png", ROOT / "docs" / "screenshot.png")
+
+
+COMPARE_STEPS = 6
+
+
+def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
+    """Two tiny jobs of one sweep, run by the CLI before the app starts; Compare preselects the sweep
+    and shows both curves, the table with its best cells, size vs quality and the CSV."""
+    env = {**os.environ, "QALORA_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    env.pop("QALORA_DB_URL", None)
+    run = subprocess.run([sys.executable, "-m", "qalora", "sweep", "--base", "tiny-random", "--bits", "2,4",
+                          "--group-size", "32", "--rank", "4", "--lr", "1e-3", "--steps", str(COMPARE_STEPS),
+                          "--batch-size", "2", "--data", "builtin:contacts", "--name", "pair", "--local"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_S)
+    assert run.returncode == 0 and "job #2: succeeded" in run.stdout, run.stdout + run.stderr[-3000:]
+    with _app(tmp_path, "--no-worker") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.set_default_timeout(UI_S * 1000)
+        expect.set_options(timeout=UI_S * 1000)
+        try:
+            page.goto(url)
+            page.get_by_role("tab", name="Compare").click()
+            expect(page.locator("#compare-sweep input")).to_have_value(re.compile(r"^pair-"))
+            for n in (1, 2):
+                line = page.locator(f'#compare-curves g.mark-line path[aria-label*="series: #{n} train"]')
+                expect(line).to_have_count(1)
+                assert line.get_attribute("d").count("L") + 1 == COMPARE_STEPS  # one vertex per step
+                expect(page.locator(f'#compare-curves g.mark-line path[aria-label*="series: #{n} eval"]')) \
+                    .to_have_count(1)
+            table = page.locator("#compare-table")
+            for name in ("pair-2bit-g32-r4", "pair-4bit-g32-r4"):
+                expect(table).to_contain_text(name)
+            expect(table).to_contain_text("eval loss: merged")
+            # the best value of each outcome is highlighted (BEST_CSS's background, #d1fae5)
+            best = page.evaluate("""() => [...document.querySelectorAll('#compare-table .body-cell')]
+                .filter(cell => getComputedStyle(cell).backgroundColor === 'rgb(209, 250, 229)').length""")
+            assert best >= 5, best
+            points = page.locator('#compare-scatter path[aria-roledescription="point"]')
+            expect(points).to_have_count(2)  # one point per job: merged size against merged eval loss
+            expect(points.first).to_have_attribute("aria-label", re.compile(r"frontier: frontier; job: #1 pair-2bit"))
+            page.locator("#compare-x").get_by_label("tokens seen").check()
+            expect(page.locator("#compare-curves")).to_contain_text("training tokens seen")
+            with page.expect_download() as download:
+                page.locator("#compare-csv").click()
+            lines = Path(download.value.path()).read_text().splitlines()
+            assert lines[0].startswith("job,name,sweep,status") and len(lines) == 3
+            time.sleep(1)
+            page.screenshot(path=ARTIFACTS / "browser-5-compare.png", full_page=True)
+        finally:
+            page.screenshot(path=ARTIFACTS / "browser-compare-last.png", full_page=True)
+            browser.close()
