@@ -22,6 +22,7 @@ from sqlalchemy import select
 from qalora.errors import QALoRAError
 from storage import ExportTask, IllegalTransition, Job, JobStatus, db, get_settings, repo, utcnow
 
+from .mlflow_log import MlflowRun
 from .spec import JobSpec
 
 LOG_NAME = "job.log"
@@ -240,12 +241,17 @@ def run_job(job_id: int, worker_id: str | None = None, *, shutdown: threading.Ev
     with db() as s:
         job = repo.get_job(s, job_id)
         raw_spec, artifact_dir, attempt = job.spec, Path(job.artifact_dir), job.attempts
+        about = {"id": job.id, "name": job.name, "spec": job.spec, "sweep_id": job.sweep_id}
     run = _JobRun(job_id, worker_id, artifact_dir, shutdown or threading.Event(), attempt)
+    run.mlflow = MlflowRun.from_env(artifact_dir, about, run.log)
     beat = _Heartbeat(job_id, worker_id, get_settings().heartbeat_s, run.lost)
     beat.start()
     try:
         run.log.info("attempt %d on worker %s: %s", attempt, worker_id, raw_spec)
-        return run.execute(raw_spec)
+        status = run.execute(raw_spec)
+        if run.mlflow:
+            run.mlflow.end(status, run.report)
+        return status
     finally:
         beat.done.set()
         beat.join()
@@ -262,6 +268,8 @@ class _JobRun:
         self.lost = threading.Event()  # another worker owns the job now (we were presumed dead)
         self.log = job_logger(job_id, artifact_dir)
         self.board = Board(artifact_dir / BOARD_DIR / f"attempt-{attempt}")
+        self.mlflow: MlflowRun | None = None  # MLFLOW_TRACKING_URI set: the job's MLflow run
+        self.report: dict | None = None  # the finished job's report
         self.stage: str | None = None
         self.stage_t0 = time.perf_counter()
         self.stage_s: dict[str, float] = {}  # seconds spent in each stage this attempt
@@ -337,6 +345,8 @@ class _JobRun:
 
     def on_step(self, info) -> None:
         self.board.step(info)
+        if self.mlflow:
+            self.mlflow.step(info)
         self.s_per_step = info.elapsed_s / max(info.step, 1)
         eta = self.eta("train", steps_left=info.total_steps - info.step)
         with db() as s:
@@ -370,6 +380,7 @@ class _JobRun:
         finally:
             self.board.close()
         self.log.info("succeeded: merge max |logit diff| %.3g", report["merge_max_abs_logit_diff"])
+        self.report = report
         return self._finish(lambda s: self._succeed(s, report), JobStatus.SUCCEEDED)
 
     def after_training(self, spec: JobSpec, report: dict) -> dict:

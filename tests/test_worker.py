@@ -172,7 +172,9 @@ def test_killed_worker_leaves_a_job_that_is_resumed_without_repeating_steps(stor
     assert all(e.value > 0 for e in board.Scalars("train/grad_norm"))
 
 
-def test_stopping_worker_hands_its_job_back_to_resume_later(store, tmp_path):
+def test_stopping_worker_hands_its_job_back_to_resume_later_in_the_same_mlflow_run(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "probe")
     total = 20
     job_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=total))
     worker = Worker()
@@ -191,6 +193,18 @@ def test_stopping_worker_hands_its_job_back_to_resume_later(store, tmp_path):
     assert (job["status"], job["attempts"], job["report"]["resumed_from_step"]) == ("succeeded", 2,
                                                                                     handed_back["step"])
     assert steps_of(job_id) == list(range(1, total + 1))
+    # MLflow, read with its own client: one run for both attempts, every step once, the outcomes
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("probe").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == job["name"]
+    assert run.data.tags["qalora.job_id"] == str(job_id)
+    assert (run.data.params["quant.bits"], run.data.params["adapter.rank"], run.data.params["train.steps"]) == \
+        ("4", "4", str(total))
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert history == [(m["step"], m["train_loss"]) for m in job["metrics"]]
+    assert run.data.metrics["final/eval_loss_merged"] == job["report"]["eval_loss_merged"]
+    assert run.data.metrics["final/merge_max_abs_logit_diff"] == job["report"]["merge_max_abs_logit_diff"]
 
 
 def test_worker_whose_job_was_taken_over_stops_without_writing_to_it(store, tmp_path):
