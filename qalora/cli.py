@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .config import AdapterConfig, QuantConfig, TrainConfig
@@ -40,6 +41,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (one per GPU; gloo on the CPU): launches "
+                        "torchrun itself; the global batch is batch-size x grad-accum x nproc")
 
 
 def _chat_parser(sub) -> None:
@@ -180,7 +184,25 @@ def cmd_eval(args) -> dict:
     return result
 
 
-def cmd_train(args) -> dict:
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this same ``train`` command under ``torchrun --nproc-per-node nproc`` (this machine)."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:  # the same arguments, less --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "qalora", *rest]
+    print("launching: " + " ".join(cmd[2:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+def cmd_train(args) -> dict | None:
     from .pipeline import finetune
 
     quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method)
@@ -192,14 +214,17 @@ def cmd_train(args) -> dict:
                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, dtype=args.dtype)
     from tqdm.auto import tqdm
 
-    with tqdm(total=train.steps, desc="train", unit="step", disable=None) as bar:
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 shows the progress
+    with tqdm(total=train.steps, desc="train", unit="step", disable=None if main else True) as bar:
         def on_step(info):
             bar.n = info.step
             bar.set_postfix(loss=f"{info.loss:.3f}", tok_s=f"{info.tokens_per_s:.0f}")
         report = finetune(args.base, args.data, args.out, quant, adapter, train, resume=args.resume,
                           on_step=on_step, on_stage=lambda s: logging.getLogger("qalora").info("stage: %s", s))
+    if report is None:  # a rank other than 0 of a torchrun: rank 0 writes and prints
+        return None
     keys = ("eval_loss_quantized_base", "eval_loss_adapter", "eval_loss_merged", "merge_max_abs_logit_diff",
-            "tokens_per_s", "peak_rss_mb", "peak_gpu_mb", "device", "wall_s")
+            "tokens_per_s", "world_size", "global_batch", "peak_rss_mb", "peak_gpu_mb", "device", "wall_s")
     print(json.dumps({k: report[k] for k in keys if report.get(k) is not None}, indent=2))
     print(f"saved the merged {quant.bits}-bit model to {args.out}/merged and the report to {args.out}/report.json")
     return report
@@ -247,6 +272,8 @@ def main(argv=None) -> int:
     _eval_parser(sub)
     _sweep_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args.nproc, list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # torchao (imported by transformers and gptqmodel) logs every optional GPU kernel it cannot load
     logging.getLogger("torchao").setLevel(logging.ERROR)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from . import memory
+from . import distributed, memory
 from .config import AdapterConfig, QuantConfig, TrainConfig
 from .eval import batches, count_batches, eval_loss
 from .infer import set_compute_dtype
@@ -71,7 +71,7 @@ def load_base_cache(path: Path, quant: QuantConfig) -> dict[str, QuantizedTensor
 
 
 def _quantized_base(src: BaseSource, quant: QuantConfig, adapter: AdapterConfig, train_examples, out: Path,
-                    resume: bool, device, dtype, log, on_progress=None):
+                    resume: bool, device, dtype, log, on_progress=None, write_cache: bool = True):
     """Stream-load and quantize the base, reusing the codes a previous attempt cached (GPTQ is slow)."""
     cache = out / BASE_CACHE
     cached = load_base_cache(cache, quant) if resume else None
@@ -89,7 +89,7 @@ def _quantized_base(src: BaseSource, quant: QuantConfig, adapter: AdapterConfig,
                 on_progress(i, n)
         model, qweights = load_quantized_base(src, quant, adapter.targets, device, dtype, calib_ids=calib,
                                               cached=cached, on_progress=progress)
-    if not cached:
+    if not cached and write_cache:
         save_base_cache(cache, quant, qweights)
     return model, qweights
 
@@ -143,6 +143,9 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
              resume: bool = True, on_step=None, should_stop=None, on_stage=None, on_progress=None, log=None) -> dict:
     """Run the whole pipeline; returns the report (also written to ``out_dir/report.json``).
 
+    Under ``torchrun`` every rank trains its share of each batch (``qalora.distributed``); rank 0
+    alone evaluates, writes checkpoints, merges, verifies and saves, and the others return ``None``.
+
     Writes ``out_dir/merged`` (native low-bit model), ``out_dir/adapter`` and checkpoints under
     ``out_dir/checkpoints``. Raises :class:`TrainingStopped` when ``should_stop()`` fires.
     ``on_progress(stage, done, total)`` reports progress inside a stage: records tokenized ("data"),
@@ -161,7 +164,13 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     t_start = time.perf_counter()
     memory.reset_peak()  # this run's peak, not the worker process's lifetime maximum
     device = pick_device()
+    w = distributed.init(device)  # under torchrun: this rank's place and device; else a world of one
+    device = distributed.device_for(device, w)
     torch_dtype = resolve_dtype(train_cfg.dtype, device)
+    if not w.main:  # the other ranks train and leave the rest to rank 0; they report nothing
+        stage = lambda name: None  # noqa: E731
+        progress = lambda name, done, total: None  # noqa: E731
+        log = logging.getLogger("qalora.rank")
 
     stage("load")
     fingerprint = run_fingerprint(base, data, quant, adapter, train_cfg)
@@ -184,15 +193,16 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
 
     stage("quantize")
     model, qweights = _quantized_base(src, quant, adapter, train_examples, out, resume, device, torch_dtype, log,
-                                      lambda done, total: progress("quantize", done, total))
+                                      lambda done, total: progress("quantize", done, total), write_cache=w.main)
     # The adapter's initial values come from the global RNG: seed it so the job's seed decides them.
     torch.manual_seed(train_cfg.seed)
     inject_qalora(model, qweights, adapter)
     del qweights
     pad_id = tokenizer.pad_token_id
     ev = dict(batch_size=train_cfg.batch_size, pad_id=pad_id, max_batches=train_cfg.eval_batches)
-    eval_base = eval_loss(model, eval_examples, **ev)
-    log.info("quantized base: eval loss %.4f", eval_base)
+    eval_base = eval_loss(model, eval_examples, **ev) if w.main else None
+    if w.main:
+        log.info("quantized base: eval loss %.4f", eval_base)
 
     stage("train")
     resumed = resume and latest_checkpoint(out / "checkpoints") is not None
@@ -200,7 +210,11 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
                    resume=resume, on_step=on_step, should_stop=should_stop, log=log,
                    fingerprint=fingerprint)
     if result.stopped:
+        distributed.finish()
         raise TrainingStopped(f"stopped after step {result.step}")
+    if not w.main:
+        distributed.finish()
+        return None
     # The training loop evaluated the adapter model at its last step: that is its eval loss.
     eval_adapter = result.eval_losses.get(result.step)
     if eval_adapter is None:
@@ -250,7 +264,8 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     report = {
         "base": base, "data": data, "bits": quant.bits, "group_size": quant.group_size,
         "quant_method": quant.method, "method": adapter.method, "rank": adapter.rank, "alpha": adapter.alpha,
-        "steps": result.step,
+        "steps": result.step, "world_size": w.size,
+        "global_batch": train_cfg.batch_size * train_cfg.grad_accum * w.size,
         "resumed_from_step": result.resumed_from if resumed else 0,
         "adapter_params": adapter_params,
         "train_examples": len(train_examples), "eval_examples": len(eval_examples),
@@ -277,5 +292,6 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     (out / "report.json").write_text(json.dumps(report, indent=2))
     # The run succeeded: the quantized-base cache only served resumes, and it is as big as the model.
     (out / BASE_CACHE).unlink(missing_ok=True)
+    distributed.finish()
     stage("done")
     return report

@@ -37,6 +37,7 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     stopped: bool = False
+    position: int | None = 0  # training examples consumed (all ranks): where the next step's batch starts
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,10 +68,24 @@ class _Order:
         return self._perms[epoch][pos % self.n]
 
 
-def micro_batches(order: _Order, examples, cfg: TrainConfig, step: int, pad_id: int):
+def micro_batches(order: _Order, examples, cfg: TrainConfig, position: int, pad_id: int, rank: int = 0,
+                  world_size: int = 1) -> list[dict]:
+    """This rank's micro-batches of the step whose batch starts at example ``position``.
+
+    The step's global batch is ``batch_size x grad_accum x world_size`` consecutive examples of the
+    order; micro-batch ``j`` of rank ``r`` is slice ``j x world_size + r`` of it. The order is a
+    function of the position alone, so a run resumed with another number of processes goes on
+    with the examples the interrupted one had not reached."""
+    out = []
     for j in range(cfg.grad_accum):
-        start = (step * cfg.grad_accum + j) * cfg.batch_size
-        yield collate([examples[order[p]] for p in range(start, start + cfg.batch_size)], pad_id)
+        start = position + (j * world_size + rank) * cfg.batch_size
+        out.append(collate([examples[order[p]] for p in range(start, start + cfg.batch_size)], pad_id))
+    return out
+
+
+def supervised_tokens(batch: dict) -> int:
+    """Tokens that carry a loss (next-token labels that are not ignored), as ``token_loss_sum`` counts."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -139,7 +154,7 @@ def save_checkpoint(ckpt_dir, model, optimizer, scheduler, result: TrainResult, 
     tensors.update(rng_tensors)
     state = {"step": result.step, "losses": result.losses,
              "eval_losses": {str(k): v for k, v in result.eval_losses.items()}, "tokens": result.tokens,
-             "seconds": result.seconds, "scheduler": scheduler.state_dict(), "param_groups": opt["param_groups"],
+             "seconds": result.seconds, "position": result.position, "scheduler": scheduler.state_dict(), "param_groups": opt["param_groups"],
              "python_rng": python_rng, "fingerprint": fingerprint}
     save_file(tensors, tmp, metadata={"state": json.dumps(state)})
     with open(tmp, "rb") as f:
@@ -171,7 +186,7 @@ def load_checkpoint(path, model, optimizer, scheduler, fingerprint: dict | None 
     _set_rng_state(tensors, state["python_rng"])
     return TrainResult(losses=list(state["losses"]), eval_losses={int(k): v for k, v in state["eval_losses"].items()},
                        step=state["step"], resumed_from=state["step"], tokens=state["tokens"],
-                       seconds=state["seconds"])
+                       seconds=state["seconds"], position=state.get("position"))  # None: see train()
 
 
 def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: TrainConfig, pad_id: int, *,
@@ -184,33 +199,51 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     ``fingerprint`` (settings and data identity) is stored in every checkpoint; resuming from
     checkpoints with a different one raises ``ConfigError``.
     """
+    from . import distributed
+
+    w = distributed.world()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + w.rank)  # dropout masks: each rank its own
     result = TrainResult()
     if resume and ckpt_dir and (path := latest_checkpoint(ckpt_dir)):
         result = load_checkpoint(path, model, optimizer, scheduler, fingerprint)
+        if w.rank:  # the checkpoint holds rank 0's RNG; the others draw their own masks
+            torch.manual_seed(cfg.seed + w.rank + 7919 * result.step)
         if log:
             log.info("resumed from %s (step %d)", path.name, result.step)
+    if result.position is None:  # a checkpoint written before multi-process training: one process
+        result.position = result.step * cfg.batch_size * cfg.grad_accum
+    main = w.main
+    ckpt_dir = ckpt_dir if main else None  # rank 0 alone writes checkpoints
+    eval_examples = eval_examples if main else []  # and evaluates
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     order = _Order(len(train_examples), cfg.seed)
+    step_examples = cfg.batch_size * cfg.grad_accum * w.size
     model.train()
     while result.step < cfg.steps:
         t0 = time.perf_counter()
-        step_loss, step_tokens = 0.0, 0
-        for batch in micro_batches(order, train_examples, cfg, result.step, pad_id):
+        micro = micro_batches(order, train_examples, cfg, result.position, pad_id, w.rank, w.size)
+        # The step's loss is the mean over every supervised token of the global batch, however it is
+        # split into micro-batches and ranks: each part adds its sum / the global count.
+        (n_step,) = distributed.all_sum([sum(supervised_tokens(b) for b in micro)], device)
+        n_step = max(n_step, 1.0)
+        loss_sum_local, tokens_local = 0.0, 0
+        for batch in micro:
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum, n = token_loss_sum(logits, batch["labels"])
-            loss = loss_sum / max(n, 1)
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            step_tokens += int(batch["attention_mask"].sum())
+            loss_sum, _ = token_loss_sum(logits, batch["labels"])
+            (loss_sum / n_step).backward()
+            loss_sum_local += loss_sum.item()
+            tokens_local += int(batch["attention_mask"].sum())
+        distributed.sum_gradients(params)
+        loss_total, step_tokens = distributed.all_sum([loss_sum_local, tokens_local], device)
+        step_loss, step_tokens = loss_total / n_step, int(step_tokens)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))  # before clipping
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
@@ -218,6 +251,7 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
         optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         result.step += 1
+        result.position += step_examples
         result.losses.append(step_loss)
         result.tokens += step_tokens
         result.seconds += dt
@@ -228,13 +262,13 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
             result.eval_losses[result.step] = ev
         if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps):
             save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
-        if log:
+        if log and main:
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", result.step, cfg.steps, step_loss, lr,
                      step_tokens / dt, "" if ev is None else f" eval {ev:.4f}")
-        if on_step:
+        if on_step and main:
             on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev,
-                             tokens_seen=result.tokens, extra={"grad_norm": grad_norm}))
-        if should_stop and result.step < cfg.steps and should_stop():
+                             tokens_seen=result.tokens, extra={"grad_norm": grad_norm, "world_size": w.size}))
+        if result.step < cfg.steps and distributed.decide(bool(should_stop and main and should_stop()), device):
             if ckpt_dir and result.step % cfg.save_every:
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
             result.stopped = True

@@ -1,0 +1,128 @@
+"""Data-parallel training on torch.distributed: one process per device, launched by ``torchrun``.
+
+Every rank holds the packed base and the adapter; each takes its share of every step's batch;
+the adapter's gradients are summed with one explicit all-reduce per optimizer step (a flat buffer
+of the trainable parameters only). Not DDP: the adapter is a few MB, so bucketing and the overlap
+of communication with backward buy nothing here, and DDP's wrapper would sit between the model
+and everything that reads it (merge, checkpoints, the kernels). Rank 0 alone evaluates, writes
+checkpoints, the report and the merged model; the others follow its decisions (stop, done).
+
+NCCL on CUDA, gloo on the CPU. A process outside torchrun (no ``WORLD_SIZE``) is a world of one
+and none of this costs anything.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    """This process's place in the job (a world of one when torch.distributed is not running)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return World()
+
+
+def init(device: torch.device) -> World:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); else a world of one.
+
+    On CUDA each rank takes GPU ``LOCAL_RANK`` of those it sees and NCCL; on the CPU gloo."""
+    import torch.distributed as dist
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or (dist.is_available() and dist.is_initialized()):
+        return world()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    _die_with_parent()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=torch.device("cuda", local) if device.type == "cuda" else None)
+    return world()
+
+
+def device_for(device: torch.device, w: World) -> torch.device:
+    """The rank's own device: ``cuda:LOCAL_RANK`` on a GPU machine, the CPU otherwise."""
+    return torch.device("cuda", w.local_rank) if device.type == "cuda" and w.size > 1 else device
+
+
+def _die_with_parent() -> None:
+    """A rank dies with torchrun (Linux): a worker killed with SIGKILL takes its ranks along."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """The sum over ranks of each value (as float64); the values themselves in a world of one."""
+    w = world()
+    if w.size == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the trainable parameters' gradients over ranks, in one flat all-reduce."""
+    w = world()
+    if w.size == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def decide(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, for every rank (a stop asked for on the main rank stops them all)."""
+    w = world()
+    if w.size == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag and w.main else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    w = world()
+    if w.size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def finish() -> None:
+    """Leave the process group (at the end of the run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
