@@ -107,7 +107,7 @@ def _queue(s, spec: JobSpec, sweep_id: str | None = None) -> int:
         name, n = f"{spec.name}-{n}", n + 1
     spec.name = name
     return repo.create_job(s, name=spec.name, spec=spec.to_dict(), total_steps=spec.train.steps,
-                           artifact_root=get_settings().jobs_dir, sweep_id=sweep_id)
+                           artifact_root=get_settings().jobs_dir, sweep_id=sweep_id, devices=spec.devices)
 
 
 def plan_sweep(grid: dict, **form) -> SweepPlan:

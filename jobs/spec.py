@@ -19,6 +19,7 @@ DEFAULT_EXPORTS = ("native", "adapter")
 # folder, GPTQ folder, PEFT adapter.
 EXTRA_EXPORTS = ("gguf", "torchao", "gptq", "peft")
 EXPORT_FORMATS = DEFAULT_EXPORTS + EXTRA_EXPORTS
+MAX_DEVICES = 64
 DATA_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # SmolLM2-135M-Instruct (the 'default' GGUF): reading the GGUF header takes seconds, so the
@@ -35,6 +36,7 @@ class JobSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
     exports: tuple[str, ...] = DEFAULT_EXPORTS
     name: str = ""
+    devices: int = 1  # devices it trains on, one data-parallel rank each (global batch x devices)
 
     def __post_init__(self):
         self.base, self.data, self.name = str(self.base).strip(), str(self.data).strip(), (self.name or "").strip()
@@ -42,6 +44,9 @@ class JobSpec:
         unknown = [f for f in self.exports if f not in EXPORT_FORMATS]
         if unknown:
             raise ConfigError(f"export format(s) {unknown} are not available; choose from {list(EXPORT_FORMATS)}.")
+        if isinstance(self.devices, bool) or not isinstance(self.devices, int) or not 1 <= self.devices <= MAX_DEVICES:
+            raise ConfigError(f"devices={self.devices!r}: a job trains on 1 to {MAX_DEVICES} devices (GPUs, or CPU "
+                              "processes on a machine without one).")
         if not self.name:
             short = short_name(self.base)
             self.name = f"{short}-{self.quant.bits}bit-g{self.quant.group_size}-r{self.adapter.rank}"
@@ -49,19 +54,19 @@ class JobSpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "data": self.data, "quant": self.quant.to_dict(),
                 "adapter": {**self.adapter.to_dict(), "targets": list(self.adapter.targets)},
-                "train": self.train.to_dict(), "exports": list(self.exports)}
+                "train": self.train.to_dict(), "exports": list(self.exports), "devices": self.devices}
 
     @classmethod
     def from_dict(cls, d: dict) -> JobSpec:
         d = dict(d)
-        unknown = sorted(set(d) - {"name", "base", "data", "quant", "adapter", "train", "exports"})
+        unknown = sorted(set(d) - {"name", "base", "data", "quant", "adapter", "train", "exports", "devices"})
         if unknown:
             raise ConfigError(f"job spec: unknown field(s) {unknown}; valid fields are name, base, data, "
-                              "quant, adapter, train, exports.")
+                              "quant, adapter, train, exports, devices.")
         return cls(base=d.get("base", "default"), data=d.get("data", "builtin:default"),
                    quant=QuantConfig.from_dict(d.get("quant")), adapter=AdapterConfig.from_dict(d.get("adapter")),
                    train=TrainConfig.from_dict(d.get("train")), exports=d.get("exports", DEFAULT_EXPORTS),
-                   name=d.get("name", ""))
+                   name=d.get("name", ""), devices=d.get("devices", 1))
 
     def validate(self) -> JobSpec:
         """Check what can be checked in well under a second: data source, base model, group size.

@@ -30,16 +30,22 @@ from .pipeline import note, run_job
 log = logging.getLogger("qalora.worker")
 
 
+def _hostname() -> str:
+    """QALORA_HOSTNAME, else the host name. Set it where machines share a host name but not their
+    processes (containers on host networking): a worker must never take a pid it cannot see for dead."""
+    return os.environ.get("QALORA_HOSTNAME") or socket.gethostname()
+
+
 def new_worker_id() -> str:
     """``host:pid:random``; host and pid let a worker on the same machine spot a dead one at once."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    return f"{_hostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def _gone(worker_id: str | None) -> bool:
     """True if ``worker_id`` names a process on this machine that no longer exists."""
     host, _, rest = (worker_id or "").partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != _hostname() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -69,7 +75,11 @@ def acquire_slot(settings: Settings) -> IO | None:
 
 class Worker:
     def __init__(self, worker_id: str | None = None):
+        from .devices import capacity, visible_gpus
+
         self.id = worker_id or new_worker_id()
+        # the devices this worker owns: jobs asking for more are left to a bigger worker
+        self.gpus, self.capacity = visible_gpus(), capacity()
         self.stop = threading.Event()
 
     def recover(self) -> list[int]:
@@ -136,6 +146,16 @@ class Worker:
             ran += 1
         return ran
 
+    def run_one(self, job_id: int) -> str:
+        """Run a job this worker claimed: in this process, or as torchrun when it asks for several devices."""
+        with db() as s:
+            job = repo.get_job(s, job_id)
+            wanted, folder = int(job.devices or 1), job.artifact_dir
+        if wanted > 1:
+            from .distributed_job import run_distributed
+            return run_distributed(job_id, self.id, wanted, folder, self.stop, self.gpus)
+        return run_job(job_id, self.id, shutdown=self.stop)
+
     def run(self, *, burst: bool = False, max_jobs: int | None = None) -> int:
         """Loop until ``stop`` is set (or the queue is empty with ``burst``); returns jobs run."""
         settings = get_settings()
@@ -145,7 +165,7 @@ class Worker:
             try:
                 self.recover()
                 with db() as s:
-                    job_id = repo.claim(s, self.id)
+                    job_id = repo.claim(s, self.id, max_devices=self.capacity)
             except Exception:
                 log.exception("cannot reach the job database; retrying in %g s", settings.poll_s)
                 self.stop.wait(settings.poll_s)
@@ -159,7 +179,7 @@ class Worker:
                 continue
             log.info("running job %d", job_id)
             try:
-                status = run_job(job_id, self.id, shutdown=self.stop)
+                status = self.run_one(job_id)
                 log.info("job %d ended %s", job_id, status)
             except Exception:
                 log.exception("job %d: unexpected error outside the job; going on", job_id)
@@ -177,7 +197,7 @@ def run_here(job_id: int) -> str:
         repo.claim(s, worker.id, job_id)
     previous = signal.signal(signal.SIGINT, lambda *_: worker.stop.set())
     try:
-        return run_job(job_id, worker.id, shutdown=worker.stop)
+        return worker.run_one(job_id)
     finally:
         signal.signal(signal.SIGINT, previous)
 

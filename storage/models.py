@@ -54,6 +54,8 @@ class Job(Base):
     queue_position: Mapped[int | None] = mapped_column(Integer)
     # The jobs one sweep queued share this id: listed, compared and canceled together.
     sweep_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Devices the job trains on (one rank each); a worker claims only jobs that fit what it owns.
+    devices: Mapped[int | None] = mapped_column(Integer, default=1)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     artifact_dir: Mapped[str | None] = mapped_column(String(1024))
     report: Mapped[dict | None] = mapped_column(JSON)

@@ -39,9 +39,10 @@ def _transition(s: Session, job_id: int, target: JobStatus, *, owner: str | None
 # ---- transitions -------------------------------------------------------------------------
 
 def create_job(s: Session, *, name: str, spec: dict, total_steps: int, artifact_root: Path,
-               sweep_id: str | None = None) -> int:
+               sweep_id: str | None = None, devices: int = 1) -> int:
     """A new queued job; its artifact directory is ``artifact_root/job-<id>``."""
-    job = Job(name=name, spec=spec, total_steps=total_steps, status=S.QUEUED.value, sweep_id=sweep_id)
+    job = Job(name=name, spec=spec, total_steps=total_steps, status=S.QUEUED.value, sweep_id=sweep_id,
+              devices=devices)
     s.add(job)
     s.flush()
     job.artifact_dir = str(Path(artifact_root) / f"job-{job.id:05d}")
@@ -81,13 +82,13 @@ def move_queued(s: Session, job_id: int, direction: str) -> list[int]:
     return order
 
 
-def claim(s: Session, worker_id: str, job_id: int | None = None) -> int | None:
+def claim(s: Session, worker_id: str, job_id: int | None = None, max_devices: int | None = None) -> int | None:
     """queued -> running for ``job_id``, or for the first queued job; returns the id claimed.
 
     First by queue position (the id unless moved), so a resumed job goes before the jobs
     submitted after it.
     Without ``job_id``, returns ``None`` when nothing is queued (a lost race moves on to the
-    next candidate). With ``job_id``, a job that is not queued raises ``IllegalTransition``.
+    next candidate); with ``max_devices``, only jobs asking for at most that many devices count. With ``job_id``, a job that is not queued raises ``IllegalTransition``.
     """
     now = utcnow()
     values = dict(worker_id=worker_id, started_at=now, heartbeat_at=now, progress_at=now, finished_at=None,
@@ -96,7 +97,8 @@ def claim(s: Session, worker_id: str, job_id: int | None = None) -> int | None:
         _transition(s, job_id, S.RUNNING, **values)
         return job_id
     while True:
-        candidate = s.scalar(select(Job.id).where(Job.status == S.QUEUED.value)
+        fits = () if max_devices is None else (func.coalesce(Job.devices, 1) <= max_devices,)
+        candidate = s.scalar(select(Job.id).where(Job.status == S.QUEUED.value, *fits)
                              .order_by(*_queue_order()).limit(1))
         if candidate is None:
             return None

@@ -1,0 +1,120 @@
+"""Jobs ask for devices, workers own devices: a 2-device job is claimed only by a worker that owns two,
+runs as torchrun (2 gloo processes on this CPU), is canceled within a step, and a SIGKILLed worker
+takes its ranks along and the job resumes from its checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import service
+from jobs.devices import capacity, split, visible_gpus
+from jobs.spec import JobSpec
+from jobs.worker import Worker
+from qalora.config import AdapterConfig, QuantConfig, TrainConfig
+from qalora.errors import ConfigError
+from storage import db, get_settings, repo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QALORA_DB_URL", raising=False)
+    monkeypatch.setenv("QALORA_HEARTBEAT_S", "0.3")
+    monkeypatch.setenv("QALORA_POLL_S", "0.1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # this machine's workers own CPU processes
+    monkeypatch.setenv("QALORA_DEVICE", "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return get_settings()
+
+
+def _spec(tmp_path, steps: int, devices: int = 2) -> JobSpec:
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i % 7}.", "output": str(i + i % 7)}) + "\n"
+                            for i in range(40)))
+    train = TrainConfig(steps=steps, batch_size=2, seq_len=64, warmup_steps=1, eval_every=50, save_every=4,
+                        eval_batches=1)
+    return JobSpec(base="tiny-random", data=str(data), quant=QuantConfig(4, 32),
+                   adapter=AdapterConfig(rank=4, alpha=8, dropout=0.0), train=train, devices=devices)
+
+
+def _wait(predicate, timeout=180.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := predicate():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s")
+
+
+def _ranks_alive(job_id: int) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", f"jobs.rank {job_id} "], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def test_the_machine_s_gpus_are_split_among_its_workers():
+    assert split(["0", "1", "2", "3", "4", "5", "6", "7"], 3) == [["0", "1", "2"], ["3", "4", "5"], ["6", "7"]]
+    assert split(["0", "1"], 4) == [["0"], ["1"]]  # never a worker without a device
+    assert split([], 2) == [[], []]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert capacity({"CUDA_VISIBLE_DEVICES": "2,3"}) == 2
+    assert capacity({"CUDA_VISIBLE_DEVICES": "", "QALORA_WORKER_DEVICES": "3"}) == 3
+    with pytest.raises(ConfigError, match="QALORA_WORKER_DEVICES='two' is not a whole number"):
+        capacity({"CUDA_VISIBLE_DEVICES": "", "QALORA_WORKER_DEVICES": "two"})
+    with pytest.raises(ConfigError, match="a job trains on 1 to 64 devices"):
+        JobSpec(devices=0)
+
+
+def test_a_worker_claims_only_jobs_that_fit_the_devices_it_owns(store, tmp_path):
+    big = service.submit(_spec(tmp_path, 4, devices=2))
+    small = service.submit(_spec(tmp_path, 4, devices=1))
+    with db() as s:
+        assert repo.claim(s, "host:1:one", max_devices=1) == small  # the 2-device job waits, first or not
+        assert repo.claim(s, "host:1:one", max_devices=1) is None
+        assert repo.claim(s, "host:2:two", max_devices=2) == big
+    assert service.get_job(big)["spec"]["devices"] == 2
+
+
+def test_a_two_device_job_runs_as_torchrun_and_a_killed_worker_takes_its_ranks_along(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("QALORA_WORKER_DEVICES", "2")
+    total = 40
+    job_id = service.submit(_spec(tmp_path, total))
+    victim = subprocess.Popen([sys.executable, "-m", "jobs.worker"], cwd=ROOT, env=dict(os.environ),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: service.get_job(job_id)["step"] >= 6)  # past the step-4 checkpoint
+    assert len(_ranks_alive(job_id)) == 3  # torchrun and its 2 ranks
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    _wait(lambda: not _ranks_alive(job_id), timeout=30)  # torchrun and both ranks died with the worker
+    assert service.get_job(job_id)["status"] == "running"  # nobody has noticed yet
+    assert Worker().run(burst=True) == 1  # sees the dead worker, requeues, resumes on 2 ranks again
+    job = service.get_job(job_id)
+    assert (job["status"], job["attempts"]) == ("succeeded", 2), job["error"]
+    report = job["report"]
+    assert (report["world_size"], report["global_batch"], report["steps"]) == (2, 4, total)
+    assert report["resumed_from_step"] % 4 == 0 and 4 <= report["resumed_from_step"] < total and report["merge_max_abs_logit_diff"] < 1e-4
+    assert [m["step"] for m in job["metrics"]] == list(range(1, total + 1))  # every step once
+    log = service.read_log(job_id, tail=10_000)
+    assert "running on 2 processes (gloo, CPU) with torchrun" in log and "died" in log
+    assert (Path(job["artifact_dir"]) / "ranks.log").is_file()
+
+
+def test_a_two_device_job_is_canceled_within_a_step_and_its_ranks_end(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("QALORA_WORKER_DEVICES", "2")
+    job_id = service.submit(_spec(tmp_path, 400))
+    worker = Worker()
+    thread = threading.Thread(target=worker.run, kwargs={"max_jobs": 1})
+    thread.start()
+    _wait(lambda: service.get_job(job_id)["step"] >= 3)
+    at = service.cancel(job_id)["step"]
+    thread.join(timeout=120)
+    job = service.get_job(job_id)
+    assert job["status"] == "canceled" and job["step"] <= at + 2
+    assert not _ranks_alive(job_id)
