@@ -142,7 +142,7 @@ def _ticked(value, wanted, bits, group_size):
 
 
 def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
-            wanted=(), sweep=False, sweep_bits=(), sweep_groups=(), sweep_ranks="", sweep_lrs=""):
+            wanted=(), sweep=False, sweep_bits=(), sweep_groups=(), sweep_ranks="", sweep_lrs="", devices=1):
     """(status under Launch, job picker, tabs, one note per form field): each problem is shown next
     to the field it concerns, all at once; nothing is queued while there is one.
 
@@ -157,7 +157,8 @@ def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, a
     except Exception:
         exports = list(wanted or [])  # the form reports the bad bits or group size itself
     form = dict(kind=kind, builtin=builtin, upload=upload, path=path, base=base, bits=bits, group_size=group_size,
-                method=method, rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch, seq_len=seq, name=name)
+                method=method, rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch, seq_len=seq, name=name,
+                devices=devices)
     try:
         if sweep:
             grid = {"bits": sweep_bits, "group_size": sweep_groups, "rank": sweep_ranks, "lr": sweep_lrs}
@@ -195,7 +196,7 @@ def _sweep_opened(on, bits, group, rank, lr):
 
 
 def _sweep_plan(on, base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq,
-                name, wanted, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs):
+                name, wanted, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices=1):
     """How many jobs the sweep makes and what it refuses, as the values are picked (the dataset's
     rows are read at Launch)."""
     if not on:
@@ -205,7 +206,7 @@ def _sweep_plan(on, base, bits, group_size, method, kind, builtin, upload, path,
         plan = service.plan_sweep(grid, kind="built-in", builtin="builtin:default", upload=None, path=None,
                                   check_rows=False, base=base, bits=bits, group_size=group_size, method=method,
                                   rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch, seq_len=seq,
-                                  name=name, exports=list(wanted or []))
+                                  name=name, exports=list(wanted or []), devices=devices)
     except service.FormError as exc:
         return "⚠ " + service.with_upload_names(" ".join(exc.fields.values()))
     except Exception as exc:
@@ -240,6 +241,11 @@ def build_new_tab():
                     steps = gr.Number(preset["steps"], label="Steps", precision=0, elem_id="steps")
                     batch = gr.Number(preset["batch_size"], label="Batch size", precision=0, elem_id="batch-size")
                     seq = gr.Number(preset["seq_len"], label="Sequence length", precision=0, elem_id="seq-len")
+                gpus = service.device_choices()
+                devices = gr.Number(1, label="GPUs for this job", precision=0, minimum=1, maximum=max(gpus, 1),
+                                    visible=gpus > 1, elem_id="devices",
+                                    info=f"Data-parallel on up to {gpus} GPUs: the global batch is batch size × GPUs; "
+                                         "it waits for a worker that owns that many.")
             advanced_err = gr.Markdown(elem_id="advanced-error", elem_classes="field-error")
             exports = gr.CheckboxGroup([(service.DOWNLOAD_FORMATS[f], f) for f in service.EXTRA_EXPORTS],
                                        value=["gguf"], label="Also export when done", elem_id="exports",
@@ -288,10 +294,10 @@ def build_new_tab():
     upload.upload(_dataset_preview, data_inputs, preview)
     path.submit(_dataset_preview, data_inputs, preview)
     inputs = [base, bits, group, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
-              wanted, sweep, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs]
+              wanted, sweep, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices]
     sweep.change(_sweep_opened, [sweep, bits, group, rank, lr], [sweep_box, sweep_bits, sweep_groups, sweep_ranks,
                                                                  sweep_lrs])
-    plan_inputs = [sweep, *inputs[:16], sweep_bits, sweep_groups, sweep_ranks, sweep_lrs]
+    plan_inputs = [sweep, *inputs[:16], sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices]
     for control in (sweep_bits, sweep_groups, base, method, steps, rank, alpha):
         control.change(_sweep_plan, plan_inputs, sweep_plan, show_progress="hidden")
     for control in (sweep_ranks, sweep_lrs):
@@ -352,8 +358,11 @@ def _job_summary(job: dict) -> str:
     if running and job["stage_eta_s"] is not None:
         stage += f" (about {_duration(job['stage_eta_s'])} left in it)"
     eta = (_duration(job["eta_s"]) if job["eta_s"] is not None else "estimated once training starts") if running else "-"
+    train, devices = (job["spec"] or {}).get("train") or {}, int((job["spec"] or {}).get("devices") or 1)
+    batch, accum = train.get("batch_size", 0), train.get("grad_accum", 1)
     lines = [f"### #{job['id']} {job['name']}: **{job['status']}**",
-             f"{stage} · step {job['step']}/{job['total_steps']} · job ETA {eta}"]
+             f"{stage} · step {job['step']}/{job['total_steps']} · job ETA {eta} · global batch {batch * accum * devices} "
+             f"({batch} × {accum} accumulation × {devices} device{'s' if devices > 1 else ''})"]
     tasks = service.export_tasks(job["id"]) if job["status"] == "succeeded" else []
     if tasks:
         lines.append("Exports asked for later: " + ", ".join(

@@ -152,7 +152,7 @@ def _number(field: str, value, cast, minimum=None):
 
 
 def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alpha, lr, steps, batch_size,
-               seq_len, name: str = "", exports=(), check_rows: bool = True) -> JobSpec:
+               seq_len, name: str = "", exports=(), check_rows: bool = True, devices=1) -> JobSpec:
     """Turn the form's raw values into a validated ``JobSpec``; raises ``QALoRAError`` on bad input.
 
     With ``check_rows`` every record of the dataset is parsed now, so a missing column or a
@@ -171,6 +171,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
                             seq_len=_number("sequence length", seq_len, int, 8), lr=rate,
                             warmup_steps=min(10, steps // 10), eval_every=every, save_every=every, eval_batches=4)
         adapter = AdapterConfig(rank=_number("rank", rank, int, 1), alpha=_number("alpha", alpha, float))
+        devices = _number("GPUs for this job", devices, int, 1)
     dims = quant = None
     with errors.field("base"):
         base = confine_base(str(base or "").strip() or "default")
@@ -203,7 +204,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
                 _check_replies_fit(records, base, train.seq_len)
     errors.raise_any()
     spec = JobSpec(base=base, data=data, quant=quant, adapter=adapter, train=train, exports=tuple(exports or ()),
-                   name=name or "")
+                   name=name or "", devices=devices)
     spec.validate()
     return spec
 

@@ -300,20 +300,35 @@ def start_worker_process(count: int | None = None, log_dir: Path | None = None) 
     """Start ``count`` (default ``QALORA_WORKERS``) ``python -m jobs.worker`` processes.
 
     They inherit this process's environment (``QALORA_HOME``, ``QALORA_DB_URL``) and write to
-    ``<home>/workers/worker-<n>.log``. Surplus workers exit at once when every slot is held.
+    ``<home>/workers/worker-<n>.log``. On a GPU machine each owns a contiguous share of the GPUs
+    (its ``CUDA_VISIBLE_DEVICES``), never fewer than one. Surplus workers exit at once when every
+    slot is held.
     """
+    from .devices import split, visible_gpus
+
     settings = get_settings()
     log_dir = Path(log_dir or settings.home / "workers")
     log_dir.mkdir(parents=True, exist_ok=True)
     # absolute paths, so the workers find the same store whatever their working directory
     env = {**os.environ, "QALORA_HOME": str(settings.home), "QALORA_DB_URL": settings.db_url,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    gpus = visible_gpus()
+    shares = split(gpus, count or settings.workers)
     procs = []
-    for n in range(count or settings.workers):
+    for n, share in enumerate(shares):
+        own = {**env, "CUDA_VISIBLE_DEVICES": ",".join(share)} if gpus else env
         with open(log_dir / f"worker-{n}.log", "ab") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "jobs.worker"], env=env, stdout=out,
+            procs.append(subprocess.Popen([sys.executable, "-m", "jobs.worker"], env=own, stdout=out,
                                           stderr=subprocess.STDOUT))
     return procs
+
+
+def device_choices() -> int:
+    """How many devices one job may ask for on this machine: its GPUs (the form offers the choice
+    only where there are two or more)."""
+    from .devices import visible_gpus
+
+    return len(visible_gpus())
 
 
 # UI helpers (new-job form, chat, publish) live in their own modules; these re-exports and thin

@@ -116,6 +116,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--exports", default="", help="also export each job: comma-separated of gguf,torchao,gptq,peft")
     p.add_argument("--name", default="", help="name prefix of the jobs and the sweep")
+    p.add_argument("--devices", type=int, default=1, help="devices per job (data-parallel ranks)")
     p.add_argument("--local", action="store_true",
                    help="run the jobs one after another in this process (they are still recorded, so the app's "
                         "Compare tab shows them) instead of leaving them to the workers")
@@ -134,7 +135,8 @@ def cmd_sweep(args) -> dict:
                               path=None if builtin else args.data, base=args.base, bits=4, group_size=32,
                               method=args.quant_method, rank=rank0, alpha=args.alpha_per_rank * rank0, lr=2e-4,
                               steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, name=args.name,
-                              exports=[f.strip() for f in args.exports.split(",") if f.strip()])
+                              exports=[f.strip() for f in args.exports.split(",") if f.strip()],
+                              devices=args.devices)
     print(plan.summary().replace("**", ""))
     sweep_id, ids = service.submit_sweep(plan, args.name)
     print(f"sweep {sweep_id}: queued jobs {', '.join(f'#{i}' for i in ids)}")

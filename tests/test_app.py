@@ -436,3 +436,13 @@ def test_the_compare_tab_preselects_the_newest_sweep_and_hints_when_nothing_is_p
     assert sweep["value"] == sweep_id and jobs["value"] == sorted(j["id"] for j in service.list_jobs())
     kept, _ = app._compare_opened([jobs["value"][0]], None)
     assert "value" not in kept  # a pick the user made is kept
+
+
+def test_a_job_asking_for_two_devices_states_its_global_batch(home):
+    args = list({**FORM, "name": "dp"}.values()) + [False, [], [], "", "", 2]
+    note, *_ = app._launch(*args)
+    (job,) = service.list_jobs()
+    assert job["spec"]["devices"] == 2 and note.startswith(f"Job **#{job['id']}** (dp) queued")
+    assert "global batch 4 (2 × 1 accumulation × 2 devices)" in app._job_summary(service.get_job(job["id"]))
+    _, _, _, *fields = app._launch(*args[:-1], 0)
+    assert dict(zip(forms.FIELDS, fields))["advanced"] == "⚠ GPUs for this job must be at least 1 (got 0)."
