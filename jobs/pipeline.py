@@ -159,14 +159,14 @@ def run_export(task_id: int, worker_id: str) -> str:
     with db() as s:
         task = s.get(ExportTask, task_id)
         job = repo.get_job(s, task.job_id)
-        fmt, job_id, artifact_dir = task.format, task.job_id, Path(job.artifact_dir)
+        fmt, job_id, artifact_dir = task.format, task.job_id, job.folder
     log = job_logger(job_id, artifact_dir)
     try:
         log.info("export %s (asked for after the job ended) on worker %s", fmt, worker_id)
         result = export_run(artifact_dir, fmt)
         with db() as s:
-            repo.add_artifact(s, job_id, fmt, Path(result["path"]))
-            repo.finish_export(s, task_id, path=result["path"], note=export_note(result))
+            repo.add_artifact(s, job_id, fmt, Path(result["path"]), artifact_dir)
+            repo.finish_export(s, task_id, path=repo.relative(result["path"], artifact_dir), note=export_note(result))
         log.info("export %s: %s", fmt, result["path"])
         return "done"
     except Exception as exc:
@@ -240,7 +240,7 @@ def run_job(job_id: int, worker_id: str | None = None, *, shutdown: threading.Ev
             repo.claim(s, worker_id, job_id)
     with db() as s:
         job = repo.get_job(s, job_id)
-        raw_spec, artifact_dir, attempt = job.spec, Path(job.artifact_dir), job.attempts
+        raw_spec, artifact_dir, attempt = job.spec, job.folder, job.attempts
         about = {"id": job.id, "name": job.name, "spec": job.spec, "sweep_id": job.sweep_id}
     run = _JobRun(job_id, worker_id, artifact_dir, shutdown or threading.Event(), attempt)
     run.mlflow = MlflowRun.from_env(artifact_dir, about, run.log)
@@ -395,9 +395,11 @@ class _JobRun:
         for fmt in spec.extra_exports:
             name = f"export {fmt}"
             self._enter(name)
-            exports[fmt] = export_run(self.artifact_dir, fmt,
-                                      on_progress=lambda done, total, name=name: self.on_progress(name, done, total))
-            self.log.info("export %s: %s", fmt, exports[fmt])
+            result = export_run(self.artifact_dir, fmt,
+                                on_progress=lambda done, total, name=name: self.on_progress(name, done, total))
+            self.log.info("export %s: %s", fmt, result)
+            # kept relative to the job's folder, which each machine finds under its QALORA_ARTIFACTS
+            exports[fmt] = {**result, "path": repo.relative(result["path"], self.artifact_dir)}
         mc_data = BUILTIN_MC.get(spec.data)
         if mc_data:
             self.on_stage("evaluate")
@@ -418,9 +420,9 @@ class _JobRun:
     def _succeed(self, s, report: dict) -> None:
         for kind, rel in ARTIFACTS.items():
             if (self.artifact_dir / rel).exists():
-                repo.add_artifact(s, self.job_id, kind, self.artifact_dir / rel)
+                repo.add_artifact(s, self.job_id, kind, self.artifact_dir / rel, self.artifact_dir)
         for fmt, result in (report.get("exports") or {}).items():
-            repo.add_artifact(s, self.job_id, fmt, Path(result["path"]))
+            repo.add_artifact(s, self.job_id, fmt, self.artifact_dir / result["path"], self.artifact_dir)
         repo.succeed(s, self.job_id, self.worker_id, report)
 
     def _stopped(self, why: str) -> str:

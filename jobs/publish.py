@@ -315,12 +315,12 @@ def repo_files(job: dict, formats: list[str], scratch: Path, step) -> tuple[list
 
     if "transformers" in formats:
         measured = exports.get("torchao")
-        if not (measured and Path(measured["path"]).is_dir()):
+        if not (measured and (run / measured["path"]).is_dir()):  # report paths are relative to the run
             step(0.05, "writing the transformers checkpoint (torchao) and measuring it against the merged model")
             measured = export_run(run, "torchao")
-        files += under(Path(measured["path"]))
+        files += under(run / measured["path"])
     if "gguf" in formats:
-        gguf = Path((exports.get("gguf") or {}).get("path") or "")
+        gguf = run / ((exports.get("gguf") or {}).get("path") or "")
         if not gguf.is_file():
             step(0.1, "writing the GGUF file")
             gguf = Path(export_run(run, "gguf")["path"])

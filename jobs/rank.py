@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with db() as s:
         job = repo.get_job(s, job_id)
-        spec, folder = JobSpec.from_dict(job.spec), job.artifact_dir
+        spec, folder = JobSpec.from_dict(job.spec), job.folder
     from qalora.pipeline import TrainingStopped, finetune
 
     try:

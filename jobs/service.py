@@ -35,6 +35,7 @@ STAGE_UNITS = {"data": "parts", "quantize": "layers", "merge": "layers", "verify
 
 def _job_dict(job: Job) -> dict:
     d = {k: getattr(job, k) for k in JOB_FIELDS}
+    d["artifact_dir"] = str(job.folder) if job.folder else None  # on this machine (QALORA_ARTIFACTS)
     d["progress"] = job.step / job.total_steps if job.total_steps else 0.0
     d["spec"], d["report"] = job.spec, job.report
     d["stage_text"], d["stage_eta_s"] = _stage_progress(job)
@@ -44,7 +45,7 @@ def _job_dict(job: Job) -> dict:
         idle = (utcnow() - job.progress_at).total_seconds()
         if idle >= get_settings().stall_s:
             d["stalled_s"] = idle
-            d["last_log_line"] = _log_tail(job.artifact_dir, 1).strip()
+            d["last_log_line"] = _log_tail(job.folder, 1).strip()
     return d
 
 
@@ -79,8 +80,9 @@ def _metric_dict(m: Metric) -> dict:
             "time": m.created_at}
 
 
-def _artifact_dict(a: Artifact) -> dict:
-    return {"kind": a.kind, "path": a.path, "size_bytes": a.size_bytes, "created_at": a.created_at}
+def _artifact_dict(a: Artifact, folder: Path | None) -> dict:
+    return {"kind": a.kind, "path": str((folder or Path()) / a.path), "size_bytes": a.size_bytes,
+            "created_at": a.created_at}
 
 
 def _require(s, job_id: int) -> Job:
@@ -165,9 +167,10 @@ def list_jobs(status: str | JobStatus | list | None = None, limit: int = 200) ->
 def get_job(job_id: int, metrics_after: int = 0) -> dict:
     """The job with its metrics after step ``metrics_after`` (poll incrementally) and artifacts."""
     with db() as s:
-        d = _job_dict(_require(s, job_id))
+        job = _require(s, job_id)
+        d = _job_dict(job)
         d["metrics"] = [_metric_dict(m) for m in repo.metrics(s, job_id, metrics_after)]
-        d["artifacts"] = [_artifact_dict(a) for a in repo.artifacts(s, job_id)]
+        d["artifacts"] = [_artifact_dict(a, job.folder) for a in repo.artifacts(s, job_id)]
     return d
 
 
@@ -228,7 +231,7 @@ def compare_csv(job_ids, dest_dir: str | Path) -> Path:
 def delete(job_id: int) -> None:
     """Remove a job that is not running, its metrics, and its artifact directory."""
     with db() as s:
-        folder = _require(s, job_id).artifact_dir
+        folder = _require(s, job_id).folder
         repo.delete_job(s, job_id)
     path = Path(folder) if folder else None
     # only ever remove a directory this store created for this job
@@ -264,7 +267,7 @@ def readable_log(job_id: int, lines: int = 14) -> str:
     from .confine import with_upload_names
 
     with db() as s:
-        folder = _require(s, job_id).artifact_dir
+        folder = _require(s, job_id).folder
     raw = _log_tail(folder, lines * 40).splitlines()
     kept = [line for line in raw if _STAMPED.match(line)]
     home = str(get_settings().home.resolve())
@@ -282,7 +285,7 @@ def readable_log(job_id: int, lines: int = 14) -> str:
 def log_path(job_id: int) -> Path:
     """The job's full log file, for download."""
     with db() as s:
-        folder = _require(s, job_id).artifact_dir
+        folder = _require(s, job_id).folder
     path = Path(folder or "") / LOG_NAME
     if not path.is_file():
         raise JobStateError(f"Job {job_id} has no log yet: it has not started.")
@@ -292,7 +295,7 @@ def log_path(job_id: int) -> Path:
 def read_log(job_id: int, tail: int = 200) -> str:
     """The last ``tail`` lines of the job's log ('' before the job has started)."""
     with db() as s:
-        folder = _require(s, job_id).artifact_dir
+        folder = _require(s, job_id).folder
     return _log_tail(folder, tail)
 
 
@@ -401,14 +404,16 @@ class ExportQueued(Exception):
                          "models); the Jobs tab shows when it is ready, then download again.")
 
 
-def _task_dict(t) -> dict:
-    return {"id": t.id, "format": t.format, "status": t.status, "path": t.path, "note": t.note, "error": t.error,
+def _task_dict(t, folder: Path | None = None) -> dict:
+    path = str((folder or Path()) / t.path) if t.path else None
+    return {"id": t.id, "format": t.format, "status": t.status, "path": path, "note": t.note, "error": t.error,
             "created_at": t.created_at, "finished_at": t.finished_at}
 
 
 def export_tasks(job_id: int) -> list[dict]:
     with db() as s:
-        return [_task_dict(t) for t in repo.export_tasks(s, job_id)]
+        folder = _require(s, job_id).folder
+        return [_task_dict(t, folder) for t in repo.export_tasks(s, job_id)]
 
 
 def request_export(job_id: int, fmt: str) -> dict:
@@ -424,9 +429,10 @@ def request_export(job_id: int, fmt: str) -> dict:
 
 def _ready_export(job_id: int, fmt: str) -> dict | None:
     """The job's finished export in ``fmt`` (made by the job or by a later task), if its file exists."""
-    done = ((get_job(job_id, metrics_after=2**62)["report"] or {}).get("exports") or {}).get(fmt)
-    if done and Path(done["path"]).exists():
-        return done
+    job = get_job(job_id, metrics_after=2**62)
+    done = ((job["report"] or {}).get("exports") or {}).get(fmt)
+    if done and (Path(job["artifact_dir"]) / done["path"]).exists():
+        return {**done, "path": str(Path(job["artifact_dir"]) / done["path"])}
     for task in reversed(export_tasks(job_id)):
         if task["format"] == fmt and task["status"] == "done" and Path(task["path"]).exists():
             return {"format": fmt, "path": task["path"], "note": task["note"]}

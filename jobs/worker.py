@@ -91,7 +91,7 @@ class Worker:
         settings = get_settings()
         cutoff = utcnow() - timedelta(seconds=settings.stale_s)
         with db() as s:
-            running = [(j.id, j.worker_id, j.heartbeat_at, j.attempts, j.artifact_dir)
+            running = [(j.id, j.worker_id, j.heartbeat_at, j.attempts, j.folder)
                        for j in repo.running_jobs(s)]
         requeued = []
         for job_id, owner, beat, attempts, artifact_dir in running:
@@ -150,7 +150,7 @@ class Worker:
         """Run a job this worker claimed: in this process, or as torchrun when it asks for several devices."""
         with db() as s:
             job = repo.get_job(s, job_id)
-            wanted, folder = int(job.devices or 1), job.artifact_dir
+            wanted, folder = int(job.devices or 1), job.folder
         if wanted > 1:
             from .distributed_job import run_distributed
             return run_distributed(job_id, self.id, wanted, folder, self.stop, self.gpus)

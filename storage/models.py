@@ -57,8 +57,16 @@ class Job(Base):
     # Devices the job trains on (one rank each); a worker claims only jobs that fit what it owns.
     devices: Mapped[int | None] = mapped_column(Integer, default=1)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The job's folder, relative to QALORA_ARTIFACTS (``job-00042``), so every machine finds it
+    # under its own mount of the shared folder; read it as ``folder``.
     artifact_dir: Mapped[str | None] = mapped_column(String(1024))
     report: Mapped[dict | None] = mapped_column(JSON)
+
+    @property
+    def folder(self):
+        """The job's folder on this machine (``Path``), or ``None`` before it has one."""
+        from .settings import get_settings
+        return get_settings().job_folder(self.artifact_dir)
 
     metrics: Mapped[list[Metric]] = relationship(back_populates="job", cascade="all, delete-orphan",
                                                  passive_deletes=True, order_by="Metric.step")

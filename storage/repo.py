@@ -38,14 +38,15 @@ def _transition(s: Session, job_id: int, target: JobStatus, *, owner: str | None
 
 # ---- transitions -------------------------------------------------------------------------
 
-def create_job(s: Session, *, name: str, spec: dict, total_steps: int, artifact_root: Path,
+def create_job(s: Session, *, name: str, spec: dict, total_steps: int, artifact_root: Path | None = None,
                sweep_id: str | None = None, devices: int = 1) -> int:
-    """A new queued job; its artifact directory is ``artifact_root/job-<id>``."""
+    """A new queued job; its folder is ``job-<id>`` under ``QALORA_ARTIFACTS`` (``artifact_root``, if
+    given, is not stored: every machine resolves the name under its own mount)."""
     job = Job(name=name, spec=spec, total_steps=total_steps, status=S.QUEUED.value, sweep_id=sweep_id,
               devices=devices)
     s.add(job)
     s.flush()
-    job.artifact_dir = str(Path(artifact_root) / f"job-{job.id:05d}")
+    job.artifact_dir = f"job-{job.id:05d}"
     job.queue_position = job.id
     return job.id
 
@@ -182,12 +183,21 @@ def request_cancel(s: Session, job_id: int) -> bool:
     return s.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1
 
 
-def add_artifact(s: Session, job_id: int, kind: str, path: Path) -> None:
+def add_artifact(s: Session, job_id: int, kind: str, path: Path, folder: Path | None = None) -> None:
+    """Record a file or folder the job wrote, with its size; stored relative to the job's ``folder``."""
     path = Path(path)
     size = (sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir()
             else path.stat().st_size if path.exists() else 0)
     s.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind))
-    s.add(Artifact(job_id=job_id, kind=kind, path=str(path), size_bytes=size))
+    s.add(Artifact(job_id=job_id, kind=kind, path=relative(path, folder), size_bytes=size))
+
+
+def relative(path, folder: Path | None) -> str:
+    """``path`` relative to ``folder`` when inside it (resolve again with ``folder / path``), else as is."""
+    path = Path(path)
+    if folder is not None and path.is_absolute() and path.is_relative_to(folder):
+        return str(path.relative_to(folder))
+    return str(path)
 
 
 # ---- exports asked for after a job ended (run by a worker) ---------------------------------

@@ -14,7 +14,8 @@ from qalora.errors import ConfigError
 
 @dataclass(frozen=True)
 class Settings:
-    home: Path              # QALORA_HOME: database, job artifacts, worker slot locks
+    home: Path              # QALORA_HOME: database, worker slot locks, job artifacts by default
+    artifacts: Path         # QALORA_ARTIFACTS: the jobs' folders (default home/jobs); may be a shared filesystem
     db_url: str             # QALORA_DB_URL: any SQLAlchemy URL; default a SQLite file in home
     workers: int            # QALORA_WORKERS: jobs run at once on this machine (one per device)
     heartbeat_s: float      # QALORA_HEARTBEAT_S: how often a running job proves its worker alive
@@ -25,10 +26,15 @@ class Settings:
 
     @property
     def jobs_dir(self) -> Path:
-        return self.home / "jobs"
+        return self.artifacts
 
     def artifact_dir(self, job_id: int) -> Path:
-        return self.jobs_dir / f"job-{job_id:05d}"
+        return self.artifacts / f"job-{job_id:05d}"
+
+    def job_folder(self, stored: str | None) -> Path | None:
+        """A job's folder on this machine: the stored name (``job-00042``) under ``QALORA_ARTIFACTS``.
+        Rows from before ``QALORA_ARTIFACTS`` hold an absolute path, used as it is."""
+        return None if not stored else self.artifacts / stored
 
 
 def _number(name: str, default, cast):
@@ -47,8 +53,10 @@ def _number(name: str, default, cast):
 def get_settings() -> Settings:
     home = Path(os.environ.get("QALORA_HOME") or "./data").expanduser().resolve()
     url = os.environ.get("QALORA_DB_URL") or f"sqlite:///{home / 'qalora.db'}"
+    artifacts = os.environ.get("QALORA_ARTIFACTS")
     return Settings(
         home=home,
+        artifacts=Path(artifacts).expanduser().resolve() if artifacts else home / "jobs",
         db_url=url,
         workers=_number("QALORA_WORKERS", 1, int),
         heartbeat_s=_number("QALORA_HEARTBEAT_S", 5.0, float),

@@ -59,7 +59,7 @@ def test_the_table_holds_each_jobs_settings_and_outcomes_and_marks_the_best(swee
         assert r["mc_score"] == report["multiple_choice"]["accuracy"]
         merged = Path(job["artifact_dir"]) / "merged"
         assert r["native_mb"] * 1e6 == pytest.approx(sum(f.stat().st_size for f in merged.rglob("*") if f.is_file()))
-        gguf = Path(report["exports"]["gguf"]["path"])
+        gguf = Path(job["artifact_dir"]) / report["exports"]["gguf"]["path"]  # relative to the job's folder
         assert r["gguf_mb"] * 1e6 == gguf.stat().st_size
         assert r["tokens_per_s"] == report["tokens_per_s"] and r["peak_rss_mb"] == report["peak_rss_mb"]
         assert r["wall_s"] == (job["finished_at"] - job["started_at"]).total_seconds() > 0

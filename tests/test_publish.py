@@ -249,9 +249,11 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
     report = env["report"]
     kinds = {a["kind"] for a in service.get_job(env["id"])["artifacts"]}
     assert {"merged", "adapter", "report", "log", "gguf", "gptq"} <= kinds
-    gguf_file = Path(report["exports"]["gguf"]["path"])
+    run = Path(service.get_job(env["id"])["artifact_dir"])
+    assert report["exports"]["gguf"]["path"] == "exports/model-q4_1.gguf"  # relative: any machine's mount finds it
+    gguf_file = run / report["exports"]["gguf"]["path"]
     assert gguf_file.read_bytes()[:4] == b"GGUF" and report["exports"]["gguf"]["exact"] is True
-    gptq = json.loads((Path(report["exports"]["gptq"]["path"]) / "export_report.json").read_text())
+    gptq = json.loads((run / report["exports"]["gptq"]["path"] / "export_report.json").read_text())
     assert report["exports"]["gptq"]["max_abs_logit_diff"] == gptq["max_abs_logit_diff"] > 0
     mc = report["multiple_choice"]
     assert mc["n"] == 40 and mc["correct"] == round(mc["accuracy"] * 40) and mc["chance"] == 0.25
@@ -327,7 +329,7 @@ def test_publish_uploads_every_format_and_the_cards_snippets_run(env, hub, caplo
     expected = {p.relative_to(run / "exports" / "torchao").as_posix(): p for p in _files_under(run / "exports" / "torchao")}
     expected |= {"native/" + p.relative_to(run / "merged").as_posix(): p for p in _files_under(run / "merged")}
     expected |= {"adapter/" + p.relative_to(run / "adapter").as_posix(): p for p in _files_under(run / "adapter")}
-    expected["model-q4_1.gguf"] = Path(env["report"]["exports"]["gguf"]["path"])
+    expected["model-q4_1.gguf"] = run / env["report"]["exports"]["gguf"]["path"]
     assert set(repo["files"]) == set(expected) | {"Modelfile", "README.md", "loss_curve.png"}
     assert {"config.json", "model.safetensors", "tokenizer.json", "native/model.safetensors",
             "adapter/adapter_model.safetensors"} <= set(repo["files"])
