@@ -24,6 +24,10 @@ $(STAMP): $(REQS)
 	command -v chromium >/dev/null || ( command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null ) || \
 	  echo "chromium not installed: the browser test will be skipped outside CI"
+	# Debian's PostgreSQL server: tests/pg.py starts a throwaway one to run the job store on it too.
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ( command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null ) || \
+	  echo "postgresql not installed: the PostgreSQL tests will be skipped outside CI"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -16,6 +16,9 @@ import torch  # noqa: E402
 
 
 def pytest_configure(config):
+    # a test that takes `db_url` runs on both job databases unless marked for one
+    config.addinivalue_line("markers", "sqlite_only(reason): runs on SQLite only; the reason says why")
+    config.addinivalue_line("markers", "postgresql_only: runs on PostgreSQL only")
     if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
         pytest.exit(f"QALORA_TEST_DEVICE={TEST_DEVICE} but PyTorch sees no CUDA GPU", returncode=4)
 
@@ -36,3 +39,53 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "requires_cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+# ---- the job database: a test that takes `db_url` (or `job_store`) runs on SQLite and PostgreSQL ----
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc):
+    if "db_url" in metafunc.fixturenames:
+        only = [b for b in BACKENDS if metafunc.definition.get_closest_marker(f"{b}_only")]
+        metafunc.parametrize("db_url", only or BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A database on one throwaway PostgreSQL server for the whole run (tests/pg.py); the test
+    skips without Debian's postgresql package (fails, in CI)."""
+    import pg
+    with pg.server() as url:
+        yield url
+
+
+@pytest.fixture
+def db_url(request):
+    """None for SQLite (the default file under QALORA_HOME), else the URL of a new PostgreSQL
+    database of this test's own: no rows, and no engine cached by storage.db, from another test."""
+    if request.param == "sqlite":
+        yield None
+        return
+    import pg
+    from storage.db import _engines
+
+    url = pg.create_database(request.getfixturevalue("postgres_url"))
+    yield url
+    for key in [k for k in _engines if k[1] == url]:
+        _engines.pop(key)[0].dispose()
+    pg.drop_database(url)
+
+
+@pytest.fixture
+def job_store(db_url, tmp_path, monkeypatch):
+    """QALORA_HOME in tmp_path/home, the jobs in ``db_url``'s database; returns the settings."""
+    from storage import get_settings
+
+    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
+    if db_url:
+        monkeypatch.setenv("QALORA_DB_URL", db_url)
+    else:
+        monkeypatch.delenv("QALORA_DB_URL", raising=False)
+    return get_settings()

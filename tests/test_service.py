@@ -16,9 +16,8 @@ STEPS = 12
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("QALORA_DB_URL", raising=False)
+def store(job_store, monkeypatch):
+    """QALORA_HOME and the job database (SQLite, then PostgreSQL: conftest.py's ``db_url``)."""
     monkeypatch.setenv("QALORA_HEARTBEAT_S", "0.3")
     monkeypatch.setenv("QALORA_POLL_S", "0.1")
     return get_settings()

@@ -1,5 +1,7 @@
-"""Job store on real SQLite files: the status machine, atomic claims, metrics, migrations."""
+"""Job store on a real SQLite file and a real PostgreSQL server: the status machine, atomic claims,
+metrics, migrations. Each test that takes ``store`` runs on both (``db_url`` in conftest.py)."""
 import multiprocessing as mp
+import os
 from datetime import timedelta
 
 import pytest
@@ -18,10 +20,15 @@ LEGAL = {(S.QUEUED, S.RUNNING), (S.QUEUED, S.CANCELED), (S.RUNNING, S.SUCCEEDED)
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("QALORA_HOME", str(tmp_path))
-    monkeypatch.delenv("QALORA_DB_URL", raising=False)
-    return get_settings()
+def store(job_store):
+    return job_store
+
+
+def _head() -> str:
+    from alembic.script import ScriptDirectory
+
+    from storage.db import _alembic_config
+    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
 
 
 def _new_job(s, store, steps=10) -> int:
@@ -202,6 +209,7 @@ def test_delete_removes_metrics_and_artifacts_and_refuses_running(store, tmp_pat
             repo.delete_job(s, job_id)
 
 
+@pytest.mark.sqlite_only(reason="the PRAGMAs and the default file are SQLite's own")
 def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(store):
     with get_engine().connect() as conn:
         pragmas = [conn.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("journal_mode", "busy_timeout",
@@ -210,22 +218,22 @@ def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(store):
     assert get_settings().db_url == f"sqlite:///{store.home / 'qalora.db'}"
 
 
-def test_migrations_match_the_models_and_keep_history(store, tmp_path, monkeypatch):
+def test_migrations_match_the_models_and_keep_history(store, db_url, tmp_path, monkeypatch):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
     from storage.db import _engines, migrate
 
-    url = f"sqlite:///{tmp_path / 'other.db'}"
+    url = db_url or f"sqlite:///{tmp_path / 'other.db'}"
     monkeypatch.setenv("QALORA_DB_URL", url)
     with db() as s:
         job_id = _new_job(s, store)
     engine = get_engine(url)
     with engine.connect() as conn:
         ctx = MigrationContext.configure(conn)
-        assert ctx.get_current_revision() == "0006"
+        assert ctx.get_current_revision() == _head()
         assert compare_metadata(ctx, Base.metadata) == []  # models.py and the migrations agree
-    _engines.clear()  # a fresh process: migrating again must keep every row
+    _engines.pop((os.getpid(), url))[0].dispose()  # a fresh process: migrating again must keep every row
     migrate(get_engine(url))
     with db() as s:
         assert repo.get_job(s, job_id).spec == {"k": 1}
@@ -237,8 +245,8 @@ def _open_store(barrier, url):
     get_engine(url)
 
 
-def test_processes_starting_together_on_a_new_database_migrate_it_once(tmp_path):
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+def test_processes_starting_together_on_a_new_database_migrate_it_once(db_url, tmp_path):
+    url = db_url or f"sqlite:///{tmp_path / 'fresh.db'}"
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(3)
     procs = [ctx.Process(target=_open_store, args=(barrier, url)) for _ in range(3)]
@@ -248,7 +256,7 @@ def test_processes_starting_together_on_a_new_database_migrate_it_once(tmp_path)
         p.join(timeout=60)
     assert [p.exitcode for p in procs] == [0, 0, 0]
     with get_engine(url).connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0006"]
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == [_head()]
 
 
 def test_settings_reject_bad_numbers(monkeypatch):
@@ -260,6 +268,8 @@ def test_settings_reject_bad_numbers(monkeypatch):
         get_settings()
 
 
+# SQLite only: AUTOINCREMENT and the table rebuild are SQLite's (revision 0002 does nothing on a server
+# database, whose sequences never hand out an id twice)
 def test_job_ids_are_never_reused_and_the_upgrade_keeps_every_row(tmp_path, monkeypatch):
     """A database made before AUTOINCREMENT (revision 0001) is rebuilt without losing a metric or
     artifact row; afterwards the id of a deleted job is never handed out again."""

@@ -1,4 +1,4 @@
-"""The worker against the real library (tiny-random base) and a real SQLite file.
+"""The worker against the real library (tiny-random base), on a real SQLite file and PostgreSQL server.
 
 Cancel within one step, readable failures, crash recovery from a SIGKILLed worker process,
 graceful hand-back on SIGTERM, and stale-heartbeat recovery.
@@ -29,9 +29,8 @@ SAVE_EVERY = 5
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("QALORA_DB_URL", raising=False)
+def store(job_store, monkeypatch):
+    """QALORA_HOME and the job database (SQLite, then PostgreSQL: conftest.py's ``db_url``)."""
     monkeypatch.setenv("QALORA_HEARTBEAT_S", "0.3")
     monkeypatch.setenv("QALORA_POLL_S", "0.1")
     return get_settings()
@@ -258,6 +257,9 @@ def test_worker_slots_cap_workers_per_machine(store):
 KILL_STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "export")
 
 
+# SQLite only: two minutes of killing and resuming in each stage; the database's part of it (a dead
+# worker's job recovered and resumed) runs on both in test_killed_worker_leaves_a_job_...
+@pytest.mark.sqlite_only(reason="slow (~2 min) and about the pipeline's stages, not the database")
 def test_a_worker_killed_in_any_stage_resumes_to_the_same_bytes(store, tmp_path):
     """SIGKILL the worker once on entering each stage; a new worker resumes the job, and the final
     merged model (and GGUF export) are byte-identical to an uninterrupted run's."""
