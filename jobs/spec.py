@@ -20,6 +20,7 @@ DEFAULT_EXPORTS = ("native", "adapter")
 EXTRA_EXPORTS = ("gguf", "torchao", "gptq", "peft")
 EXPORT_FORMATS = DEFAULT_EXPORTS + EXTRA_EXPORTS
 MAX_DEVICES = 64
+MAX_NAME = 180  # the jobs table holds 200; a taken name gets "-2", "-3", ...
 DATA_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # SmolLM2-135M-Instruct (the 'default' GGUF): reading the GGUF header takes seconds, so the
@@ -47,6 +48,8 @@ class JobSpec:
         if isinstance(self.devices, bool) or not isinstance(self.devices, int) or not 1 <= self.devices <= MAX_DEVICES:
             raise ConfigError(f"devices={self.devices!r}: a job trains on 1 to {MAX_DEVICES} devices (GPUs, or CPU "
                               "processes on a machine without one).")
+        if len(self.name) > MAX_NAME:
+            raise ConfigError(f"the run name has {len(self.name)} characters; keep it to {MAX_NAME} or fewer.")
         if not self.name:
             short = short_name(self.base)
             self.name = f"{short}-{self.quant.bits}bit-g{self.quant.group_size}-r{self.adapter.rank}"

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.pop("QALORA_ARTIFACTS", None)  # job folders go under each test's own QALORA_HOME
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The device switch: QALORA_TEST_DEVICE=cuda runs the same tests on a GPU. Unit tests take it from

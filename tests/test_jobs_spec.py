@@ -89,3 +89,12 @@ def test_extra_exports_are_checked_at_submission():
     with pytest.raises(ConfigError, match="GGUF export needs a group size that is a multiple of 32, got 16"):
         JobSpec(base="tiny-random", quant=QuantConfig(group_size=16), exports=("gguf",)).validate()
     JobSpec(base="tiny-random", quant=QuantConfig(bits=8, group_size=16), exports=("gguf", "gptq")).validate()
+
+
+def test_a_run_name_longer_than_the_jobs_table_holds_is_refused_before_it_is_queued():
+    from jobs.spec import MAX_NAME
+    from qalora.errors import ConfigError
+
+    JobSpec(name="x" * MAX_NAME)
+    with pytest.raises(ConfigError, match=f"the run name has {MAX_NAME + 1} characters; keep it to {MAX_NAME}"):
+        JobSpec(name="x" * (MAX_NAME + 1))
