@@ -99,8 +99,12 @@ def claim(s: Session, worker_id: str, job_id: int | None = None, max_devices: in
         return job_id
     while True:
         fits = () if max_devices is None else (func.coalesce(Job.devices, 1) <= max_devices,)
-        candidate = s.scalar(select(Job.id).where(Job.status == S.QUEUED.value, *fits)
-                             .order_by(*_queue_order()).limit(1))
+        stmt = select(Job.id).where(Job.status == S.QUEUED.value, *fits).order_by(*_queue_order()).limit(1)
+        if s.get_bind().dialect.name == "postgresql":
+            # a row another worker is claiming is locked: skip it rather than wait for its commit and
+            # lose the compare-and-set anyway (SQLite serializes writers; it has no row locks)
+            stmt = stmt.with_for_update(skip_locked=True)
+        candidate = s.scalar(stmt)
         if candidate is None:
             return None
         try:
