@@ -18,17 +18,12 @@ import threading
 from collections import deque
 from pathlib import Path
 
+from qalora.distributed import die_with_parent
 from storage import IllegalTransition, JobStatus, db, repo
 
 from .pipeline import note
 
 RANKS_LOG = "ranks.log"
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def command(job_id: int, worker_id: str, nproc: int) -> list[str]:
@@ -51,7 +46,7 @@ def run_distributed(job_id: int, worker_id: str, nproc: int, artifact_dir: str |
                          f" with torchrun; the ranks' output is in {RANKS_LOG}")
     with open(folder / RANKS_LOG, "ab") as out:
         proc = subprocess.Popen(command(job_id, worker_id, nproc), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)  # runs in the child, before exec
         asked = False
         while proc.poll() is None:
             if shutdown.wait(0.5) and not asked:

@@ -50,7 +50,7 @@ def init(device: torch.device) -> World:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local)
-    _die_with_parent()
+    die_with_parent()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=torch.device("cuda", local) if device.type == "cuda" else None)
     return world()
@@ -61,8 +61,9 @@ def device_for(device: torch.device, w: World) -> torch.device:
     return torch.device("cuda", w.local_rank) if device.type == "cuda" and w.size > 1 else device
 
 
-def _die_with_parent() -> None:
-    """A rank dies with torchrun (Linux): a worker killed with SIGKILL takes its ranks along."""
+def die_with_parent() -> None:
+    """This process gets SIGKILL when its parent dies (Linux): a rank dies with torchrun, torchrun
+    with the worker that started it, so a worker killed with SIGKILL takes its ranks along."""
     try:
         import ctypes
         import signal

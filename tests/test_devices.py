@@ -118,3 +118,20 @@ def test_a_two_device_job_is_canceled_within_a_step_and_its_ranks_end(store, tmp
     job = service.get_job(job_id)
     assert job["status"] == "canceled" and job["step"] <= at + 2
     assert not _ranks_alive(job_id)
+
+
+def test_the_app_gives_each_worker_its_share_of_the_gpus(store, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    monkeypatch.setenv("QALORA_WORKERS", "2")
+    procs = service.start_worker_process()
+    try:
+        shares = []
+        for proc in procs:
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+            shares.append([e.decode().split("=", 1)[1] for e in environ if e.startswith(b"CUDA_VISIBLE_DEVICES=")])
+        assert shares == [["0,1"], ["2"]]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
