@@ -55,8 +55,17 @@ def _wait(predicate, timeout=180.0):
 
 
 def _ranks_alive(job_id: int) -> list[str]:
-    out = subprocess.run(["pgrep", "-f", f"jobs.rank {job_id} "], capture_output=True, text=True)
-    return out.stdout.split()
+    """Live processes running this job's ranks (torchrun's command line names them too)."""
+    alive = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if f"jobs.rank {job_id} " in cmd and state != "Z":  # a zombie has exited
+            alive.append(proc.name)
+    return alive
 
 
 def test_the_machine_s_gpus_are_split_among_its_workers():
