@@ -59,7 +59,7 @@ def _show(axis: str, value) -> str:
 
 
 def parse_values(axis: str, raw) -> list:
-    """An axis's values from a list or a comma-separated string, in order, duplicates dropped.
+    """An axis's values from a list or a comma-separated string, ascending, duplicates dropped.
 
     Raises ``FormError`` (field ``sweep``) naming the axis and the bad value."""
     items = [v for v in (raw.replace(";", ",").split(",") if isinstance(raw, str) else list(raw or ()))
@@ -79,7 +79,7 @@ def parse_values(axis: str, raw) -> list:
         _check_value(axis, number)
         if number not in values:
             values.append(number)
-    return values
+    return sorted(values)
 
 
 def _check_value(axis: str, value) -> None:
