@@ -12,10 +12,12 @@ from pathlib import Path
 
 from storage import utcnow
 
-# (key, column header, which is best: "min", "max" or None). Settings first, then outcomes.
-SETTINGS = [("id", "job", None), ("name", "name", None), ("sweep", "sweep", None), ("status", "status", None),
-            ("base", "base", None), ("bits", "bits", None), ("group_size", "group size", None),
-            ("rank", "rank", None), ("method", "method", None), ("steps", "steps", None), ("lr", "lr", None)]
+# (key, column header, which is best: "min", "max" or None). The settings a sweep varies come
+# first, then the outcomes, then the settings that rarely differ, so the outcomes are in view.
+SETTINGS = [("id", "job", None), ("name", "name", None), ("bits", "bits", None), ("group_size", "group size", None),
+            ("rank", "rank", None), ("lr", "lr", None)]
+LATER = [("method", "method", None), ("steps", "steps", None), ("base", "base", None), ("status", "status", None),
+         ("sweep", "sweep", None)]
 OUTCOMES = [("eval_base", "eval loss: quantized base", "min"), ("eval_trained", "eval loss: trained", "min"),
             ("eval_merged", "eval loss: merged", "min"), ("merge_diff", "merge max Δlogit", "min"),
             ("mc_score", "multiple choice", "max"), ("native_mb", "native MB", "min"), ("gguf_mb", "GGUF MB", "min"),
@@ -82,7 +84,8 @@ def frontier(points: list[tuple[int, float, float]], better: str = "min") -> lis
 
 def columns(rows: list[dict]) -> list[tuple[str, str, str | None]]:
     """The table's columns: every setting and outcome, less the optional ones no job has."""
-    return [c for c in SETTINGS + OUTCOMES if c[0] not in OPTIONAL or any(r.get(c[0]) is not None for r in rows)]
+    return [c for c in SETTINGS + OUTCOMES + LATER
+            if c[0] not in OPTIONAL or any(r.get(c[0]) is not None for r in rows)]
 
 
 def curves(job: dict) -> list[dict]:

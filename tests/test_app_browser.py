@@ -315,7 +315,7 @@ def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
             with page.expect_download() as download:
                 page.locator("#compare-csv").click()
             lines = Path(download.value.path()).read_text().splitlines()
-            assert lines[0].startswith("job,name,sweep,status") and len(lines) == 3
+            assert lines[0].startswith("job,name,bits,group size,rank,lr,") and len(lines) == 3
             time.sleep(1)
             page.screenshot(path=ARTIFACTS / "browser-5-compare.png", full_page=True)
         finally:

@@ -39,7 +39,8 @@ def test_the_cli_sweep_runs_both_jobs_here_and_prints_the_table(sweep):
                                                                         "size 32 × rank 4 × learning rate 0.001).")
     assert [line for line in printed.splitlines() if line.startswith("job #")] == [f"job #{i}: succeeded" for i in ids]
     table = [line for line in printed.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| job | name | sweep | status | base | bits | group size |")
+    assert table[0].startswith("| job | name | bits | group size | rank | lr | eval loss: quantized base |")
+    assert table[0].endswith("| method | steps | base | status | sweep |")
     assert [row.split(" | ")[1] for row in table[1:]] == ["cmp-2bit-g32-r4", "cmp-4bit-g32-r4"]
 
 
