@@ -260,14 +260,16 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
             with autocast:
                 ev = eval_loss(model, eval_examples, cfg.batch_size, pad_id, cfg.eval_batches)
             result.eval_losses[result.step] = ev
-        if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps):
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
         if log and main:
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", result.step, cfg.steps, step_loss, lr,
                      step_tokens / dt, "" if ev is None else f" eval {ev:.4f}")
         if on_step and main:
             on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev,
                              tokens_seen=result.tokens, extra={"grad_norm": grad_norm, "world_size": w.size}))
+        # after on_step: a step in a checkpoint has been reported (recorded) too, so a run killed in
+        # between resumes without a hole in its recorded steps (it re-trains and re-records the step)
+        if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps):
+            save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
         if result.step < cfg.steps and distributed.decide(bool(should_stop and main and should_stop()), device):
             if ckpt_dir and result.step % cfg.save_every:
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
