@@ -58,10 +58,10 @@ def _poller(home: str, job_id: int, poll_every: float, go, done, out) -> None:
 def run(rows: int, poll_every: float, home: str) -> dict:
     os.environ["QALORA_HOME"] = home
     sys.path.insert(0, str(ROOT))
-    from storage import db, get_settings, repo
+    from storage import db, repo
 
     with db() as s:
-        job_id = repo.create_job(s, name="bench", spec={}, total_steps=rows, artifact_root=get_settings().jobs_dir)
+        job_id = repo.create_job(s, name="bench", spec={}, total_steps=rows)
         repo.claim(s, "bench", job_id)
     ctx = mp.get_context("spawn")
     go, done, w_out, p_out = ctx.Event(), ctx.Event(), ctx.Queue(), ctx.Queue()

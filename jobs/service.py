@@ -108,8 +108,8 @@ def _queue(s, spec: JobSpec, sweep_id: str | None = None) -> int:
     while name in taken:
         name, n = f"{spec.name}-{n}", n + 1
     spec.name = name
-    return repo.create_job(s, name=spec.name, spec=spec.to_dict(), total_steps=spec.train.steps,
-                           artifact_root=get_settings().jobs_dir, sweep_id=sweep_id, devices=spec.devices)
+    return repo.create_job(s, name=spec.name, spec=spec.to_dict(), total_steps=spec.train.steps, sweep_id=sweep_id,
+                           devices=spec.devices)
 
 
 def plan_sweep(grid: dict, **form) -> SweepPlan:
@@ -125,7 +125,7 @@ def submit_sweep(plan: SweepPlan, label: str = "") -> tuple[str, list[int]]:
     stem = re.sub(r"[^\w.-]+", "-", label.strip())[:40].strip("-") or "sweep"
     sweep_id = f"{stem}-{utcnow():%m%d-%H%M}-{secrets.token_hex(2)}"
     with db() as s:
-        return sweep_id, [_queue(s, spec.validate(), sweep_id) for spec in plan.specs]
+        return sweep_id, [_queue(s, spec, sweep_id) for spec in plan.specs]  # validated by plan_sweep
 
 
 def list_sweeps() -> list[dict]:

@@ -38,10 +38,10 @@ def _transition(s: Session, job_id: int, target: JobStatus, *, owner: str | None
 
 # ---- transitions -------------------------------------------------------------------------
 
-def create_job(s: Session, *, name: str, spec: dict, total_steps: int, artifact_root: Path | None = None,
-               sweep_id: str | None = None, devices: int = 1) -> int:
-    """A new queued job; its folder is ``job-<id>`` under ``QALORA_ARTIFACTS`` (``artifact_root``, if
-    given, is not stored: every machine resolves the name under its own mount)."""
+def create_job(s: Session, *, name: str, spec: dict, total_steps: int, sweep_id: str | None = None,
+               devices: int = 1) -> int:
+    """A new queued job; its folder is named ``job-<id>``, which every machine resolves under its own
+    ``QALORA_ARTIFACTS`` mount."""
     job = Job(name=name, spec=spec, total_steps=total_steps, status=S.QUEUED.value, sweep_id=sweep_id,
               devices=devices)
     s.add(job)

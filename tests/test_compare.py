@@ -8,7 +8,7 @@ import pytest
 from jobs import compare as compare_mod
 from jobs import service
 from qalora import cli
-from storage import db, get_settings, repo
+from storage import db, repo
 
 STEPS = 4
 
@@ -123,7 +123,7 @@ def test_a_running_job_is_compared_with_its_curve_so_far_and_blank_outcomes(tmp_
     monkeypatch.delenv("QALORA_DB_URL", raising=False)
     with db() as s:
         job_id = repo.create_job(s, name="live", spec={"quant": {"bits": 3, "group_size": 64}, "train": {"steps": 9}},
-                                 total_steps=9, artifact_root=get_settings().jobs_dir)
+                                 total_steps=9)
         repo.claim(s, "host:1:w", job_id)
     for step, loss, seen in ((1, 3.0, 480), (2, 2.5, 1010)):  # as counted, not rate x time
         with db() as s:

@@ -48,8 +48,7 @@ def store(job_store, monkeypatch):
 
 def test_processes_racing_for_a_thousand_jobs_claim_each_exactly_once(store):
     with db() as s:
-        ids = [repo.create_job(s, name=f"j{i}", spec={"base": "tiny-random"}, total_steps=1,
-                               artifact_root=store.jobs_dir) for i in range(JOBS)]
+        ids = [repo.create_job(s, name=f"j{i}", spec={"base": "tiny-random"}, total_steps=1) for i in range(JOBS)]
         # the claim is safe at the server's default isolation, not only at a stricter one
         assert s.execute(text("SHOW transaction_isolation")).scalar() == "read committed"
     workers = [f"racer-{n}" for n in range(CLAIMERS)]

@@ -32,7 +32,7 @@ def _head() -> str:
 
 
 def _new_job(s, store, steps=10) -> int:
-    return repo.create_job(s, name="t", spec={"k": 1}, total_steps=steps, artifact_root=store.jobs_dir)
+    return repo.create_job(s, name="t", spec={"k": 1}, total_steps=steps)
 
 
 def _job_in(store, status: JobStatus, worker="w1") -> int:
@@ -308,5 +308,5 @@ def test_job_ids_are_never_reused_and_the_upgrade_keeps_every_row(tmp_path, monk
     with db() as s:
         repo.delete_job(s, 2)
     with db() as s:
-        new_id = repo.create_job(s, name="n", spec={}, total_steps=1, artifact_root=tmp_path / "jobs")
+        new_id = repo.create_job(s, name="n", spec={}, total_steps=1)
     assert new_id == 3  # not 2: the deleted job's id (and so its artifact folder name) stays retired
