@@ -73,33 +73,27 @@ def die_with_parent() -> None:
         pass
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    """The sum over ranks of each value (as float64); the values themselves in a world of one."""
+def reduce_step(params: list[torch.nn.Parameter], stats: torch.Tensor) -> torch.Tensor:
+    """End a step's backward across ranks: one flat all-reduce sums every trainable parameter's
+    gradient and ``stats`` (loss sum, supervised-token count, tokens), then the gradients are
+    divided by the global count (each rank backpropagated its own loss sum). Returns the summed
+    ``stats``. In a world of one nothing moves: the gradients were scaled by the local count."""
     w = world()
     if w.size == 1:
-        return list(values)
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum the trainable parameters' gradients over ranks, in one flat all-reduce."""
-    w = world()
-    if w.size == 1:
-        return
+        return stats
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [stats.float()])
     dist.all_reduce(flat)
+    total = flat[-len(stats):]
+    count = total[1].clamp_min(1.0)
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        p.grad = (flat[offset:offset + n] / count).view_as(g).to(g.dtype)
         offset += n
+    return total
 
 
 def decide(flag: bool, device: torch.device) -> bool:

@@ -10,7 +10,8 @@ IGNORE = -100
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over supervised positions.
+    """Summed next-token cross-entropy over supervised positions, from full logits: the reference
+    :func:`qalora.loss.causal_lm_loss` (which never makes them) is tested against.
 
     Args:
         logits: ``(B, T, V)``; labels: ``(B, T)`` with ``-100`` where there is no loss.
@@ -44,22 +45,26 @@ def eval_loss(model, examples: list[dict], batch_size: int, pad_id: int, max_bat
               on_progress=None) -> float:
     """Mean per-token loss of ``model`` on ``examples`` (the first ``max_batches`` batches).
 
+    The loss goes through the head a chunk of supervised positions at a time
+    (:func:`qalora.loss.causal_lm_loss`), so no batch's full-vocabulary logits exist.
     ``on_progress(done, total)`` is called after each batch.
     """
+    from .loss import causal_lm_loss, loss_rows
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     n_batches = count_batches(len(examples), batch_size, max_batches)
     for i, batch in enumerate(batches(examples, batch_size, pad_id, max_batches), 1):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        s, n = token_loss_sum(logits, batch["labels"])
-        total, count = total + s.item(), count + n
+        rows = loss_rows(batch["labels"])
+        total += causal_lm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device), rows.to(device))
+        count += rows.numel()
         if on_progress:
             on_progress(i, n_batches)
     model.train(was_training)
-    return total / max(count, 1)
+    return total.item() / max(count, 1)
 
 
 def perplexity(loss: float) -> float:

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import kernels
 from .layer import compute_dtype
-from .quant import QuantizedTensor, dequantize, unpack_codes
+from .quant import QuantizedTensor, dequantize_packed, unpack_codes
 
 
 class QuantLinear(nn.Module):
@@ -60,7 +60,7 @@ class QuantLinear(nn.Module):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
-        w = dequantize(unpack_codes(self.packed, self.bits, self.in_features), self.scale, self.offset, dtype)
+        w = dequantize_packed(self.packed, self.scale, self.offset, self.bits, self.in_features, dtype)
         return F.linear(x.to(dtype), w, None if self.bias is None else self.bias.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

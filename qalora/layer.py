@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import QuantizedTensor, dequantize, unpack_codes
+from .quant import QuantizedTensor, dequantize_packed
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -27,7 +27,7 @@ class _PackedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, scale, offset, bias, bits: int, in_features: int):
-        w = dequantize(unpack_codes(packed, bits, in_features), scale, offset, x.dtype)
+        w = dequantize_packed(packed, scale, offset, bits, in_features, x.dtype)
         ctx.save_for_backward(packed, scale, offset)
         ctx.meta = (bits, in_features)
         return F.linear(x, w, bias)
@@ -38,8 +38,65 @@ class _PackedLinearFn(torch.autograd.Function):
         bits, in_features = ctx.meta
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
-        w = dequantize(unpack_codes(packed, bits, in_features), scale, offset, grad_out.dtype)
+        w = dequantize_packed(packed, scale, offset, bits, in_features, grad_out.dtype)
         return grad_out @ w, None, None, None, None, None, None
+
+
+class _QALoRAFn(torch.autograd.Function):
+    """A whole QA-LoRA layer as one function: the adapter folded into the dequantized weight.
+
+    The adapter adds ``D = s * B @ A`` (``(out, groups)``) times the group sums of ``x``, which is
+    the same as adding ``D[o, g]`` to every weight of group ``g``: the merge, done on the fly. So
+    without dropout the forward is one dequantize (with ``offset + D``) and one matmul, and the
+    backward one dequantize, the input's matmul and ``dD = g^T @ pool(x)`` (``(out, groups)``,
+    1/group_size of a dense weight gradient); ``A`` and ``B`` get their gradients from ``dD``.
+    With dropout the adapter sees ``drop(pool(x))`` while the base sees ``x``, so the adapter term
+    ``drop(pool(x)) @ D^T`` is one extra ``(tokens, groups) x (groups, out)`` matmul.
+
+    What backward recomputes rather than keeps (the policy): the dequantized weight, one fused
+    kernel reading the packed codes, against keeping a 16-bit copy of every layer for the whole
+    step (2 bytes a parameter: as much memory as the base the packing saved). It keeps the group
+    sums ``pool(x)`` (fp32, ``in / group_size`` values a token) and the dropout mask; ``D`` is
+    recomputed (``out x rank x groups`` multiply-adds).
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, packed, scale, offset, bias, mask, scaling: float, bits: int,
+                group_size: int):
+        in_features = x.shape[-1]
+        delta = scaling * (lora_B.float() @ lora_A.float())  # (out, groups)
+        pooled = x.unflatten(-1, (-1, group_size)).sum(-1, dtype=torch.float32)  # (..., groups)
+        if mask is None:
+            w = dequantize_packed(packed, scale, offset + delta, bits, in_features, x.dtype)
+            y = F.linear(x, w, bias)
+        else:
+            pooled = pooled * mask
+            w = dequantize_packed(packed, scale, offset, bits, in_features, x.dtype)
+            y = F.linear(x, w, bias) + F.linear(pooled.to(x.dtype), delta.to(x.dtype))
+        ctx.save_for_backward(packed, scale, offset, lora_A, lora_B, pooled, mask)
+        ctx.meta = (scaling, bits, group_size, in_features)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, scale, offset, lora_A, lora_B, pooled, mask = ctx.saved_tensors
+        scaling, bits, group_size, in_features = ctx.meta
+        dtype = grad_out.dtype
+        A, B = lora_A.float(), lora_B.float()
+        delta = scaling * (B @ A)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        d_delta = (g2.t() @ pooled.reshape(-1, pooled.shape[-1]).to(dtype)).float()  # (out, groups)
+        grad_A = (scaling * (B.t() @ d_delta)).to(lora_A.dtype)
+        grad_B = (scaling * (d_delta @ A.t())).to(lora_B.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if mask is None:
+                grad_x = grad_out @ dequantize_packed(packed, scale, offset + delta, bits, in_features, dtype)
+            else:
+                grad_x = grad_out @ dequantize_packed(packed, scale, offset, bits, in_features, dtype)
+                grad_pool = (grad_out @ delta.to(dtype)) * mask  # (..., groups)
+                grad_x = (grad_x.unflatten(-1, (-1, group_size)) + grad_pool.unsqueeze(-1).to(dtype)).flatten(-2)
+        return grad_x, grad_A, grad_B, None, None, None, None, None, None, None, None
 
 
 class LowRankOnQuantized(nn.Module):
@@ -62,6 +119,7 @@ class LowRankOnQuantized(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, a_width, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=adapter_dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def quantized(self) -> QuantizedTensor:
@@ -99,7 +157,19 @@ class QALoRALinear(LowRankOnQuantized):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Sum within groups, in fp32: ``(..., in) -> (..., in // group_size)``."""
-        return x.float().unflatten(-1, (-1, self.group_size)).sum(-1)
+        return x.unflatten(-1, (-1, self.group_size)).sum(-1, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One fused function (:class:`_QALoRAFn`): the adapter folded into the dequantized weight."""
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        mask = None
+        if self.training and self.dropout_p > 0:
+            groups = self.in_features // self.group_size
+            mask = F.dropout(torch.ones(*x.shape[:-1], groups, device=x.device), self.dropout_p)
+        return _QALoRAFn.apply(x, self.lora_A, self.lora_B, self.packed, self.scale, self.offset, bias, mask,
+                               self.scaling, self.bits, self.group_size)
 
     def delta_offset(self) -> torch.Tensor:
         """What the adapter adds to every weight of a group: ``s * B @ A``, ``(out, groups)``."""

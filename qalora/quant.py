@@ -84,15 +84,27 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, layer: str = 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(out, in)`` codes and ``(out, groups)`` scale/offset -> ``(out, in)`` weight in ``dtype``."""
+    """``(out, in)`` codes and ``(out, groups)`` scale/offset -> ``(out, in)`` weight in ``dtype``.
+
+    Computed in fp32 and rounded to ``dtype`` once: a bf16 weight is the nearest bf16 to the exact
+    ``scale * q + offset``, whichever path (eager, compiled, the merged model) computes it.
+    """
     out_f, in_f = codes.shape
     groups = scale.shape[1]
     # Integer codes go into addcmul as they are: it promotes them in the same pass, so no
-    # full-size float copy of the codes is made (this runs twice per layer per training step).
+    # full-size float copy of the codes is made.
     q = codes.reshape(out_f, groups, in_f // groups)
     if q.is_floating_point():
-        q = q.to(dtype)
-    return torch.addcmul(offset.to(dtype)[..., None], q, scale.to(dtype)[..., None]).reshape(out_f, in_f)
+        q = q.float()
+    w = torch.addcmul(offset.float()[..., None], q, scale.float()[..., None]).reshape(out_f, in_f)
+    return w if dtype == torch.float32 else w.to(dtype)
+
+
+def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
+                      in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Packed ``(out, in * bits // 8)`` codes -> ``(out, in)`` weight in ``dtype``: unpack and
+    dequantize (one fused kernel inside a compiled decoder layer, see ``qalora.compiled``)."""
+    return dequantize(unpack_codes(packed, bits, in_features), scale, offset, dtype)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from . import compiled
 from .config import StepInfo, TrainConfig
 from .data import collate
 from .errors import ConfigError
-from .eval import eval_loss, token_loss_sum
+from .eval import eval_loss
+from .loss import causal_lm_loss, loss_rows
 
 CKPT_RE = re.compile(r"step-(\d+)\.safetensors$")
 KEEP_CHECKPOINTS = 2
@@ -83,9 +85,65 @@ def micro_batches(order: _Order, examples, cfg: TrainConfig, position: int, pad_
     return out
 
 
-def supervised_tokens(batch: dict) -> int:
-    """Tokens that carry a loss (next-token labels that are not ignored), as ``token_loss_sum`` counts."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+def host_batch(batch: dict, pin: bool = False) -> dict:
+    """A collated CPU batch with what the step needs to know about it, counted on the host before
+    anything reaches the device: ``rows`` (the positions that carry a loss, see
+    :func:`qalora.loss.loss_rows`), ``supervised`` (how many) and ``tokens`` (real, unpadded).
+    ``pin``: page-locked tensors, so their copies to a GPU do not wait on it."""
+    rows = loss_rows(batch["labels"])
+    tensors = {"input_ids": batch["input_ids"], "labels": batch["labels"], "rows": rows}
+    if pin:
+        tensors = {k: v.pin_memory() for k, v in tensors.items()}
+    return {**tensors, "supervised": rows.numel(), "tokens": int(batch["attention_mask"].sum())}
+
+
+def accumulate_gradients(model, micro: list[dict], scale: float, device: torch.device, autocast) -> torch.Tensor:
+    """Forward and backward of every micro-batch of one step (from :func:`host_batch`); each
+    backpropagates its loss sum times ``scale``. Returns the step's loss sum, on the device.
+
+    Nothing here reads a device value back: the batch's counts were taken on the host, the loss
+    runs SDPA's causal kernel with no mask (right padding needs none), and the loss stays a
+    tensor until the step's one read for logging.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for batch in micro:
+        with autocast:
+            loss_sum = causal_lm_loss(model, batch["input_ids"].to(device, non_blocking=True),
+                                      batch["labels"].to(device, non_blocking=True),
+                                      batch["rows"].to(device, non_blocking=True))
+        (loss_sum * scale).backward()
+        total += loss_sum.detach()
+    return total
+
+
+def optimizer_step(model, micro: list[dict], params, optimizer, scheduler, cfg: TrainConfig, autocast,
+                   world_size: int = 1) -> tuple[float, int, float, float]:
+    """One optimizer step over this rank's micro-batches (from :func:`host_batch`).
+
+    Returns ``(loss, tokens, grad norm before clipping, learning rate)`` for the log, read from the
+    device once, after the optimizer's work is queued: the step's only host synchronisation.
+    """
+    from . import distributed
+
+    device = params[0].device
+    # The step's loss is the mean over every supervised token of the global batch, however it is
+    # split into micro-batches and ranks. In a world of one each part backpropagates its sum over
+    # the step's count; with several ranks each backpropagates its sum and the all-reduce of the
+    # gradients divides by the global count (so no rank waits for the count before its forward).
+    n_local = sum(b["supervised"] for b in micro)
+    scale = 1.0 / max(n_local, 1) if world_size == 1 else 1.0
+    loss_sum = accumulate_gradients(model, micro, scale, device, autocast)
+    # fill kernels, not host-to-device copies: the counts travel as kernel arguments
+    stats = torch.stack([loss_sum, loss_sum.new_full((), n_local),
+                         loss_sum.new_full((), sum(b["tokens"] for b in micro))])
+    stats = distributed.reduce_step(params, stats)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # before clipping
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_total, n_step, tokens, grad_norm = torch.cat([stats, grad_norm.float()[None]]).tolist()
+    return loss_total / max(n_step, 1.0), int(tokens), grad_norm, lr
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -204,7 +262,9 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     w = distributed.world()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters, and its step counts stay on the device (no host reads)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
     torch.manual_seed(cfg.seed + w.rank)  # dropout masks: each rank its own
     result = TrainResult()
@@ -225,55 +285,39 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     order = _Order(len(train_examples), cfg.seed)
     step_examples = cfg.batch_size * cfg.grad_accum * w.size
     model.train()
-    while result.step < cfg.steps:
-        t0 = time.perf_counter()
-        micro = micro_batches(order, train_examples, cfg, result.position, pad_id, w.rank, w.size)
-        # The step's loss is the mean over every supervised token of the global batch, however it is
-        # split into micro-batches and ranks: each part adds its sum / the global count.
-        (n_step,) = distributed.all_sum([sum(supervised_tokens(b) for b in micro)], device)
-        n_step = max(n_step, 1.0)
-        loss_sum_local, tokens_local = 0.0, 0
-        for batch in micro:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss_sum, _ = token_loss_sum(logits, batch["labels"])
-            (loss_sum / n_step).backward()
-            loss_sum_local += loss_sum.item()
-            tokens_local += int(batch["attention_mask"].sum())
-        distributed.sum_gradients(params)
-        loss_total, step_tokens = distributed.all_sum([loss_sum_local, tokens_local], device)
-        step_loss, step_tokens = loss_total / n_step, int(step_tokens)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))  # before clipping
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        result.step += 1
-        result.position += step_examples
-        result.losses.append(step_loss)
-        result.tokens += step_tokens
-        result.seconds += dt
-        ev = None
-        if eval_examples and (result.step % cfg.eval_every == 0 or result.step == cfg.steps):
-            with autocast:
-                ev = eval_loss(model, eval_examples, cfg.batch_size, pad_id, cfg.eval_batches)
-            result.eval_losses[result.step] = ev
-        if log and main:
-            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", result.step, cfg.steps, step_loss, lr,
-                     step_tokens / dt, "" if ev is None else f" eval {ev:.4f}")
-        if on_step and main:
-            on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev,
-                             tokens_seen=result.tokens, extra={"grad_norm": grad_norm, "world_size": w.size}))
-        # after on_step: a step in a checkpoint has been reported (recorded) too, so a run killed in
-        # between resumes without a hole in its recorded steps (it re-trains and re-records the step)
-        if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps):
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
-        if result.step < cfg.steps and distributed.decide(bool(should_stop and main and should_stop()), device):
-            if ckpt_dir and result.step % cfg.save_every:
+    # compiled decoder layers for this loop only (qalora.compiled); QALORA_COMPILE=0 keeps it eager
+    with compiled.decoder_layers_compiled(model, device, cfg.steps - result.step):
+        while result.step < cfg.steps:
+            t0 = time.perf_counter()
+            micro = [host_batch(b, pin=device.type == "cuda")
+                     for b in micro_batches(order, train_examples, cfg, result.position, pad_id, w.rank, w.size)]
+            step_loss, step_tokens, grad_norm, lr = optimizer_step(model, micro, params, optimizer, scheduler, cfg,
+                                                                   autocast, w.size)
+            dt = time.perf_counter() - t0
+            result.step += 1
+            result.position += step_examples
+            result.losses.append(step_loss)
+            result.tokens += step_tokens
+            result.seconds += dt
+            ev = None
+            if eval_examples and (result.step % cfg.eval_every == 0 or result.step == cfg.steps):
+                with autocast:
+                    ev = eval_loss(model, eval_examples, cfg.batch_size, pad_id, cfg.eval_batches)
+                result.eval_losses[result.step] = ev
+            if log and main:
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", result.step, cfg.steps, step_loss, lr,
+                         step_tokens / dt, "" if ev is None else f" eval {ev:.4f}")
+            if on_step and main:
+                on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev,
+                                 tokens_seen=result.tokens, extra={"grad_norm": grad_norm, "world_size": w.size}))
+            # after on_step: a step in a checkpoint has been reported (recorded) too, so a run killed in
+            # between resumes without a hole in its recorded steps (it re-trains and re-records the step)
+            if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps):
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
-            result.stopped = True
-            break
+            if result.step < cfg.steps and distributed.decide(bool(should_stop and main and should_stop()), device):
+                if ckpt_dir and result.step % cfg.save_every:
+                    save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
+                result.stopped = True
+                break
     model.eval()
     return result

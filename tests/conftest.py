@@ -11,6 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # QALORA_DEVICE, which qalora.model.pick_device honours.
 TEST_DEVICE = os.environ.get("QALORA_TEST_DEVICE", "cpu")
 os.environ["QALORA_DEVICE"] = TEST_DEVICE
+# Eager by default: compiling costs seconds per graph, more than the tiny models' whole runs. The
+# compiled paths have their own tests (tests/test_compiled.py), which switch it on and compare
+# with eager; QALORA_COMPILE=auto runs the whole suite the way the product runs.
+os.environ.setdefault("QALORA_COMPILE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

