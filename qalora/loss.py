@@ -15,6 +15,8 @@ the host, from the labels the batch was built with, so no device value is read b
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 IGNORE = -100
@@ -92,8 +94,39 @@ def loss_rows(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE).reshape(-1).nonzero().squeeze(1)
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+RIGHT_PADDED_SDPA = "qalora_right_padded_sdpa"
+
+
+def _right_padded_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, given no mask: its causal kernel (see :func:`causal_lm_loss`)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+@contextlib.contextmanager
+def _mask_free(model):
+    """Inside the block a model on SDPA attention builds no mask at all.
+
+    With no mask given, transformers still inspects the positions for packed sequences, reading a
+    device value back (``(...).all()``) on every forward; an attention implementation of its own,
+    registered without a mask function, skips mask preparation entirely. Models on another
+    attention (eager, flash) keep theirs.
+    """
+    from transformers import AttentionInterface
+
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        yield
+        return
+    AttentionInterface.register(RIGHT_PADDED_SDPA, _right_padded_sdpa)
+    config._attn_implementation = RIGHT_PADDED_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token loss of a LLaMA-family ``model`` on a right-padded batch.
 
     ``rows`` (from :func:`loss_rows`, on the model's device) limits the head to the supervised
@@ -103,7 +136,8 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, rows: t
     the model runs SDPA's causal kernel with no mask to build or to check.
     """
     decoder = getattr(model, model.base_model_prefix)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    with _mask_free(model):
+        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     target = labels[:, 1:].reshape(-1)
     if rows is not None:

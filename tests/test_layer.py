@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from helpers import DEVICE
@@ -101,3 +102,49 @@ def test_bf16_autocast_runs_forward_and_backward_through_the_packed_function():
     assert x2.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
     assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max()
     assert torch.allclose(layer.lora_A.grad, ref_grad, rtol=0.05, atol=0.05 * ref_grad.abs().max().item())
+
+
+def _reference(layer, qt, x, mask=None):
+    """The adapter written out: base matmul plus ``s * B A (mask * pool(x))``, every term explicit."""
+    pooled = x.unflatten(-1, (-1, GROUP)).sum(-1)
+    if mask is not None:
+        pooled = pooled * mask
+    return x @ qt.dequantize().t() + layer.scaling * pooled @ layer.lora_A.t() @ layer.lora_B.t()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_the_fused_layer_and_its_gradients_equal_the_explicit_adapter(dropout):
+    """Folded into the dequantized weight (no dropout) or with the pooled dropout term, the layer's
+    output and the gradients of x, A and B are the written-out adapter's, to fp32 rounding."""
+    layer, qt = make_layer(dropout=dropout)
+    layer.train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, IN, generator=g).to(DEVICE).requires_grad_(True)
+    r = torch.randn(3, 5, OUT, generator=g).to(DEVICE)
+    torch.manual_seed(7)
+    y = layer(x)
+    (y * r).sum().backward()
+    got = (x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+    layer.zero_grad(set_to_none=True)
+    mask = None
+    if dropout:
+        torch.manual_seed(7)  # the layer draws its mask first thing, from the same RNG
+        mask = torch.nn.functional.dropout(torch.ones(3, 5, IN // GROUP, device=DEVICE), dropout)
+        assert (mask == 0).any() and (mask != 0).any()
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = _reference(layer, qt, x2, mask)
+    (ref * r).sum().backward()
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got, (x2.grad, layer.lora_A.grad, layer.lora_B.grad)):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
+def test_eval_mode_ignores_dropout():
+    layer, qt = make_layer(dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.eval()
+    x = torch.randn(4, IN, device=DEVICE)
+    assert torch.allclose(layer(x), _reference(layer, qt, x), rtol=1e-5, atol=1e-4)

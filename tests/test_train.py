@@ -1,9 +1,10 @@
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
 
-from helpers import tiny_qalora
+from helpers import DEVICE, tiny_qalora
 from qalora.config import TrainConfig
 from qalora.train import latest_checkpoint, lr_multiplier, train
 
@@ -94,3 +95,66 @@ def test_gradient_accumulation_matches_bigger_batch():
     # Same samples per step, and the loss is the mean over all of the step's supervised tokens
     # however they are split: equal up to summation order.
     assert a.losses == pytest.approx(b.losses, rel=1e-5)
+
+
+# What reads a device value back to the host (on CUDA each waits for the GPU): ``.item()``,
+# ``bool(t)``, ``nonzero`` (and boolean indexing, which calls it). The CPU runs the same code path
+# and the profiler records these ops by name.
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero")
+
+
+def _step_parts(dropout=0.1):
+    from qalora.train import _Order, host_batch, micro_batches
+
+    model = fresh_model(dropout=dropout)
+    c = cfg(batch_size=3, grad_accum=2)
+    data = [{"input_ids": list(range(5, 5 + n)), "labels": [-100] * (n // 2) + list(range(5 + n // 2, 5 + n))}
+            for n in (7, 12, 19, 9, 15, 4)]  # lengths differ: every micro-batch has padding
+    micro = [host_batch(b, pin=DEVICE.type == "cuda") for b in micro_batches(_Order(len(data), 0), data, c, 0, PAD)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return model.train(), micro, params, optimizer, scheduler, c
+
+
+def _inside(events, event, name: str) -> bool:
+    return any(e.name == name and e.time_range.start <= event.time_range.start and event.time_range.end <= e.time_range.end
+               for e in events)
+
+
+def test_a_training_step_reads_nothing_back_from_the_device_but_its_log():
+    from torch.profiler import ProfilerActivity, profile
+
+    from qalora.train import optimizer_step
+
+    model, micro, params, optimizer, scheduler, c = _step_parts()
+    optimizer_step(model, micro, params, optimizer, scheduler, c, nullcontext())  # warm: optimizer state
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss, tokens, grad_norm, lr = optimizer_step(model, micro, params, optimizer, scheduler, c, nullcontext())
+    events = prof.events()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    # fused AdamW's CPU kernel reads its step count inside the kernel (its own aten::item); the CUDA
+    # kernel reads it on the GPU (the CUDA test below checks that path with the sync debug mode)
+    outside = [e.name for e in events if e.name in SYNC_OPS and not _inside(events, e, "aten::_fused_adamw_")]
+    assert outside == []
+    assert counts["_QALoRAFn"] == 2 * 14 and counts["_LinearCrossEntropy"] == 2  # 14 layers, 2 micro-batches
+    assert tokens == 7 + 12 + 19 + 9 + 15 + 4 and 0 < loss < 10 and grad_norm > 0
+
+
+@pytest.mark.requires_cuda
+def test_a_training_step_on_cuda_never_synchronizes_before_its_log():
+    from qalora.train import accumulate_gradients
+
+    model, micro, params, optimizer, scheduler, c = _step_parts()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    accumulate_gradients(model, micro, 0.01, DEVICE, autocast)
+    optimizer.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        accumulate_gradients(model, micro, 0.01, DEVICE, autocast)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
