@@ -121,7 +121,7 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def child(model_dir: str, out_dir: str, bits: int, group: int, steps: int, seq: int) -> None:
+def child(model_dir: str, out_dir: str, bits: int, group: int, steps: int, seq: int, batch: int = 1) -> None:
     """Run the fine-tune of whatever ``qalora`` is on sys.path; print per-stage peaks as JSON."""
     import torch
 
@@ -149,8 +149,8 @@ def child(model_dir: str, out_dir: str, bits: int, group: int, steps: int, seq: 
         current[0] = name
         _reset_peak()
 
-    train = TrainConfig(steps=steps, batch_size=1, seq_len=seq, warmup_steps=0, eval_every=steps,
-                        save_every=steps, eval_batches=1, eval_fraction=0.02)
+    train = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, warmup_steps=0, eval_every=steps,
+                        save_every=steps, eval_batches=1 if batch == 1 else 8, eval_fraction=0.02 if batch == 1 else 0.1)
     report = finetune(model_dir, "builtin:default", out_dir, QuantConfig(bits, group), AdapterConfig(rank=16),
                       train, resume=False, on_stage=on_stage)
     on_stage("end")
@@ -169,7 +169,8 @@ def run_child(impl: str, model_dir: Path, args) -> dict:
         try:
             env = {**os.environ, "PYTHONPATH": str(code_root), "HF_HUB_OFFLINE": "1"}
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(model_dir),
-                   str(Path(tmp) / "out"), str(args.bits), str(args.group_size), str(args.steps), str(args.seq)]
+                   str(Path(tmp) / "out"), str(args.bits), str(args.group_size), str(args.steps), str(args.seq),
+                   str(args.batch)]
             proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         finally:
             if impl == "before":
@@ -207,40 +208,8 @@ STAGE_ROWS = [("load", "load (config, tokenizer, data / whole float model)"), ("
               ("verify", "verify"), ("save", "save")]
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        a = sys.argv[2:]
-        child(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), int(a[5]))
-        return
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--impl", choices=["both", "new", "before"], default="both")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--before-ref", default=BEFORE_REF)
-    p.add_argument("--cache", type=Path, default=ROOT / "data" / "cache" / "random-llama-1.1b")
-    for key, value in SHAPE_1B.items():
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=value)
-    args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
-    shape = {k: getattr(args, k) for k in SHAPE_1B}
-    write_checkpoint(args.cache, shape)
-
-    linear = shape["num_hidden_layers"] * layer_params(shape)
-    embed = 2 * shape["vocab_size"] * shape["hidden_size"]
-    bf16_bytes = sum(f.stat().st_size for f in args.cache.glob("*.safetensors"))
-    groups = linear // args.group_size
-    packed = linear * args.bits // 8 + groups * 8  # codes + fp32 scale and offset per group
-    impls = ["before", "new"] if args.impl == "both" else [args.impl]
-    results = {impl: run_child(impl, args.cache, args) for impl in impls}
-
+def stage_table(results: dict, impls: list[str]) -> None:
     mb = 2 ** 20
-    print(f"\nRandom LLaMA {(linear + embed) / 1e9:.2f}B parameters ({shape}), {args.bits}-bit, group "
-          f"{args.group_size}, rank {args.rank}, {args.steps} steps of 1 x {args.seq} tokens, CPU fp32 compute")
-    print(f"bf16 checkpoint {bf16_bytes / mb:,.0f} MB; packed linears {packed / mb:,.0f} MB "
-          f"({packed / linear:.3f} B/param); embeddings + head in fp32 {embed * 4 / mb:,.0f} MB\n")
     head = "| stage | " + " | ".join(f"peak RSS {i} (MB, time)" for i in impls) + (" | new / before |" if len(impls) == 2
                                                                                  else " |")
     print(head)
@@ -259,6 +228,53 @@ def main() -> None:
         print(f"\n{i}: merge max |logit diff| {results[i]['merge_diff']:.3g}, merged model file "
               f"{results[i]['merged_bytes'] / mb:,.0f} MB, wall {results[i]['wall_s']:.0f} s")
 
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        a = sys.argv[2:]
+        child(a[0], a[1], int(a[2]), int(a[3]), int(a[4]), int(a[5]), int(a[6]))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--impl", choices=["both", "new", "before"], default="both")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--before-ref", default=BEFORE_REF)
+    p.add_argument("--cache", type=Path, default=ROOT / "data" / "cache" / "random-llama-1.1b")
+    for key, value in SHAPE_1B.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=value)
+    p.add_argument("--batch", type=int, default=1, help="examples per step (each its own length: padded)")
+    p.add_argument("--base", choices=["random-1.1b", "default"], default="random-1.1b",
+                   help="default: the embedded SmolLM2-135M on the built-in data, no projection")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    mb = 2 ** 20
+    impls = ["before", "new"] if args.impl == "both" else [args.impl]
+    if args.base == "default":
+        results = {impl: run_child(impl, "default", args) for impl in impls}
+        print(f"\nSmolLM2-135M (the embedded default model), {args.bits}-bit, group {args.group_size}, rank "
+              f"{args.rank}, {args.steps} steps of {args.batch} built-in records (up to {args.seq} tokens each), "
+              f"evaluation every {args.steps} steps, CPU fp32 compute\n")
+        stage_table(results, impls)
+        return
+    shape = {k: getattr(args, k) for k in SHAPE_1B}
+    write_checkpoint(args.cache, shape)
+
+    linear = shape["num_hidden_layers"] * layer_params(shape)
+    embed = 2 * shape["vocab_size"] * shape["hidden_size"]
+    bf16_bytes = sum(f.stat().st_size for f in args.cache.glob("*.safetensors"))
+    groups = linear // args.group_size
+    packed = linear * args.bits // 8 + groups * 8  # codes + fp32 scale and offset per group
+    results = {impl: run_child(impl, args.cache, args) for impl in impls}
+
+    print(f"\nRandom LLaMA {(linear + embed) / 1e9:.2f}B parameters ({shape}), {args.bits}-bit, group "
+          f"{args.group_size}, rank {args.rank}, {args.steps} steps of {args.batch} x {args.seq} tokens, CPU fp32 "
+          "compute")
+    print(f"bf16 checkpoint {bf16_bytes / mb:,.0f} MB; packed linears {packed / mb:,.0f} MB "
+          f"({packed / linear:.3f} B/param); embeddings + head in fp32 {embed * 4 / mb:,.0f} MB\n")
+    stage_table(results, impls)
     bpp = packed / linear
     print(f"\nProjection to one GPU (bf16 compute, {args.bits}-bit group {args.group_size}: {bpp:.3f} B/param "
           f"measured on the packed linears; rank {args.rank}; 1 x 512 tokens with gradient checkpointing; "

@@ -7,8 +7,9 @@ process so that its peak memory is its own; the parent prints one table with rat
 - **PEFT LoRA**: what a PEFT user runs: ``get_peft_model`` on the bf16 base, ``model(labels=...).loss``
   (full-vocabulary logits), bf16 autocast on CUDA as the HF Trainer's ``bf16=True`` does.
 - **QA-LoRA**: the studio's own step, ``qalora.train.optimizer_step`` (adapter folded into the
-  dequantized weight, loss in vocabulary chunks), decoder layers compiled as a job compiles them
-  (``QALORA_COMPILE``; its first step, which compiles, is a warm-up step and is not timed).
+  dequantized weight, loss in vocabulary chunks, two activations kept per gated MLP), decoder
+  layers compiled and freed heap released as a job does (``QALORA_COMPILE``; its first steps,
+  which compile, are warm-up steps and are not timed).
 - **QA-LoRA, eager**: the same with ``QALORA_COMPILE=0`` (``--no-eager`` leaves it out).
 
 Memory is the peak during the timed steps: resident memory (``VmHWM``) on the CPU, the CUDA
@@ -119,7 +120,9 @@ def child(method: str, args) -> dict:
         model.train()
         step = lambda: optimizer_step(model, [batch], params, opt, sched, cfg, autocast)  # noqa: E731
         compiled_layers = compiled.decoder_layers_compiled(model, device)
-    with compiled_layers as n_compiled:
+    from qalora.memory import released_between_layers
+    trimming = released_between_layers(model, device) if method == "qalora" else nullcontext()
+    with compiled_layers as n_compiled, trimming:
         t = time.perf_counter()
         for _ in range(WARMUP):
             step()

@@ -248,7 +248,10 @@ def quantize_model(model: nn.Module, quant: QuantConfig, targets, calib_ids=None
 
 def inject_qalora(model: nn.Module, qweights: dict[str, QuantizedTensor], adapter: AdapterConfig) -> nn.Module:
     """Replace each quantized linear with a ``QALoRALinear`` (or the baseline's ``LoRALinear``);
-    freeze everything but the adapters."""
+    freeze everything but the adapters; gated MLPs keep two activations, not three
+    (:mod:`qalora.mlp`)."""
+    from .mlp import lean_gated_mlps
+
     layer_cls = LoRALinear if adapter.method == "qlora-ptq" else QALoRALinear
     for p in model.parameters():
         p.requires_grad_(False)
@@ -256,6 +259,7 @@ def inject_qalora(model: nn.Module, qweights: dict[str, QuantizedTensor], adapte
         old = model.get_submodule(name)
         qt = qt.to(old.weight.device if isinstance(old, nn.Linear) else old.packed.device)
         set_module(model, name, layer_cls(qt, old.bias, adapter.rank, adapter.alpha, adapter.dropout))
+    lean_gated_mlps(model)
     return model
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import compiled
+from . import compiled, memory
 from .config import StepInfo, TrainConfig
 from .data import collate
 from .errors import ConfigError
@@ -285,8 +285,10 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     order = _Order(len(train_examples), cfg.seed)
     step_examples = cfg.batch_size * cfg.grad_accum * w.size
     model.train()
-    # compiled decoder layers for this loop only (qalora.compiled); QALORA_COMPILE=0 keeps it eager
-    with compiled.decoder_layers_compiled(model, device, cfg.steps - result.step):
+    # compiled decoder layers for this loop only (qalora.compiled; QALORA_COMPILE=0 keeps it eager),
+    # and on the CPU freed heap handed back during each forward (qalora.memory)
+    with (compiled.decoder_layers_compiled(model, device, cfg.steps - result.step),
+          memory.released_between_layers(model, device)):
         while result.step < cfg.steps:
             t0 = time.perf_counter()
             micro = [host_batch(b, pin=device.type == "cuda")
