@@ -2,6 +2,12 @@
 runtimes (GGUF Q4_1 in llama.cpp, GPTQ in gptqmodel), the app's chat path, and the transformers
 fp32 and bf16 base.
 
+``--device cuda`` (or ``--static``) adds what a GPU decodes with: the merged INT4 model and the
+bf16 base each through :class:`qalora.decode.StaticDecoder`, a static KV cache and a compiled step
+(CUDA graphs on CUDA), side by side, and their ratio; on CUDA the CPU-only rows (llama.cpp, GPTQ)
+are left out. ``--shape`` picks random weights of SmolLM2-135M's or TinyLlama-1.1B's shape
+(``bench/shapes.py``), whose prompt is 32 random token ids.
+
 All models are the embedded SmolLM2-135M, in one process, same prompt, greedy, exactly
 ``--new-tokens`` generated (EOS ignored), prompt processing included (llama.cpp's prompt cache is
 cleared before each run), best of ``--repeats``; first-token latency is the best run's time from
@@ -14,7 +20,8 @@ The app's chat rows drive ``jobs.chat.stream_reply`` (what the Chat tab streams 
 runtime it picks, and the PyTorch runtime it picks on CUDA or where no GGUF is possible; both
 stream text as it grows, their end ids cleared so they generate the same number of tokens.
 
-    python bench/decode.py [--new-tokens 128] [--repeats 3] [--skip gguf,gptq]
+    python bench/decode.py [--new-tokens 128] [--repeats 3] [--skip gguf,gptq,chat]
+                           [--device cpu|cuda] [--shape default|smollm2-135m|tinyllama-1.1b] [--static]
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
@@ -138,13 +146,14 @@ def gptqmodel_tokens_per_s(gptq_dir: Path, tok, new_tokens: int, repeats: int) -
         return tokens_per_s(model.eval(), tok, new_tokens, repeats)
 
 
-def merged_int4(base_fp32, use_kernel: bool, compute_dtype=torch.bfloat16):
+def merged_int4(base, use_kernel: bool, compute_dtype=torch.bfloat16):
+    """The base quantized (RTN 4-bit, group 32) and its adapter merged, as a job builds it."""
     from qalora.config import AdapterConfig, QuantConfig
     from qalora.infer import set_compute_dtype
     from qalora.merge import merge_adapters
     from qalora.model import inject_qalora, quantize_model
 
-    model = copy.deepcopy(base_fp32)
+    model = copy.deepcopy(base)
     adapter = AdapterConfig(rank=16)
     inject_qalora(model, quantize_model(model, QuantConfig(4, 32), adapter.targets), adapter)
     merge_adapters(model, use_kernel=use_kernel)
@@ -154,12 +163,93 @@ def merged_int4(base_fp32, use_kernel: bool, compute_dtype=torch.bfloat16):
     return model.eval()
 
 
+def static_tokens_per_s(model, prompt_ids: list[int], new_tokens: int, repeats: int, compile: bool = True):
+    """``(tokens/s, first-token seconds)`` greedy through a static cache and a compiled step."""
+    from qalora.decode import StaticDecoder, cache_length
+
+    decoder = StaticDecoder(model, cache_length(len(prompt_ids) + new_tokens + 8, 8192), compile=compile)
+    sync = torch.cuda.synchronize if decoder.device.type == "cuda" else (lambda: None)
+
+    def run(n, first):
+        logits = decoder.prefill(prompt_ids)
+        for i in range(n):
+            token = int(logits.argmax())  # the token reaches the host each step, as in a chat
+            if i == 0:
+                first()
+            logits = decoder.step(token)
+        sync()
+
+    try:
+        run(3, lambda: None)  # compile (and record the CUDA graph) before timing
+        return best_of(run, new_tokens, repeats)
+    finally:
+        decoder.close()
+
+
+def device_rows(args) -> list:
+    """The GPU table: bf16 base and merged INT4, eager and static + compiled, on ``args.device``."""
+    import shapes
+
+    device = torch.device(args.device)
+    base, vocab = shapes.build(args.shape, torch.bfloat16, device)
+    if shapes.resolve(args.shape) == "default":
+        from transformers import AutoTokenizer
+
+        from qalora.infer import chat_input_ids
+        prompt = chat_input_ids(AutoTokenizer.from_pretrained(shapes.CACHE), PROMPT)[0].tolist()
+    else:
+        prompt = torch.randint(3, vocab, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = []
+    with torch.inference_mode():
+        rows.append(("bf16 base, static cache + compiled step", static_tokens_per_s(base, prompt, args.new_tokens,
+                                                                                  args.repeats)))
+        rows.append(("bf16 base, eager", static_tokens_per_s(base, prompt, args.new_tokens, args.repeats, False)))
+    merged = merged_int4(base, use_kernel=True)
+    del base
+    from qalora.infer import QuantLinear
+    layers = [m for m in merged.modules() if isinstance(m, QuantLinear)]
+    on_kernel = sum(m.prepare_kernel() for m in layers)
+    what = f"{on_kernel}/{len(layers)} layers on the int4 kernel"
+    rows.append((f"QA-LoRA merged INT4, static cache + compiled step ({what})",
+                 static_tokens_per_s(merged, prompt, args.new_tokens, args.repeats)))
+    rows.append((f"QA-LoRA merged INT4, eager ({what})",
+                 static_tokens_per_s(merged, prompt, args.new_tokens, args.repeats, False)))
+    for m in layers:
+        m.use_kernel = False
+    rows.append(("QA-LoRA merged INT4, dequantize + matmul, static cache + compiled step",
+                 static_tokens_per_s(merged, prompt, args.new_tokens, args.repeats)))
+    return rows
+
+
+def print_device_table(rows, args) -> None:
+    import shapes
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    ref = rows[0][1][0]
+    print(f"\nDecode, {shapes.resolve(args.shape)}, {name}, batch 1, {args.new_tokens} new tokens, greedy, best of "
+          f"{args.repeats}")
+    print("| model | tokens/s | vs bf16 base, static cache + compiled | first token |")
+    print("|---|---:|---:|---:|")
+    for label, (tps, first) in rows:
+        print(f"| {label} | {tps:.1f} | {tps / ref:.2f}x | {first * 1000:.0f} ms |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated: gguf, gptq, chat")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--shape", choices=["default", "smollm2-135m", "tinyllama-1.1b"], default="default")
+    ap.add_argument("--static", action="store_true", help="the static-cache rows on the CPU too")
     args = ap.parse_args()
+    if args.device == "cuda" or args.static or args.shape != "default":
+        print_device_table(device_rows(args), args)
+        if args.device == "cuda" or args.shape != "default":
+            return
+    cpu_table(args)
+
+
+def cpu_table(args) -> None:
     skip = set(filter(None, args.skip.split(",")))
     import tempfile
 

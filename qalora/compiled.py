@@ -15,7 +15,7 @@ Measured (``bench/train_step.py``, SmolLM2-135M shape, 4 x 256 tokens, bf16, the
 the step took 1.35-1.39 s eager and 0.95 s compiled, after about 10 s of compiling in the first
 step; a job breaks even after some 25 steps. ``auto`` therefore compiles training on every
 device, but skips runs shorter than :data:`MIN_STEPS` on the CPU, where compiling would cost more
-than it saves.
+than it saves; decoding compiles on CUDA only.
 """
 from __future__ import annotations
 
@@ -40,13 +40,15 @@ def setting() -> str:
 
 def enabled(device: torch.device | str, steps: int | None = None) -> bool:
     """Whether work on ``device`` runs compiled: never on ``meta`` (tracing tests stay eager), never
-    with ``QALORA_COMPILE=0``; under ``auto`` a CPU run of fewer than ``MIN_STEPS`` steps stays eager."""
+    with ``QALORA_COMPILE=0``. Under ``auto`` the CPU compiles only training runs of ``steps`` >=
+    ``MIN_STEPS``; decoding (no ``steps``) stays eager there, where the chat answers on llama.cpp
+    and a first reply must not wait for a compile."""
     device = torch.device(device)
     value = setting()
     if device.type == "meta" or value == "0":
         return False
-    if value == "auto" and device.type == "cpu" and steps is not None and steps < MIN_STEPS:
-        return False
+    if value == "auto" and device.type == "cpu":
+        return steps is not None and steps >= MIN_STEPS
     return True
 
 

@@ -30,7 +30,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("offset", qt.offset)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.use_kernel = use_kernel
-        self._kernel_cache: tuple | None = None  # (device, packed int4 weight, scales_and_zeros)
+        self._kernel_cache: tuple | None = None  # (device, (packed int4 weight, scales_and_zeros) or None)
 
     def quantized(self) -> QuantizedTensor:
         return QuantizedTensor(self.packed, self.scale, self.offset, self.bits, self.group_size, self.in_features)
@@ -39,16 +39,24 @@ class QuantLinear(nn.Module):
         return self.use_kernel and kernels.int4_kernel_supported(
             device, self.bits, self.group_size, self.in_features, self.out_features)
 
-    def _kernel_weights(self):
+    def prepare_kernel(self, pad_to: tuple[int, int] | None = None) -> bool:
+        """Convert the weight to the int4 kernel's layout now (else the first kernel call does):
+        before a decode step is compiled, so the graph only reads it. ``pad_to``: see
+        :func:`qalora.kernels.kernel_layout`. Returns whether the kernel can run here."""
         device = self.packed.device
-        if self._kernel_cache is None or self._kernel_cache[0] != device:
+        prepared = None
+        if kernels.int4_kernel_supported(device, self.bits, self.group_size, self.in_features, self.out_features):
             codes = unpack_codes(self.packed, self.bits, self.in_features)
-            self._kernel_cache = (device, *kernels.prepare_int4(codes, self.scale, self.offset, self.group_size, self.bits))
-        return self._kernel_cache[1:]
+            layout = kernels.kernel_layout(device.type, self.group_size, self.in_features, self.out_features, pad_to)
+            prepared = kernels.prepare_int4(codes, self.scale, self.offset, self.group_size, self.bits, layout)
+        self._kernel_cache = (device, prepared)
+        return prepared is not None
 
-    def _apply(self, fn, recurse=True):
-        self._kernel_cache = None  # device or dtype moves invalidate the prepared layout
-        return super()._apply(fn, recurse)
+    def _kernel_weights(self, device: torch.device):
+        """``(packed weight, scales and zeros)`` on ``device``, or None where the kernel cannot run."""
+        if self._kernel_cache is None or self._kernel_cache[0] != device:
+            self.prepare_kernel()
+        return self._kernel_cache[1]
 
     def kernel_weight(self) -> torch.Tensor:
         """The dense ``(out, in)`` weight the kernel computes with (bf16-rounded scale and zero)."""
@@ -65,9 +73,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows > kernels.kernel_max_rows(x.device) or not self.kernel_active(x.device):
+        prepared = None
+        if self.use_kernel and rows <= kernels.kernel_max_rows(x.device):
+            prepared = self._kernel_weights(x.device)
+        if prepared is None:
             return self.reference_forward(x)
-        y = kernels.int4_matmul(x, *self._kernel_weights(), self.group_size, self.out_features)
+        y = kernels.int4_matmul(x, *prepared, self.group_size, self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -13,8 +13,9 @@ from test_train import SYNC_OPS, _inside, _step_parts
 
 def test_the_switch(monkeypatch):
     monkeypatch.setenv("QALORA_COMPILE", "auto")
-    assert compiled.enabled("cuda") and compiled.enabled("cpu") and compiled.enabled("cpu", steps=100)
+    assert compiled.enabled("cuda") and compiled.enabled("cpu", steps=100)
     assert not compiled.enabled("cpu", steps=compiled.MIN_STEPS - 1)  # compiling would cost more than it saves
+    assert not compiled.enabled("cpu")  # decoding on the CPU: a first reply must not wait for a compile
     assert compiled.enabled("cuda", steps=5) and not compiled.enabled("meta")
     monkeypatch.setenv("QALORA_COMPILE", "0")
     assert not compiled.enabled("cuda") and not compiled.enabled("cpu", steps=10_000)

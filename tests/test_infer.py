@@ -31,6 +31,39 @@ def test_int4_kernel_equals_reference_cpu(bits, group_size):
     assert (got - exact).abs().max().item() <= 2e-2 * exact.abs().max().item()
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("pad_to", [(128, 16), (64, 48), (256, 32)])
+def test_padded_kernel_equals_dequantize_and_matmul(bits, pad_to):
+    """Widths the kernel's tiles do not fit are padded, not sent to the fallback: padded weights
+    have scale and zero 0 and padded inputs are 0, so the padded call computes the same (on CUDA
+    the tiles force it; here the CPU kernel is made to pad)."""
+    torch.manual_seed(bits)
+    out_f, in_f = 200, 96  # neither a multiple of 128 nor of 48
+    layer = QuantLinear(quantize_tensor(torch.randn(out_f, in_f) * 0.05, bits, 32))
+    k_pad, n_pad, _ = kernels.kernel_layout("cpu", 32, in_f, out_f, pad_to)
+    assert (k_pad, n_pad) == ((in_f + pad_to[0] - 1) // pad_to[0] * pad_to[0], (out_f + pad_to[1] - 1) // pad_to[1] * pad_to[1])
+    assert layer.prepare_kernel(pad_to=pad_to)
+    w, sz = layer._kernel_weights(torch.device("cpu"))
+    assert sz.shape == (k_pad // 32, n_pad, 2)
+    x = torch.randn(3, 7, in_f)
+    got = layer(x)
+    ref = x.to(torch.bfloat16).float() @ layer.kernel_weight().t()
+    assert got.shape == (3, 7, out_f)
+    assert (got - ref).abs().max().item() <= 2 ** -8 * ref.abs().max().item()
+    assert kernels.kernel_layout("cpu", 32, in_f, out_f) == (96, 208, 1)  # the CPU kernel's own: 16 rows
+    layer.prepare_kernel()
+    assert torch.equal(layer(x), got)  # more padding, the same outputs to the last bit
+
+
+def test_cuda_layout_pads_to_whole_tiles_and_groups():
+    # SmolLM2's 576-wide layers fit with 4 inner k-tiles, no padding; odd widths are padded
+    assert kernels.kernel_layout("cuda", 32, 576, 576) == (576, 576, 4)
+    assert kernels.kernel_layout("cuda", 64, 1536, 192) == (1536, 192, 8)
+    assert kernels.kernel_layout("cuda", 32, 2048, 196) == (2048, 200, 8)
+    assert kernels.kernel_layout("cuda", 128, 96, 64) == (128, 64, 8)
+    assert kernels.kernel_layout("cuda", 32, 4000, 64) == (4000, 64, 2)  # 4000 = 125 x 32
+
+
 def test_8bit_and_odd_group_use_reference():
     assert not quant_linear(8, 32).kernel_active(torch.device("cpu"))
     assert not quant_linear(4, 16).kernel_active(torch.device("cpu"))
@@ -109,4 +142,5 @@ def test_cuda_int4_kernel_only_from_compute_capability_8(monkeypatch, request, c
     request.addfinalizer(kernels._capability.cache_clear)  # and leave no made-up answer behind
     cuda = torch.device("cuda")
     assert kernels.int4_kernel_supported(cuda, 4, 32, 256, 64) is expected
+    assert kernels.int4_kernel_supported(cuda, 4, 32, 576, 200) is expected  # any width: padded
     assert kernels.int4_kernel_supported(cuda, 8, 32, 256, 64) is False  # 8-bit never uses it
