@@ -76,7 +76,7 @@ def _serve_parser(sub) -> None:
 def _export_parser(sub) -> None:
     from .export import FORMATS
 
-    p = sub.add_parser("export", help="write a finished run in another format (native, gguf, torchao, gptq, peft)")
+    p = sub.add_parser("export", help="write a finished run in another format (native, gguf, torchao, torchao-int4, gptq, peft)")
     p.add_argument("run_dir", help="a run folder (train --out DIR, or a job's folder) or its merged/ folder")
     p.add_argument("--format", choices=FORMATS, required=True,
                    help="native: copy; gguf: llama.cpp file (exact, Q4_1/F16); torchao: a folder stock "

@@ -9,6 +9,8 @@ format     what is written                             exact?
 native     the ``merged`` folder, copied               yes (it is the model)
 gguf       one ``.gguf`` file for llama.cpp            yes, Q4_1 (group size multiple of 32)
 torchao    a transformers folder (torchao int-x)       yes up to bf16 scales and zero points
+torchao-   a transformers folder (torchao int4,        yes up to bf16 scales and zero points;
+int4       tinygemm layout; CUDA, 4-bit runs)          runs on CUDA only
 gptq       a gptqmodel / transformers GPTQ folder      no: integer zero points; cost measured
 peft       a PEFT LoRA adapter for the 16-bit base     adapter only (expanded ``lora_A``)
 =========  ==========================================  =====================================
@@ -21,7 +23,7 @@ from pathlib import Path
 from ..errors import ConfigError, ModelError
 from .atomic import atomic_path
 
-FORMATS = ("native", "gguf", "torchao", "gptq", "peft")
+FORMATS = ("native", "gguf", "torchao", "torchao-int4", "gptq", "peft")
 GGUF_QK = 32  # weights per Q4_1 block (ggml's QK4_1)
 
 
@@ -44,6 +46,9 @@ def check_format(fmt: str, bits: int, group_size: int) -> None:
         raise ConfigError(f"export format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}.")
     if fmt == "gguf":
         check_gguf_group_size(bits, group_size)
+    if fmt == "torchao-int4":
+        from .torchao import check_layout
+        check_layout("int4", bits, group_size)
 
 
 def check_gguf_group_size(bits: int, group_size: int) -> None:
@@ -92,6 +97,12 @@ def export_run(run_dir, fmt: str, out=None, on_progress=None) -> dict:
             export_torchao(merged, tmp, on_progress=progress)
         from .torchao import fidelity
         return {"format": fmt, "path": str(dest), "exact": False, "dtype": "bfloat16", **fidelity(merged, dest)}
+    if fmt == "torchao-int4":
+        from .torchao import export_torchao, int4_fidelity
+        dest = Path(out) if out else root / "torchao-int4"
+        with atomic_path(dest) as tmp:
+            export_torchao(merged, tmp, on_progress=progress, layout="int4")
+        return {"format": fmt, "path": str(dest), "exact": False, "dtype": "bfloat16", **int4_fidelity(merged, dest)}
     if fmt == "gptq":
         from .gptq import export_gptq
         dest = Path(out) if out else root / "gptq"
