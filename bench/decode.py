@@ -200,10 +200,12 @@ def device_rows(args) -> list:
     else:
         prompt = torch.randint(3, vocab, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
+    core = args.rows == "core"  # the two rows of the target and the eager INT4 one
     with torch.inference_mode():
         rows.append(("bf16 base, static cache + compiled step", static_tokens_per_s(base, prompt, args.new_tokens,
                                                                                   args.repeats)))
-        rows.append(("bf16 base, eager", static_tokens_per_s(base, prompt, args.new_tokens, args.repeats, False)))
+        if not core:
+            rows.append(("bf16 base, eager", static_tokens_per_s(base, prompt, args.new_tokens, args.repeats, False)))
     merged = merged_int4(base, use_kernel=True)
     del base
     from qalora.infer import QuantLinear
@@ -214,6 +216,8 @@ def device_rows(args) -> list:
                  static_tokens_per_s(merged, prompt, args.new_tokens, args.repeats)))
     rows.append((f"QA-LoRA merged INT4, eager ({what})",
                  static_tokens_per_s(merged, prompt, args.new_tokens, args.repeats, False)))
+    if core:
+        return rows
     for m in layers:
         m.use_kernel = False
     rows.append(("QA-LoRA merged INT4, dequantize + matmul, static cache + compiled step",
@@ -239,11 +243,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated: gguf, gptq, chat")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--shape", choices=["default", "smollm2-135m", "tinyllama-1.1b"], default="default")
+    ap.add_argument("--shape", choices=["default", "smollm2-135m", "tinyllama-1.1b", "tiny"], default="default")
     ap.add_argument("--static", action="store_true", help="the static-cache rows on the CPU too")
+    ap.add_argument("--rows", choices=["all", "core"], default="all",
+                    help="core: bf16 and INT4 static + compiled, INT4 eager (the GPU check's)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the static-cache rows here")
     args = ap.parse_args()
     if args.device == "cuda" or args.static or args.shape != "default":
-        print_device_table(device_rows(args), args)
+        rows = device_rows(args)
+        print_device_table(rows, args)
+        if args.json:
+            import json
+            args.json.write_text(json.dumps([{"row": r, "tokens_per_s": t, "first_s": f} for r, (t, f) in rows]))
         if args.device == "cuda" or args.shape != "default":
             return
     cpu_table(args)

@@ -2,7 +2,8 @@
 
 - ``default``: the embedded SmolLM2-135M (its GGUF, read once and cached here as bf16 safetensors);
 - ``smollm2-135m``: the same shape with random weights (where the default model is not installed);
-- ``tinyllama-1.1b``: TinyLlama-1.1B's shape with random weights.
+- ``tinyllama-1.1b``: TinyLlama-1.1B's shape with random weights;
+- ``tiny``: the tests' 2-layer model (``qalora.tiny``), for dry runs of the benches' plumbing.
 
 Random weights are ``N(0, 0.02)`` like a fresh LLaMA: speeds and memory are those of the real shape,
 the replies are noise.
@@ -19,6 +20,8 @@ SHAPES = {
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
 }
+SHAPES["tiny"] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=320, tie_word_embeddings=True)
 CHOICES = ("default", *SHAPES)
 
 

@@ -119,7 +119,7 @@ def child(method: str, args) -> dict:
                            pin=device.type == "cuda")
         model.train()
         step = lambda: optimizer_step(model, [batch], params, opt, sched, cfg, autocast)  # noqa: E731
-        compiled_layers = compiled.decoder_layers_compiled(model, device)
+        compiled_layers = compiled.decoder_layers_compiled(model, device, cfg.steps)  # as a job of cfg.steps
     from qalora.memory import released_between_layers
     trimming = released_between_layers(model, device) if method == "qalora" else nullcontext()
     with compiled_layers as n_compiled, trimming:
@@ -183,7 +183,7 @@ def table(rows: dict, args) -> str:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--shape", choices=["default", "smollm2-135m", "tinyllama-1.1b"], default="default")
+    ap.add_argument("--shape", choices=["default", "smollm2-135m", "tinyllama-1.1b", "tiny"], default="default")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)

@@ -13,13 +13,14 @@ def test_gpu_check_dry_run_fills_its_table(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = {r["step"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"environment", "test suite on cpu (1 library test files)",
-                         "train->merge->verify->chat, rtn", "train->merge->verify->chat, gptq",
-                         "decode (merged, bf16 activations)", "one layer, int4 kernel vs dequantize"}
+    assert set(rows) == {"environment", "test suite smoke on cpu", "train step, tiny", "decode, tiny",
+                         "train->merge->verify->chat", "one layer, int4 kernel vs dequantize"}
     assert all(r["ok"] for r in rows.values())
-    assert "passed" in rows["test suite on cpu (1 library test files)"]["result"]
-    for method in ("rtn", "gptq"):
-        diff = float(rows[f"train->merge->verify->chat, {method}"]["result"].split("merge max|dlogit| ")[1].split(",")[0])
-        assert diff <= 1e-3
-    assert "| train->merge->verify->chat, gptq | yes |" in proc.stdout
+    assert "passed" in rows["test suite smoke on cpu"]["result"]
+    diff = float(rows["train->merge->verify->chat"]["result"].split("merge max|dlogit| ")[1].split(",")[0])
+    assert diff <= 1e-3
+    train = rows["train step, tiny"]["result"]
+    assert "QA-LoRA " in train and " tok/s vs PEFT LoRA " in train and "peak memory" in train
+    assert "both static cache + compiled" in rows["decode, tiny"]["result"]
+    assert "| decode, tiny | yes |" in proc.stdout
     assert "m=1: kernel " in rows["one layer, int4 kernel vs dequantize"]["result"]
