@@ -203,6 +203,9 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     group.press("Enter")
     expect(exports.get_by_label("GGUF for llama.cpp (exact codes, fp16 scales)")).to_be_checked()  # the tick is back
     expect(page.locator("#exports-note")).to_have_text("")
+    # the GPTQ export measures its zero points for seconds: the finishing stages last long enough to
+    # be seen at the page's 0.5 s refresh (a 12-step job of the tiny model is done in 2 s otherwise)
+    exports.get_by_label("GPTQ for gptqmodel / transformers (rounded zero points)").check()
     page.get_by_role("button", name="Preview dataset").click()
     expect(page.locator("#dataset-preview")).to_contain_text("1200 records")
     expect(page.locator("#dataset-preview")).to_contain_text("<|im_start|>assistant")
@@ -216,7 +219,7 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     expect(page.locator("#job-summary")).to_contain_text("succeeded", timeout=JOB_S * 1000)
     # after the last step the job kept showing where it was: the finishing stages, with counts
     finishing = r"(merge \d+/14 layers|verify \d+/\d+ batches|save \d/1 model|export gguf \d+/\d+ tensors|" \
-                r"evaluate \d+/40 questions)"
+                r"export gptq \d+/\d+ steps|evaluate \d+/40 questions)"
     summaries = page.evaluate("window.summaries")
     assert any(re.search("stage " + finishing, t) for t in summaries), summaries
     assert any(re.search(finishing, t) for t in page.evaluate("window.tables"))
