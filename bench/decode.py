@@ -225,16 +225,23 @@ def device_rows(args) -> list:
     return rows
 
 
+def print_table(title: str, rows, vs: str, standalone=None) -> None:
+    """One markdown table: tokens/s against the first row (and llama.cpp's, where it ran)."""
+    ref = rows[0][1][0]
+    print(f"\n{title}")
+    print(f"| model | tokens/s | vs {vs} |" + (" vs llama.cpp standalone (same file) |" if standalone else "")
+          + " first token |")
+    print("|---|---:|---:|" + ("---:|" if standalone else "") + "---:|")
+    for name, (tps, first) in rows:
+        vs_llama = f" {tps / standalone[0]:.2f}x |" if standalone else ""
+        print(f"| {name} | {tps:.1f} | {tps / ref:.2f}x |{vs_llama} {first * 1000:.0f} ms |")
+
+
 def print_device_table(rows, args) -> None:
     import shapes
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    ref = rows[0][1][0]
-    print(f"\nDecode, {shapes.resolve(args.shape)}, {name}, batch 1, {args.new_tokens} new tokens, greedy, best of "
-          f"{args.repeats}")
-    print("| model | tokens/s | vs bf16 base, static cache + compiled | first token |")
-    print("|---|---:|---:|---:|")
-    for label, (tps, first) in rows:
-        print(f"| {label} | {tps:.1f} | {tps / ref:.2f}x | {first * 1000:.0f} ms |")
+    print_table(f"Decode, {shapes.resolve(args.shape)}, {name}, batch 1, {args.new_tokens} new tokens, greedy, "
+                f"best of {args.repeats}", rows, "bf16 base, static cache + compiled")
 
 
 def main() -> None:
@@ -298,14 +305,8 @@ def cpu_table(args) -> None:
         export_gptq(work / "merged", work / "gptq")
         rows.append(("same model, GPTQ export, gptqmodel (torch backend, bf16)",
                      gptqmodel_tokens_per_s(work / "gptq", tok, args.new_tokens, args.repeats)))
-    ref = rows[0][1][0]
-    print(f"\nDecode, SmolLM2-135M, batch 1, {args.new_tokens} new tokens, greedy, best of {args.repeats}, "
-          f"{torch.get_num_threads()} threads")
-    print("| model | tokens/s | vs fp32 base | vs llama.cpp standalone (same file) | first token |")
-    print("|---|---:|---:|---:|---:|")
-    for name, (tps, first) in rows:
-        vs_llama = f"{tps / standalone[0]:.2f}x" if standalone else "-"
-        print(f"| {name} | {tps:.1f} | {tps / ref:.2f}x | {vs_llama} | {first * 1000:.0f} ms |")
+    print_table(f"Decode, SmolLM2-135M, batch 1, {args.new_tokens} new tokens, greedy, best of {args.repeats}, "
+                f"{torch.get_num_threads()} threads", rows, "fp32 base", standalone)
     import shutil
     shutil.rmtree(work, ignore_errors=True)
 

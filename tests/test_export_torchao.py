@@ -134,7 +134,7 @@ def test_int4_export_holds_the_merged_weights_in_torchaos_tile_layout(tmp_path):
 
     model, tok = tiny_qalora(bits=4, device="cpu")
     merged = merge_adapters(copy.deepcopy(model), use_kernel=False)
-    merged_dir = save_quantized(merged, tok, tmp_path / "run" / "merged")
+    save_quantized(merged, tok, tmp_path / "run" / "merged")
     result = export_run(tmp_path / "run", "torchao-int4")
     out = tmp_path / "run" / "exports" / "torchao-int4"
     assert result["path"] == str(out) and "not measured" in result["fidelity"]
