@@ -21,7 +21,7 @@ from .merge import merge_adapters, merge_and_requantize, use_kernels
 from .model import (BaseSource, count_adapter_params, inject_qalora, load_quantized_base, open_base, pick_device,
                     resolve_dtype)
 from .quant import QuantizedTensor
-from .train import check_fingerprint, latest_checkpoint, read_fingerprint, train
+from .train import check_fingerprint, latest_checkpoint, read_fingerprint, start_afresh, train
 
 STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "done")
 BASE_CACHE = "quantized_base.safetensors"
@@ -177,6 +177,8 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     if resume and (last := latest_checkpoint(out / "checkpoints")):
         # Refuse a stale or foreign folder now, not after loading and quantizing the base.
         check_fingerprint(read_fingerprint(last), fingerprint, last)
+    elif not resume and w.main:
+        start_afresh(out / "checkpoints", fingerprint)  # this run's old checkpoints go; another's are refused
     records = data_mod.load_records(data)  # read the data first: a bad file fails in seconds
     log.info("opening base %s (a Hub id is downloaded once, then read from the Hugging Face cache)", base)
     src = open_base(base)  # config and tokenizer only; the weights stream in at "quantize"

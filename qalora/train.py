@@ -165,9 +165,39 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], python: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def checkpoints(ckpt_dir) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint in ``ckpt_dir``, by step (parsed: 1,000,000 follows 999,999)."""
+    return sorted((int(m.group(1)), p) for p in Path(ckpt_dir).glob("step-*") if (m := CKPT_RE.search(p.name)))
+
+
 def latest_checkpoint(ckpt_dir) -> Path | None:
-    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("step-*") if (m := CKPT_RE.search(p.name))]
-    return max(found)[1] if found else None
+    found = checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(ckpt_dir, written: Path) -> None:
+    """Keep ``written`` and the newest ``KEEP_CHECKPOINTS - 1`` checkpoints before it; never one after
+    it (not this process's to judge: a run that starts afresh begins with none, see :func:`train`)."""
+    step = int(CKPT_RE.search(written.name).group(1))
+    older = [p for s, p in checkpoints(ckpt_dir) if s < step]
+    for old in older[:max(0, len(older) - (KEEP_CHECKPOINTS - 1))]:
+        old.unlink(missing_ok=True)
+
+
+def start_afresh(ckpt_dir, fingerprint: dict | None) -> None:
+    """Before a run that does not resume: remove the checkpoints of this same run (same settings
+    and data: starting over was asked for), refuse a folder holding another run's."""
+    found = checkpoints(ckpt_dir)
+    if not found:
+        return
+    saved = read_fingerprint(found[-1][1])
+    if not saved or not fingerprint or saved != fingerprint:
+        check_fingerprint(saved, fingerprint, found[-1][1])  # names what differs, where it can
+        raise ConfigError(f"{Path(ckpt_dir)} holds checkpoints (up to step {found[-1][0]}) this run cannot tell "
+                          "are its own. Resume them, or use a new output folder (or delete its checkpoints) to "
+                          "start afresh.")
+    for _, path in found:
+        path.unlink(missing_ok=True)
 
 
 def read_fingerprint(path) -> dict | None:
@@ -219,8 +249,7 @@ def save_checkpoint(ckpt_dir, model, optimizer, scheduler, result: TrainResult, 
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    for old in sorted(ckpt_dir.glob("step-*.safetensors"))[:-KEEP_CHECKPOINTS]:
-        old.unlink(missing_ok=True)
+    prune_checkpoints(ckpt_dir, path)
     return path
 
 
@@ -269,6 +298,8 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
     torch.manual_seed(cfg.seed + w.rank)  # dropout masks: each rank its own
     result = TrainResult()
+    if not resume and ckpt_dir and w.main:
+        start_afresh(ckpt_dir, fingerprint)
     if resume and ckpt_dir and (path := latest_checkpoint(ckpt_dir)):
         result = load_checkpoint(path, model, optimizer, scheduler, fingerprint)
         if w.rank:  # the checkpoint holds rank 0's RNG; the others draw their own masks

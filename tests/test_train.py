@@ -179,3 +179,33 @@ def test_activation_checkpointing_keeps_less_and_computes_the_same_gradients():
     assert kept[True] < 0.5 * kept[False]
     for a, b in zip(grads[True], grads[False]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoints_are_pruned_by_step_and_a_fresh_run_starts_clean(tmp_path):
+    """Pruning parses the step (1,000,000 follows 999,999); a run that does not resume removes its
+    own earlier checkpoints and refuses a folder holding another run's, so the checkpoint it writes
+    is never the one pruned (steps 490 and 500 left over, step 10 written: step 10 was deleted)."""
+    from qalora.errors import ConfigError
+    from qalora.train import checkpoints, prune_checkpoints
+
+    for step in (8, 999_999, 1_000_000):
+        (tmp_path / f"step-{step:06d}.safetensors").write_bytes(b"")
+    assert [s for s, _ in checkpoints(tmp_path)] == [8, 999_999, 1_000_000]
+    prune_checkpoints(tmp_path, tmp_path / "step-1000000.safetensors")
+    assert [s for s, _ in checkpoints(tmp_path)] == [999_999, 1_000_000]
+    prune_checkpoints(tmp_path, tmp_path / "step-999999.safetensors")  # never one after the written one
+    assert [s for s, _ in checkpoints(tmp_path)] == [999_999, 1_000_000]
+
+    run = tmp_path / "run"
+    data = examples()
+    train(fresh_model(), data, [], cfg(steps=6, save_every=3), PAD, ckpt_dir=run, fingerprint={"run": "a"})
+    assert [s for s, _ in checkpoints(run)] == [3, 6]
+    again = train(fresh_model(), data, [], cfg(steps=3, save_every=3), PAD, ckpt_dir=run, resume=False,
+                  fingerprint={"run": "a"})  # the same run, started over: its old checkpoints go
+    assert again.resumed_from == 0 and [s for s, _ in checkpoints(run)] == [3]
+    train(fresh_model(), data, [], cfg(steps=6, save_every=3), PAD, ckpt_dir=run, fingerprint={"run": "a"})
+    with pytest.raises(ConfigError, match="holds checkpoints of a different run"):
+        train(fresh_model(), data, [], cfg(steps=3), PAD, ckpt_dir=run, resume=False, fingerprint={"run": "b"})
+    with pytest.raises(ConfigError, match="cannot tell are its own"):
+        train(fresh_model(), data, [], cfg(steps=3), PAD, ckpt_dir=run, resume=False)
+    assert [s for s, _ in checkpoints(run)] == [3, 6]  # nothing of the other run was touched
