@@ -8,16 +8,20 @@ read. A server path typed in the form (a dataset file or folder, a base model fo
 - ``QALORA_HOME/uploads`` (where uploads are kept),
 - the folders in ``QALORA_ALLOWED_DIRS`` (colon-separated).
 
-Anything else gets one message that says the same whether or not the path exists. Uploaded
-files are copied to ``QALORA_HOME/uploads/<sha256>.<ext>`` (Gradio's temporary copy is cleaned
+Anything else gets one message that says the same whether or not the path exists; a name that
+is no path (a dataset name) but exists as a relative path on the server gets the message a
+missing dataset name gets. Uploaded files are copied to ``QALORA_HOME/uploads/<sha256>.<ext>`` (Gradio's temporary copy is cleaned
 up by Gradio; a job resumed next week must still find its data), up to ``QALORA_MAX_UPLOAD_MB``.
-The CLI, run by the machine's own user, is not confined: only the form's handlers call this.
+The command line, run by the machine's own user, is not confined: where it goes through the
+form's checks (``python -m qalora sweep``) it runs them inside :func:`unconfined`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+from contextvars import ContextVar
 from pathlib import Path
 
 from qalora.errors import ConfigError, DataError
@@ -31,6 +35,19 @@ def allowed_roots() -> list[Path]:
     home = get_settings().home
     extra = [Path(p).expanduser() for p in os.environ.get("QALORA_ALLOWED_DIRS", "").split(":") if p.strip()]
     return [home / "datasets", home / "models", home / "uploads", *extra]
+
+
+_CONFINED: ContextVar[bool] = ContextVar("qalora_confined", default=True)
+
+
+@contextlib.contextmanager
+def unconfined():
+    """Inside the block the form's checks reach every path (the command line's own user's)."""
+    token = _CONFINED.set(False)
+    try:
+        yield
+    finally:
+        _CONFINED.reset(token)
 
 
 # Kept uploads' names as the user knows them, so messages about a kept file name the upload.
@@ -51,31 +68,52 @@ def with_upload_names(message: str) -> str:
     return message
 
 
+def _allowed(ref: str) -> bool:
+    resolved = Path(ref).expanduser().resolve()  # symlinks followed: a link in a root to a file outside
+    return any(resolved.is_relative_to(root.resolve()) for root in allowed_roots())
+
+
 def confine(ref: str, what: str) -> str:
-    """``ref`` if it is no server path or lies under an allowed root; else a ``ConfigError``."""
-    path = Path(ref).expanduser()
-    resolved = path.resolve()  # symlinks followed: a link inside a root to a file outside is refused
-    if not any(resolved.is_relative_to(root.resolve()) for root in allowed_roots()):
+    """``ref`` if it lies under an allowed root (or confinement is off); else a ``ConfigError``."""
+    if _CONFINED.get() and not _allowed(ref):
         raise _outside(what)
     return ref
 
 
-def is_server_path(ref: str, suffixes=()) -> bool:
-    """Whether a form value names a file or folder on the server (not a Hub id or dataset name)."""
-    return (ref.startswith(("/", ".", "~")) or Path(ref).suffix.lower() in suffixes
-            or os.path.lexists(os.path.expanduser(ref)))
+def looks_like_path(ref: str, suffixes=()) -> bool:
+    """Whether a form value is written as a server path (``/``, ``.``, ``~``, or a file suffix):
+    decided from the text alone, so the answer says nothing about what exists on the server."""
+    return ref.startswith(("/", ".", "~")) or Path(ref).suffix.lower() in suffixes
 
 
 def confine_base(base: str) -> str:
-    if base in ("default", "tiny-random") or not is_server_path(base, (".gguf",)):
-        return base  # the embedded models, or a Hub id
-    return confine(base, "base model")
+    if base in ("default", "tiny-random"):
+        return base  # the embedded models
+    if looks_like_path(base, (".gguf",)):
+        return confine(base, "base model")
+    if _CONFINED.get() and os.path.lexists(os.path.expanduser(base)) and not _allowed(base):
+        # written as a name but naming a folder here: told what the same name is told where it is missing
+        from qalora.errors import ModelError
+        from qalora.hub import _Status, hub_config, hub_error
+
+        from .spec import _HUB_ID, missing_model_message
+        if not _HUB_ID.match(base):
+            raise ModelError(missing_model_message(base))
+        hub_config(base)  # a Hub id: what the Hub says of it, as for any Hub id typed in the form
+        raise ModelError(hub_error(base, _Status(404), os.environ.get("HF_ENDPOINT") or "https://huggingface.co"))
+    return base
 
 
 def confine_data(ref: str) -> str:
-    if ref.startswith("builtin:") or not is_server_path(ref, DATA_SUFFIXES):
-        return ref  # a built-in set, or a dataset name in the local datasets cache
-    return confine(ref, "dataset")
+    if ref.startswith("builtin:"):
+        return ref
+    if looks_like_path(ref, DATA_SUFFIXES):
+        return confine(ref, "dataset")
+    if _CONFINED.get() and os.path.lexists(os.path.expanduser(ref)) and not _allowed(ref):
+        # written as a dataset name but naming a file or folder here: what a missing name is told
+        from qalora.data import missing_dataset_message
+        raise DataError(missing_dataset_message(ref))
+    return ref  # a dataset name in the local datasets cache
 
 
 def max_upload_bytes() -> int:

@@ -147,8 +147,12 @@ def model_dims(base: str) -> tuple[int, int, int] | None:
         return _dims_from_config(path)
     if is_hub_id(base):
         return None  # a Hub id: the form asks the Hub (jobs.forms.base_dims); the worker downloads it
-    raise ModelError(f"model {base!r} was not found: give 'default', 'tiny-random', a local model "
-                     "directory, a .gguf file, or a Hugging Face Hub id like 'org/name'.")
+    raise ModelError(missing_model_message(base))
+
+
+def missing_model_message(base: str) -> str:
+    return (f"model {base!r} was not found: give 'default', 'tiny-random', a local model directory, a .gguf "
+            "file, or a Hugging Face Hub id like 'org/name'.")
 
 
 def is_hub_id(base: str) -> bool:

@@ -126,17 +126,19 @@ def cmd_sweep(args) -> dict:
     """The one command that touches the job store (``jobs``): a sweep is a set of queued jobs."""
     from jobs import service
     from jobs.compare import markdown_table
+    from jobs.confine import unconfined
 
     grid = {"bits": args.bits, "group_size": args.group_size, "rank": args.rank, "lr": args.lr}
     rank0 = int(str(args.rank).split(",")[0])
     builtin = args.data.startswith("builtin:")
-    plan = service.plan_sweep(grid, kind="built-in" if builtin else "path or name",
-                              builtin=args.data if builtin else None, upload=None,
-                              path=None if builtin else args.data, base=args.base, bits=4, group_size=32,
-                              method=args.quant_method, rank=rank0, alpha=args.alpha_per_rank * rank0, lr=2e-4,
-                              steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, name=args.name,
-                              exports=[f.strip() for f in args.exports.split(",") if f.strip()],
-                              devices=args.devices)
+    with unconfined():  # the machine's own user: the form's checks, not its confinement
+        plan = service.plan_sweep(grid, kind="built-in" if builtin else "path or name",
+                                  builtin=args.data if builtin else None, upload=None,
+                                  path=None if builtin else args.data, base=args.base, bits=4, group_size=32,
+                                  method=args.quant_method, rank=rank0, alpha=args.alpha_per_rank * rank0,
+                                  lr=2e-4, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                                  name=args.name, exports=[f.strip() for f in args.exports.split(",") if f.strip()],
+                                  devices=args.devices)
     print(plan.summary().replace("**", ""))
     sweep_id, ids = service.submit_sweep(plan, args.name)
     print(f"sweep {sweep_id}: queued jobs {', '.join(f'#{i}' for i in ids)}")

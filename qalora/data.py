@@ -155,6 +155,12 @@ def _open_folder(path: Path):
                         "data file or a folder written by Dataset.save_to_disk.") from None
 
 
+def missing_dataset_message(name: str) -> str:
+    """What a dataset name that is no file, folder or cached dataset is told."""
+    return (f"{name}: no such file, folder, or dataset in the local datasets cache. Datasets are never "
+            "downloaded here; export it to a .jsonl or .parquet file and give that path.")
+
+
 def _load_cached_name(name: str):
     """Load a dataset name from the local cache only; the network is never used."""
     import datasets
@@ -164,9 +170,7 @@ def _load_cached_name(name: str):
         try:
             return datasets.load_dataset(name)
         except Exception:
-            raise DataError(f"{name}: no such file, folder, or dataset in the local datasets cache. "
-                            "Datasets are never downloaded here; export it to a .jsonl or .parquet "
-                            "file and give that path.") from None
+            raise DataError(missing_dataset_message(name)) from None
 
 
 def _read_text(path: Path, suffix: str, limit: int | None) -> str:

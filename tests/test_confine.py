@@ -91,3 +91,50 @@ def test_errors_about_an_allowed_file_never_echo_its_contents(home):
         with pytest.raises(QALoRAError) as exc:
             load_records(forms.data_source("path or name", None, None, str(path)))
         assert "hunter2" not in str(exc.value) and name in str(exc.value)
+
+
+def _form_message(**kw) -> dict:
+    fields = dict(base="default", bits=4, group_size=32, method="rtn", data="builtin:default", rank=8, alpha=16,
+                  lr=2e-4, steps=10, batch_size=2, seq_len=256)
+    with pytest.raises(forms.FormError) as exc:
+        forms.build_spec(**{**fields, **kw})
+    return exc.value.fields
+
+
+def test_a_name_that_exists_here_is_told_what_a_missing_name_is_told(home, tmp_path, monkeypatch):
+    """Written as a dataset name or a model name (no ``/``, ``.``, ``~``, no file suffix), a relative
+    path that exists under the app's working folder gets the same message, word for word, as a name
+    that does not exist (it got the confinement message, a missing one "no such dataset")."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work = tmp_path / "work"
+    (work / "secret-set").mkdir(parents=True)
+    (work / "secret-set" / "rows.jsonl").write_text(ROWS)
+    (work / "org" / "secret-model").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for present, absent, field in (("secret-set", "absent-set", "data"), ("secret-set", "absent-set", "base"),
+                                   ("org/secret-model", "org/absent-model", "base")):
+        told = [_form_message(**{field: name})[field].replace(name, "NAME") for name in (present, absent)]
+        assert told[0] == told[1], (field, told)
+        assert "only reads server files" not in told[0]
+
+
+def test_the_command_line_sweep_reads_any_path(home, tmp_path, monkeypatch):
+    """``python -m qalora sweep`` is the machine user's own tool: it is not confined."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mine = tmp_path / "elsewhere" / "mine.jsonl"
+    mine.parent.mkdir()
+    mine.write_text(ROWS * 10)
+    assert "only reads server files" in str(_form_message(data=str(mine))["data"])  # the form is confined
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "qalora", "sweep", "--base", "tiny-random", "--data", str(mine),
+                           "--bits", "4", "--group-size", "32", "--steps", "2", "--name", "outside"],
+                          cwd=root, env={**os.environ, "QALORA_HOME": str(home)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "queued jobs #1" in proc.stdout
+    from jobs import service
+    (job,) = service.list_jobs()
+    assert job["spec"]["data"] == str(mine)
