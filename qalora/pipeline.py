@@ -40,8 +40,30 @@ def calibration_ids(examples, n: int = 32) -> list[torch.Tensor]:
     return [torch.tensor(ex["input_ids"]).unsqueeze(0) for ex in examples[:n]]
 
 
-def save_base_cache(path: Path, quant: QuantConfig, qweights: dict[str, QuantizedTensor]) -> None:
-    """The quantized weights as safetensors (data, not a pickle), written atomically."""
+def base_identity(src: BaseSource) -> dict:
+    """What tells one base's weights from another's without reading them: the name, and each weight
+    file's name, size and modification time (a Hub snapshot's folder names its commit)."""
+    if src.path is None:
+        return {"name": src.name, "kind": src.kind}
+    files = [src.path] if src.path.is_file() else sorted(
+        p for p in src.path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf") or p.name == "config.json")
+    return {"name": src.name, "kind": src.kind, "path": str(src.path.resolve()),
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def base_cache_key(src: BaseSource, quant: QuantConfig, data: str, train_cfg: TrainConfig) -> dict:
+    """What the quantized base depends on: the base's files and the quantization settings, and for
+    GPTQ the calibration examples too (the first training examples of the seeded split)."""
+    key = {"quant": quant.to_dict(), "base": base_identity(src)}
+    if quant.method == "gptq":
+        key["calibration"] = {"data": data_identity(data), "seed": train_cfg.seed, "seq_len": train_cfg.seq_len,
+                              "eval_fraction": train_cfg.eval_fraction}
+    return key
+
+
+def save_base_cache(path: Path, key: dict, qweights: dict[str, QuantizedTensor]) -> None:
+    """The quantized weights as safetensors (data, not a pickle), written atomically, with the
+    :func:`base_cache_key` they were made for."""
 
     from safetensors.torch import save_file
 
@@ -51,19 +73,20 @@ def save_base_cache(path: Path, quant: QuantConfig, qweights: dict[str, Quantize
             tensors[f"{name}.{part}"] = getattr(qt, part).detach().contiguous().cpu()
         shapes[name] = [qt.bits, qt.group_size, qt.in_features]
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"quant": json.dumps(quant.to_dict()), "layers": json.dumps(shapes)})
+    save_file(tensors, tmp, metadata={"key": json.dumps(key), "layers": json.dumps(shapes)})
     os.replace(tmp, path)
 
 
-def load_base_cache(path: Path, quant: QuantConfig) -> dict[str, QuantizedTensor] | None:
-    """The cache written by :func:`save_base_cache`, or None if absent or for other settings."""
+def load_base_cache(path: Path, key: dict) -> dict[str, QuantizedTensor] | None:
+    """The cache written by :func:`save_base_cache`, or None if absent or made for another key
+    (another base, other quantization settings, other calibration data)."""
     from safetensors import safe_open
 
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        if json.loads(meta.get("quant", "null")) != quant.to_dict():
+        if json.loads(meta.get("key", "null")) != key:
             return None
         return {name: QuantizedTensor(f.get_tensor(f"{name}.packed"), f.get_tensor(f"{name}.scale"),
                                       f.get_tensor(f"{name}.offset"), bits, gs, in_f)
@@ -71,12 +94,15 @@ def load_base_cache(path: Path, quant: QuantConfig) -> dict[str, QuantizedTensor
 
 
 def _quantized_base(src: BaseSource, quant: QuantConfig, adapter: AdapterConfig, train_examples, out: Path,
-                    resume: bool, device, dtype, log, on_progress=None, write_cache: bool = True):
-    """Stream-load and quantize the base, reusing the codes a previous attempt cached (GPTQ is slow)."""
+                    resume: bool, device, dtype, log, key: dict, on_progress=None, write_cache: bool = True):
+    """Stream-load and quantize the base, reusing the codes a previous attempt cached (GPTQ is slow)
+    where they were made for the same ``key`` (:func:`base_cache_key`)."""
     cache = out / BASE_CACHE
-    cached = load_base_cache(cache, quant) if resume else None
+    cached = load_base_cache(cache, key) if resume else None
     if cached:
         log.info("reusing quantized base from %s", cache.name)
+    elif resume and cache.is_file():
+        log.info("%s was made for another base, settings or calibration data: quantizing again", cache.name)
     calib = calibration_ids(train_examples) if quant.method == "gptq" and not cached else None
     from tqdm.auto import tqdm
     with tqdm(desc=f"load + quantize ({quant.method}, {quant.bits}-bit)", unit="layer", leave=False,
@@ -90,7 +116,7 @@ def _quantized_base(src: BaseSource, quant: QuantConfig, adapter: AdapterConfig,
         model, qweights = load_quantized_base(src, quant, adapter.targets, device, dtype, calib_ids=calib,
                                               cached=cached, on_progress=progress)
     if not cached and write_cache:
-        save_base_cache(cache, quant, qweights)
+        save_base_cache(cache, key, qweights)
     return model, qweights
 
 
@@ -195,6 +221,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
 
     stage("quantize")
     model, qweights = _quantized_base(src, quant, adapter, train_examples, out, resume, device, torch_dtype, log,
+                                      base_cache_key(src, quant, data, train_cfg),
                                       lambda done, total: progress("quantize", done, total), write_cache=w.main)
     # The adapter's initial values come from the global RNG: seed it so the job's seed decides them.
     torch.manual_seed(train_cfg.seed)

@@ -162,3 +162,46 @@ def test_every_stage_reports_its_progress_and_finishing_reuses_the_last_evaluati
     # the kernel rounds scales and zeros to bf16: the loss moves by far less than training changed it
     assert abs(report["eval_loss_merged"] - report["eval_loss_adapter"]) < 0.02
     assert report["merge_max_abs_logit_diff"] <= 1e-4  # the exactness check stays on the reference path
+
+
+class _Killed(Exception):
+    """Stands for the process dying at the start of training: the quantized base is cached, no
+    checkpoint is written."""
+
+
+def _killed_at_train(name):
+    if name == "train":
+        raise _Killed
+
+
+def test_the_quantized_base_cache_serves_only_the_base_and_data_it_was_made_from(tmp_path):
+    """A resume with another base of the same shape (or, for GPTQ, other calibration data) before the
+    first checkpoint quantizes again; it trained on the cached base's codes."""
+    from qalora.export.native import load_quantized
+    from qalora.model import quantize_model
+    from qalora.tiny import tiny_random_llama
+
+    bases = {}
+    for seed in (1, 2):
+        model, tok = tiny_random_llama(seed)
+        bases[seed] = tmp_path / f"base-{seed}"
+        model.save_pretrained(bases[seed])
+        tok.save_pretrained(bases[seed])
+    out, quant, targets = tmp_path / "run", QuantConfig(4, 32), AdapterConfig(rank=4).targets
+    with pytest.raises(_Killed):
+        finetune(str(bases[1]), "builtin:default", out, quant, AdapterConfig(rank=4), tcfg(), on_stage=_killed_at_train)
+    assert (out / BASE_CACHE).is_file() and not (out / "checkpoints").exists()
+    finetune(str(bases[2]), "builtin:default", out, quant, AdapterConfig(rank=4), tcfg(steps=2))
+    merged, _ = load_quantized(out / "merged")
+    expected = quantize_model(tiny_random_llama(2)[0], quant, targets)
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(merged.get_submodule(name).packed, expected[name].packed)  # base 2's codes, not base 1's
+
+    gptq = QuantConfig(4, 32, "gptq")
+    for data in ("builtin:default", "builtin:contacts"):
+        with pytest.raises(_Killed):
+            finetune("tiny-random", data, tmp_path / "g", gptq, AdapterConfig(rank=4), tcfg(),
+                     on_stage=_killed_at_train)
+        if data == "builtin:default":
+            first = (tmp_path / "g" / BASE_CACHE).read_bytes()
+    assert (tmp_path / "g" / BASE_CACHE).read_bytes() != first  # other calibration data: quantized again
