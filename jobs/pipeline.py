@@ -277,15 +277,27 @@ class _JobRun:
         self.history: dict[str, float] = {}  # stage seconds of an earlier job on the same base
         self.s_per_step: float | None = None  # measured training rate, for the finishing estimate
 
-    def should_stop(self) -> bool:
-        if self.lost.is_set() or self.shutdown.is_set():
-            return True
-        with db() as s:  # one primary-key read per step: a cancel is seen within one step
+    def _read(self):
+        """The job's row as the database has it now; a job no longer ours sets ``lost``."""
+        with db() as s:
             row = s.execute(select(Job.status, Job.worker_id, Job.cancel_requested)
                             .where(Job.id == self.job_id)).one()
         if row.status != JobStatus.RUNNING.value or row.worker_id != self.worker_id:
             self.lost.set()
+        return row
+
+    def should_stop(self) -> bool:
+        if self.lost.is_set() or self.shutdown.is_set():
+            return True
+        row = self._read()  # one primary-key read per step: a cancel is seen within one step
         return self.lost.is_set() or row.cancel_requested
+
+    def owns(self) -> bool:
+        """Whether the job is still ours, read from the database before each checkpoint: a worker
+        presumed dead and taken over writes nothing into the new owner's folder."""
+        if not self.lost.is_set():
+            self._read()
+        return not self.lost.is_set()
 
     def _close_stage(self) -> None:
         """Add the current stage's time to ``stage_s``."""
@@ -364,7 +376,7 @@ class _JobRun:
             self.finishing, self.history = finishing_stages(spec), stage_history(spec.base)
             report = finetune(spec.base, spec.data, self.artifact_dir, spec.quant, spec.adapter, spec.train,
                               resume=True, log=self.log, on_step=self.on_step, should_stop=self.should_stop,
-                              on_stage=self.library_stage, on_progress=self.on_progress)
+                              on_stage=self.library_stage, on_progress=self.on_progress, owns=self.owns)
             report = self.after_training(spec, report)
         except (TrainingStopped, _Stop) as exc:
             return self._stopped(str(exc))

@@ -166,7 +166,8 @@ def _masked_logits(model, check: list[dict]) -> list[torch.Tensor]:
 
 
 def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: AdapterConfig, train_cfg: TrainConfig, *,
-             resume: bool = True, on_step=None, should_stop=None, on_stage=None, on_progress=None, log=None) -> dict:
+             resume: bool = True, on_step=None, should_stop=None, on_stage=None, on_progress=None, log=None,
+             owns=None) -> dict:
     """Run the whole pipeline; returns the report (also written to ``out_dir/report.json``).
 
     Under ``torchrun`` every rank trains its share of each batch (``qalora.distributed``); rank 0
@@ -176,7 +177,8 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     ``out_dir/checkpoints``. Raises :class:`TrainingStopped` when ``should_stop()`` fires.
     ``on_progress(stage, done, total)`` reports progress inside a stage: records tokenized ("data"),
     decoder layers loaded and quantized, then eval batches ("quantize"), layers merged ("merge"),
-    check and eval batches ("verify"), the model written ("save").
+    check and eval batches ("verify"), the model written ("save"). ``owns()``: see
+    :func:`qalora.train.train`.
     """
     from .export.adapter import save_adapter
     from .export.atomic import atomic_path
@@ -237,7 +239,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     resumed = resume and latest_checkpoint(out / "checkpoints") is not None
     result = train(model, train_examples, eval_examples, train_cfg, pad_id, ckpt_dir=out / "checkpoints",
                    resume=resume, on_step=on_step, should_stop=should_stop, log=log,
-                   fingerprint=fingerprint)
+                   fingerprint=fingerprint, owns=owns)
     if result.stopped:
         distributed.finish()
         raise TrainingStopped(f"stopped after step {result.step}")

@@ -279,11 +279,13 @@ def load_checkpoint(path, model, optimizer, scheduler, fingerprint: dict | None 
 
 def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: TrainConfig, pad_id: int, *,
           ckpt_dir=None, resume: bool = True, on_step=None, should_stop=None, log=None,
-          fingerprint: dict | None = None) -> TrainResult:
+          fingerprint: dict | None = None, owns=None) -> TrainResult:
     """Train the model's trainable parameters for ``cfg.steps`` optimizer steps.
 
     ``on_step(StepInfo)`` runs after each step; ``should_stop()`` is checked after each step
     and, when true, a checkpoint is written and the loop returns with ``stopped=True``.
+    ``owns()``, asked before each checkpoint, says whether this process still owns ``ckpt_dir``: a
+    job taken over by another worker writes (and prunes) nothing in the new owner's folder.
     ``fingerprint`` (settings and data identity) is stored in every checkpoint; resuming from
     checkpoints with a different one raises ``ConfigError``.
     """
@@ -314,6 +316,7 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    may_write = owns or (lambda: True)
     order = _Order(len(train_examples), cfg.seed)
     step_examples = cfg.batch_size * cfg.grad_accum * w.size
     model.train()
@@ -346,10 +349,10 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
                                  tokens_seen=result.tokens, extra={"grad_norm": grad_norm, "world_size": w.size}))
             # after on_step: a step in a checkpoint has been reported (recorded) too, so a run killed in
             # between resumes without a hole in its recorded steps (it re-trains and re-records the step)
-            if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps):
+            if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps) and may_write():
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
             if result.step < cfg.steps and distributed.decide(bool(should_stop and main and should_stop()), device):
-                if ckpt_dir and result.step % cfg.save_every:
+                if ckpt_dir and result.step % cfg.save_every and may_write():
                     save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
                 result.stopped = True
                 break

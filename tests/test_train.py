@@ -209,3 +209,16 @@ def test_checkpoints_are_pruned_by_step_and_a_fresh_run_starts_clean(tmp_path):
     with pytest.raises(ConfigError, match="cannot tell are its own"):
         train(fresh_model(), data, [], cfg(steps=3), PAD, ckpt_dir=run, resume=False)
     assert [s for s, _ in checkpoints(run)] == [3, 6]  # nothing of the other run was touched
+
+
+def test_a_run_that_no_longer_owns_its_folder_writes_no_checkpoint(tmp_path):
+    """``owns()`` false (the job was taken over): neither the periodic checkpoint nor the one a stop
+    writes is saved, so nothing of the new owner's is overwritten or pruned."""
+    from qalora.train import checkpoints
+
+    done = []
+    result = train(fresh_model(), examples(), [], cfg(steps=8, save_every=2), PAD, ckpt_dir=tmp_path,
+                   on_step=lambda info: done.append(info.step), owns=lambda: len(done) < 3,
+                   should_stop=lambda: len(done) >= 5)
+    assert result.stopped and result.step == 5
+    assert [s for s, _ in checkpoints(tmp_path)] == [2]

@@ -222,6 +222,9 @@ def test_worker_whose_job_was_taken_over_stops_without_writing_to_it(store, tmp_
     assert (job["status"], job["worker_id"], job["step"]) == ("running", "elsewhere:1:abc", taken_at)
     assert steps_of(job_id) == list(range(1, taken_at + 1))
     assert "taken over" in service.read_log(job_id, tail=3)
+    # and it wrote no checkpoint into the new owner's folder (it saved one on stopping)
+    from qalora.train import checkpoints
+    assert [s for s, _ in checkpoints(Path(job["artifact_dir"]) / "checkpoints") if s > taken_at] == []
 
 
 def test_stale_heartbeat_recovery_requeues_until_max_attempts(store, monkeypatch):
