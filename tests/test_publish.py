@@ -270,15 +270,23 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
     import gradio as gr
 
     from jobs.worker import Worker
-    torch_was_loaded = "torch" in sys.modules
-    update, note = _download_now(env["id"], "peft")
-    assert note.startswith("The peft export is queued by the worker") and isinstance(update, type(gr.skip()))
+    # the web process's own answer, in a fresh process (this one loaded torch long ago): it loads
+    # no torch to queue the export
+    code = ("import json, sys, app; update, note = list(app._download(%d, 'peft'))[-1]; "
+            "print(json.dumps({'note': note, 'torch': 'torch' in sys.modules, 'skip': type(update).__name__}))"
+            % env["id"])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "QALORA_HOME": str(get_settings().home)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    web = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert web["torch"] is False and web["skip"] == type(gr.skip()).__name__
+    note = web["note"]
+    assert note.startswith("The peft export is queued by the worker")
     assert [(t["format"], t["status"]) for t in service.export_tasks(env["id"])] == [("peft", "queued")]
     assert _download_now(env["id"], "peft")[1] == note  # asking twice queues it once
     assert len(service.export_tasks(env["id"])) == 1
     assert "peft queued" in app._job_summary(service.get_job(env["id"]))
     assert not (Path(env["artifact_dir"]) / "exports" / "peft").exists()
-    assert ("torch" in sys.modules) == torch_was_loaded  # nothing was loaded to answer
     assert Worker().run(burst=True) == 0  # no job ran; the export did
     (task,) = service.export_tasks(env["id"])
     assert task["status"] == "done" and Path(task["path"]).is_dir()
