@@ -11,7 +11,7 @@ import os
 import sys
 
 from .config import AdapterConfig, QuantConfig, TrainConfig
-from .errors import QALoRAError
+from .errors import ConfigError, QALoRAError
 
 
 def _train_parser(sub) -> None:
@@ -70,6 +70,13 @@ def _serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-id", default=None, help="the model's name in the API (default: the run folder's name)")
+    p.add_argument("--api-key", default=None,
+                   help="clients must send 'Authorization: Bearer KEY' (default: $QALORA_API_KEY); required to "
+                        "listen beyond loopback")
+    p.add_argument("--no-auth", action="store_true", help="listen beyond loopback without an API key")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="requests that may wait for the model; more are answered 503 at once (default 32)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds one request may wait and generate (600)")
     _runtime_argument(p)
 
 
@@ -251,6 +258,9 @@ def cmd_chat(args) -> str:
     return shown
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
@@ -258,12 +268,22 @@ def cmd_serve(args) -> None:
     from .runtime import open_runtime
     from .serve import build_app
 
+    from .serve import MAX_WAITING, TIMEOUT_S
+
+    api_key = args.api_key or os.environ.get("QALORA_API_KEY") or None
+    if not api_key and not args.no_auth and args.host not in LOOPBACK:
+        raise ConfigError(f"--host {args.host} makes the model reachable from other machines, and no API key is "
+                          "set: give --api-key KEY (or QALORA_API_KEY) and send it as 'Authorization: Bearer KEY', "
+                          "or pass --no-auth to serve without one.")
     merged, _ = run_parts(args.run_dir)
     model_id = args.model_id or (merged.parent.name if merged.name == "merged" else merged.name)
     runtime = open_runtime(merged, prefer=args.runtime)
-    print(f"serving {model_id!r} with {runtime.name} ({runtime.reason}) at http://{args.host}:{args.port}/v1",
-          file=sys.stderr, flush=True)
-    uvicorn.run(build_app(runtime, model_id), host=args.host, port=args.port, log_level="info")
+    print(f"serving {model_id!r} with {runtime.name} ({runtime.reason}) at http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+    app = build_app(runtime, model_id, api_key=api_key,
+                    max_waiting=MAX_WAITING if args.max_waiting is None else args.max_waiting,
+                    timeout_s=TIMEOUT_S if args.timeout is None else args.timeout)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
 def main(argv=None) -> int:

@@ -10,20 +10,33 @@ context overflow), 404 (unknown model or route) or 405. Sampling defaults are Op
 (temperature 1, top-p 1); ``temperature: 0`` is greedy, as in the app's chat. The runtime's name
 is sent as ``system_fingerprint`` and in the ``X-QALoRA-Runtime`` header.
 
-Built on Starlette (installed with Gradio); ``qalora.cli`` runs it with uvicorn. Generation runs in
-worker threads, one request at a time per model (the runtime's lock), so the event loop stays free.
+Built on Starlette (installed with Gradio); ``qalora.cli`` runs it with uvicorn. Generation runs a
+token at a time in worker threads, one request at a time per model (the runtime's lock), so the
+event loop stays free. What keeps it standing:
+
+- an API key (``build_app(api_key=...)``, ``--api-key`` / ``QALORA_API_KEY``), sent as
+  ``Authorization: Bearer KEY`` and compared in constant time; ``qalora serve`` refuses to listen
+  beyond loopback without one unless told ``--no-auth``;
+- a bounded wait: past ``max_waiting`` requests waiting for the model, a request is answered 503
+  with ``Retry-After`` at once instead of queueing without end;
+- a client that disconnects stops its generation within a token, and frees the model;
+- a request timeout: a request that has waited and generated for ``timeout_s`` seconds ends (504,
+  or an error event in a stream).
 """
 from __future__ import annotations
 
-import contextlib
+import hmac
 import json
+import threading
 import time
 import uuid
-from typing import Iterator
 
-from .runtime import ContextError, Generation, Runtime
+from .runtime import Busy, ContextError, Generation, Runtime
 
 DEFAULT_MAX_TOKENS = {"chat": 512, "completion": 16}  # OpenAI's completions default is 16
+MAX_WAITING = 32  # requests waiting for the model beyond the one it answers; more get 503 at once
+TIMEOUT_S = 600.0  # one request's wait and generation together
+RETRY_AFTER_S = 2
 MAX_STOP = 4
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -157,17 +170,18 @@ class Endpoint:
         return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
                 "total_tokens": g.prompt_tokens + g.completion_tokens}
 
-    def respond(self, kind: str, ids: list[int], generation: dict) -> dict:
-        g = self.runtime.generate(ids, **generation)
-        rid = _new_id(kind)
+    def response(self, kind: str, g: Generation) -> dict:
+        """The non-streamed body of a finished reply."""
         choice = ({"message": {"role": "assistant", "content": g.text}} if kind == "chat" else {"text": g.text})
-        return {**self._head(kind, rid), "choices": [{"index": 0, **choice, "logprobs": None,
-                                                      "finish_reason": g.finish_reason}], "usage": self._usage(g)}
+        return {**self._head(kind, _new_id(kind)), "choices": [{"index": 0, **choice, "logprobs": None,
+                                                                "finish_reason": g.finish_reason}],
+                "usage": self._usage(g)}
 
-    def chunks(self, kind: str, ids: list[int], generation: dict, include_usage: bool) -> Iterator[dict]:
-        """The streamed reply as OpenAI chunks: text deltas, then the finish reason, then usage if asked."""
-        rid = _new_id(kind)
-        head = {**self._head(kind, rid), "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
+    def chunker(self, kind: str, include_usage: bool):
+        """``chunk(delta, finish=None, role=False)`` building the stream's OpenAI chunks, and
+        ``usage(g)`` for its last chunk when asked."""
+        head = {**self._head(kind, _new_id(kind)),
+                "object": "chat.completion.chunk" if kind == "chat" else "text_completion"}
 
         def chunk(delta: str | None, finish=None, role=False) -> dict:
             if kind == "chat":
@@ -177,28 +191,64 @@ class Endpoint:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
             return {**head, "choices": [choice], **({"usage": None} if include_usage else {})}
 
-        if kind == "chat":
-            yield chunk(None, role=True)
-        sent, last = "", None
-        stream = self.runtime.stream(ids, **generation)
-        try:
-            for last in stream:
-                if len(last.text) > len(sent):
-                    yield chunk(last.text[len(sent):])
-                    sent = last.text
-        finally:
-            stream.close()
-        yield chunk(None, finish=last.finish_reason)
-        if include_usage:
-            yield {**head, "choices": [], "usage": self._usage(last)}
+        def usage(g: Generation) -> dict:
+            return {**head, "choices": [], "usage": self._usage(g)}
+
+        return chunk, usage
+
+
+class _Reply:
+    """One generation driven from the event loop a token at a time, each step in a worker thread.
+
+    :meth:`close` waits for a step in flight (at most one token), then ends the runtime's stream,
+    which frees the model for the next request.
+    """
+
+    def __init__(self, runtime: Runtime, ids: list[int], generation: dict, deadline: float):
+        self.deadline = deadline
+        self._stream = runtime.stream(ids, **generation, wait_s=deadline - time.monotonic())
+        self._lock = threading.Lock()
+        self.timed_out = False
+
+    def step(self) -> Generation | None:
+        """The reply so far (``finish_reason`` set on the last), None once it ended or timed out."""
+        with self._lock:
+            if time.monotonic() > self.deadline:
+                self.timed_out = True
+                return None
+            return next(self._stream, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stream.close()
+
+
+class _Gate:
+    """Admits at most ``1 + max_waiting`` requests at a time (the one answered, the rest waiting)."""
+
+    def __init__(self, max_waiting: int):
+        self.limit, self.inside, self._lock = max_waiting + 1, 0, threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.inside >= self.limit:
+                return False
+            self.inside += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.inside -= 1
 
 
 def _new_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def build_app(runtime: Runtime, model_id: str):
-    """The Starlette application serving ``runtime`` as ``model_id``."""
+def build_app(runtime: Runtime, model_id: str, *, api_key: str | None = None, max_waiting: int = MAX_WAITING,
+              timeout_s: float = TIMEOUT_S):
+    """The Starlette application serving ``runtime`` as ``model_id`` (see the module docstring)."""
+    import anyio
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -207,14 +257,34 @@ def build_app(runtime: Runtime, model_id: str):
 
     endpoint = Endpoint(runtime, model_id)
     headers = {"X-QALoRA-Runtime": runtime.name}
+    gate = _Gate(max_waiting)
+    expected = f"Bearer {api_key}".encode() if api_key else None
 
-    def error(exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    def error(exc: APIError, extra: dict | None = None) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers={**headers, **(extra or {})})
+
+    def busy(why: str) -> JSONResponse:
+        return error(APIError(503, f"the server is busy: {why}; retry in a few seconds.", None, "server_busy",
+                              "server_error"), {"Retry-After": str(RETRY_AFTER_S)})
+
+    def refused(request) -> JSONResponse | None:
+        """401 unless the request carries the API key (constant-time comparison)."""
+        if expected is None:
+            return None
+        given = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(given, expected):
+            return None
+        return error(APIError(401, "a valid API key is required: send 'Authorization: Bearer YOUR_KEY' (the key "
+                                   "the server was started with).", None, "invalid_api_key", "invalid_request_error"))
 
     async def models(request):
+        if (no := refused(request)) is not None:
+            return no
         return JSONResponse({"object": "list", "data": [endpoint.model()]}, headers=headers)
 
     async def model(request):
+        if (no := refused(request)) is not None:
+            return no
         name = request.path_params["name"]
         if name != model_id:
             return error(APIError(404, f"The model `{name}` does not exist; this server serves `{model_id}`.",
@@ -230,8 +300,66 @@ def build_app(runtime: Runtime, model_id: str):
             raise APIError(400, "the request body must be a JSON object.")
         return body
 
+    async def finish(reply: _Reply) -> None:
+        """End the reply whatever happened (a cancelled request included) and let the next one in."""
+        try:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(reply.close)
+        finally:
+            gate.leave()
+
+    def timed_out() -> APIError:
+        return APIError(504, f"the request took longer than this server's timeout ({timeout_s:g} s) to answer; "
+                             "ask for fewer tokens, or retry when the server is less busy.", None, "timeout",
+                        "server_error")
+
+    async def answer(request, kind: str, reply: _Reply) -> JSONResponse | None:
+        """The whole reply, a token at a time; None when the client went away (generation stopped)."""
+        try:
+            while True:
+                g = await run_in_threadpool(reply.step)
+                if g is None:
+                    return error(timed_out()) if reply.timed_out else None
+                if g.finish_reason is not None:
+                    return JSONResponse(endpoint.response(kind, g), headers=headers)
+                if await request.is_disconnected():
+                    return None
+        finally:
+            await finish(reply)
+
+    async def events(kind: str, reply: _Reply, include_usage: bool):
+        """Server-sent events; a disconnect cancels this generator, and ``finish`` stops the reply."""
+        chunk, usage = endpoint.chunker(kind, include_usage)
+        try:
+            if kind == "chat":
+                yield _event(chunk(None, role=True))
+            sent = ""
+            while True:
+                g = await run_in_threadpool(reply.step)
+                if g is None:
+                    if reply.timed_out:
+                        yield _event(timed_out().body())
+                    break
+                if len(g.text) > len(sent):
+                    yield _event(chunk(g.text[len(sent):]))
+                    sent = g.text
+                if g.finish_reason is not None:
+                    yield _event(chunk(None, finish=g.finish_reason))
+                    if include_usage:
+                        yield _event(usage(g))
+                    break
+        except Busy as exc:
+            yield _event(APIError(503, f"the server is busy: {exc}", None, "server_busy", "server_error").body())
+        except Exception as exc:  # headers are sent: report in the stream, OpenAI style
+            yield _event(APIError(500, str(exc), kind="server_error").body())
+        finally:
+            await finish(reply)
+        yield "data: [DONE]\n\n"
+
     def handler(kind: str):
         async def handle(request):
+            if (no := refused(request)) is not None:
+                return no
             try:
                 body = await read_body(request)
                 ids, generation = endpoint.prepare(body, kind)
@@ -240,27 +368,20 @@ def build_app(runtime: Runtime, model_id: str):
                     raise APIError(400, "'stream' must be true or false.", "stream", "invalid_value")
                 options = body.get("stream_options") or {}
                 include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-                if not stream:
-                    return JSONResponse(await run_in_threadpool(endpoint.respond, kind, ids, generation),
-                                        headers=headers)
             except APIError as exc:
                 return error(exc)
-            return StreamingResponse(_sse(endpoint.chunks(kind, ids, generation, include_usage)),
-                                     media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+            if not gate.enter():
+                return busy(f"{max_waiting} requests are already waiting for the model")
+            reply = _Reply(endpoint.runtime, ids, generation, time.monotonic() + timeout_s)
+            if stream:
+                return StreamingResponse(events(kind, reply, include_usage), media_type="text/event-stream",
+                                         headers={**headers, "Cache-Control": "no-cache"})
+            try:
+                response = await answer(request, kind, reply)
+            except Busy as exc:
+                return busy(str(exc))
+            return response if response is not None else JSONResponse({}, status_code=499)
         return handle
-
-    async def _sse(chunks: Iterator[dict]):
-        """Server-sent events from a blocking iterator, each ``next`` in a worker thread."""
-        done = object()
-        try:
-            while (item := await run_in_threadpool(next, chunks, done)) is not done:
-                yield f"data: {json.dumps(item)}\n\n"
-        except Exception as exc:  # headers are sent: report in the stream, OpenAI style
-            yield f"data: {json.dumps(APIError(500, str(exc), kind='server_error').body())}\n\n"
-        finally:
-            with contextlib.suppress(ValueError):  # still running in a thread: it closes when collected
-                chunks.close()
-        yield "data: [DONE]\n\n"
 
     async def http_error(request, exc: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
@@ -272,3 +393,7 @@ def build_app(runtime: Runtime, model_id: str):
               Route("/v1/chat/completions", handler("chat"), methods=["POST"]),
               Route("/v1/completions", handler("completion"), methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def _event(item: dict) -> str:
+    return f"data: {json.dumps(item)}\n\n"

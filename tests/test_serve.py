@@ -164,3 +164,158 @@ def test_the_serve_command_answers_openai_clients(run, runtime):
         out = proc.communicate(timeout=30)[0]
     assert f"serving '{MODEL}' with llama.cpp (GGUF Q4_1) (CPU, with the run's GGUF export " \
            f"exports/model-q4_1.gguf) at http://127.0.0.1:{port}/v1" in out
+
+
+# ---- what keeps the server standing: a key, a bounded wait, disconnects, a timeout, load ----
+
+from contextlib import contextmanager  # noqa: E402
+
+from qalora.runtime import Runtime  # noqa: E402
+
+
+class SlowRuntime(Runtime):
+    """Answers "a" for every token, ``delay`` seconds each, counting the tokens it made."""
+
+    name = "slow"
+
+    def __init__(self, delay: float = 0.05):
+        from qalora.tiny import byte_tokenizer
+        tok = byte_tokenizer()
+        super().__init__(tok, [tok.eos_token_id], 100_000, "test")
+        self.delay, self.made = delay, 0
+        self.a = tok("a", add_special_tokens=False)["input_ids"][0]
+
+    def _tokens(self, ids, max_new_tokens, temperature, top_p, seed):
+        while True:
+            time.sleep(self.delay)
+            self.made += 1
+            yield self.a
+
+
+@contextmanager
+def serving(app):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def _ask(url, max_tokens=5, stream=False, **kw):
+    body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": stream}
+    return httpx.post(f"{url}/chat/completions", json=body, **{"timeout": 30, **kw})
+
+
+def test_an_api_key_is_required_and_compared_whole():
+    with serving(build_app(SlowRuntime(0.0), "slow", api_key="s3cret")) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer s3cret-and-more"},
+                        {"Authorization": "s3cret"}):
+            r = httpx.get(f"{url}/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert _ask(url, headers=headers).status_code == 401
+        client = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["slow"]
+        reply = client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert reply.choices[0].message.content == "aaa"
+
+
+def test_serve_refuses_to_listen_beyond_loopback_without_a_key(run):
+    proc = subprocess.run([sys.executable, "-m", "qalora", "serve", str(run), "--host", "0.0.0.0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--host 0.0.0.0 makes the model reachable from other machines, and no API key is set" in proc.stderr
+
+
+def test_past_the_waiting_bound_requests_get_503_at_once_and_none_hang():
+    runtime = SlowRuntime(0.05)
+    with serving(build_app(runtime, "slow", max_waiting=2)) as url:
+        results = [None] * 8
+        t0 = time.monotonic()
+
+        def one(i):
+            r = _ask(url, max_tokens=6)
+            results[i] = (r.status_code, time.monotonic() - t0, r.headers.get("retry-after"), r.json())
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert all(r is not None for r in results)
+        answered = [r for r in results if r[0] == 200]
+        busy = [r for r in results if r[0] == 503]
+        assert len(answered) == 3 and len(busy) == 5  # one answered at a time, two waiting
+        assert all(r[3]["choices"][0]["message"]["content"] == "aaaaaa" for r in answered)
+        assert all(r[2] == "2" and r[3]["error"]["code"] == "server_busy" and r[1] < 1.0 for r in busy)
+        assert _ask(url, max_tokens=2).status_code == 200  # and the gate lets the next ones in
+
+
+def _settled(runtime, every=0.25) -> int:
+    """The runtime's token count once it stops growing."""
+    before = -1
+    while runtime.made != before:
+        before = runtime.made
+        time.sleep(every)
+    return before
+
+
+def test_a_client_that_disconnects_stops_its_generation_and_frees_the_model():
+    runtime = SlowRuntime(0.02)
+    with serving(build_app(runtime, "slow")) as url:
+        with httpx.stream("POST", f"{url}/chat/completions", timeout=30,
+                          json={"model": "slow", "messages": [{"role": "user", "content": "hi"}],
+                                "max_tokens": 5000, "stream": True}) as r:
+            events = (line for line in r.iter_lines() if line)
+            assert all(next(events).startswith("data: {") for _ in range(3))
+        made = _settled(runtime)
+        assert made < 100  # it stopped within a token or so of the disconnect, not after 5000
+        with pytest.raises(httpx.ReadTimeout):  # a client that gives up on a non-streamed reply
+            _ask(url, max_tokens=5000, timeout=0.5)
+        assert _settled(runtime) - made < 100
+        assert _ask(url, max_tokens=3).json()["choices"][0]["message"]["content"] == "aaa"  # the model is free
+
+
+def test_a_request_past_the_timeout_ends_with_504():
+    with serving(build_app(SlowRuntime(0.05), "slow", timeout_s=0.5)) as url:
+        r = _ask(url, max_tokens=1000)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        r = _ask(url, max_tokens=1000, stream=True)
+        events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+        assert '"code": "timeout"' in events[-2] and events[-1] == "data: [DONE]"
+        assert _ask(url, max_tokens=3).status_code == 200
+
+
+def test_sixteen_concurrent_clients_each_get_their_whole_correct_answer(base_url, runtime):
+    """16 clients x 3 requests, streamed and not, over loopback (bench/serve_load.py runs more and
+    reports latency): every answer is the runtime's own greedy reply, complete."""
+    expected = runtime.chat(MESSAGES, max_new_tokens=MAX_TOKENS).text
+    answers, errors = [], []
+
+    def client_loop(i):
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        for k in range(3):
+            try:
+                if (i + k) % 2:
+                    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0,
+                                                            max_tokens=MAX_TOKENS, stream=True)
+                    answers.append("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+                else:
+                    answers.append(client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0,
+                                                                  max_tokens=MAX_TOKENS).choices[0].message.content)
+            except Exception as exc:  # reported below with the others
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == [] and answers == [expected] * 48

@@ -40,6 +40,10 @@ class ContextError(ConfigError):
     """The prompt and the tokens asked for do not fit in the model's context window."""
 
 
+class Busy(Exception):
+    """Another generation held the runtime for longer than the caller would wait."""
+
+
 class Runtime:
     """A loaded model that turns prompt token ids into reply tokens; backends implement ``_tokens``.
 
@@ -83,17 +87,23 @@ class Runtime:
                 f"conversation or ask for at most {max(self.context_length - n_prompt, 0)} new tokens.")
 
     def stream(self, ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 0.95,
-               stop: list[str] | tuple = (), seed: int | None = None) -> Iterator[Generation]:
+               stop: list[str] | tuple = (), seed: int | None = None,
+               wait_s: float | None = None) -> Iterator[Generation]:
         """Yield the reply to ``ids`` as it grows; the last item carries ``finish_reason``.
 
         ``temperature`` 0 is greedy; a ``stop`` string ends the reply before it (OpenAI's rule).
         Text is yielded only when it grows and does not end inside a multi-byte character.
+        ``wait_s``: how long to wait for a generation already running (default: as long as it
+        takes); past it :class:`Busy` is raised. The runtime is held until the stream ends or is
+        closed.
         """
         if max_new_tokens < 1:
             raise ConfigError(f"max new tokens={max_new_tokens} must be at least 1.")
         self.check_fits(len(ids), max_new_tokens)
         stop = [s for s in stop if s]
-        with self._lock:
+        if not self._lock.acquire(timeout=-1 if wait_s is None else max(wait_s, 0.0)):
+            raise Busy(f"another reply held the model for over {wait_s:g} s")
+        try:
             made: list[int] = []
             text, shown, reason = "", "", "length"
             tokens = self._tokens(list(ids), max_new_tokens, float(temperature), float(top_p), seed)
@@ -117,6 +127,8 @@ class Runtime:
             finally:
                 tokens.close()
             yield Generation(text, len(ids), len(made), reason)
+        finally:
+            self._lock.release()
 
     def stream_chat(self, messages: list[dict], **generation) -> Iterator[str]:
         """Yield the reply's text as it grows (as ``qalora.infer.stream_chat`` does)."""
