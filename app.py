@@ -943,7 +943,7 @@ def main(argv: list[str] | None = None) -> None:
     auth = _ACCESS.auth
     # SIGTERM stops the app like Ctrl-C does, so the workers below are stopped too
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    workers = [] if args.no_worker else service.start_worker_process()
+    workers = None if args.no_worker else service.WorkerPool().start()
     # the first dataset preview needs the default tokenizer: read it while the page loads
     threading.Thread(target=service.warm_up, name="warm-up", daemon=True).start()
     try:
@@ -951,10 +951,8 @@ def main(argv: list[str] | None = None) -> None:
         demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port, auth=auth,
                                                        show_error=True, run_history=False, css=CSS)
     finally:
-        for proc in workers:  # SIGTERM: a running job checkpoints and goes back to the queue
-            proc.terminate()
-        for proc in workers:
-            proc.wait(timeout=120)
+        if workers is not None:
+            workers.stop()  # SIGTERM: a running job checkpoints and goes back to the queue
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ meant for the user are ``QALoRAError`` subclasses with a readable message.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -299,31 +301,82 @@ def read_log(job_id: int, tail: int = 200) -> str:
     return _log_tail(folder, tail)
 
 
+def _worker_env(n: int, shares: list[list[str]], gpus: list[str]) -> dict:
+    settings = get_settings()
+    # absolute paths, so the workers find the same store whatever their working directory
+    env = {**os.environ, "QALORA_HOME": str(settings.home), "QALORA_DB_URL": settings.db_url,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return {**env, "CUDA_VISIBLE_DEVICES": ",".join(shares[n])} if gpus else env
+
+
+def _spawn_worker(n: int, env: dict, log_dir: Path) -> subprocess.Popen:
+    with open(log_dir / f"worker-{n}.log", "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "jobs.worker", "--die-with-parent", "--wait-for-slot"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
 def start_worker_process(count: int | None = None, log_dir: Path | None = None) -> list[subprocess.Popen]:
     """Start ``count`` (default ``QALORA_WORKERS``) ``python -m jobs.worker`` processes.
 
     They inherit this process's environment (``QALORA_HOME``, ``QALORA_DB_URL``) and write to
     ``<home>/workers/worker-<n>.log``. On a GPU machine each owns a contiguous share of the GPUs
-    (its ``CUDA_VISIBLE_DEVICES``), never fewer than one. Surplus workers exit at once when every
-    slot is held.
+    (its ``CUDA_VISIBLE_DEVICES``), never fewer than one. Each stops when this process dies, and
+    waits for a slot while every slot is held (by a worker of an app that died, until it stops).
     """
     from .devices import split, visible_gpus
 
     settings = get_settings()
     log_dir = Path(log_dir or settings.home / "workers")
     log_dir.mkdir(parents=True, exist_ok=True)
-    # absolute paths, so the workers find the same store whatever their working directory
-    env = {**os.environ, "QALORA_HOME": str(settings.home), "QALORA_DB_URL": settings.db_url,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     gpus = visible_gpus()
     shares = split(gpus, count or settings.workers)
-    procs = []
-    for n, share in enumerate(shares):
-        own = {**env, "CUDA_VISIBLE_DEVICES": ",".join(share)} if gpus else env
-        with open(log_dir / f"worker-{n}.log", "ab") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "jobs.worker"], env=own, stdout=out,
-                                          stderr=subprocess.STDOUT))
-    return procs
+    return [_spawn_worker(n, _worker_env(n, shares, gpus), log_dir) for n in range(len(shares))]
+
+
+class WorkerPool:
+    """The app's workers: started with it, started again when one ends while the app runs, stopped
+    with it. Every ``check_s`` seconds it also recovers jobs whose worker is gone (whoever notices
+    first: this, or any worker), so a job never shows "running" for long with no worker behind it."""
+
+    def __init__(self, count: int | None = None, check_s: float | None = None):
+        self.count, self.check_s = count, check_s if check_s is not None else max(get_settings().poll_s, 1.0)
+        self.procs: list[subprocess.Popen] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "WorkerPool":
+        self.procs = start_worker_process(self.count)
+        self._thread = threading.Thread(target=self._watch, name="worker-pool", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        from .devices import split, visible_gpus
+        from .worker import recover_orphans
+
+        settings = get_settings()
+        gpus = visible_gpus()
+        shares = split(gpus, self.count or settings.workers)
+        while not self._stop.wait(self.check_s):
+            for n, proc in enumerate(self.procs):
+                if proc.poll() is not None and not self._stop.is_set():
+                    logging.getLogger("qalora.app").warning("worker %d (pid %d) ended with %s; starting another",
+                                                            n, proc.pid, proc.returncode)
+                    self.procs[n] = _spawn_worker(n, _worker_env(n, shares, gpus), settings.home / "workers")
+            try:
+                recover_orphans()
+            except Exception:  # the database may be away for a moment: the next round retries
+                logging.getLogger("qalora.app").exception("recovering orphaned jobs failed; retrying")
+
+    def stop(self, timeout: float = 120) -> None:
+        """SIGTERM every worker (a running job checkpoints and goes back to the queue), then wait."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(timeout=timeout)
 
 
 def device_choices() -> int:

@@ -5,8 +5,13 @@
 
 Each worker process holds one of ``QALORA_WORKERS`` slot locks under ``QALORA_HOME/workers``
 (default one: one job at a time per device); a worker started when every slot is held exits
-at once, so a restarted app cannot double-book the device. A job's failure is recorded on
-the job and the loop goes on (huey's ``Worker.loop``).
+at once (``--wait-for-slot``: waits until one frees), so nothing double-books the device. A job's
+failure is recorded on the job and the loop goes on (huey's ``Worker.loop``).
+
+The app starts its workers with ``--die-with-parent --wait-for-slot``: a worker gets SIGTERM when
+the app dies, however it dies (Linux's parent-death signal), so it hands its job back after the
+current step instead of training on as an orphan; and a worker of a restarted app waits for the
+slot a dying orphan still holds, then recovers the job at once (its owner's process is gone).
 """
 from __future__ import annotations
 
@@ -56,21 +61,84 @@ def _gone(worker_id: str | None) -> bool:
     return False
 
 
-def acquire_slot(settings: Settings) -> IO | None:
-    """An exclusively locked slot file (released by the OS when this process dies), or None."""
+def acquire_slot(settings: Settings, wait: threading.Event | None = None, every_s: float = 0.5) -> IO | None:
+    """An exclusively locked slot file (released by the OS when this process dies), or None.
+
+    ``wait``: keep trying every ``every_s`` seconds until a slot frees or ``wait`` is set.
+    """
     folder = settings.home / "workers"
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(settings.workers):
-        handle = open(folder / f"slot-{i}.lock", "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
+    while True:
+        for i in range(settings.workers):
+            handle = open(folder / f"slot-{i}.lock", "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            return handle
+        if wait is None or wait.wait(every_s):
+            return None
+
+
+def die_with_parent() -> None:
+    """SIGTERM when the process that started this one dies (Linux): the job is handed back after its
+    current step. Exits at once if that process is already gone."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent or parent == 1:  # it died before the signal was armed
+        raise SystemExit(0)
+
+
+def recover_orphans(recoverer: str | None = None) -> list[int]:
+    """Mark running jobs whose worker died (gone from this host, or silent past
+    ``QALORA_STALE_S``) interrupted and requeue them; requeue the export tasks of workers gone from
+    this host. Any worker, or the app, may call it: whoever notices first. Returns the requeued jobs.
+
+    The next run resumes from the job's last checkpoint. A job that has already been started
+    ``QALORA_MAX_ATTEMPTS`` times stays interrupted for a human to look at.
+    """
+    settings = get_settings()
+    cutoff = utcnow() - timedelta(seconds=settings.stale_s)
+    with db() as s:
+        running = [(j.id, j.worker_id, j.heartbeat_at, j.attempts, j.folder) for j in repo.running_jobs(s)]
+    requeued = []
+    for job_id, owner, beat, attempts, artifact_dir in running:
+        gone = owner != recoverer and _gone(owner)
+        if not gone and beat is not None and beat >= cutoff:
             continue
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        return handle
-    return None
+        why = (f"worker {owner} died" if gone else
+               f"worker {owner} sent no heartbeat for over {settings.stale_s:g} s")
+        retry = attempts < settings.max_attempts
+        if not retry:
+            why += (f"; the job has been started {attempts} times, so it is left for you: read its log, "
+                    "then resume it (if the worker was killed for memory, reduce batch size or "
+                    "sequence length)")
+        try:
+            with db() as s:
+                repo.interrupt(s, job_id, owner, reason=why, stale_before=None if gone else cutoff)
+                if retry:
+                    repo.requeue(s, job_id)
+        except IllegalTransition:
+            continue  # it finished, or heartbeated, or another worker recovered it first
+        note(job_id, artifact_dir, f"interrupted: {why}" + ("; requeued to resume from the last checkpoint"
+                                                             if retry else ""))
+        log.warning("job %d interrupted: %s", job_id, why)
+        if retry:
+            requeued.append(job_id)
+    with db() as s:
+        owners = repo.export_owners(s)
+    for owner in owners:
+        if owner and owner != recoverer and _gone(owner):
+            with db() as s:
+                repo.requeue_exports(s, owner)
+    return requeued
 
 
 class Worker:
@@ -83,51 +151,8 @@ class Worker:
         self.stop = threading.Event()
 
     def recover(self) -> list[int]:
-        """Mark running jobs whose worker died (gone or silent) interrupted and requeue them.
-
-        The next run resumes from the job's last checkpoint. A job that has already been
-        started ``QALORA_MAX_ATTEMPTS`` times stays interrupted for a human to look at.
-        """
-        settings = get_settings()
-        cutoff = utcnow() - timedelta(seconds=settings.stale_s)
-        with db() as s:
-            running = [(j.id, j.worker_id, j.heartbeat_at, j.attempts, j.folder)
-                       for j in repo.running_jobs(s)]
-        requeued = []
-        for job_id, owner, beat, attempts, artifact_dir in running:
-            gone = owner != self.id and _gone(owner)
-            if not gone and beat is not None and beat >= cutoff:
-                continue
-            why = (f"worker {owner} died" if gone else
-                   f"worker {owner} sent no heartbeat for over {settings.stale_s:g} s")
-            retry = attempts < settings.max_attempts
-            if not retry:
-                why += (f"; the job has been started {attempts} times, so it is left for you: read its log, "
-                        "then resume it (if the worker was killed for memory, reduce batch size or "
-                        "sequence length)")
-            try:
-                with db() as s:
-                    repo.interrupt(s, job_id, owner, reason=why, stale_before=None if gone else cutoff)
-                    if retry:
-                        repo.requeue(s, job_id)
-            except IllegalTransition:
-                continue  # it finished, or heartbeated, or another worker recovered it first
-            note(job_id, artifact_dir, f"interrupted: {why}" + ("; requeued to resume from the last checkpoint"
-                                                                 if retry else ""))
-            log.warning("job %d interrupted: %s", job_id, why)
-            if retry:
-                requeued.append(job_id)
-        self._recover_exports()
-        return requeued
-
-    def _recover_exports(self) -> None:
-        """Exports whose worker died go back to the queue (their writes are atomic: nothing torn)."""
-        with db() as s:
-            owners = repo.export_owners(s)
-        for owner in owners:
-            if owner and owner != self.id and _gone(owner):
-                with db() as s:
-                    repo.requeue_exports(s, owner)
+        """:func:`recover_orphans`, as this worker."""
+        return recover_orphans(self.id)
 
     def run_exports(self) -> int:
         """Write the queued export tasks, oldest first, until a job is queued; returns how many ran."""
@@ -206,13 +231,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.worker", description=__doc__.split("\n")[0])
     parser.add_argument("--burst", action="store_true", help="exit when no job is queued")
     parser.add_argument("--max-jobs", type=int, default=None, help="exit after running this many jobs")
+    parser.add_argument("--wait-for-slot", action="store_true", help="wait for a free slot instead of exiting")
+    parser.add_argument("--die-with-parent", action="store_true",
+                        help="stop (handing the job back) when the process that started this one dies")
     args = parser.parse_args(argv)
+    if args.die_with_parent:
+        die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # one line per migration step is noise here
     logging.getLogger("torchao").setLevel(logging.ERROR)  # optional GPU kernels it cannot load: noise
     settings = get_settings()
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
     slot = acquire_slot(settings)
+    if slot is None and args.wait_for_slot:
+        log.info("all %d worker slot(s) for %s are taken (QALORA_WORKERS=%d); waiting for one",
+                 settings.workers, settings.home, settings.workers)
+        slot = acquire_slot(settings, wait=stopping)
     if slot is None:
         log.info("all %d worker slot(s) for %s are taken (QALORA_WORKERS=%d); exiting",
                  settings.workers, settings.home, settings.workers)
@@ -223,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     # disk-space message, instead of killing the worker with SIGXFSZ.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     worker = Worker()
-    # SIGTERM/Ctrl-C: the running job checkpoints after its current step and goes back to the queue
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop.set())
+    worker.stop = stopping  # SIGTERM/Ctrl-C: the running job checkpoints after its current step and goes back
     try:
         worker.run(burst=args.burst, max_jobs=args.max_jobs)
     finally:

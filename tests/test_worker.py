@@ -365,3 +365,66 @@ def test_every_finishing_stage_reports_progress_and_the_eta_covers_them(store, t
     assert pipeline.stage_history("tiny-random") == report["stage_s"]
     assert pipeline.estimate_stage("evaluate", 10.0, report["stage_s"]) == report["stage_s"]["evaluate"]
     assert pipeline.estimate_stage("evaluate", 10.0, {}) == pipeline.FINISH_STEPS["evaluate"] * 10.0
+
+
+def _app_process(port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").is_file() and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+
+
+def _pid(worker_id: str) -> int:
+    return int(worker_id.split(":")[1])
+
+
+@pytest.mark.sqlite_only("two app processes start and die in turn; claims and recovery are the same code on "
+                         "PostgreSQL, tested there by test_postgres and the tests above")
+def test_no_job_is_left_running_without_a_worker(store, tmp_path):
+    """An orphaned worker (its app gone) holds the slot while a new app starts; killed, the new app's
+    waiting worker takes the job over at once. Then the app is killed with -9: its worker stops with
+    it and hands the job back; a restarted app resumes it. No job shows "running" without a worker,
+    and no second restart is needed."""
+    job_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=100_000, save_every=5))
+    orphan = _worker_process()
+    apps = []
+    try:
+        running = wait_for(lambda: (j := service.get_job(job_id))["step"] >= 5 and j)
+        apps.append(_app_process(_free_port()))
+        wait_for(lambda: "waiting for one" in (store.home / "workers" / "worker-0.log").read_text()
+                 if (store.home / "workers" / "worker-0.log").is_file() else False, timeout=120)
+        orphan.kill()
+        orphan.wait()
+        taken = wait_for(lambda: (j := service.get_job(job_id))["status"] == "running"
+                         and j["worker_id"] != running["worker_id"] and j["step"] > running["step"] and j,
+                         timeout=60)
+        apps[0].kill()  # the app dies hard: no finally, no SIGTERM to its workers from it
+        apps[0].wait()
+        handed = wait_for(lambda: (j := service.get_job(job_id))["status"] == "queued" and j, timeout=60)
+        wait_for(lambda: not _alive(_pid(taken["worker_id"])), timeout=30)
+        assert "worker shutting down" in service.read_log(job_id)  # handed back by its SIGTERM, not recovered
+        apps.append(_app_process(_free_port()))
+        wait_for(lambda: (j := service.get_job(job_id))["status"] == "running" and j["step"] > handed["step"],
+                 timeout=120)
+    finally:
+        for proc in (orphan, *apps):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=120)
+    job = service.get_job(job_id)
+    assert job["status"] == "queued"  # the last app's SIGTERM handed it back too
+    steps = steps_of(job_id)
+    assert steps == list(range(1, steps[-1] + 1))  # three workers, one history: no step missing or twice
