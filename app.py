@@ -447,7 +447,7 @@ def _cancel_sweep(selected):
     if selected is None:
         return "Select a job of the sweep first."
     try:
-        sweep_id = service.get_job(int(selected), metrics_after=2**62)["sweep_id"]
+        sweep_id = service.get_job(int(selected), metrics_after=service.NO_METRICS)["sweep_id"]
         if not sweep_id:
             return f"Job #{selected} is not part of a sweep; use Cancel."
         out = service.cancel_sweep(sweep_id)

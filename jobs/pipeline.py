@@ -161,21 +161,30 @@ def run_export(task_id: int, worker_id: str) -> str:
         job = repo.get_job(s, task.job_id)
         fmt, job_id, artifact_dir = task.format, task.job_id, job.folder
     log = job_logger(job_id, artifact_dir)
+    lost = threading.Event()
+    beat = _Heartbeat(task_id, worker_id, get_settings().heartbeat_s, lost, repo.heartbeat_export)
+    beat.start()
     try:
         log.info("export %s (asked for after the job ended) on worker %s", fmt, worker_id)
         result = export_run(artifact_dir, fmt)
+        kept = {**result, "path": repo.relative(result["path"], artifact_dir)}
         with db() as s:
+            if not repo.finish_export(s, task_id, worker_id, path=kept["path"], note=export_note(result),
+                                      result=kept):
+                log.warning("export %s: the task was taken over after a missed heartbeat; leaving it", fmt)
+                return "taken over"
             repo.add_artifact(s, job_id, fmt, Path(result["path"]), artifact_dir)
-            repo.finish_export(s, task_id, path=repo.relative(result["path"], artifact_dir), note=export_note(result))
         log.info("export %s: %s", fmt, result["path"])
         return "done"
     except Exception as exc:
         message = describe_error(exc, None)
         log.error("export %s failed: %s\n%s", fmt, message, traceback.format_exc())
         with db() as s:
-            repo.finish_export(s, task_id, error=message)
+            repo.finish_export(s, task_id, worker_id, error=message)
         return "failed"
     finally:
+        beat.done.set()
+        beat.join()
         close_logger(log)
 
 
@@ -208,18 +217,19 @@ class Board:
 
 
 class _Heartbeat(threading.Thread):
-    """Keeps the job's heartbeat fresh while the main thread is busy inside the library."""
+    """Keeps a job's (or an export task's) heartbeat fresh while the main thread is busy inside the
+    library; ``lost`` is set when the row is no longer this worker's."""
 
-    def __init__(self, job_id: int, worker_id: str, every_s: float, lost: threading.Event):
+    def __init__(self, job_id: int, worker_id: str, every_s: float, lost: threading.Event, beat=repo.heartbeat):
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.job_id, self.worker_id, self.every_s, self.lost = job_id, worker_id, every_s, lost
+        self.job_id, self.worker_id, self.every_s, self.lost, self.beat = job_id, worker_id, every_s, lost, beat
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(self.every_s):
             try:
                 with db() as s:
-                    if not repo.heartbeat(s, self.job_id, self.worker_id):
+                    if not self.beat(s, self.job_id, self.worker_id):
                         self.lost.set()
                         return
             except Exception:  # a locked or unreachable database: try again next beat

@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,8 @@ PUBLISH_FORMATS = {
 }
 DEFAULT_BASE_IDS = {"default": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DEFAULT_ENDPOINT = "https://huggingface.co"
+EXPORT_WAIT_S = 1800.0  # how long publishing waits for a worker to write an export the job did not make
+EXPORT_POLL_S = 1.0
 _REPO_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _TOKEN_HELP = ("paste a token with write access (https://huggingface.co/settings/tokens) in the token field, "
                "set HF_TOKEN, or run `hf auth login`")
@@ -300,13 +303,45 @@ def _chosen(job: dict, formats) -> list[str]:
     return [f for f in PUBLISH_FORMATS if f in formats]
 
 
-def repo_files(job: dict, formats: list[str], scratch: Path, step) -> tuple[list[tuple[str, Path]], dict | None]:
-    """``[(path in the repo, local file)]`` for ``formats``, writing the exports a job did not make
-    (into its ``exports/``), and the transformers export's measured fidelity."""
-    from qalora.export import export_run
+def worker_export(job: dict, fmt: str, step, fraction: float, what: str) -> dict:
+    """The job's export in ``fmt``, written by a worker, never in this process: the one the job made,
+    one a finished export task wrote, or one queued now (or already queued: one writer per format)
+    and waited for, at most ``QALORA_PUBLISH_WAIT_S`` seconds. Returns what the export measured,
+    its ``path`` absolute."""
+    from storage import ExportTask, db, repo
 
     run = Path(job["artifact_dir"])
-    exports = (job.get("report") or {}).get("exports") or {}
+    made = ((job.get("report") or {}).get("exports") or {}).get(fmt)
+    if made and (run / made["path"]).exists():  # report paths are relative to the run
+        return {**made, "path": str(run / made["path"])}
+    with db() as s:
+        done = [t for t in repo.export_tasks(s, job["id"]) if t.format == fmt and t.status == "done" and t.result
+                and (run / t.path).exists()]
+        if done:
+            return {**json.loads(done[-1].result), "path": str(run / done[-1].path)}
+        task_id = repo.request_export(s, job["id"], fmt).id
+    wait_s = float(os.environ.get("QALORA_PUBLISH_WAIT_S") or EXPORT_WAIT_S)
+    deadline = time.monotonic() + wait_s
+    while True:
+        with db() as s:
+            t = s.get(ExportTask, task_id)
+            status, path, result, error = t.status, t.path, t.result, t.error
+        if status == "done":
+            return {**json.loads(result or "{}"), "format": fmt, "path": str(run / path)}
+        if status == "failed":
+            raise PublishError(f"Writing the {what} failed: {error}")
+        if time.monotonic() > deadline:
+            raise PublishError(f"No worker wrote the {what} within {wait_s:g} s; is a worker running (the app starts "
+                               "one; otherwise python -m jobs.worker)? The export stays queued: publish again once "
+                               "the Jobs tab shows it done.")
+        step(fraction, f"waiting for a worker to write the {what} ({status})")
+        time.sleep(EXPORT_POLL_S)
+
+
+def repo_files(job: dict, formats: list[str], scratch: Path, step) -> tuple[list[tuple[str, Path]], dict | None]:
+    """``[(path in the repo, local file)]`` for ``formats``, the exports a job did not make written
+    by a worker (:func:`worker_export`), and the transformers export's measured fidelity."""
+    run = Path(job["artifact_dir"])
     files: list[tuple[str, Path]] = []
     measured = None
 
@@ -314,16 +349,11 @@ def repo_files(job: dict, formats: list[str], scratch: Path, step) -> tuple[list
         return [(prefix + p.relative_to(folder).as_posix(), p) for p in sorted(folder.rglob("*")) if p.is_file()]
 
     if "transformers" in formats:
-        measured = exports.get("torchao")
-        if not (measured and (run / measured["path"]).is_dir()):  # report paths are relative to the run
-            step(0.05, "writing the transformers checkpoint (torchao) and measuring it against the merged model")
-            measured = export_run(run, "torchao")
-        files += under(run / measured["path"])
+        measured = worker_export(job, "torchao", step, 0.05,
+                                 "transformers checkpoint (torchao), measured against the merged model")
+        files += under(Path(measured["path"]))
     if "gguf" in formats:
-        gguf = run / ((exports.get("gguf") or {}).get("path") or "")
-        if not gguf.is_file():
-            step(0.1, "writing the GGUF file")
-            gguf = Path(export_run(run, "gguf")["path"])
+        gguf = Path(worker_export(job, "gguf", step, 0.1, "GGUF file")["path"])
         (scratch / MODELFILE).write_text(modelfile(gguf_name(job), run / "merged"), encoding="utf-8")
         files += [(gguf_name(job), gguf), (MODELFILE, scratch / MODELFILE)]
     if "native" in formats:

@@ -166,12 +166,17 @@ def list_jobs(status: str | JobStatus | list | None = None, limit: int = 200) ->
         return [_job_dict(j) for j in repo.list_jobs(s, statuses, limit)]
 
 
+NO_METRICS = -1
+
+
 def get_job(job_id: int, metrics_after: int = 0) -> dict:
-    """The job with its metrics after step ``metrics_after`` (poll incrementally) and artifacts."""
+    """The job with its metrics after step ``metrics_after`` (poll incrementally; ``NO_METRICS``:
+    none, the row alone) and artifacts."""
     with db() as s:
         job = _require(s, job_id)
         d = _job_dict(job)
-        d["metrics"] = [_metric_dict(m) for m in repo.metrics(s, job_id, metrics_after)]
+        d["metrics"] = ([] if metrics_after == NO_METRICS else
+                        [_metric_dict(m) for m in repo.metrics(s, job_id, metrics_after)])
         d["artifacts"] = [_artifact_dict(a, job.folder) for a in repo.artifacts(s, job_id)]
     return d
 
@@ -403,7 +408,7 @@ from .publish import (PUBLISH_FORMATS, PublishError, loss_curve, model_card, pub
 
 def chat_keys(job_id: int, compare: bool = False) -> dict[str, str]:
     """What each chat side loads for a finished job: its merged model and, to compare, its base."""
-    job = get_job(job_id, metrics_after=2**62)  # the row only: no metric is that far
+    job = get_job(job_id, metrics_after=NO_METRICS)
     merged = Path(job["artifact_dir"] or "") / "merged"
     if job["status"] != JobStatus.SUCCEEDED.value or not merged.is_dir():
         raise JobStateError(f"Job {job_id} has no finished model; pick one from the list of finished models.")
@@ -458,9 +463,12 @@ class ExportQueued(Exception):
 
 
 def _task_dict(t, folder: Path | None = None) -> dict:
+    import json
+
     path = str((folder or Path()) / t.path) if t.path else None
+    result = {**json.loads(t.result), "path": path} if t.result else None
     return {"id": t.id, "format": t.format, "status": t.status, "path": path, "note": t.note, "error": t.error,
-            "created_at": t.created_at, "finished_at": t.finished_at}
+            "created_at": t.created_at, "finished_at": t.finished_at, "result": result}
 
 
 def export_tasks(job_id: int) -> list[dict]:
@@ -473,7 +481,7 @@ def request_export(job_id: int, fmt: str) -> dict:
     """Queue an export of a finished job for a worker (or return the one queued, running or done)."""
     from qalora.export import check_format
 
-    job = get_job(job_id, metrics_after=2**62)
+    job = get_job(job_id, metrics_after=NO_METRICS)
     r = job["report"] or {}
     check_format(fmt, int(r.get("bits") or 4), int(r.get("group_size") or 32))  # refuse what cannot apply, now
     with db() as s:
@@ -482,7 +490,7 @@ def request_export(job_id: int, fmt: str) -> dict:
 
 def _ready_export(job_id: int, fmt: str) -> dict | None:
     """The job's finished export in ``fmt`` (made by the job or by a later task), if its file exists."""
-    job = get_job(job_id, metrics_after=2**62)
+    job = get_job(job_id, metrics_after=NO_METRICS)
     done = ((job["report"] or {}).get("exports") or {}).get(fmt)
     if done and (Path(job["artifact_dir"]) / done["path"]).exists():
         return {**done, "path": str(Path(job["artifact_dir"]) / done["path"])}

@@ -134,10 +134,11 @@ def recover_orphans(recoverer: str | None = None) -> list[int]:
             requeued.append(job_id)
     with db() as s:
         owners = repo.export_owners(s)
+        repo.requeue_exports(s, stale_before=cutoff)  # silent on any host
     for owner in owners:
         if owner and owner != recoverer and _gone(owner):
             with db() as s:
-                repo.requeue_exports(s, owner)
+                repo.requeue_exports(s, owner)  # gone from this host: at once
     return requeued
 
 

@@ -110,6 +110,8 @@ class ExportTask(Base):
     path: Mapped[str | None] = mapped_column(String(1024))
     note: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[str | None] = mapped_column(Text)  # JSON: what the export measured (qalora.export.export_run)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)  # while running: its worker is alive
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 

@@ -231,22 +231,41 @@ def claim_export(s: Session, worker_id: str) -> ExportTask | None:
         if task_id is None:
             return None
         stmt = (update(ExportTask).where(ExportTask.id == task_id, ExportTask.status == "queued")
-                .values(status="running", worker_id=worker_id))
+                .values(status="running", worker_id=worker_id, heartbeat_at=utcnow()))
         if s.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1:
             return s.get(ExportTask, task_id)
 
 
-def finish_export(s: Session, task_id: int, *, path: str | None = None, note: str | None = None,
-                  error: str | None = None) -> None:
-    s.execute(update(ExportTask).where(ExportTask.id == task_id).values(
-        status="failed" if error else "done", path=path, note=note, error=error, finished_at=utcnow())
-        .execution_options(synchronize_session=False))
+def finish_export(s: Session, task_id: int, worker_id: str, *, path: str | None = None, note: str | None = None,
+                  error: str | None = None, result: dict | None = None) -> bool:
+    """running -> done (or failed) for the task's own worker; False if the task is no longer its
+    (recovered after a missed heartbeat and handed to another)."""
+    import json
+    done = s.execute(update(ExportTask).where(ExportTask.id == task_id, ExportTask.status == "running",
+                                              ExportTask.worker_id == worker_id).values(
+        status="failed" if error else "done", path=path, note=note, error=error, finished_at=utcnow(),
+        result=None if result is None else json.dumps(result)).execution_options(synchronize_session=False))
+    return done.rowcount == 1
 
 
-def requeue_exports(s: Session, worker_id: str) -> None:
-    """Exports a dead worker was writing go back to the queue (writes are atomic: nothing is torn)."""
-    s.execute(update(ExportTask).where(ExportTask.status == "running", ExportTask.worker_id == worker_id)
-              .values(status="queued", worker_id=None).execution_options(synchronize_session=False))
+def heartbeat_export(s: Session, task_id: int, worker_id: str) -> bool:
+    """The export's worker is alive; False if the task is no longer its."""
+    return s.execute(update(ExportTask).where(ExportTask.id == task_id, ExportTask.status == "running",
+                                              ExportTask.worker_id == worker_id).values(heartbeat_at=utcnow())
+                     .execution_options(synchronize_session=False)).rowcount == 1
+
+
+def requeue_exports(s: Session, worker_id: str | None = None, stale_before: datetime | None = None) -> int:
+    """Running exports go back to the queue (writes are atomic: nothing is torn): those of
+    ``worker_id`` (gone from this host), or those whose heartbeat is older than ``stale_before``
+    (their worker is silent, on any host). Returns how many."""
+    stmt = update(ExportTask).where(ExportTask.status == "running")
+    if worker_id is not None:
+        stmt = stmt.where(ExportTask.worker_id == worker_id)
+    if stale_before is not None:
+        stmt = stmt.where((ExportTask.heartbeat_at.is_(None)) | (ExportTask.heartbeat_at < stale_before))
+    return s.execute(stmt.values(status="queued", worker_id=None, heartbeat_at=None)
+                     .execution_options(synchronize_session=False)).rowcount
 
 
 def export_owners(s: Session) -> set[str]:

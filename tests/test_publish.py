@@ -322,7 +322,19 @@ def _run_snippet(code: str, hub, tmp_path) -> str:
     return res.stdout.strip()
 
 
-def test_publish_uploads_every_format_and_the_cards_snippets_run(env, hub, caplog, tmp_path):
+@pytest.fixture
+def torchao_ready(env):
+    """The transformers checkpoint a publish uploads, written as every export a job did not make is:
+    by a worker (publishing waits for one; here one runs the queue once)."""
+    from jobs.worker import Worker
+
+    if not any(t["format"] == "torchao" and t["status"] == "done" for t in service.export_tasks(env["id"])):
+        service.request_export(env["id"], "torchao")
+        Worker().run(burst=True)
+    return env
+
+
+def test_publish_uploads_every_format_and_the_cards_snippets_run(torchao_ready, env, hub, caplog, tmp_path):
     from huggingface_hub import ModelCard
 
     caplog.set_level(logging.DEBUG)
@@ -383,7 +395,7 @@ def test_publish_uploads_every_format_and_the_cards_snippets_run(env, hub, caplo
     assert TOKEN not in caplog.text and TOKEN not in json.dumps(service.get_job(env["id"]), default=str)
 
 
-def test_publish_only_the_ticked_formats_and_refuse_what_cannot_apply(env, hub):
+def test_publish_only_the_ticked_formats_and_refuse_what_cannot_apply(torchao_ready, env, hub):
     service.publish_job(env["id"], "only-gguf", token=TOKEN, endpoint=hub.url, formats=["gguf"])
     files = set(hub.repos["alice/only-gguf"]["files"])
     assert files == {"model-q4_1.gguf", "Modelfile", "README.md", "loss_curve.png"}
@@ -399,14 +411,14 @@ def test_publish_only_the_ticked_formats_and_refuse_what_cannot_apply(env, hub):
     assert "alice/none" not in hub.repos and "alice/awq" not in hub.repos
 
 
-def test_public_repo_under_an_explicit_namespace_and_token_from_environment(env, hub, monkeypatch):
+def test_public_repo_under_an_explicit_namespace_and_token_from_environment(torchao_ready, env, hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     url = service.publish_job(env["id"], "alice/contacts-public", private=False, endpoint=hub.url)
     assert url.endswith("/alice/contacts-public") and hub.repos["alice/contacts-public"]["private"] is False
     assert ("GET", "/api/whoami-v2") not in hub.requests  # the namespace was given: no lookup needed
 
 
-def test_token_from_the_login_cache_and_the_app_handler_clears_the_token_field(env, hub, monkeypatch):
+def test_token_from_the_login_cache_and_the_app_handler_clears_the_token_field(torchao_ready, env, hub, monkeypatch):
     import app
     from huggingface_hub import constants
 
@@ -420,7 +432,7 @@ def test_token_from_the_login_cache_and_the_app_handler_clears_the_token_field(e
     assert "README.md" in hub.repos["alice/from-cache"]["files"]
 
 
-def test_bad_token_taken_name_and_missing_token_give_clear_messages(env, hub):
+def test_bad_token_taken_name_and_missing_token_give_clear_messages(torchao_ready, env, hub):
     with pytest.raises(publish.PublishError, match=r"rejected the token \(401 Unauthorized\).*settings/tokens"):
         service.publish_job(env["id"], "contacts", token="hf_wrong", endpoint=hub.url)
     with pytest.raises(publish.PublishError, match="alice/taken already exists: choose another repository name"):
@@ -432,7 +444,7 @@ def test_bad_token_taken_name_and_missing_token_give_clear_messages(env, hub):
         service.publish_job(env["id"], "bad name!", token=TOKEN, endpoint=hub.url)
 
 
-def test_unreachable_hub_names_the_endpoint_not_the_token(env, hub):
+def test_unreachable_hub_names_the_endpoint_not_the_token(torchao_ready, env, hub):
     dead = hub.url
     hub.shutdown()
     hub.server_close()
@@ -441,7 +453,7 @@ def test_unreachable_hub_names_the_endpoint_not_the_token(env, hub):
     assert TOKEN not in str(err.value)
 
 
-def test_shared_without_login_never_lends_the_servers_token(env, hub, monkeypatch):
+def test_shared_without_login_never_lends_the_servers_token(torchao_ready, env, hub, monkeypatch):
     """--no-auth off loopback: HF_TOKEN is set on the server, yet a visitor with an empty token field
     is told to paste their own, and nothing reaches the Hub; their own token still works."""
     import app

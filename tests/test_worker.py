@@ -428,3 +428,58 @@ def test_no_job_is_left_running_without_a_worker(store, tmp_path):
     assert job["status"] == "queued"  # the last app's SIGTERM handed it back too
     steps = steps_of(job_id)
     assert steps == list(range(1, steps[-1] + 1))  # three workers, one history: no step missing or twice
+
+
+def test_an_export_killed_on_another_host_is_recovered_by_its_silence_and_finishes(store, tmp_path, monkeypatch):
+    """Export tasks have a heartbeat: one whose worker died on another machine (its pid means
+    nothing here) goes back to the queue once it is silent for QALORA_STALE_S, and is written."""
+    monkeypatch.setenv("QALORA_HEARTBEAT_S", "0.2")
+    job_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=2))
+    assert Worker().run(burst=True) == 1
+    task_id = service.request_export(job_id, "gptq")["id"]
+    victim = subprocess.Popen([sys.executable, "-m", "jobs.worker"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "QALORA_HOSTNAME": "another-host"})
+    try:
+        wait_for(lambda: service.export_tasks(job_id)[-1]["status"] == "running", every=0.01)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    with db() as s:
+        owner = next(t for t in repo.export_tasks(s, job_id) if t.id == task_id).worker_id
+    assert owner.startswith("another-host:")
+    monkeypatch.setenv("QALORA_STALE_S", "600")  # not silent long enough yet: left alone
+    assert Worker().recover() == [] and service.export_tasks(job_id)[-1]["status"] == "running"
+    monkeypatch.setenv("QALORA_STALE_S", "1")
+    time.sleep(1.3)
+    assert Worker().run(burst=True) == 0  # recovered, then written by this worker
+    (task,) = service.export_tasks(job_id)
+    assert task["status"] == "done" and Path(task["path"]).is_dir() and task["result"]["format"] == "gptq"
+    assert task["result"]["max_abs_logit_diff"] > 0
+
+
+def test_publish_waits_for_a_worker_and_one_export_is_written_once(store, tmp_path, monkeypatch):
+    """Publishing never writes an export in the web process: it queues the one the job lacks (or joins
+    the one queued) and waits for a worker; two callers asking at once get one task, one writer."""
+    from jobs.publish import PublishError, worker_export
+
+    job_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=2))
+    assert Worker().run(burst=True) == 1
+    job = service.get_job(job_id)
+    got, steps = [], []
+    callers = [threading.Thread(target=lambda: got.append(worker_export(job, "native", lambda f, m: steps.append(m),
+                                                                        0.1, "native model")))
+               for _ in range(2)]
+    for c in callers:
+        c.start()
+    wait_for(lambda: len(steps) >= 2)
+    assert [(t["format"], t["status"]) for t in service.export_tasks(job_id)] == [("native", "queued")]
+    assert not (Path(job["artifact_dir"]) / "exports" / "native").exists()  # nobody wrote it yet
+    assert steps[0] == "waiting for a worker to write the native model (queued)"
+    assert Worker().run(burst=True) == 0
+    for c in callers:
+        c.join(timeout=60)
+    assert len(got) == 2 and got[0]["path"] == got[1]["path"] and Path(got[0]["path"]).is_dir()
+    assert len(service.export_tasks(job_id)) == 1
+    monkeypatch.setenv("QALORA_PUBLISH_WAIT_S", "0.5")  # and with no worker: a message, not a hang
+    with pytest.raises(PublishError, match="No worker wrote the GGUF file within 0.5 s"):
+        worker_export(job, "gguf", lambda f, m: None, 0.1, "GGUF file")
