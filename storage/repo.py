@@ -65,6 +65,13 @@ def move_queued(s: Session, job_id: int, direction: str) -> list[int]:
     returns the new queue order. At either end it stays. A job that is not queued raises."""
     if direction not in ("up", "down"):
         raise ValueError(f"direction {direction!r}: use 'up' or 'down'.")
+    # Hold the queue while reading and writing it: PostgreSQL locks the queued rows; SQLite takes its
+    # write lock first (a reader that writes later in WAL mode fails when another wrote in between).
+    if s.get_bind().dialect.name == "sqlite":
+        s.execute(update(Job).where(Job.id == -1).values(queue_position=None)
+                  .execution_options(synchronize_session=False))
+    else:
+        s.execute(select(Job.id).where(Job.status == S.QUEUED.value).with_for_update()).all()
     order = queued_ids(s)
     if job_id not in order:
         status = s.scalar(select(Job.status).where(Job.id == job_id))

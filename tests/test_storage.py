@@ -5,11 +5,11 @@ import os
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from qalora.errors import ConfigError
 from storage import IllegalTransition, JobStateError, JobStatus, db, get_engine, get_settings, repo, utcnow
-from storage.models import Base
+from storage.models import Base, Job
 
 S = JobStatus
 RACE_ROUNDS = 25
@@ -310,3 +310,34 @@ def test_job_ids_are_never_reused_and_the_upgrade_keeps_every_row(tmp_path, monk
     with db() as s:
         new_id = repo.create_job(s, name="n", spec={}, total_steps=1)
     assert new_id == 3  # not 2: the deleted job's id (and so its artifact folder name) stays retired
+
+
+def test_moves_from_many_sessions_at_once_keep_every_position_distinct(store):
+    """move_queued reads the queue, then writes two positions: moves racing in other sessions wait
+    for it (row locks on PostgreSQL, the write lock taken first on SQLite), so no two jobs ever
+    share a place and none is lost."""
+    import random
+    import threading
+
+    ids = [_job_in(store, S.QUEUED) for _ in range(6)]
+    errors = []
+
+    def mover(seed):
+        rng = random.Random(seed)
+        for _ in range(25):
+            try:
+                with db() as s:
+                    repo.move_queued(s, rng.choice(ids), rng.choice(("up", "down")))
+            except Exception as exc:  # reported, not swallowed
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=mover, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with db() as s:
+        positions = s.execute(select(Job.queue_position).where(Job.id.in_(ids))).scalars().all()
+        assert sorted(repo.queued_ids(s)) == ids
+    assert len(set(p for p in positions if p is not None)) == len([p for p in positions if p is not None])
