@@ -26,9 +26,15 @@ from .pipeline import note
 RANKS_LOG = "ranks.log"
 
 
+# How long torchrun waits, after passing on a stop, before it kills the ranks: long enough for rank 0
+# to reach its next step or stage boundary in the longest stage (quantizing a large base with GPTQ)
+# and hand the job back. torchrun's own default is 30 s, after which a stopped job was marked failed.
+SHUTDOWN_S = int(os.environ.get("QALORA_RANKS_SHUTDOWN_S", "1800"))
+
+
 def command(job_id: int, worker_id: str, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "jobs.rank", str(job_id), worker_id]
+            f"--shutdown-timeout={SHUTDOWN_S}", "-m", "jobs.rank", str(job_id), worker_id]
 
 
 def run_distributed(job_id: int, worker_id: str, nproc: int, artifact_dir: str | Path,

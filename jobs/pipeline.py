@@ -30,6 +30,8 @@ BOARD_DIR = "tensorboard"  # TensorBoard event files of the job's training (see 
 # Fault injection for tests: the first attempt of every job SIGKILLs its own worker on entering
 # this stage (tests/test_worker.py kills a worker in each stage and checks the resumed result).
 FAULT_STAGE = "QALORA_FAULT_STAGE"
+# And this one holds the first attempt on entering its stage until a stop is asked for.
+PAUSE_STAGE = "QALORA_PAUSE_STAGE"
 ARTIFACTS = {"merged": "merged", "adapter": "adapter", "report": "report.json", "log": LOG_NAME}
 # Jobs on the built-in training set are also scored on its multiple-choice questions (held-out people).
 BUILTIN_MC = {"builtin:default": "builtin:contacts-mc", "builtin:contacts": "builtin:contacts-mc"}
@@ -345,18 +347,31 @@ class _JobRun:
             current = None if guess is None else max(guess - elapsed, 0.0)
         return None if current is None else current + sum(estimates)
 
-    def on_stage(self, name: str) -> None:
+    def _record_stage(self, name: str) -> None:
         self.log.info("stage: %s", name)
         self._enter(name)
         if os.environ.get(FAULT_STAGE) == name and self.attempt == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the kill-anywhere resume test
+        if os.environ.get(PAUSE_STAGE) == name and self.attempt == 1:
+            self._pause()
+
+    def _pause(self, limit_s: float = 120.0) -> None:
+        """Fault injection: hold this stage until a stop is asked for (the cancel-in-any-stage tests)."""
+        end = time.monotonic() + limit_s
+        while time.monotonic() < end and not self.should_stop():
+            time.sleep(0.05)
+
+    def on_stage(self, name: str) -> None:
+        """The job's own stages (exports, scoring): recorded, then a stop asked for is honoured."""
+        self._record_stage(name)
         if name != "done" and self.should_stop():
             raise _Stop(f"stopped before stage {name!r}")
 
     def library_stage(self, name: str) -> None:
-        """The library's stages; its "done" is not the job's, whose exports and scoring follow."""
+        """The library's stages, recorded; the library itself asks ``should_stop`` at each one (all
+        ranks agreeing). Its "done" is not the job's, whose exports and scoring follow."""
         if name != "done":
-            self.on_stage(name)
+            self._record_stage(name)
 
     def on_progress(self, stage: str, done: int, total: int) -> None:
         """Progress inside a stage (a layer quantized, a question scored): shown with its ETA."""

@@ -24,6 +24,7 @@ from .quant import QuantizedTensor
 from .train import check_fingerprint, latest_checkpoint, read_fingerprint, start_afresh, train
 
 STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "done")
+ALL_RANK_STAGES = ("load", "data", "quantize", "train")  # under torchrun every rank passes these
 BASE_CACHE = "quantized_base.safetensors"
 # The merge check compares logits on at most this many eval batches and real tokens: the adapter
 # model's logits are kept while the model is merged in place, so the budget bounds that memory.
@@ -174,7 +175,8 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     alone evaluates, writes checkpoints, merges, verifies and saves, and the others return ``None``.
 
     Writes ``out_dir/merged`` (native low-bit model), ``out_dir/adapter`` and checkpoints under
-    ``out_dir/checkpoints``. Raises :class:`TrainingStopped` when ``should_stop()`` fires.
+    ``out_dir/checkpoints``. Raises :class:`TrainingStopped` when ``should_stop()`` fires: at a
+    stage boundary, or after a training step.
     ``on_progress(stage, done, total)`` reports progress inside a stage: records tokenized ("data"),
     decoder layers loaded and quantized, then eval batches ("quantize"), layers merged ("merge"),
     check and eval batches ("verify"), the model written ("save"). ``owns()``: see
@@ -199,6 +201,17 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
         stage = lambda name: None  # noqa: E731
         progress = lambda name, done, total: None  # noqa: E731
         log = logging.getLogger("qalora.rank")
+    report_stage = stage
+
+    def stage(name: str) -> None:
+        """Enter stage ``name``: reported, then asked whether to stop. Up to training every rank
+        is here and follows rank 0's answer (a stop asked for in any stage ends every rank at the
+        next boundary, none left waiting in a collective); after it rank 0 is alone."""
+        report_stage(name)
+        wanted = bool(should_stop and w.main and should_stop())
+        if (distributed.decide(wanted, device) if name in ALL_RANK_STAGES else wanted):
+            distributed.finish()
+            raise TrainingStopped(f"stopped before stage {name!r}")
 
     stage("load")
     fingerprint = run_fingerprint(base, data, quant, adapter, train_cfg)
@@ -324,5 +337,5 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     # The run succeeded: the quantized-base cache only served resumes, and it is as big as the model.
     (out / BASE_CACHE).unlink(missing_ok=True)
     distributed.finish()
-    stage("done")
+    report_stage("done")
     return report

@@ -144,3 +144,52 @@ def test_the_app_gives_each_worker_its_share_of_the_gpus(store, monkeypatch):
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("stage", ["load", "quantize"])
+def test_a_two_device_job_canceled_in_any_stage_ends_every_rank(store, tmp_path, monkeypatch, stage):
+    """Cancel while rank 0 is in a stage (held there by QALORA_PAUSE_STAGE): both ranks stop at the
+    next stage boundary together (rank 0's decision is every rank's), none waits in a collective.
+    Canceled within a training step: the test above."""
+    monkeypatch.setenv("QALORA_WORKER_DEVICES", "2")
+    monkeypatch.setenv("QALORA_PAUSE_STAGE", stage)
+    job_id = service.submit(_spec(tmp_path, 400))
+    worker = Worker()
+    thread = threading.Thread(target=worker.run, kwargs={"max_jobs": 1})
+    thread.start()
+    _wait(lambda: service.get_job(job_id)["stage"] == stage and len(_ranks_alive(job_id)) == 3)
+    service.cancel(job_id)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    job = service.get_job(job_id)
+    assert (job["status"], job["step"]) == ("canceled", 0)
+    assert not _ranks_alive(job_id)
+    assert "canceled (stopped before stage" in service.read_log(job_id, tail=5)
+    # every rank stopped by agreement: none was left to die on a collective whose peer was gone (on
+    # gloo that is an error at once; NCCL waits for its timeout)
+    ranks = (Path(job["artifact_dir"]) / "ranks.log").read_text()
+    assert "Traceback" not in ranks and "Error" not in ranks, ranks[-3000:]
+
+
+def test_a_stopping_worker_hands_a_two_device_job_back_whatever_its_stage(store, tmp_path, monkeypatch):
+    """SIGTERM to the worker while the ranks are in a long stage: torchrun passes it on and waits
+    (its shutdown timeout is the longest stage's, not 30 s), rank 0 stops at the next boundary and
+    hands the job back; it is queued again, not failed."""
+    monkeypatch.setenv("QALORA_WORKER_DEVICES", "2")
+    monkeypatch.setenv("QALORA_PAUSE_STAGE", "quantize")
+    job_id = service.submit(_spec(tmp_path, 400))
+    worker = subprocess.Popen([sys.executable, "-m", "jobs.worker"], cwd=ROOT, env=dict(os.environ),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: service.get_job(job_id)["stage"] == "quantize" and len(_ranks_alive(job_id)) == 3)
+        assert "--shutdown-timeout=1800" in " ".join(
+            (Path("/proc") / p / "cmdline").read_bytes().replace(b"\0", b" ").decode() for p in _ranks_alive(job_id))
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    job = service.get_job(job_id)
+    assert (job["status"], job["step"]) == ("queued", 0), job["error"]
+    assert not _ranks_alive(job_id)
+    assert "worker shutting down" in service.read_log(job_id, tail=10)

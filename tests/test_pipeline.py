@@ -73,10 +73,10 @@ def test_peak_rss_is_the_runs_own_not_the_process_lifetime(tmp_path):
 
 
 def test_stop_then_resume_reuses_base_and_continues(tmp_path):
-    stages = []
-    with pytest.raises(TrainingStopped):
+    stages, done = [], []
+    with pytest.raises(TrainingStopped):  # asked to stop once a step is done: after step 1
         finetune("tiny-random", "builtin:default", tmp_path, QuantConfig(4, 32), AdapterConfig(rank=4), tcfg(),
-                 should_stop=lambda: True, on_stage=stages.append)
+                 should_stop=lambda: bool(done), on_stage=stages.append, on_step=lambda info: done.append(info))
     assert (tmp_path / BASE_CACHE).is_file() and "merge" not in stages
     steps = []
     report = finetune("tiny-random", "builtin:default", tmp_path, QuantConfig(4, 32), AdapterConfig(rank=4), tcfg(),
@@ -122,8 +122,9 @@ def test_resume_refuses_checkpoints_of_other_settings_or_data(tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     run = tmp_path / "run"
     args = ("tiny-random", str(data), run, QuantConfig(4, 32), AdapterConfig(rank=4))
-    with pytest.raises(TrainingStopped):
-        finetune(*args, tcfg(seq_len=64), should_stop=lambda: True)
+    done = []
+    with pytest.raises(TrainingStopped):  # stopped after step 1, leaving its checkpoint
+        finetune(*args, tcfg(seq_len=64), should_stop=lambda: bool(done), on_step=done.append)
     with pytest.raises(ConfigError, match=r"different run \(train: .*'lr': 0.002.*'lr': 0.01"):
         finetune(*args, tcfg(seq_len=64, lr=1e-2))
     data.write_text("\n".join(json.dumps(r) for r in rows[::-1]))  # same size, other contents
@@ -205,3 +206,12 @@ def test_the_quantized_base_cache_serves_only_the_base_and_data_it_was_made_from
         if data == "builtin:default":
             first = (tmp_path / "g" / BASE_CACHE).read_bytes()
     assert (tmp_path / "g" / BASE_CACHE).read_bytes() != first  # other calibration data: quantized again
+
+
+@pytest.mark.parametrize("at", ["load", "data", "quantize", "train"])
+def test_a_stop_asked_for_in_a_stage_ends_the_run_at_its_next_boundary(tmp_path, at):
+    stages = []
+    with pytest.raises(TrainingStopped, match=f"stopped before stage {at!r}"):
+        finetune("tiny-random", "builtin:default", tmp_path, QuantConfig(4, 32), AdapterConfig(rank=4), tcfg(),
+                 should_stop=lambda: at in stages, on_stage=stages.append)
+    assert stages[-1] == at and not (tmp_path / "checkpoints").exists()
