@@ -51,6 +51,17 @@ def create_job(s: Session, *, name: str, spec: dict, total_steps: int, sweep_id:
     return job.id
 
 
+def _hold(s: Session, rows) -> None:
+    """Serialize this transaction with others that read, then write, the same ``rows`` of jobs:
+    PostgreSQL locks them (``FOR UPDATE``); SQLite takes its write lock first (in WAL mode a
+    transaction that read and then writes fails if another wrote in between)."""
+    if s.get_bind().dialect.name == "sqlite":
+        s.execute(update(Job).where(Job.id == -1).values(queue_position=None)
+                  .execution_options(synchronize_session=False))
+    else:
+        s.execute(select(Job.id).where(rows).with_for_update()).all()
+
+
 def _queue_order():
     return func.coalesce(Job.queue_position, Job.id), Job.created_at, Job.id
 
@@ -65,13 +76,7 @@ def move_queued(s: Session, job_id: int, direction: str) -> list[int]:
     returns the new queue order. At either end it stays. A job that is not queued raises."""
     if direction not in ("up", "down"):
         raise ValueError(f"direction {direction!r}: use 'up' or 'down'.")
-    # Hold the queue while reading and writing it: PostgreSQL locks the queued rows; SQLite takes its
-    # write lock first (a reader that writes later in WAL mode fails when another wrote in between).
-    if s.get_bind().dialect.name == "sqlite":
-        s.execute(update(Job).where(Job.id == -1).values(queue_position=None)
-                  .execution_options(synchronize_session=False))
-    else:
-        s.execute(select(Job.id).where(Job.status == S.QUEUED.value).with_for_update()).all()
+    _hold(s, Job.status == S.QUEUED.value)  # the queue, while it is read and written
     order = queued_ids(s)
     if job_id not in order:
         status = s.scalar(select(Job.status).where(Job.id == job_id))
@@ -214,7 +219,9 @@ def relative(path, folder: Path | None) -> str:
 # ---- exports asked for after a job ended (run by a worker) ---------------------------------
 
 def request_export(s: Session, job_id: int, fmt: str) -> ExportTask:
-    """The job's queued or running export task for ``fmt``, else a new queued one."""
+    """The job's queued or running export task for ``fmt``, else a new queued one (one at a time:
+    two callers asking together get the same task)."""
+    _hold(s, Job.id == job_id)
     job = s.get(Job, job_id)
     if job is None:
         raise JobStateError(f"Job {job_id} does not exist; refresh the job list.")
