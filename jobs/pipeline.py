@@ -20,7 +20,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from qalora.errors import QALoRAError
-from storage import ExportTask, IllegalTransition, Job, JobStatus, db, get_settings, repo, utcnow
+from storage import IllegalTransition, Job, JobStatus, db, get_settings, repo, utcnow
 
 from .mlflow_log import MlflowRun
 from .spec import JobSpec
@@ -155,34 +155,37 @@ def export_note(result: dict) -> str:
 
 
 def run_export(task_id: int, worker_id: str) -> str:
-    """Write one export task's format for its job (in the worker, never the web process)."""
+    """Write the format of an export row this worker claimed, for its job (in the worker, never the
+    web process); it heartbeats, is recovered and is finished as any row of the queue is."""
     from qalora.export import export_run
 
     with db() as s:
-        task = s.get(ExportTask, task_id)
-        job = repo.get_job(s, task.job_id)
-        fmt, job_id, artifact_dir = task.format, task.job_id, job.folder
+        task = repo.get_job(s, task_id)
+        fmt, job_id, artifact_dir = task.spec["format"], task.parent_id, task.folder
     log = job_logger(job_id, artifact_dir)
     lost = threading.Event()
-    beat = _Heartbeat(task_id, worker_id, get_settings().heartbeat_s, lost, repo.heartbeat_export)
+    beat = _Heartbeat(task_id, worker_id, get_settings().heartbeat_s, lost)
     beat.start()
     try:
         log.info("export %s (asked for after the job ended) on worker %s", fmt, worker_id)
         result = export_run(artifact_dir, fmt)
-        kept = {**result, "path": repo.relative(result["path"], artifact_dir)}
+        kept = {**result, "path": repo.relative(result["path"], artifact_dir), "note": export_note(result)}
         with db() as s:
-            if not repo.finish_export(s, task_id, worker_id, path=kept["path"], note=export_note(result),
-                                      result=kept):
-                log.warning("export %s: the task was taken over after a missed heartbeat; leaving it", fmt)
-                return "taken over"
+            repo.succeed(s, task_id, worker_id, report=kept)
             repo.add_artifact(s, job_id, fmt, Path(result["path"]), artifact_dir)
         log.info("export %s: %s", fmt, result["path"])
         return "done"
+    except IllegalTransition:
+        log.warning("export %s: it was taken over after a missed heartbeat; leaving it", fmt)
+        return "taken over"
     except Exception as exc:
         message = describe_error(exc, None)
         log.error("export %s failed: %s\n%s", fmt, message, traceback.format_exc())
-        with db() as s:
-            repo.finish_export(s, task_id, worker_id, error=message)
+        try:
+            with db() as s:
+                repo.fail(s, task_id, worker_id, message)
+        except IllegalTransition:
+            return "taken over"
         return "failed"
     finally:
         beat.done.set()
@@ -219,19 +222,19 @@ class Board:
 
 
 class _Heartbeat(threading.Thread):
-    """Keeps a job's (or an export task's) heartbeat fresh while the main thread is busy inside the
+    """Keeps a row's heartbeat (a job's, an export's) fresh while the main thread is busy inside the
     library; ``lost`` is set when the row is no longer this worker's."""
 
-    def __init__(self, job_id: int, worker_id: str, every_s: float, lost: threading.Event, beat=repo.heartbeat):
+    def __init__(self, job_id: int, worker_id: str, every_s: float, lost: threading.Event):
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.job_id, self.worker_id, self.every_s, self.lost, self.beat = job_id, worker_id, every_s, lost, beat
+        self.job_id, self.worker_id, self.every_s, self.lost = job_id, worker_id, every_s, lost
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(self.every_s):
             try:
                 with db() as s:
-                    if not self.beat(s, self.job_id, self.worker_id):
+                    if not repo.heartbeat(s, self.job_id, self.worker_id):
                         self.lost.set()
                         return
             except Exception:  # a locked or unreachable database: try again next beat

@@ -308,26 +308,26 @@ def worker_export(job: dict, fmt: str, step, fraction: float, what: str) -> dict
     one a finished export task wrote, or one queued now (or already queued: one writer per format)
     and waited for, at most ``QALORA_PUBLISH_WAIT_S`` seconds. Returns what the export measured,
     its ``path`` absolute."""
-    from storage import ExportTask, db, repo
+    from storage import EXPORT_STATUS, db, repo
 
     run = Path(job["artifact_dir"])
     made = ((job.get("report") or {}).get("exports") or {}).get(fmt)
     if made and (run / made["path"]).exists():  # report paths are relative to the run
         return {**made, "path": str(run / made["path"])}
     with db() as s:
-        done = [t for t in repo.export_tasks(s, job["id"]) if t.format == fmt and t.status == "done" and t.result
-                and (run / t.path).exists()]
+        done = [t.report for t in repo.export_tasks(s, job["id"]) if t.spec.get("format") == fmt
+                and t.status == "succeeded" and t.report and (run / t.report["path"]).exists()]
         if done:
-            return {**json.loads(done[-1].result), "path": str(run / done[-1].path)}
+            return {**done[-1], "path": str(run / done[-1]["path"])}
         task_id = repo.request_export(s, job["id"], fmt).id
     wait_s = float(os.environ.get("QALORA_PUBLISH_WAIT_S") or EXPORT_WAIT_S)
     deadline = time.monotonic() + wait_s
     while True:
         with db() as s:
-            t = s.get(ExportTask, task_id)
-            status, path, result, error = t.status, t.path, t.result, t.error
+            t = repo.get_job(s, task_id)
+            status, report, error = EXPORT_STATUS[t.status], t.report, t.error
         if status == "done":
-            return {**json.loads(result or "{}"), "format": fmt, "path": str(run / path)}
+            return {**report, "path": str(run / report["path"])}
         if status == "failed":
             raise PublishError(f"Writing the {what} failed: {error}")
         if time.monotonic() > deadline:

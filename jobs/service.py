@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from storage import Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo, utcnow
+from storage import EXPORT_STATUS, Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo, utcnow
 
 from .compare import QUALITY as COMPARE_QUALITY  # noqa: F401  (the scatter's quality axes, for the app)
 from .pipeline import LOG_NAME, export_note  # noqa: F401 (export_note: public here too)
@@ -462,19 +462,20 @@ class ExportQueued(Exception):
                          "models); the Jobs tab shows when it is ready, then download again.")
 
 
-def _task_dict(t, folder: Path | None = None) -> dict:
-    import json
-
-    path = str((folder or Path()) / t.path) if t.path else None
-    result = {**json.loads(t.result), "path": path} if t.result else None
-    return {"id": t.id, "format": t.format, "status": t.status, "path": path, "note": t.note, "error": t.error,
-            "created_at": t.created_at, "finished_at": t.finished_at, "result": result}
+def _task_dict(t) -> dict:
+    """An export row (``repo.export_tasks``): its format, status, the file's path on this machine,
+    what the export measured (``result``), its note and error."""
+    report = t.report or {}
+    path = str(t.folder / report["path"]) if report.get("path") and t.folder is not None else None
+    return {"id": t.id, "format": t.spec.get("format"), "status": EXPORT_STATUS[t.status], "path": path,
+            "note": report.get("note"), "error": t.error, "created_at": t.created_at, "finished_at": t.finished_at,
+            "result": {**report, "path": path} if report else None}
 
 
 def export_tasks(job_id: int) -> list[dict]:
     with db() as s:
-        folder = _require(s, job_id).folder
-        return [_task_dict(t, folder) for t in repo.export_tasks(s, job_id)]
+        _require(s, job_id)
+        return [_task_dict(t) for t in repo.export_tasks(s, job_id)]
 
 
 def request_export(job_id: int, fmt: str) -> dict:

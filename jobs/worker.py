@@ -28,7 +28,7 @@ from typing import IO
 
 from sqlalchemy.engine import make_url
 
-from storage import IllegalTransition, JobStatus, Settings, db, get_settings, repo, utcnow
+from storage import KIND_EXPORT, IllegalTransition, Settings, db, get_settings, repo, utcnow
 
 from .pipeline import note, run_job
 
@@ -97,9 +97,9 @@ def die_with_parent() -> None:
 
 
 def recover_orphans(recoverer: str | None = None) -> list[int]:
-    """Mark running jobs whose worker died (gone from this host, or silent past
-    ``QALORA_STALE_S``) interrupted and requeue them; requeue the export tasks of workers gone from
-    this host. Any worker, or the app, may call it: whoever notices first. Returns the requeued jobs.
+    """Mark running rows (fine-tunes and exports: one queue) whose worker died (gone from this
+    host, or silent past ``QALORA_STALE_S`` on any host) interrupted and requeue them. Any worker, or
+    the app, may call it: whoever notices first. Returns the requeued rows.
 
     The next run resumes from the job's last checkpoint. A job that has already been started
     ``QALORA_MAX_ATTEMPTS`` times stays interrupted for a human to look at.
@@ -132,13 +132,6 @@ def recover_orphans(recoverer: str | None = None) -> list[int]:
         log.warning("job %d interrupted: %s", job_id, why)
         if retry:
             requeued.append(job_id)
-    with db() as s:
-        owners = repo.export_owners(s)
-        repo.requeue_exports(s, stale_before=cutoff)  # silent on any host
-    for owner in owners:
-        if owner and owner != recoverer and _gone(owner):
-            with db() as s:
-                repo.requeue_exports(s, owner)  # gone from this host: at once
     return requeued
 
 
@@ -162,10 +155,9 @@ class Worker:
         ran = 0
         while not self.stop.is_set():
             with db() as s:
-                if repo.list_jobs(s, [JobStatus.QUEUED], limit=1):
+                if repo.queued_ids(s):
                     return ran  # training jobs go first
-                task = repo.claim_export(s, self.id)
-                task_id = task.id if task else None
+                task_id = repo.claim(s, self.id, kind=KIND_EXPORT)
             if task_id is None:
                 return ran
             log.info("export task %d: %s", task_id, run_export(task_id, self.id))

@@ -1,4 +1,5 @@
-"""Tables: jobs, their per-step metrics, and the files they produced.
+"""Tables: jobs (fine-tunes and the exports asked for after them), their per-step metrics, and the
+files they produced.
 
 Times are naive UTC ``datetime``s: SQLite has no time zones, so one convention everywhere.
 The schema here and ``migrations/versions`` must agree; ``tests/test_storage.py`` checks that.
@@ -12,6 +13,9 @@ from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, 
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .status import JobStatus
+
+
+KIND_FINETUNE, KIND_EXPORT = "finetune", "export"
 
 
 def utcnow() -> datetime:
@@ -57,6 +61,11 @@ class Job(Base):
     # Devices the job trains on (one rank each); a worker claims only jobs that fit what it owns.
     devices: Mapped[int | None] = mapped_column(Integer, default=1)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What the row asks a worker to do: train ("finetune"), or write an export of a finished job's
+    # model ("export": ``parent_id`` is that job, the folder is its folder, the format is in the
+    # spec and what the export measured in the report). One queue, one claim, one recovery.
+    kind: Mapped[str] = mapped_column(String(16), default=KIND_FINETUNE, server_default=KIND_FINETUNE)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     # The job's folder, relative to QALORA_ARTIFACTS (``job-00042``), so every machine finds it
     # under its own mount of the shared folder; read it as ``folder``.
     artifact_dir: Mapped[str | None] = mapped_column(String(1024))
@@ -96,24 +105,6 @@ class Metric(Base):
 
     # a resumed job re-trains the steps after its last checkpoint; one row per step, ever
     __table_args__ = (UniqueConstraint("job_id", "step", name="uq_metrics_job_step"),)
-
-
-class ExportTask(Base):
-    """An export asked for after a job ended: the worker writes it, not the web process."""
-    __tablename__ = "export_tasks"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    format: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued, running, done, failed
-    worker_id: Mapped[str | None] = mapped_column(String(128))
-    path: Mapped[str | None] = mapped_column(String(1024))
-    note: Mapped[str | None] = mapped_column(Text)
-    error: Mapped[str | None] = mapped_column(Text)
-    result: Mapped[str | None] = mapped_column(Text)  # JSON: what the export measured (qalora.export.export_run)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)  # while running: its worker is alive
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Artifact(Base):

@@ -1,5 +1,7 @@
 """Job repository: one function per status transition, plus the reads the UI needs.
 
+Fine-tunes and exports are rows of one queue (``Job.kind``): one claim, one heartbeat, one recovery.
+
 Every transition is a single compare-and-set ``UPDATE ... WHERE status IN (allowed)``: it is
 atomic on any database, so two workers (or a worker and the UI) can race on one row and at
 most one wins. The loser sees zero rows changed and gets an ``IllegalTransition`` (or ``None``
@@ -13,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import Artifact, ExportTask, Job, Metric, utcnow
+from .models import KIND_EXPORT, KIND_FINETUNE, Artifact, Job, Metric, utcnow
 from .status import TRANSITIONS, IllegalTransition, JobStateError, JobStatus
 
 S = JobStatus
@@ -51,7 +53,7 @@ def create_job(s: Session, *, name: str, spec: dict, total_steps: int, sweep_id:
     return job.id
 
 
-def _hold(s: Session, rows) -> None:
+def _hold(s: Session, *rows) -> None:
     """Serialize this transaction with others that read, then write, the same ``rows`` of jobs:
     PostgreSQL locks them (``FOR UPDATE``); SQLite takes its write lock first (in WAL mode a
     transaction that read and then writes fails if another wrote in between)."""
@@ -59,7 +61,7 @@ def _hold(s: Session, rows) -> None:
         s.execute(update(Job).where(Job.id == -1).values(queue_position=None)
                   .execution_options(synchronize_session=False))
     else:
-        s.execute(select(Job.id).where(rows).with_for_update()).all()
+        s.execute(select(Job.id).where(*rows).with_for_update()).all()
 
 
 def _queue_order():
@@ -67,8 +69,9 @@ def _queue_order():
 
 
 def queued_ids(s: Session) -> list[int]:
-    """Queued jobs in the order workers will claim them."""
-    return list(s.scalars(select(Job.id).where(Job.status == S.QUEUED.value).order_by(*_queue_order())))
+    """Queued fine-tunes in the order workers will claim them."""
+    return list(s.scalars(select(Job.id).where(Job.status == S.QUEUED.value, Job.kind == KIND_FINETUNE)
+                          .order_by(*_queue_order())))
 
 
 def move_queued(s: Session, job_id: int, direction: str) -> list[int]:
@@ -76,7 +79,7 @@ def move_queued(s: Session, job_id: int, direction: str) -> list[int]:
     returns the new queue order. At either end it stays. A job that is not queued raises."""
     if direction not in ("up", "down"):
         raise ValueError(f"direction {direction!r}: use 'up' or 'down'.")
-    _hold(s, Job.status == S.QUEUED.value)  # the queue, while it is read and written
+    _hold(s, Job.status == S.QUEUED.value, Job.kind == KIND_FINETUNE)  # the queue, while read and written
     order = queued_ids(s)
     if job_id not in order:
         status = s.scalar(select(Job.status).where(Job.id == job_id))
@@ -95,8 +98,9 @@ def move_queued(s: Session, job_id: int, direction: str) -> list[int]:
     return order
 
 
-def claim(s: Session, worker_id: str, job_id: int | None = None, max_devices: int | None = None) -> int | None:
-    """queued -> running for ``job_id``, or for the first queued job; returns the id claimed.
+def claim(s: Session, worker_id: str, job_id: int | None = None, max_devices: int | None = None,
+          kind: str = KIND_FINETUNE) -> int | None:
+    """queued -> running for ``job_id``, or for the first queued row of ``kind``; returns the id claimed.
 
     First by queue position (the id unless moved), so a resumed job goes before the jobs
     submitted after it.
@@ -111,7 +115,8 @@ def claim(s: Session, worker_id: str, job_id: int | None = None, max_devices: in
         return job_id
     while True:
         fits = () if max_devices is None else (func.coalesce(Job.devices, 1) <= max_devices,)
-        stmt = select(Job.id).where(Job.status == S.QUEUED.value, *fits).order_by(*_queue_order()).limit(1)
+        stmt = (select(Job.id).where(Job.status == S.QUEUED.value, Job.kind == kind, *fits)
+                .order_by(*_queue_order()).limit(1))
         if s.get_bind().dialect.name == "postgresql":
             # a row another worker is claiming is locked: skip it rather than wait for its commit and
             # lose the compare-and-set anyway (SQLite serializes writers; it has no row locks)
@@ -216,79 +221,32 @@ def relative(path, folder: Path | None) -> str:
     return str(path)
 
 
-# ---- exports asked for after a job ended (run by a worker) ---------------------------------
+# ---- exports asked for after a job ended: rows of kind "export", run by a worker ---------------
 
-def request_export(s: Session, job_id: int, fmt: str) -> ExportTask:
-    """The job's queued or running export task for ``fmt``, else a new queued one (one at a time:
-    two callers asking together get the same task)."""
+def request_export(s: Session, job_id: int, fmt: str) -> Job:
+    """The job's queued or running export of ``fmt``, else a new queued one (one at a time: two
+    callers asking together get the same row)."""
     _hold(s, Job.id == job_id)
     job = s.get(Job, job_id)
-    if job is None:
+    if job is None or job.kind != KIND_FINETUNE:
         raise JobStateError(f"Job {job_id} does not exist; refresh the job list.")
     if job.status != S.SUCCEEDED.value:
         raise JobStateError(f"Job {job_id} is {job.status}; exports are made from a finished model.")
-    task = s.scalar(select(ExportTask).where(ExportTask.job_id == job_id, ExportTask.format == fmt,
-                                             ExportTask.status.in_(("queued", "running")))
-                    .order_by(ExportTask.id.desc()))
+    active = (S.QUEUED.value, S.RUNNING.value, S.INTERRUPTED.value)
+    task = next((t for t in reversed(export_tasks(s, job_id)) if t.spec.get("format") == fmt and t.status in active),
+                None)
     if task is None:
-        task = ExportTask(job_id=job_id, format=fmt, status="queued")
+        task = Job(name=f"export {fmt} of job #{job_id}", spec={"format": fmt}, total_steps=0, status=S.QUEUED.value,
+                   kind=KIND_EXPORT, parent_id=job_id, artifact_dir=job.artifact_dir, devices=1)
         s.add(task)
         s.flush()
+        task.queue_position = task.id
     return task
 
 
-def claim_export(s: Session, worker_id: str) -> ExportTask | None:
-    """queued -> running for the oldest queued export; ``None`` when there is none."""
-    while True:
-        task_id = s.scalar(select(ExportTask.id).where(ExportTask.status == "queued")
-                           .order_by(ExportTask.id).limit(1))
-        if task_id is None:
-            return None
-        stmt = (update(ExportTask).where(ExportTask.id == task_id, ExportTask.status == "queued")
-                .values(status="running", worker_id=worker_id, heartbeat_at=utcnow()))
-        if s.execute(stmt.execution_options(synchronize_session=False)).rowcount == 1:
-            return s.get(ExportTask, task_id)
-
-
-def finish_export(s: Session, task_id: int, worker_id: str, *, path: str | None = None, note: str | None = None,
-                  error: str | None = None, result: dict | None = None) -> bool:
-    """running -> done (or failed) for the task's own worker; False if the task is no longer its
-    (recovered after a missed heartbeat and handed to another)."""
-    import json
-    done = s.execute(update(ExportTask).where(ExportTask.id == task_id, ExportTask.status == "running",
-                                              ExportTask.worker_id == worker_id).values(
-        status="failed" if error else "done", path=path, note=note, error=error, finished_at=utcnow(),
-        result=None if result is None else json.dumps(result)).execution_options(synchronize_session=False))
-    return done.rowcount == 1
-
-
-def heartbeat_export(s: Session, task_id: int, worker_id: str) -> bool:
-    """The export's worker is alive; False if the task is no longer its."""
-    return s.execute(update(ExportTask).where(ExportTask.id == task_id, ExportTask.status == "running",
-                                              ExportTask.worker_id == worker_id).values(heartbeat_at=utcnow())
-                     .execution_options(synchronize_session=False)).rowcount == 1
-
-
-def requeue_exports(s: Session, worker_id: str | None = None, stale_before: datetime | None = None) -> int:
-    """Running exports go back to the queue (writes are atomic: nothing is torn): those of
-    ``worker_id`` (gone from this host), or those whose heartbeat is older than ``stale_before``
-    (their worker is silent, on any host). Returns how many."""
-    stmt = update(ExportTask).where(ExportTask.status == "running")
-    if worker_id is not None:
-        stmt = stmt.where(ExportTask.worker_id == worker_id)
-    if stale_before is not None:
-        stmt = stmt.where((ExportTask.heartbeat_at.is_(None)) | (ExportTask.heartbeat_at < stale_before))
-    return s.execute(stmt.values(status="queued", worker_id=None, heartbeat_at=None)
-                     .execution_options(synchronize_session=False)).rowcount
-
-
-def export_owners(s: Session) -> set[str]:
-    """Workers writing an export right now."""
-    return set(s.scalars(select(ExportTask.worker_id).where(ExportTask.status == "running")))
-
-
-def export_tasks(s: Session, job_id: int) -> list[ExportTask]:
-    return list(s.scalars(select(ExportTask).where(ExportTask.job_id == job_id).order_by(ExportTask.id)))
+def export_tasks(s: Session, job_id: int) -> list[Job]:
+    """The exports asked for after job ``job_id`` ended, oldest first."""
+    return list(s.scalars(select(Job).where(Job.kind == KIND_EXPORT, Job.parent_id == job_id).order_by(Job.id)))
 
 
 # ---- reads -------------------------------------------------------------------------------
@@ -298,7 +256,8 @@ def get_job(s: Session, job_id: int) -> Job | None:
 
 
 def list_jobs(s: Session, statuses: list[JobStatus] | None = None, limit: int = 200) -> list[Job]:
-    stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    """Fine-tunes, newest first (exports are listed with their job: :func:`export_tasks`)."""
+    stmt = select(Job).where(Job.kind == KIND_FINETUNE).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     if statuses:
         stmt = stmt.where(Job.status.in_([S(st).value for st in statuses]))
     return list(s.scalars(stmt))
@@ -317,6 +276,7 @@ def sweeps(s: Session, limit: int = 50) -> list[tuple[str, int, datetime]]:
 
 
 def running_jobs(s: Session) -> list[Job]:
+    """Every running row, fine-tunes and exports alike (for recovery)."""
     return list(s.scalars(select(Job).where(Job.status == S.RUNNING.value)))
 
 

@@ -59,3 +59,8 @@ class IllegalTransition(JobStateError):
             msg = (f"Cannot {_VERB[target]} job {job_id}: it is {current.value}, "
                    f"and only a job that is {allowed} can be.")
         super().__init__(msg)
+
+
+# An export row's status as the Jobs tab, the download and the publish speak of it.
+EXPORT_STATUS = {"queued": "queued", "interrupted": "queued", "running": "running", "succeeded": "done",
+                 "failed": "failed", "canceled": "failed"}

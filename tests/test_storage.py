@@ -341,3 +341,47 @@ def test_moves_from_many_sessions_at_once_keep_every_position_distinct(store):
         positions = s.execute(select(Job.queue_position).where(Job.id.in_(ids))).scalars().all()
         assert sorted(repo.queued_ids(s)) == ids
     assert len(set(p for p in positions if p is not None)) == len([p for p in positions if p is not None])
+
+
+def test_the_upgrade_to_one_queue_carries_export_tasks_over(db_url, tmp_path, monkeypatch):
+    """Revision 0009: the export tasks of a database at 0008 become rows of jobs (kind 'export', their
+    job as parent, its folder, the format in the spec, the path and note in the report); a task left
+    running is queued again; every other row stays, and a downgrade brings them back."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from storage.db import _alembic_config, _engines, migrate
+
+    url = db_url or f"sqlite:///{tmp_path / 'old.db'}"
+    old = create_engine(url)
+    with old.begin() as conn:
+        command.upgrade(_alembic_config(conn), "0008")
+        conn.exec_driver_sql(
+            "INSERT INTO jobs (id, name, status, spec, created_at, step, total_steps, attempts, cancel_requested, "
+            "artifact_dir, queue_position, devices) VALUES (7, 'j', 'succeeded', '{}', '2026-12-01', 3, 3, 1, "
+            "false, 'job-00007', 7, 1)")
+        for fmt, status, path in (("gguf", "done", "exports/model-q4_1.gguf"), ("peft", "running", None)):
+            conn.exec_driver_sql(
+                "INSERT INTO export_tasks (job_id, format, status, worker_id, path, note, created_at) VALUES "
+                f"(7, '{fmt}', '{status}', 'w:1:a', {repr(path) if path else 'NULL'}, 'the note', '2026-12-02')")
+    migrate(old)
+    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("QALORA_DB_URL", url)
+    _engines.clear()
+    with db() as s:
+        assert [j.id for j in repo.list_jobs(s)] == [7]  # exports are listed with their job, not as jobs
+        tasks = repo.export_tasks(s, 7)
+        assert [(t.kind, t.parent_id, t.spec, t.status, t.artifact_dir) for t in tasks] == [
+            ("export", 7, {"format": "gguf"}, "succeeded", "job-00007"),
+            ("export", 7, {"format": "peft"}, "queued", "job-00007")]
+        assert tasks[0].report == {"format": "gguf", "path": "exports/model-q4_1.gguf", "note": "the note"}
+        assert repo.claim(s, "w2", kind="export") == tasks[1].id  # the one left running is claimable again
+    with old.begin() as conn:
+        if conn.dialect.name == "sqlite":  # as storage.db.migrate runs migrations: rebuilding jobs cascades nothing
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        command.downgrade(_alembic_config(conn), "0008")
+        rows = conn.exec_driver_sql("SELECT job_id, format, status, path FROM export_tasks ORDER BY id").all()
+        assert [tuple(r) for r in rows] == [(7, "gguf", "done", "exports/model-q4_1.gguf"), (7, "peft", "queued", None)]
+        assert conn.exec_driver_sql("SELECT count(*) FROM jobs").scalar() == 1
+    old.dispose()
+    _engines.clear()
