@@ -11,10 +11,8 @@ import json
 import os
 import re
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 from qalora.errors import QALoRAError
@@ -37,7 +35,6 @@ EXPORT_POLL_S = 1.0
 _REPO_NAME = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _TOKEN_HELP = ("paste a token with write access (https://huggingface.co/settings/tokens) in the token field, "
                "set HF_TOKEN, or run `hf auth login`")
-_offline_lock = threading.Lock()
 
 
 class PublishError(QALoRAError):
@@ -255,21 +252,33 @@ def resolve_token(field: str | None = None, allow_server_token: bool = True) -> 
     return (field or "").strip() or (get_token() if allow_server_token else None)
 
 
-@contextmanager
-def _online():
-    """Lift ``HF_HUB_OFFLINE`` for this explicit upload only.
+def _hub(action: str, request: dict, token: str, step=None):
+    """Run ``action`` of :mod:`jobs.hub_upload` in a process of its own, relaying its progress to
+    ``step``; its result, or a ``PublishError`` with its message."""
+    import subprocess
+    import sys
 
-    The app runs offline so that no model is ever downloaded behind the user's back;
-    publishing is a network action the user asked for, so it alone goes through.
-    """
-    from huggingface_hub import constants
-
-    with _offline_lock:
-        saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, False
-        try:
-            yield
-        finally:
-            constants.HF_HUB_OFFLINE = saved
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "QALORA_PUBLISH_TOKEN": token or "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.hub_upload", action], cwd=root, env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(json.dumps(request))
+    proc.stdin.close()
+    outcome = None
+    for line in proc.stdout:
+        item = json.loads(line)
+        if "step" in item and step is not None:
+            step(*item["step"])
+        elif "result" in item or "error" in item:
+            outcome = item
+    stderr = proc.stderr.read()
+    proc.wait()
+    if outcome is None:
+        raise PublishError(f"Publishing stopped unexpectedly: {stderr.strip().splitlines()[-1] if stderr.strip() else proc.returncode}")
+    if "error" in outcome:
+        raise PublishError(outcome["error"])
+    return outcome["result"]
 
 
 def _http_error(exc, repo_id: str, endpoint: str) -> PublishError:
@@ -373,10 +382,6 @@ def publish(job: dict, repo_name: str, *, private: bool = True, token: str | Non
     repository URL. Raises ``PublishError`` with a readable message for a missing or bad
     token, a taken or invalid name, a format the job cannot have, or an unreachable Hub.
     """
-    import httpx2
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
     step = progress or (lambda fraction, message: None)
     repo_name = (repo_name or "").strip()
     if not _REPO_NAME.match(repo_name):
@@ -393,33 +398,21 @@ def publish(job: dict, repo_name: str, *, private: bool = True, token: str | Non
     if not token:
         raise PublishError(f"No Hugging Face token found: {_TOKEN_HELP}.")
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    api = HfApi(endpoint=endpoint)
     repo_id = repo_name
-    try:
-        with _online():
-            step(0.05, "checking the token")
-            if "/" not in repo_id:
-                repo_id = f"{api.whoami(token=token, cache=False)['name']}/{repo_name}"
-            with tempfile.TemporaryDirectory(prefix="qalora-card-") as tmp:
-                # exports first: a failure there leaves no empty repository behind
-                try:
-                    files, measured = repo_files(job, formats, Path(tmp), step)
-                except OSError as exc:  # a full disk, not the network
-                    raise PublishError(f"Writing the files to publish failed: {exc.strerror or exc}.") from None
-                step(0.15, f"creating {'private' if private else 'public'} repository {repo_id}")
-                url = str(api.create_repo(repo_id, token=token, private=private, exist_ok=False))
-                (Path(tmp) / CARD).write_text(model_card(job, repo_id, formats, measured), encoding="utf-8")
-                loss_curve(job).save(Path(tmp) / CURVE)
-                files += [(CARD, Path(tmp) / CARD), (CURVE, Path(tmp) / CURVE)]
-                size_mb = sum(p.stat().st_size for _, p in files) / 2**20
-                step(0.3, f"uploading {len(files)} files ({size_mb:.1f} MB)")
-                api.create_commit(repo_id, [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(p))
-                                            for rel, p in files],
-                                  commit_message="Upload QA-LoRA low-bit model", token=token)
-    except HfHubHTTPError as exc:
-        raise _http_error(exc, repo_id, endpoint) from None
-    except (OSError, httpx2.TransportError) as exc:  # refused, DNS, TLS: name the endpoint, never the token
-        raise PublishError(f"Cannot reach {endpoint} ({type(exc).__name__}); check the network or "
-                           "HF_ENDPOINT and try again.") from None
+    step(0.05, "checking the token")
+    if "/" not in repo_id:
+        repo_id = f"{_hub('whoami', {'endpoint': endpoint}, token)}/{repo_name}"
+    with tempfile.TemporaryDirectory(prefix="qalora-card-") as tmp:
+        # exports first: a failure there leaves no empty repository behind
+        try:
+            files, measured = repo_files(job, formats, Path(tmp), step)
+        except OSError as exc:  # a full disk, not the network
+            raise PublishError(f"Writing the files to publish failed: {exc.strerror or exc}.") from None
+        (Path(tmp) / CARD).write_text(model_card(job, repo_id, formats, measured), encoding="utf-8")
+        loss_curve(job).save(Path(tmp) / CURVE)
+        files += [(CARD, Path(tmp) / CARD), (CURVE, Path(tmp) / CURVE)]
+        size_mb = sum(p.stat().st_size for _, p in files) / 2**20
+        url = _hub("upload", {"endpoint": endpoint, "repo_id": repo_id, "private": private, "size_mb": size_mb,
+                              "files": [[rel, str(p)] for rel, p in files]}, token, step)
     step(1.0, f"published {url}")
     return url

@@ -577,3 +577,29 @@ def test_card_preview_names_the_repo_as_it_will_be_published(env):
     assert "from_pretrained" not in card  # only the ticked formats are described
     update, note = app._publish_formats(env["id"])  # a job of group size 32 with an adapter: everything
     assert update["value"] == ["transformers", "gguf", "native", "adapter"] and note == ""
+
+
+def test_publishing_never_lifts_the_offline_switch_of_the_web_process(torchao_ready, env, hub):
+    """huggingface_hub reads HF_HUB_OFFLINE from one module global: the upload runs in a process of its
+    own, so this process's other threads (a form's Hub check, the chat loading a Hub base) stay offline
+    throughout (it was lifted here for the whole upload)."""
+    import time
+
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE  # the suite runs offline (conftest.py)
+    seen, done = set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.add(constants.HF_HUB_OFFLINE)
+            time.sleep(0.0002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        url = service.publish_job(env["id"], "offline-check", private=True, token=TOKEN, endpoint=hub.url)
+    finally:
+        done.set()
+        watcher.join()
+    assert url == f"{hub.url}/alice/offline-check" and seen == {True}
