@@ -561,8 +561,9 @@ COMPARE_HINT = "*Pick jobs (or a sweep) to compare their curves, settings and ou
 
 
 def _comparable_choices() -> list[tuple[str, int]]:
-    """Jobs with something to compare: every job that has started (queued ones have no data yet)."""
-    return _job_choices([j for j in service.list_jobs() if j["status"] != "queued"])
+    """Every job: finished, running and queued (a queued one is listed, without curves until it
+    starts), so whatever a sweep holds can be picked."""
+    return _job_choices(service.list_jobs())
 
 
 def _sweep_choices() -> list[tuple[str, str]]:
@@ -586,6 +587,20 @@ def _compare_table(result: dict):
     return frame.style.apply(marks, axis=None).format(formats)
 
 
+def _statuses(rows: list[dict]) -> str:
+    """"4 jobs: 1 finished, 2 running (their curves grow), 1 queued (no curve until it starts)"."""
+    count = {s: sum(r["status"] == s for r in rows) for s in ("succeeded", "running", "queued")}
+    parts = [f"{count['succeeded']} finished"] if count["succeeded"] else []
+    if count["running"]:
+        parts.append(f"{count['running']} running (curves grow, outcomes appear when it ends)")
+    if count["queued"]:
+        parts.append(f"{count['queued']} queued (no curve until it starts)")
+    other = len(rows) - sum(count.values())
+    if other:
+        parts.append(f"{other} failed, canceled or interrupted (outcomes as far as they got)")
+    return f"{len(rows)} job{'s' if len(rows) != 1 else ''}: " + ", ".join(parts)
+
+
 def _compare(picked, x_axis, quality):
     """(curves, table, scatter, CSV button, note) for the picked jobs."""
     ids = [int(i) for i in picked or []]
@@ -603,9 +618,8 @@ def _compare(picked, x_axis, quality):
     points = pd.DataFrame([{**p, "quality": p[key], "frontier": p[f"{key}_frontier"]} for p in result["scatter"]
                            if p[key] is not None],
                           columns=["job", "merged_mb", "quality", "frontier", "bits", "group_size", "rank"])
-    running = sum(r["status"] == "running" for r in result["rows"])
-    note = (f"{len(ids)} job(s); best value per outcome highlighted; the frontier is the jobs no other job beats on "
-            "both merged size and quality." + (f" {running} still running: their curves grow." if running else ""))
+    note = (f"{_statuses(result['rows'])}. The best value per outcome among finished jobs is highlighted; the "
+            "frontier is the jobs no other job beats on both merged size and quality.")
     return (gr.update(value=curves if len(curves) else None, x_title="training tokens seen" if x == "tokens" else "step"),
             _compare_table(result),
             gr.update(value=points if len(points) else None, y_title=quality),
@@ -613,20 +627,41 @@ def _compare(picked, x_axis, quality):
 
 
 def _compare_opened(picked, sweep):
-    """Fresh choices; with nothing picked yet, the newest sweep and its jobs are picked."""
+    """Fresh choices; with nothing picked yet, the newest sweep and its jobs are picked. A pick
+    whose job is gone (deleted) is dropped rather than refused by the picker."""
     jobs, sweeps = _comparable_choices(), _sweep_choices()
-    if picked or not sweeps:
-        return gr.update(choices=jobs), gr.update(choices=sweeps)
+    offered = {value for _, value in jobs}
+    kept = [int(i) for i in picked or [] if int(i) in offered]
+    if kept or not sweeps:
+        sweep = sweep if sweep in {value for _, value in sweeps} else None
+        return (gr.update(choices=jobs, value=kept) if kept != list(picked or []) else gr.update(choices=jobs),
+                gr.update(choices=sweeps, value=sweep))
     newest = sweeps[0][1]
     return gr.update(choices=jobs, value=service.sweep_jobs(newest)), gr.update(choices=sweeps, value=newest)
 
 
-def _compare_tick(picked, x_axis, quality):
-    """The timer: redraw only while a picked job is running."""
-    running = {j["id"] for j in service.list_jobs("running")}
-    if not running & {int(i) for i in picked or []}:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    return _compare(picked, x_axis, quality)
+def _sweep_picked(sweep):
+    """Picking a sweep picks its jobs, in whatever state (the picker offers them all, fresh)."""
+    if not sweep:
+        return gr.skip()
+    return gr.update(choices=_comparable_choices(), value=service.sweep_jobs(sweep))
+
+
+def _compare_state(picked) -> tuple:
+    """What a redraw depends on: each picked job's status, step and stage (a queued job starting,
+    a running one stepping or finishing)."""
+    ids = {int(i) for i in picked or []}
+    return tuple((j["id"], j["status"], j["step"], j["stage"]) for j in service.list_jobs() if j["id"] in ids)
+
+
+def _compare_tick(picked, x_axis, quality, seen):
+    """The timer: redraw only when a picked job moved (started, stepped, finished); the picker's
+    labels follow their jobs' statuses."""
+    state = _compare_state(picked)
+    if state == seen:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), seen
+    choices = _comparable_choices()
+    return (*_compare(picked, x_axis, quality), gr.update(choices=choices), state)
 
 
 def build_compare_tab():
@@ -650,12 +685,14 @@ def build_compare_tab():
                                  tooltip=["job", "bits", "group_size", "rank", "merged_mb", "quality"],
                                  elem_id="compare-scatter", height=340, scale=3)
         csv = gr.DownloadButton("Download the table (CSV)", visible=False, elem_id="compare-csv", scale=1)
+    seen = gr.State(())
     outputs = [curves, table, scatter, csv, note]
-    sweep.input(lambda w: gr.update(value=service.sweep_jobs(w)) if w else gr.skip(), sweep, picked)
+    sweep.input(_sweep_picked, sweep, picked)
     for control in (picked, x_axis, quality):
-        control.change(_compare, [picked, x_axis, quality], outputs, show_progress="hidden")
-    gr.Timer(max(REFRESH_S, 1.0) * 2.5).tick(_compare_tick, [picked, x_axis, quality], outputs,
-                                              show_progress="hidden")
+        control.change(_compare, [picked, x_axis, quality], outputs, show_progress="hidden").then(
+            _compare_state, picked, seen, show_progress="hidden")
+    gr.Timer(max(REFRESH_S, 1.0) * 2.5).tick(_compare_tick, [picked, x_axis, quality, seen],
+                                              [*outputs, picked, seen], show_progress="hidden")
     return picked, sweep
 
 

@@ -1,8 +1,10 @@
 """Runs side by side: one table of settings and outcomes, overlaid loss curves, size vs quality.
 
 Pure functions over the job dicts ``service.get_job`` returns (with metrics and artifacts), so
-the comparison is tested without a browser and the app only draws it. Outcomes of a running job
-are blank until it has them; its curves grow as it trains.
+the comparison is tested without a browser and the app only draws it. Every job has a row, queued
+ones too; outcomes of a job that has not finished are blank until it has them (its curves grow as
+it trains), and only finished jobs are marked best: a partial wall time or a loss halfway through
+is no result. Settings and baselines (the quantized base's loss) are never marked.
 """
 from __future__ import annotations
 
@@ -14,17 +16,17 @@ from storage import utcnow
 
 # (key, column header, which is best: "min", "max" or None). The settings a sweep varies come
 # first, then the outcomes, then the settings that rarely differ, so the outcomes are in view.
-SETTINGS = [("id", "job", None), ("name", "name", None), ("bits", "bits", None), ("group_size", "group size", None),
-            ("rank", "rank", None), ("lr", "lr", None)]
-LATER = [("method", "method", None), ("steps", "steps", None), ("base", "base", None), ("status", "status", None),
-         ("sweep", "sweep", None)]
-OUTCOMES = [("eval_base", "eval loss: quantized base", "min"), ("eval_trained", "eval loss: trained", "min"),
+SETTINGS = [("id", "job", None), ("name", "name", None), ("status", "status", None), ("bits", "bits", None),
+            ("group_size", "group size", None), ("rank", "rank", None), ("lr", "lr", None)]
+LATER = [("method", "method", None), ("steps", "steps", None), ("base", "base", None), ("sweep", "sweep", None)]
+OUTCOMES = [("eval_base", "eval loss: quantized base", None), ("eval_trained", "eval loss: trained", "min"),
             ("eval_merged", "eval loss: merged", "min"), ("merge_diff", "merge max Δlogit", "min"),
-            ("mc_score", "multiple choice", "max"), ("native_mb", "native MB", "min"), ("gguf_mb", "GGUF MB", "min"),
+            ("mc_score", "multiple choice", "max"), ("gen_score", "replies exact", "max"),
+            ("native_mb", "native MB", "min"), ("gguf_mb", "GGUF MB", "min"),
             ("torchao_mb", "torchao MB", "min"), ("gptq_mb", "GPTQ MB", "min"), ("tokens_per_s", "tokens/s", "max"),
             ("wall_s", "wall s", "min"), ("peak_rss_mb", "peak RAM MB", "min"), ("peak_gpu_mb", "peak GPU MB", "min")]
 # Shown only when some job has them (an export nobody asked for, a GPU nobody used).
-OPTIONAL = {"sweep", "mc_score", "gguf_mb", "torchao_mb", "gptq_mb", "peak_gpu_mb"}
+OPTIONAL = {"sweep", "mc_score", "gen_score", "gguf_mb", "torchao_mb", "gptq_mb", "peak_gpu_mb"}
 SIZE_KINDS = {"native_mb": "merged", "gguf_mb": "gguf", "torchao_mb": "torchao", "gptq_mb": "gptq"}
 # The scatter's quality axes: (label, field of the scatter points, which is best).
 QUALITY = {"eval loss (merged)": ("eval_loss", "min"), "multiple-choice score": ("mc_score", "max")}
@@ -43,15 +45,18 @@ def row(job: dict, now: datetime | None = None) -> dict:
     sizes = {a["kind"]: a["size_bytes"] for a in job.get("artifacts") or []}
     metrics = job.get("metrics") or []
     tokens_per_s = report.get("tokens_per_s") or (metrics[-1]["tokens_per_s"] if metrics else None)
-    end = job.get("finished_at") or (now or utcnow())
-    wall = (end - job["started_at"]).total_seconds() if job.get("started_at") else None
-    mc = report.get("multiple_choice") or {}
+    if "run_s" in job:  # over every attempt (``service``)
+        wall = job["run_s"]
+    else:
+        end = job.get("finished_at") or (now or utcnow())
+        wall = (end - job["started_at"]).total_seconds() if job.get("started_at") else None
+    mc, gen = report.get("multiple_choice") or {}, report.get("generation") or {}
     out = {"id": job["id"], "name": job["name"], "sweep": job.get("sweep_id"), "status": job["status"],
            "base": spec.get("base"), "bits": quant.get("bits"), "group_size": quant.get("group_size"),
            "rank": adapter.get("rank"), "method": method, "steps": train.get("steps"), "lr": train.get("lr"),
            "eval_base": report.get("eval_loss_quantized_base"), "eval_trained": report.get("eval_loss_adapter"),
            "eval_merged": report.get("eval_loss_merged"), "merge_diff": report.get("merge_max_abs_logit_diff"),
-           "mc_score": mc.get("accuracy"), "tokens_per_s": tokens_per_s, "wall_s": wall,
+           "mc_score": mc.get("accuracy"), "gen_score": gen.get("accuracy"), "tokens_per_s": tokens_per_s, "wall_s": wall,
            "peak_rss_mb": report.get("peak_rss_mb"), "peak_gpu_mb": report.get("peak_gpu_mb") or None}
     for key, kind in SIZE_KINDS.items():
         out[key] = sizes[kind] / 1e6 if sizes.get(kind) else None
@@ -59,11 +64,14 @@ def row(job: dict, now: datetime | None = None) -> dict:
     return out
 
 
+FINISHED = "succeeded"
+
+
 def best(rows: list[dict]) -> dict[str, list[int]]:
-    """For each outcome, the ids of the jobs with the best value (ties all marked)."""
+    """For each outcome, the ids of the finished jobs with the best value (ties all marked)."""
     marks = {}
     for key, _, better in OUTCOMES:
-        values = [(r[key], r["id"]) for r in rows if r.get(key) is not None]
+        values = [(r[key], r["id"]) for r in rows if r.get(key) is not None and r.get("status") == FINISHED]
         if better and values:
             top = (min if better == "min" else max)(v for v, _ in values)
             marks[key] = [i for v, i in values if v == top]
@@ -146,7 +154,7 @@ def _cell(key: str, value) -> str:
             return f"{value:g}"
         if key == "merge_diff":
             return f"{value:.2g}"
-        if key in ("mc_score",):
+        if key in ("mc_score", "gen_score"):
             return f"{value:.0%}"
         return f"{value:.4f}" if key.startswith("eval") else f"{value:.1f}" if value < 100 else f"{value:.0f}"
     return str(value)

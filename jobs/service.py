@@ -41,6 +41,7 @@ def _job_dict(job: Job) -> dict:
     d["progress"] = job.step / job.total_steps if job.total_steps else 0.0
     d["spec"], d["report"] = job.spec, job.report
     d["stage_text"], d["stage_eta_s"] = _stage_progress(job)
+    d["run_s"] = _run_seconds(job)
     # Alive (heartbeating) but not moving: a hung CUDA call or a deadlock. Shown, not acted on.
     d["stalled_s"] = None
     if job.status == JobStatus.RUNNING.value and job.progress_at is not None:
@@ -49,6 +50,21 @@ def _job_dict(job: Job) -> dict:
             d["stalled_s"] = idle
             d["last_log_line"] = _log_tail(job.folder, 1).strip()
     return d
+
+
+def _run_seconds(job: Job) -> float | None:
+    """Wall time over all the job's attempts: the earlier ones (``earlier_run_s``) and the last one,
+    to now while it runs, to its end once ended, to its last sign of life when it was interrupted
+    (and while it waits in the queue after that); ``None`` before it first started."""
+    if job.started_at is None:
+        return job.earlier_run_s
+    if job.status == JobStatus.RUNNING.value:
+        last = repo.attempt_seconds(job.started_at, utcnow())
+    elif job.finished_at is not None:
+        last = repo.attempt_seconds(job.started_at, job.finished_at)
+    else:
+        last = repo.attempt_seconds(job.started_at, job.heartbeat_at, job.progress_at)
+    return (job.earlier_run_s or 0.0) + last
 
 
 def _stage_progress(job: Job) -> tuple[str, float | None]:

@@ -52,6 +52,9 @@ class Job(Base):
     # lives, not that the job moves; a stuck CUDA call keeps beating but stops progressing.
     progress_at: Mapped[datetime | None] = mapped_column(DateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Seconds the earlier attempts ran (each from its start to its last sign of life), added when
+    # the job is claimed again: with the current attempt, the job's wall time over all attempts.
+    earlier_run_s: Mapped[float | None] = mapped_column(Float)
     # Where a queued job stands: workers claim the lowest first. A new job takes its id (first
     # come, first served, and a resumed job keeps its place ahead of later ones); moving a job
     # up or down swaps it with its neighbour.

@@ -111,7 +111,7 @@ def claim(s: Session, worker_id: str, job_id: int | None = None, max_devices: in
     values = dict(worker_id=worker_id, started_at=now, heartbeat_at=now, progress_at=now, finished_at=None,
                   cancel_requested=False, error=None, attempts=Job.attempts + 1)
     if job_id is not None:
-        _transition(s, job_id, S.RUNNING, **values)
+        _transition(s, job_id, S.RUNNING, earlier_run_s=_ran_before(s, job_id), **values)
         return job_id
     while True:
         fits = () if max_devices is None else (func.coalesce(Job.devices, 1) <= max_devices,)
@@ -125,10 +125,27 @@ def claim(s: Session, worker_id: str, job_id: int | None = None, max_devices: in
         if candidate is None:
             return None
         try:
-            _transition(s, candidate, S.RUNNING, **values)
+            _transition(s, candidate, S.RUNNING, earlier_run_s=_ran_before(s, candidate), **values)
             return candidate
         except IllegalTransition:
             continue
+
+
+def _ran_before(s: Session, job_id: int) -> float | None:
+    """Seconds the job's attempts so far ran, each from its start to its last sign of life (its last
+    heartbeat or progress: a worker killed outright stops there, not when its death was noticed)."""
+    row = s.execute(select(Job.started_at, Job.heartbeat_at, Job.progress_at, Job.finished_at, Job.earlier_run_s)
+                    .where(Job.id == job_id)).first()
+    if row is None or row.started_at is None:
+        return row.earlier_run_s if row else None
+    return (row.earlier_run_s or 0.0) + attempt_seconds(row.started_at, row.heartbeat_at, row.progress_at,
+                                                        row.finished_at)
+
+
+def attempt_seconds(started_at: datetime, *ends: datetime | None) -> float:
+    """An attempt's length: from its start to the latest of ``ends`` (none given: 0)."""
+    last = max((t for t in ends if t is not None), default=started_at)
+    return max((last - started_at).total_seconds(), 0.0)
 
 
 def succeed(s: Session, job_id: int, worker_id: str, report: dict | None = None) -> None:

@@ -428,14 +428,50 @@ def test_the_compare_table_keeps_numbers_sortable_and_highlights_the_best_cell()
     assert sent.metadata["styling"] == [["", best, ""], ["", "", best]]  # the best cell of each outcome
 
 
-def test_the_compare_tab_preselects_the_newest_sweep_and_hints_when_nothing_is_picked(home):
+def _offered(update: dict, multiselect=True):
+    """What the page does with a picker update: Gradio refuses a value outside the choices (the red
+    "Value: 3 (type: int) is not in the list of choices" toast) when the value comes back."""
+    return gr.Dropdown(choices=update["choices"], multiselect=multiselect).preprocess(update.get("value"))
+
+
+def test_the_compare_tab_opens_on_a_sweep_with_queued_and_running_jobs(home):
+    """Regression: the picker offered only jobs that had started, while the newest sweep's jobs
+    were picked: opening Compare on a sweep with a queued job failed in every panel."""
     assert app._compare([], "step", "eval loss (merged)")[-1] == app.COMPARE_HINT
-    _launch_sweep(groups=(32,))
+    _launch_sweep(bits=(2, 3, 4), groups=(32,))
+    a, b, c = sorted(j["id"] for j in service.list_jobs())
+    from storage import db, repo
+    with db() as s:  # one running with two steps, two still queued
+        repo.claim(s, "host:1:w", a)
+        for step in (1, 2):
+            repo.record_step(s, a, "host:1:w", step=step, train_loss=3.0 - step, eval_loss=None, lr=1e-3,
+                             tokens_per_s=100.0, elapsed_s=step, eta_s=5.0, tokens_seen=100 * step)
     jobs, sweep = app._compare_opened([], None)
     (sweep_id,) = {j["sweep_id"] for j in service.list_jobs()}
-    assert sweep["value"] == sweep_id and jobs["value"] == sorted(j["id"] for j in service.list_jobs())
-    kept, _ = app._compare_opened([jobs["value"][0]], None)
-    assert "value" not in kept  # a pick the user made is kept
+    assert sweep["value"] == sweep_id and _offered(jobs) == [a, b, c]  # every job of the sweep, accepted
+    assert _offered(app._sweep_picked(sweep_id)) == [a, b, c]
+    curves, table, _, _, note = app._compare([a, b, c], "step", "eval loss (merged)")
+    assert note.startswith("3 jobs: 1 running (curves grow, outcomes appear when it ends), 2 queued (no curve "
+                           "until it starts).")
+    assert sorted(set(curves["value"]["series"])) == [f"#{a} train"]  # queued jobs: listed, no curve
+    frame = table.data
+    assert list(frame["status"]) == ["running", "queued", "queued"] and frame["wall s"].isna().tolist()[1:] == [True] * 2
+    assert frame["wall s"][0] > 0  # the running job's wall time so far: shown, never marked best
+    sent = gr.Dataframe(interactive=False).postprocess(table)
+    assert {cell for row in sent.metadata["styling"] for cell in row} == {""}
+    kept, _ = app._compare_opened([b], None)
+    assert "value" not in kept and _offered({**kept, "value": [b]}) == [b]  # a pick the user made is kept
+    service.delete(c)
+    dropped, _ = app._compare_opened([b, c], None)
+    assert dropped["value"] == [b]  # a deleted job is dropped, not refused
+    # the timer redraws when a picked job moves, and not otherwise
+    state = app._compare_state([a, b])
+    assert app._compare_tick([a, b], "step", "eval loss (merged)", state)[-1] == state
+    assert isinstance(app._compare_tick([a, b], "step", "eval loss (merged)", state)[0], type(gr.skip()))
+    with db() as s:
+        repo.claim(s, "host:2:w", b)
+    moved = app._compare_tick([a, b], "step", "eval loss (merged)", state)
+    assert moved[-1] != state and moved[4].startswith("2 jobs: 2 running")
 
 
 def test_a_job_asking_for_two_devices_states_its_global_batch(home):

@@ -39,8 +39,8 @@ def test_the_cli_sweep_runs_both_jobs_here_and_prints_the_table(sweep):
                                                                         "size 32 × rank 4 × learning rate 0.001).")
     assert [line for line in printed.splitlines() if line.startswith("job #")] == [f"job #{i}: succeeded" for i in ids]
     table = [line for line in printed.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| job | name | bits | group size | rank | lr | eval loss: quantized base |")
-    assert table[0].endswith("| method | steps | base | status | sweep |")
+    assert table[0].startswith("| job | name | status | bits | group size | rank | lr | eval loss: quantized base |")
+    assert table[0].endswith("| method | steps | base | sweep |")
     assert [row.split(" | ")[1] for row in table[1:]] == ["cmp-2bit-g32-r4", "cmp-4bit-g32-r4"]
 
 
@@ -63,14 +63,15 @@ def test_the_table_holds_each_jobs_settings_and_outcomes_and_marks_the_best(swee
         gguf = Path(job["artifact_dir"]) / report["exports"]["gguf"]["path"]  # relative to the job's folder
         assert r["gguf_mb"] * 1e6 == gguf.stat().st_size
         assert r["tokens_per_s"] == report["tokens_per_s"] and r["peak_rss_mb"] == report["peak_rss_mb"]
-        assert r["wall_s"] == (job["finished_at"] - job["started_at"]).total_seconds() > 0
+        assert r["wall_s"] == job["run_s"] == (job["finished_at"] - job["started_at"]).total_seconds() > 0
     # 2-bit codes are smaller than 4-bit ones; the 2-bit model's loss is the higher one
     two, four = (rows[i] for i in ids)
     assert two["native_mb"] < four["native_mb"] and two["gguf_mb"] == four["gguf_mb"]  # GGUF Q4_1 holds both
     assert result["best"]["native_mb"] == [two["id"]]
-    for key, better in (("eval_merged", min), ("eval_base", min), ("tokens_per_s", max), ("wall_s", min)):
+    for key, better in (("eval_merged", min), ("tokens_per_s", max), ("wall_s", min)):
         top = better(r[key] for r in rows.values())
         assert result["best"][key] == [i for i in ids if rows[i][key] == top]
+    assert "eval_base" not in result["best"] and "bits" not in result["best"]  # a baseline, a setting: no marks
     headers = [h for _, h, _ in result["columns"]]
     assert "GGUF MB" in headers and "torchao MB" not in headers and "peak GPU MB" not in headers  # none has them
     md = compare_mod.markdown_table(result)
@@ -153,6 +154,53 @@ def test_a_running_job_is_compared_with_its_curve_so_far_and_blank_outcomes(tmp_
     assert row["tokens_per_s"] == 250.0 and row["wall_s"] > 0
     assert [(p["step"], p["tokens"], p["loss"]) for p in result["curves"]] == [(1, 480, 3.0), (2, 1010, 2.5)]
     assert result["scatter"] == [] and "eval_merged" not in result["best"]
+
+
+def test_wall_time_counts_every_attempt_and_only_finished_jobs_are_marked_best(tmp_path, monkeypatch):
+    """Regression: a resumed job's wall time was its last attempt's (102 s for a job that ran 172 s),
+    and a running job's partial wall time was marked best."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from storage import Job
+
+    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QALORA_DB_URL", raising=False)
+    spec = {"quant": {"bits": 4, "group_size": 32}, "train": {"steps": 9}}
+
+    def rewind(job_id, **ago):  # move the row's times into the past: seconds ago per column
+        now = storage_now()
+        with db() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(
+                **{k: now - timedelta(seconds=v) for k, v in ago.items()}))
+
+    from storage import utcnow as storage_now
+    with db() as s:
+        resumed = repo.create_job(s, name="resumed", spec=spec, total_steps=9)
+        live = repo.create_job(s, name="live", spec=spec, total_steps=9)
+        repo.claim(s, "host:1:w", resumed)
+    rewind(resumed, started_at=300, heartbeat_at=230, progress_at=232)  # first attempt: 70 s, then killed
+    with db() as s:
+        repo.interrupt(s, resumed, "host:1:w", reason="worker died")
+        repo.requeue(s, resumed)
+    assert service.get_job(resumed)["run_s"] == pytest.approx(70.0, abs=0.01)  # waiting: its first attempt, to its last heartbeat
+    with db() as s:
+        repo.claim(s, "host:2:w", resumed)
+    rewind(resumed, started_at=100)
+    with db() as s:
+        repo.succeed(s, resumed, "host:2:w", report={"eval_loss_merged": 1.5})
+        repo.claim(s, "host:1:w", live)
+    rewind(live, started_at=20)  # running for 20 s: a smaller wall time than the finished job's, not a result
+    result = service.compare([resumed, live])
+    rows = {r["id"]: r for r in result["rows"]}
+    assert rows[resumed]["wall_s"] == pytest.approx(70.0 + 100.0, abs=1.0)  # both attempts
+    assert 19.0 < rows[live]["wall_s"] < 60.0
+    assert result["best"]["wall_s"] == [resumed] and result["best"]["eval_merged"] == [resumed]
+    path = compare_mod.write_csv(result, tmp_path / "t.csv")
+    with open(path, newline="") as f:
+        marks = {int(r["job"]): r["best at"] for r in csv.DictReader(f)}
+    assert marks[live] == "" and "wall s" in marks[resumed]
 
 
 def test_the_frontier_keeps_what_no_other_point_beats_on_both_axes():
