@@ -55,10 +55,15 @@ class FormError(ConfigError):
 
 
 class _Collect:
-    """Gathers one error per field, so the form shows every problem at once."""
+    """Gathers every error, by field, so the form shows every problem at once: a field with several
+    (learning rate, rank and sequence length in the advanced settings) lists them all."""
 
     def __init__(self):
         self.fields: dict[str, str] = {}
+
+    def add(self, name: str, message: str) -> None:
+        if message not in self.fields.get(name, ""):
+            self.fields[name] = f"{self.fields[name]} {message}" if name in self.fields else message
 
     @contextmanager
     def field(self, name: str):
@@ -66,9 +71,9 @@ class _Collect:
             yield
         except FormError as exc:
             for key, message in exc.fields.items():
-                self.fields.setdefault(key, message)
+                self.add(key, message)
         except QALoRAError as exc:
-            self.fields.setdefault(name, str(exc))
+            self.add(name, str(exc))
 
     def raise_any(self) -> None:
         if self.fields:
@@ -159,28 +164,42 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
     malformed row is reported in the form instead of failing the job in the worker.
     """
     errors = _Collect()
-    with errors.field("advanced"):
-        steps = _number("steps", steps, int, 1)
-        rate = _number("learning rate", lr, float)
-        if not LR_RANGE[0] <= rate <= LR_RANGE[1]:
-            raise ConfigError(f"learning rate {rate:g} is outside the range that trains an adapter "
-                              f"({LR_RANGE[0]:g} to {LR_RANGE[1]:g}; typical 1e-4 to 3e-4); fix it in the advanced "
-                              "settings.")
-        every = max(1, steps // EVALS_PER_RUN)
-        train = TrainConfig(steps=steps, batch_size=_number("batch size", batch_size, int, 1),
-                            seq_len=_number("sequence length", seq_len, int, 8), lr=rate,
-                            warmup_steps=min(10, steps // 10), eval_every=every, save_every=every, eval_batches=4)
-        adapter = AdapterConfig(rank=_number("rank", rank, int, 1), alpha=_number("alpha", alpha, float))
-        devices = _number("GPUs for this job", devices, int, 1)
+    numbers, raw = {}, dict(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, rank=rank, alpha=alpha,
+                            devices=devices)
+    for key, label, cast, minimum in (("steps", "steps", int, 1), ("lr", "learning rate", float, None),
+                                      ("batch_size", "batch size", int, 1), ("seq_len", "sequence length", int, 8),
+                                      ("rank", "rank", int, 1), ("alpha", "alpha", float, None),
+                                      ("devices", "GPUs for this job", int, 1)):
+        with errors.field("advanced"):  # each its own check: every bad value is named
+            value = _number(label, raw[key], cast, minimum)
+            if key == "lr" and not LR_RANGE[0] <= value <= LR_RANGE[1]:
+                raise ConfigError(f"learning rate {value:g} is outside the range that trains an adapter "
+                                  f"({LR_RANGE[0]:g} to {LR_RANGE[1]:g}; typical 1e-4 to 3e-4); fix it in the "
+                                  "advanced settings.")
+            numbers[key] = value
+    rate = numbers.get("lr")
+    train = adapter = None
+    if "advanced" not in errors.fields:
+        with errors.field("advanced"):
+            steps, devices = numbers["steps"], numbers["devices"]
+            every = max(1, steps // EVALS_PER_RUN)
+            train = TrainConfig(steps=steps, batch_size=numbers["batch_size"], seq_len=numbers["seq_len"], lr=rate,
+                                warmup_steps=min(10, steps // 10), eval_every=every, save_every=every,
+                                eval_batches=4)
+            adapter = AdapterConfig(rank=numbers["rank"], alpha=numbers["alpha"])
     dims = quant = None
     with errors.field("base"):
         base = confine_base(str(base or "").strip() or "default")
         dims = base_dims(base)
     with errors.field("group_size"):
-        quant = QuantConfig(bits=_number("bits", bits, int), group_size=_number("group size", group_size, int),
-                            method=method)
+        bits = _number("bits", bits, int)
+    with errors.field("group_size"):
+        group_size = _number("group size", group_size, int)
         if dims is not None:
-            check_group_size(dims, quant.group_size, AdapterConfig().targets)
+            check_group_size(dims, group_size, AdapterConfig().targets)
+    if "group_size" not in errors.fields:
+        with errors.field("group_size"):
+            quant = QuantConfig(bits=bits, group_size=group_size, method=method)
     with errors.field("exports"):
         from qalora.export import check_format
         for fmt in exports or ():
@@ -199,9 +218,9 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
             if len(records) < MIN_RECORDS:
                 raise DataError(f"{Path(data).name} has {len(records)} record(s); a fine-tune needs at least "
                                 f"{MIN_RECORDS} (about one in ten is held out to measure it). Add more records.")
-        if records and "advanced" not in errors.fields and "base" not in errors.fields:
+        if records and numbers.get("seq_len") and "base" not in errors.fields:
             with errors.field("advanced"):  # checked even when another field is wrong: all problems at once
-                _check_replies_fit(records, base, train.seq_len)
+                _check_replies_fit(records, base, numbers["seq_len"])
     errors.raise_any()
     spec = JobSpec(base=base, data=data, quant=quant, adapter=adapter, train=train, exports=tuple(exports or ()),
                    name=name or "", devices=devices)
@@ -218,7 +237,7 @@ def form_spec(*, kind: str, builtin: str | None, upload: str | None, path: str |
         data = data_source(kind, builtin, upload, path)
     if data is None:
         with errors.field("data"):  # the other fields, checked against a dataset that exists
-            build_spec(data="builtin:default", check_rows=False, **fields)
+            build_spec(data="builtin:default", **{**fields, "check_rows": False})
         errors.raise_any()
     return build_spec(data=data, **fields)
 

@@ -64,7 +64,7 @@ def parse_values(axis: str, raw) -> list:
     Raises ``FormError`` (field ``sweep``) naming the axis and the bad value."""
     items = [v for v in (raw.replace(";", ",").split(",") if isinstance(raw, str) else list(raw or ()))
              if str(v).strip()]
-    values = []
+    values, problems = [], []
     for item in items:
         try:
             number = float(str(item).strip())
@@ -73,12 +73,18 @@ def parse_values(axis: str, raw) -> list:
                     raise ValueError
                 number = int(number)
         except ValueError:
-            raise FormError({"sweep": f"sweep {AXES[axis]}: {str(item).strip()!r} is not a "
-                                      f"{'number' if axis == 'lr' else 'whole number'}; separate values "
-                                      "with commas, e.g. 8, 16."}) from None
-        _check_value(axis, number)
+            problems.append(f"sweep {AXES[axis]}: {str(item).strip()!r} is not a "
+                            f"{'number' if axis == 'lr' else 'whole number'}; separate values with commas, e.g. 8, 16.")
+            continue
+        try:
+            _check_value(axis, number)
+        except FormError as exc:
+            problems.append(exc.fields["sweep"])
+            continue
         if number not in values:
             values.append(number)
+    if problems:  # every bad value of the axis at once
+        raise FormError({"sweep": " ".join(problems)})
     return sorted(values)
 
 
@@ -108,10 +114,15 @@ def plan_sweep(grid: dict, *, kind: str, builtin: str | None, upload: str | None
     unknown = sorted(set(grid) - set(AXES))
     if unknown:
         raise FormError({"sweep": f"sweep axes {unknown} are unknown; sweep over {', '.join(AXES)}."})
-    plan = SweepPlan()
+    plan, problems = SweepPlan(), []
     for axis in AXES:
-        values = parse_values(axis, grid.get(axis) or "")
-        plan.values[axis] = values or parse_values(axis, [fields[axis]])
+        try:
+            values = parse_values(axis, grid.get(axis) or "")
+            plan.values[axis] = values or parse_values(axis, [fields[axis]])
+        except FormError as exc:
+            problems.append(exc.fields["sweep"])
+    if problems:  # every bad sweep value, and what the rest of the form gets wrong, at once
+        raise FormError({"sweep": " ".join(problems), **_other_problems(kind, builtin, upload, path, fields)})
     count = math.prod(len(v) for v in plan.values.values())
     if count > MAX_JOBS:
         raise FormError({"sweep": f"this sweep makes {count} jobs; one sweep queues at most {MAX_JOBS}. "
@@ -158,6 +169,19 @@ def plan_sweep(grid: dict, *, kind: str, builtin: str | None, upload: str | None
         build_spec(data=data, **{**fields, **first, "alpha": _alpha(alpha0, rank0, first["rank"]),
                                  "exports": list(plan.specs[0].extra_exports), "name": plan.specs[0].name})
     return plan
+
+
+def _other_problems(kind, builtin, upload, path, fields: dict) -> dict[str, str]:
+    """The form's other fields checked with their single values (the sweep's own are wrong)."""
+    from .forms import form_spec
+
+    try:
+        form_spec(kind=kind, builtin=builtin, upload=upload, path=path, check_rows=False, **fields)
+    except FormError as exc:
+        return {k: v for k, v in exc.fields.items() if k != "sweep"}
+    except QALoRAError:
+        return {}
+    return {}
 
 
 def _alpha(alpha, rank, new_rank):

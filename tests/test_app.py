@@ -112,6 +112,25 @@ def test_every_problem_of_the_form_is_shown_at_once_and_cleared_when_fixed(home)
     assert fields == [""] * len(forms.FIELDS) and "queued" in note
 
 
+def test_several_problems_of_one_section_are_all_named(home):
+    """Regression: only the first problem of a section was shown (lr 1e9 + rank 0 + sequence length 8
+    showed the learning rate alone; group 100 + steps -1 + lr 1e9 + rank 0 showed two of four)."""
+    _, _, _, *fields = _launch(lr=1e9, rank=0, seq=8)
+    advanced = dict(zip(forms.FIELDS, fields))["advanced"]
+    assert advanced == ("⚠ learning rate 1e+09 is outside the range that trains an adapter (1e-06 to 0.01; typical "
+                        "1e-4 to 3e-4); fix it in the advanced settings. rank must be at least 1 (got 0). sequence "
+                        "length 8 cuts away the whole reply of every one of the first 200 records, leaving nothing "
+                        "to learn; raise it (typical 256-2048) or shorten the prompts.")
+    note, _, _, *fields = _launch(group_size="100", steps=-1, lr=1e9, rank=0)
+    notes = dict(zip(forms.FIELDS, fields))
+    assert notes["group_size"].startswith("⚠ group_size=100 does not divide")
+    assert notes["advanced"] == ("⚠ steps must be at least 1 (got -1). learning rate 1e+09 is outside the range that "
+                                 "trains an adapter (1e-06 to 0.01; typical 1e-4 to 3e-4); fix it in the advanced "
+                                 "settings. rank must be at least 1 (got 0).")
+    assert note == "**Not queued:** fix what is marked ⚠ next to: Group size, Advanced settings."
+    assert service.list_jobs() == []
+
+
 def test_a_sequence_length_that_cuts_every_reply_is_reported_beside_a_bad_group_size(home):
     note, _, _, *fields = _launch(seq=8, group_size="48")
     notes = dict(zip(forms.FIELDS, fields))
@@ -405,6 +424,13 @@ def test_a_bad_sweep_value_is_shown_under_the_sweep_and_nothing_is_queued(home):
     assert notes["sweep"] == "⚠ sweep: rank 0 must be at least 1." and [k for k, v in notes.items() if v] == ["sweep"]
     assert note == "**Not queued:** fix what is marked ⚠ next to: Sweep."
     assert service.list_jobs() == []
+    note, _, _, *fields = _launch_sweep(ranks="0, x", lrs="5", steps=-1)  # every problem, in the sweep and outside
+    notes = dict(zip(forms.FIELDS, fields))
+    assert notes["sweep"] == ("⚠ sweep: rank 0 must be at least 1. sweep rank: 'x' is not a whole number; separate "
+                              "values with commas, e.g. 8, 16. sweep: learning rate 5 is outside the range that trains "
+                              "an adapter (1e-06 to 0.01; typical 1e-4 to 3e-4).")
+    assert notes["advanced"] == "⚠ steps must be at least 1 (got -1)."
+    assert note == "**Not queued:** fix what is marked ⚠ next to: Advanced settings, Sweep."
     _, _, _, *fields = _launch_sweep(groups=(48,))
     assert dict(zip(forms.FIELDS, fields))["sweep"].startswith("⚠ none of the 2 combinations can run on this model")
     assert service.list_jobs() == []
