@@ -387,9 +387,20 @@ def _merge_check(job: dict) -> str:
     if mc:
         text += (f"\n\n**Multiple choice** ({mc['data']}): {mc['correct']}/{mc['n']} = {mc['accuracy']:.0%} "
                  f"(chance {mc['chance']:.0%})")
+    gen = r.get("generation")
+    if gen:
+        text += f"\n\n**Held-out replies, exact:** {gen['exact']}/{gen['n']} = {gen['accuracy']:.0%}"
+        for ex in gen["examples"][:1]:
+            text += f" · e.g. expected `{_clip(ex['expected'])}`, got `{_clip(ex['got']) or '(nothing)'}`"
     for fmt, result in (r.get("exports") or {}).items():
         text += f"\n\n**{fmt.upper()} export:** {service.export_note(result)}"
     return text
+
+
+def _clip(text: str, n: int = 80) -> str:
+    """One line of at most ``n`` characters, safe inside Markdown backticks."""
+    line = " ".join(str(text).split()).replace("`", "'")
+    return line if len(line) <= n else line[:n - 1] + "…"
 
 
 def _job_with_metrics(job_id: int, seen: dict) -> tuple[dict, dict]:

@@ -42,14 +42,14 @@ MC_QUESTIONS = 40
 # the same base has timed it (measured on the default model, 4-bit g32, batch 4, seq 256, CPU;
 # bench/finishing.py). Earlier jobs' measured times replace these as soon as there are some.
 FINISH_STEPS = {"merge": 0.5, "verify": 3.0, "save": 0.5, "export gguf": 4.0, "export torchao": 5.0, "export gptq": 40.0,
-                "export peft": 1.0, "evaluate": 10.0}
+                "export peft": 1.0, "evaluate": 14.0}
 HISTORY_JOBS = 50  # succeeded jobs searched for the same base's stage times
 
 
 def finishing_stages(spec: JobSpec) -> list[str]:
     """The stages a job runs after its last training step, in order."""
     extra = [f"export {fmt}" for fmt in spec.extra_exports]
-    return ["merge", "verify", "save", *extra, *(["evaluate"] if BUILTIN_MC.get(spec.data) else [])]
+    return ["merge", "verify", "save", *extra, "evaluate"]
 
 
 def stage_history(base: str) -> dict[str, float]:
@@ -424,10 +424,8 @@ class _JobRun:
         return self._finish(lambda s: self._succeed(s, report), JobStatus.SUCCEEDED)
 
     def after_training(self, spec: JobSpec, report: dict) -> dict:
-        """The spec's extra exports and, on built-in data, multiple-choice accuracy; kept in the report."""
-        from qalora.eval import evaluate_dir
+        """The spec's extra exports and the evaluation (:meth:`evaluate`); kept in the report."""
         from qalora.export import export_run
-        from qalora.model import pick_device
 
         if spec.extra_exports:
             self.on_stage("export")
@@ -440,15 +438,8 @@ class _JobRun:
             self.log.info("export %s: %s", fmt, result)
             # kept relative to the job's folder, which each machine finds under its QALORA_ARTIFACTS
             exports[fmt] = {**result, "path": repo.relative(result["path"], self.artifact_dir)}
-        mc_data = BUILTIN_MC.get(spec.data)
-        if mc_data:
-            self.on_stage("evaluate")
-            # the merged model as deployed: the int4 kernel where the device and shape allow it
-            mc = evaluate_dir(self.artifact_dir / "merged", mc_data, limit=MC_QUESTIONS, use_kernel=True,
-                              device=str(pick_device()),
-                              on_progress=lambda done, total: self.on_progress("evaluate", done, total))
-            report["multiple_choice"] = {k: mc[k] for k in ("data", "accuracy", "correct", "n", "chance", "k_shot")}
-            self.log.info("multiple choice on %s: %d/%d correct", mc_data, mc["correct"], mc["n"])
+        self.on_stage("evaluate")
+        self.evaluate(spec, report)
         self._close_stage()
         report["exports"] = exports
         # what each stage took in this attempt: the next job on this base estimates its ETA from it
@@ -456,6 +447,30 @@ class _JobRun:
         (self.artifact_dir / ARTIFACTS["report"]).write_text(json.dumps(report, indent=2))
         self.on_stage("done")  # once, after everything the job does
         return report
+
+    def evaluate(self, spec: JobSpec, report: dict) -> None:
+        """The merged model as deployed (the int4 kernel where the device and shape allow it): on
+        built-in data its multiple-choice score, and on any chat data a few held-out replies
+        generated and compared exactly, so a model that scores on near-miss choices but cannot
+        answer shows it."""
+        from qalora.eval import GENERATION_REPLIES, evaluate_dir, generation_check_dir
+        from qalora.model import pick_device
+
+        device, merged = str(pick_device()), self.artifact_dir / "merged"
+        mc_data = BUILTIN_MC.get(spec.data)
+        questions = MC_QUESTIONS if mc_data else 0
+        total = questions + GENERATION_REPLIES
+        if mc_data:
+            mc = evaluate_dir(merged, mc_data, limit=MC_QUESTIONS, use_kernel=True, device=device,
+                              on_progress=lambda done, _: self.on_progress("evaluate", done, total))
+            report["multiple_choice"] = {k: mc[k] for k in ("data", "accuracy", "correct", "n", "chance", "k_shot")}
+            self.log.info("multiple choice on %s: %d/%d correct", mc_data, mc["correct"], mc["n"])
+        gen = generation_check_dir(merged, spec.data, eval_fraction=spec.train.eval_fraction, seed=spec.train.seed,
+                                   device=device, use_kernel=True,
+                                   on_progress=lambda done, _: self.on_progress("evaluate", questions + done, total))
+        if gen is not None:
+            report["generation"] = gen
+            self.log.info("held-out replies: %d/%d exact", gen["exact"], gen["n"])
 
     def _succeed(self, s, report: dict) -> None:
         for kind, rel in ARTIFACTS.items():

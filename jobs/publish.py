@@ -155,6 +155,14 @@ def model_card(job: dict, repo_id: str = "", formats=None, measured: dict | None
                ("eval loss, base + adapter", _fmt(r.get("eval_loss_adapter"))),
                ("eval loss, merged low-bit model", _fmt(r.get("eval_loss_merged"))),
                ("merge check: max abs logit difference", _fmt(r.get("merge_max_abs_logit_diff"), 3))]
+    if mc := r.get("multiple_choice"):
+        results.append((f"multiple choice ({mc['data']}, {mc['n']} questions)",
+                        f"{mc['correct']}/{mc['n']} = {mc['accuracy']:.0%} (chance {mc['chance']:.0%})"))
+    if gen := r.get("generation"):
+        results.append((f"held-out replies generated, exact match ({gen['n']})",
+                        f"{gen['exact']}/{gen['n']} = {gen['accuracy']:.0%}"))
+    if r.get("tokens_per_s"):
+        results.append(("training throughput", f"{r['tokens_per_s']:.0f} tokens/s on {r.get('device', '?')}"))
     load_id = repo_id or "<user>/<repo>"
     return "\n".join([
         "---", meta.to_yaml(), "---", "", f"# {name}", "",

@@ -32,7 +32,7 @@ JOB_FIELDS = ("id", "name", "status", "stage", "stage_done", "stage_total", "sta
               "started_at", "finished_at", "heartbeat_at", "artifact_dir", "sweep_id")
 # What each stage counts, for "quantize 12/30 layers".
 STAGE_UNITS = {"data": "parts", "quantize": "layers", "merge": "layers", "verify": "batches", "save": "model",
-               "evaluate": "questions", "export gguf": "tensors", "export gptq": "steps", "export peft": "files"}
+               "evaluate": "questions and replies", "export gguf": "tensors", "export gptq": "steps", "export peft": "files"}
 
 
 def _job_dict(job: Job) -> dict:

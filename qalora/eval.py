@@ -107,3 +107,64 @@ def evaluate_dir(model_dir, data: str, k_shot: int = 0, limit: int | None = None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loss = eval_loss(model, examples, batch_size, pad_id, on_progress=on_progress)
     return {**result, "kind": "loss", "loss": loss, "perplexity": perplexity(loss), "examples": len(examples)}
+
+
+GENERATION_REPLIES = 8  # held-out replies generated per job: a few, so a model that cannot answer shows it
+
+
+def reply_pairs(records: list[dict]) -> list[tuple[list[dict], str]]:
+    """(conversation up to the last reply, that reply) for each chat record ending in a reply."""
+    pairs = []
+    for r in records:
+        messages = r.get("messages") or []
+        if len(messages) >= 2 and messages[-1]["role"] == "assistant" and messages[-1]["content"].strip():
+            pairs.append((messages[:-1], messages[-1]["content"].strip()))
+    return pairs
+
+
+def heldout_replies(data: str, n: int, eval_fraction: float, seed: int) -> list[tuple[list[dict], str]]:
+    """``n`` conversations the training never saw, with their expected replies: for the built-in set
+    fresh prompts of the same kind, else the run's own held-out split (same fraction and seed)."""
+    from .builtin_data import heldout_records
+    from .data import load_records, split_records
+
+    if str(data).strip() in HELDOUT_BUILTINS:
+        return reply_pairs(heldout_records(n))
+    _, held = split_records(load_records(data), eval_fraction, seed)
+    return reply_pairs(held)[:n]
+
+
+def exact_replies(model, tokenizer, pairs: list[tuple[list[dict], str]], on_progress=None,
+                  max_new_tokens: int = 256) -> dict | None:
+    """Greedy replies to held-out conversations, compared with the expected reply exactly (leading
+    and trailing whitespace aside): ``{"n", "exact", "accuracy", "examples"}``, the first three
+    (prompt, expected, got) kept to show; ``None`` when there is nothing to ask (plain-text data)."""
+    from .infer import chat
+
+    if not pairs:
+        return None
+    exact, examples = 0, []
+    for i, (messages, expected) in enumerate(pairs, 1):
+        expected = expected.strip()
+        budget = min(len(tokenizer(expected)["input_ids"]) + 16, max_new_tokens)
+        got = chat(model, tokenizer, messages, max_new_tokens=budget, temperature=0.0).strip()
+        exact += got == expected
+        if len(examples) < 3:
+            examples.append({"prompt": messages[-1]["content"], "expected": expected, "got": got})
+        if on_progress:
+            on_progress(i, len(pairs))
+    return {"n": len(pairs), "exact": exact, "accuracy": exact / len(pairs), "examples": examples}
+
+
+def generation_check_dir(model_dir, data: str, *, n: int = GENERATION_REPLIES, eval_fraction: float = 0.1,
+                         seed: int = 0, device: str = "cpu", use_kernel: bool = True, on_progress=None) -> dict | None:
+    """:func:`exact_replies` of a saved low-bit model (a job's 'merged' folder) on ``data``'s held-out
+    conversations (:func:`heldout_replies`)."""
+    from .export.native import load_quantized
+
+    pairs = heldout_replies(data, n, eval_fraction, seed)
+    if not pairs:
+        return None
+    model, tokenizer = load_quantized(model_dir, device=device, use_kernel=use_kernel)
+    result = exact_replies(model, tokenizer, pairs, on_progress=on_progress)
+    return {"data": str(data), **result}

@@ -219,7 +219,7 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     expect(page.locator("#job-summary")).to_contain_text("succeeded", timeout=JOB_S * 1000)
     # after the last step the job kept showing where it was: the finishing stages, with counts
     finishing = r"(merge \d+/14 layers|verify \d+/\d+ batches|save \d/1 model|export gguf \d+/\d+ tensors|" \
-                r"export gptq \d+/\d+ steps|evaluate \d+/40 questions)"
+                r"export gptq \d+/\d+ steps|evaluate \d+/48 questions and replies)"
     summaries = page.evaluate("window.summaries")
     assert any(re.search("stage " + finishing, t) for t in summaries), summaries
     assert any(re.search(finishing, t) for t in page.evaluate("window.tables"))
@@ -318,7 +318,7 @@ def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
             with page.expect_download() as download:
                 page.locator("#compare-csv").click()
             lines = Path(download.value.path()).read_text().splitlines()
-            assert lines[0].startswith("job,name,bits,group size,rank,lr,") and len(lines) == 3
+            assert lines[0].startswith("job,name,status,bits,group size,rank,lr,") and len(lines) == 3
             time.sleep(1)
             page.screenshot(path=ARTIFACTS / "browser-5-compare.png", full_page=True)
         finally:

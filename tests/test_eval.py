@@ -200,3 +200,29 @@ def test_evaluate_dir_multiple_choice_and_loss(merged_dir, tmp_path):
     assert loss["kind"] == "loss" and loss["examples"] == 4
     assert loss["loss"] == pytest.approx(expected, rel=1e-6)
     assert loss["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
+
+
+def test_held_out_replies_are_generated_and_compared_exactly(merged_dir, tmp_path):
+    """The generation check beside the multiple choice: greedy replies to conversations the run
+    held out, counted when equal to the expected reply (whitespace around aside)."""
+    from qalora.eval import exact_replies, generation_check_dir, heldout_replies, reply_pairs
+    from qalora.infer import chat
+
+    model, tok = load_quantized(merged_dir, use_kernel=False)
+    pairs = heldout_replies("builtin:default", 4, 0.1, 0)
+    assert [p[0][-1]["content"] for p in pairs] == [r["messages"][0]["content"] for r in heldout_records(4)]
+    # what the model really answers, then expected replies equal to it for two and not for two
+    said = [chat(model, tok, m, max_new_tokens=8, temperature=0.0).strip() for m, _ in pairs]
+    asked = [(m, f"  {s}\n" if i < 2 else s + " and more") for i, ((m, _), s) in enumerate(zip(pairs, said))]
+    got = exact_replies(model, tok, asked, max_new_tokens=8)  # the tiny model never stops: 8 tokens each
+    assert (got["n"], got["exact"], got["accuracy"]) == (4, 2, 0.5)
+    assert got["examples"][0] == {"prompt": pairs[0][0][-1]["content"], "expected": said[0], "got": said[0]}
+    # the random tiny model cannot write a contact card
+    saved = generation_check_dir(merged_dir, "builtin:default", n=3, use_kernel=False)
+    assert (saved["data"], saved["n"], saved["exact"]) == ("builtin:default", 3, 0)
+    # a user's file: its own held-out split (the run's fraction and seed); plain text has no reply to check
+    rows = [{"instruction": f"say {i}", "output": f"{i}"} for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    held = heldout_replies(str(tmp_path / "d.jsonl"), 8, 0.1, 0)
+    assert len(held) == 2 and all(m[-1]["content"] == f"say {e}" for m, e in held)
+    assert reply_pairs([{"text": "plain"}]) == [] and exact_replies(model, tok, []) is None

@@ -330,6 +330,7 @@ def test_every_finishing_stage_reports_progress_and_the_eta_covers_them(store, t
     overall ETA during training already counts the finishing stages, and the report keeps each
     stage's time so the next job on the same base estimates from it."""
     from jobs import pipeline
+    from qalora.eval import GENERATION_REPLIES
 
     writes = []
     real = repo.heartbeat
@@ -350,7 +351,10 @@ def test_every_finishing_stage_reports_progress_and_the_eta_covers_them(store, t
             progress.setdefault(w["stage"], []).append((w["stage_done"], w["stage_total"]))
     for stage in ("quantize", "merge", "verify", "save", "export gguf", "evaluate"):
         assert progress[stage][-1][0] == progress[stage][-1][1] > 0, (stage, progress.get(stage))
-    assert progress["evaluate"][-1] == (pipeline.MC_QUESTIONS, pipeline.MC_QUESTIONS)
+    total = pipeline.MC_QUESTIONS + GENERATION_REPLIES  # the questions, then the held-out replies
+    assert progress["evaluate"][-1] == (total, total) and (pipeline.MC_QUESTIONS, total) in progress["evaluate"]
+    gen = service.get_job(job_id)["report"]["generation"]
+    assert (gen["data"], gen["n"], gen["exact"]) == ("builtin:contacts", GENERATION_REPLIES, 0)  # 4 random steps
     # during training, the ETA is the steps left plus an estimate of merge..evaluate (> 0 at the last step)
     train_etas = [w["eta_s"] for w in writes if w.get("step") == 4]
     assert train_etas and train_etas[0] > 0
