@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,14 +108,17 @@ def _dataset_preview(kind, builtin, upload, path, base):
     yield f"**{count} records.** The first, rendered as the model sees them:\n\n{shown}"
 
 
-def _base_changed(base):
-    """(group size choices, note under the base field, base error); a Hub id is asked within 2 s."""
+def _base_changed(base, swept):
+    """(group size choices, note under the base field, base error, the sweep's group sizes to
+    try: only valid ones, ticks kept where still valid); a Hub id is asked within 2 s."""
     try:
         sizes = service.group_size_choices(base)
     except Exception as exc:
-        return gr.update(), "", _field_note(str(exc))
+        return gr.update(), "", _field_note(str(exc)), gr.skip()
     value = service.DEFAULT_GROUP_SIZE if service.DEFAULT_GROUP_SIZE in sizes else sizes[0]
-    return gr.update(choices=sizes, value=value), f"Group sizes valid for this model: {sizes}.", ""
+    kept = [int(g) for g in swept or [] if int(g) in sizes] or [value]
+    return (gr.update(choices=sizes, value=value), f"Group sizes valid for this model: {sizes}.", "",
+            gr.update(choices=sizes, value=kept))
 
 
 def _exports_for(bits, group_size, wanted):
@@ -183,16 +187,22 @@ def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, a
             *fields.values())
 
 
-def _sweep_opened(on, bits, group, rank, lr):
-    """Show the sweep values, starting from the form's single values."""
+def _sweep_opened(on, bits, group, rank, lr, base):
+    """Sweep mode swaps the single Bits and Group size fields for the values to try, starting from
+    the single values; the group sizes offered are those the base model takes."""
     if not on:
-        return gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return gr.update(visible=True), gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     try:
         lr_text = f"{float(lr):g}"
     except (TypeError, ValueError):
         lr_text = str(lr or "")
-    return (gr.update(visible=True), [int(bits)] if bits else [4], [int(group)] if str(group).isdigit() else [],
-            str(rank if rank is not None else ""), lr_text)
+    try:
+        sizes = service.group_size_choices(base)
+    except Exception:  # the base field says what is wrong with it
+        sizes = list(service.SWEEP_GROUP_SIZES)
+    picked = [int(group)] if str(group).isdigit() and int(group) in sizes else sizes[:1]
+    return (gr.update(visible=False), gr.update(visible=True), [int(bits)] if bits else [4],
+            gr.update(choices=sizes, value=picked), str(rank if rank is not None else ""), lr_text)
 
 
 def _sweep_plan(on, base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq,
@@ -225,7 +235,7 @@ def build_new_tab():
             base_note = gr.Markdown(f"Group sizes valid for this model: {service.group_size_choices('default')}.",
                                     elem_id="base-note")
             base_err = gr.Markdown(elem_id="base-error", elem_classes="field-error")
-            with gr.Row():
+            with gr.Row(elem_id="single-values") as single_values:  # swapped for the values to try in a sweep
                 bits = gr.Radio(list(service.BITS_CHOICES), value=4, label="Bits", elem_id="bits")
                 group = gr.Dropdown(service.group_size_choices("default"), value=service.DEFAULT_GROUP_SIZE,
                                     allow_custom_value=True, label="Group size", elem_id="group-size")
@@ -259,9 +269,9 @@ def build_new_tab():
             with gr.Group(visible=False) as sweep_box:
                 sweep_bits = gr.CheckboxGroup(list(service.BITS_CHOICES), value=[4], label="Bits to try",
                                               elem_id="sweep-bits")
-                sweep_groups = gr.CheckboxGroup(list(service.SWEEP_GROUP_SIZES), value=[service.DEFAULT_GROUP_SIZE],
-                                                label="Group sizes to try", elem_id="sweep-groups",
-                                                info="A size the model cannot take is refused, with the reason.")
+                sweep_groups = gr.CheckboxGroup(service.group_size_choices("default"),
+                                                value=[service.DEFAULT_GROUP_SIZE], label="Group sizes to try",
+                                                elem_id="sweep-groups", info="The sizes this base model takes.")
                 with gr.Row():
                     sweep_ranks = gr.Textbox(str(preset["rank"]), label="Ranks to try", elem_id="sweep-ranks",
                                              info="Comma-separated; alpha keeps the advanced settings' alpha/rank.")
@@ -282,7 +292,7 @@ def build_new_tab():
     launch = gr.Button("Launch fine-tune", variant="primary", elem_id="launch")
     status = gr.Markdown(elem_id="launch-status")
 
-    base.change(_base_changed, base, [group, base_note, base_err])
+    base.change(_base_changed, [base, sweep_groups], [group, base_note, base_err, sweep_groups])
     for control in (bits, group):  # the export choices follow bits and group size live
         control.change(_exports_for, [bits, group, wanted], [exports, exports_note], show_progress="hidden")
     exports.input(_ticked, [exports, wanted, bits, group], wanted, show_progress="hidden")
@@ -295,8 +305,8 @@ def build_new_tab():
     path.submit(_dataset_preview, data_inputs, preview)
     inputs = [base, bits, group, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
               wanted, sweep, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices]
-    sweep.change(_sweep_opened, [sweep, bits, group, rank, lr], [sweep_box, sweep_bits, sweep_groups, sweep_ranks,
-                                                                 sweep_lrs])
+    sweep.change(_sweep_opened, [sweep, bits, group, rank, lr, base],
+                 [single_values, sweep_box, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs])
     plan_inputs = [sweep, *inputs[:16], sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices]
     for control in (sweep_bits, sweep_groups, base, method, steps, rank, alpha):
         control.change(_sweep_plan, plan_inputs, sweep_plan, show_progress="hidden")
@@ -719,33 +729,60 @@ def _send(message, tuned, base, job_id, compare, system, max_new, temperature, t
         yield gr.skip(), gr.skip(), gr.skip(), _error(ValueError("pick a finished model first."))
         return
     histories = {"tuned": tuned or [], "base": base or []}
+    replies: dict = {}
     try:
         keys = service.chat_keys(int(job_id), bool(compare))
         requests = {side: (key, service.build_messages(histories[side], message, system or ""))
                     for side, key in keys.items()}
         turn = lambda side, reply: [*histories[side], {"role": "user", "content": message},  # noqa: E731
                                     {"role": "assistant", "content": reply}]
-        yield "", turn("tuned", ""), turn("base", "") if compare else gr.skip(), "*Starting…*"
         loaded = service.loaded_models()
-        todo = {side: key for side, key in keys.items() if loaded.get(side) != key}
-        if todo:
-            what = " and ".join(f"the fine-tuned model #{job_id}" if side == "tuned" else f"the base model `{key}`"
-                                for side, key in todo.items())
-            for item in _waiting(lambda: service.load_models(todo),
-                                 lambda t: f"*Loading {what} into memory… {t:.0f} s (once: it stays loaded for the "
-                                           "next turns)*"):
-                if isinstance(item, str):
-                    yield gr.skip(), gr.skip(), gr.skip(), item
-        answering = f"*Generating with {(service.runtime_of('tuned') or {}).get('name', 'the model')}…*"
+        replies = {side: "" if loaded.get(side) == key else None for side, key in keys.items()}
+        t0 = time.monotonic()
+        shown = lambda replies: _chat_shown(replies, keys, job_id, time.monotonic() - t0)  # noqa: E731
+        texts = shown(replies)
+        yield "", turn("tuned", texts["tuned"]), turn("base", texts["base"]) if compare else gr.skip(), \
+            _chat_progress(replies, keys, job_id, 0.0)
+        # each side answers as soon as it is loaded: the fine-tuned reply streams while the base loads
         for replies in service.stream_side_by_side(requests, max_new_tokens=max_new, temperature=temperature,
                                                    top_p=top_p):
-            yield (gr.skip(), turn("tuned", replies["tuned"]),
-                   turn("base", replies["base"]) if compare else gr.skip(), answering)
+            texts = shown(replies)
+            yield (gr.skip(), turn("tuned", texts["tuned"]), turn("base", texts["base"]) if compare else gr.skip(),
+                   _chat_progress(replies, keys, job_id, time.monotonic() - t0))
     except Exception as exc:
-        yield gr.skip(), gr.skip(), gr.skip(), _error(exc)
+        # a side that never loaded says so in its bubble; a reply already given stays
+        failed = {side: turn(side, "*(no reply: see the message below)*") if replies.get(side, "") is None
+                  else gr.skip() for side in ("tuned", "base")}
+        yield gr.skip(), failed["tuned"], failed["base"], _error(exc)
         return
     loaded = f"Model #{job_id}" + (f" and base `{keys['base']}`" if compare else "")
     yield gr.skip(), gr.skip(), gr.skip(), f"{loaded} loaded; kept in memory for the next turn. {_answered_by(compare)}"
+
+
+def _who(side: str, keys: dict, job_id) -> str:
+    return f"the fine-tuned model #{job_id}" if side == "tuned" else f"the base model `{keys['base']}`"
+
+
+def _chat_shown(replies: dict, keys: dict, job_id, waited: float) -> dict:
+    """Each side's bubble: its reply so far, or what it waits for while its model loads."""
+    return {side: (f"*Loading {_who(side, keys, job_id)} into memory… {waited:.0f} s (once: it stays loaded for "
+                   "the next turns)*" if replies.get(side) is None else replies[side])
+            for side in keys}
+
+
+def _chat_progress(replies: dict, keys: dict, job_id, waited: float) -> str:
+    """The status while answering: which runtime answers each side, named before it replies, and
+    which side still loads."""
+    parts = []
+    for side in keys:
+        if replies.get(side) is None:
+            parts.append(f"loading {_who(side, keys, job_id)} into memory… {waited:.0f} s")
+        elif side == "tuned":
+            parts.append(f"Generating with {(service.runtime_of('tuned') or {}).get('name', 'the model')}…")
+        else:
+            parts.append(f"base model `{keys['base']}` on {(service.runtime_of('base') or {}).get('name', '?')}")
+    text = " · ".join(parts)
+    return f"*{text[:1].upper() + text[1:]}*"
 
 
 def _answered_by(compare: bool) -> str:
@@ -755,7 +792,7 @@ def _answered_by(compare: bool) -> str:
         return ""
     text = f"Answered by **{tuned['name']}** ({tuned['reason']})."
     if compare and (base := service.runtime_of("base")):
-        text += f" Base model: **{base['name']}**."
+        text += f" Base model: **{base['name']}** ({base['reason']})."
     return text
 
 

@@ -3,8 +3,13 @@
 The app process holds at most two models: the fine-tuned low-bit one ("tuned", keyed by its
 merged directory, answered by the runtime ``qalora.runtime.open_runtime`` picks: llama.cpp on
 the run's GGUF file on a CPU, PyTorch's int4 path on CUDA or where no GGUF is possible) and, for
-side-by-side mode, its float base ("base", keyed by the base name, in PyTorch). Asking a slot for a different key frees the model it holds before loading the next,
-so switching models never stacks memory. torch is imported lazily: the app starts without it.
+side-by-side mode, its base ("base", keyed by the base name: on a CPU in llama.cpp from the base's
+own GGUF file where it is one, as the default base is, else the float model in PyTorch). Asking a
+slot for a different key frees the model it holds before loading the next, so switching models
+never stacks memory. torch is imported lazily: the app starts without it.
+
+Side by side, each side loads in a thread of its own and answers as soon as it is loaded: the
+fine-tuned reply streams while the base is still loading.
 """
 from __future__ import annotations
 
@@ -67,9 +72,13 @@ def _load_tuned(merged_dir: str):
 def _load_base(base: str):
     from qalora.model import load_base, pick_device, resolve_dtype
     from qalora.runtime import context_length
+    from qalora.runtime.llamacpp import open_gguf_base
     from qalora.runtime.pytorch import PyTorchRuntime
 
     device = pick_device()
+    runtime = open_gguf_base(base, device)
+    if not isinstance(runtime, str):
+        return runtime
     model, tok = load_base(base, dtype=resolve_dtype("auto", device), device=device)
     return PyTorchRuntime(model, tok, context_length(model.config.to_dict()), f"float base model on {device}")
 
@@ -131,17 +140,49 @@ def stream_reply(side: str, key: str, messages: list[dict], max_new_tokens: int 
                                    top_p=float(top_p))
 
 
-def stream_side_by_side(requests: dict[str, tuple[str, list[dict]]], **generation) -> Iterator[dict[str, str]]:
+class _Loading(threading.Thread):
+    """Loads one side's model (``slot(side).get(key)``) in the background; ``error`` if it failed."""
+
+    def __init__(self, side: str, key: str, done: threading.Event):
+        super().__init__(name=f"chat-load-{side}", daemon=True)
+        self.side, self.key, self.done, self.error = side, key, done, None
+        self.start()
+
+    def run(self):
+        try:
+            slot(self.side).get(self.key)
+        except BaseException as exc:  # handed to the caller's thread
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+def stream_side_by_side(requests: dict[str, tuple[str, list[dict]]], poll_s: float = 0.5,
+                        **generation) -> Iterator[dict[str, str | None]]:
     """Answer each side's conversation at once; ``requests`` maps side -> (model key, messages).
 
-    Yields ``{side: reply so far}``. Each read of a runtime's stream computes its next token, so
-    taking turns reading the two keeps both replies growing on screen together.
+    Yields ``{side: reply so far}``, ``None`` for a side whose model is still loading. Each side
+    loads in a thread of its own and starts answering as soon as it is loaded, so a quick side's
+    reply streams while the other loads; while nothing grows an update comes every ``poll_s``
+    seconds (the caller shows the wait). Each read of a runtime's stream computes its next token,
+    so taking turns reading the sides keeps every reply growing on screen together. A side's load
+    error is raised when it comes, after whatever the other side has said by then.
     """
-    for side, (key, _) in requests.items():  # load (and free) first, so a load error comes before any text
-        slot(side).get(key)
-    streams = {side: stream_reply(side, key, messages, **generation) for side, (key, messages) in requests.items()}
-    replies = dict.fromkeys(requests, "")
-    while streams:
+    for side in requests:
+        slot(side)  # an unknown side is refused before anything loads
+    done = threading.Event()  # set by each load as it ends
+    loading = {side: _Loading(side, key, done) for side, (key, _) in requests.items()}
+    streams: dict[str, Iterator[str]] = {}
+    replies: dict[str, str | None] = dict.fromkeys(requests)
+    while loading or streams:
+        done.clear()  # before looking: a load ending after the look leaves it set
+        for side, job in list(loading.items()):
+            if not job.is_alive():
+                del loading[side]
+                if job.error is not None:
+                    raise job.error
+                key, messages = requests[side]
+                streams[side], replies[side] = stream_reply(side, key, messages, **generation), ""
         grew = False
         for side in list(streams):
             try:
@@ -150,3 +191,5 @@ def stream_side_by_side(requests: dict[str, tuple[str, list[dict]]], **generatio
                 del streams[side]
         if grew:
             yield dict(replies)
+        elif loading and not done.wait(poll_s):
+            yield dict(replies)  # still loading: the caller shows the wait

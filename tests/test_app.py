@@ -158,13 +158,16 @@ def test_a_dataset_with_a_missing_column_is_refused_with_the_file_and_the_expect
 
 
 def test_base_model_field_offers_valid_group_sizes_and_rejects_non_llama(home):
-    update, note, error = app._base_changed(_config_dir(home, model_type="llama", hidden_size=96,
-                                                        intermediate_size=256, num_attention_heads=3))
+    update, note, error, swept = app._base_changed(_config_dir(home, model_type="llama", hidden_size=96,
+                                                               intermediate_size=256, num_attention_heads=3), [32, 64])
     assert update["choices"] == [16, 32] and update["value"] == 32
     assert (note, error) == ("Group sizes valid for this model: [16, 32].", "")
+    # the sweep's "Group sizes to try" offers only these too; a tick it cannot take is dropped
+    assert swept["choices"] == [16, 32] and swept["value"] == [32]
     assert forms.group_size_choices("default") == [16, 32, 64]  # SmolLM2-135M: 576 and 1536 wide
     (home / "model").rename(home / "llama")
-    _, note, error = app._base_changed(_config_dir(home, model_type="gpt2", hidden_size=64, intermediate_size=256))
+    _, note, error, _ = app._base_changed(_config_dir(home, model_type="gpt2", hidden_size=64, intermediate_size=256),
+                                          [32])
     assert "is a 'gpt2' model; QA-LoRA Studio supports LLaMA-family causal LMs" in error and note == ""
 
 
@@ -381,8 +384,17 @@ def test_chat_says_which_runtime_answers_and_how_to_serve_the_model(home):
         f'api_key="-")` with `model="job-{job["id"]:05d}"`.')
     try:
         updates = list(app._send("contact card -> Hana lives in Oslo.", [], [], job["id"], False, "", 8, 0.0, 0.95))
+        # side by side: the base's bubble says it is loading until it answers; both runtimes named
+        both = list(app._send("hi", [], [], job["id"], True, "", 8, 0.0, 0.95))
     finally:
-        chat.slot("tuned").unload()
+        for side in chat.SIDES:
+            chat.slot(side).unload()
+    assert both[0][2][-1]["content"].startswith("*Loading the base model `tiny-random` into memory… 0 s")
+    assert both[0][1][-1]["content"] == ""  # the fine-tuned model was loaded already: it answers at once
+    assert both[-2][2][-1]["content"] and not both[-2][2][-1]["content"].startswith("*Loading")
+    assert any("Generating with llama.cpp (GGUF Q4_1)… · base model `tiny-random` on PyTorch (float32)" in u[3]
+               for u in both), [u[3] for u in both]
+    assert both[-1][3].endswith("Base model: **PyTorch (float32)** (float base model on cpu).")
     statuses = [u[3] for u in updates]
     assert "*Generating with llama.cpp (GGUF Q4_1)…*" in statuses
     assert statuses[-1] == (f"Model #{job['id']} loaded; kept in memory for the next turn. Answered by **llama.cpp "
@@ -436,9 +448,15 @@ def test_a_bad_sweep_value_is_shown_under_the_sweep_and_nothing_is_queued(home):
     assert service.list_jobs() == []
 
 
-def test_opening_the_sweep_starts_from_the_forms_single_values():
-    box, bits, groups, ranks, lrs = app._sweep_opened(True, 3, 64, 8, 0.0003)
-    assert box["visible"] is True and (bits, groups, ranks, lrs) == ([3], [64], "8", "0.0003")
+def test_opening_the_sweep_starts_from_the_forms_single_values_and_hides_them():
+    """Before: the single Bits and Group size fields stayed above the values to try, and the group
+    sizes offered 128 and 256 to a model that takes only 16, 32 and 64."""
+    single, box, bits, groups, ranks, lrs = app._sweep_opened(True, 3, 64, 8, 0.0003, "default")
+    assert single["visible"] is False and box["visible"] is True
+    assert (bits, groups["value"], ranks, lrs) == ([3], [64], "8", "0.0003")
+    assert groups["choices"] == [16, 32, 64]  # SmolLM2-135M's sizes only
+    single, box, *_ = app._sweep_opened(False, 3, 64, 8, 0.0003, "default")
+    assert single["visible"] is True and box["visible"] is False
 
 
 def test_the_compare_table_keeps_numbers_sortable_and_highlights_the_best_cell():

@@ -1,5 +1,7 @@
 """Chat: one model per side kept between turns, freed on switch; streamed replies match each runtime's."""
 import gc
+import threading
+import time
 import weakref
 from types import SimpleNamespace
 
@@ -85,7 +87,7 @@ def test_side_by_side_streams_both_models_and_ends_with_their_greedy_replies(mer
         for side in chat.SIDES:
             chat.slot(side).unload()
     for side in chat.SIDES:
-        texts = [u[side] for u in updates]
+        texts = [u[side] for u in updates if u[side] is not None]  # None: still loading
         assert texts[-1] and all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each update extends it
     base_model, base_tok = load_base("tiny-random")
     tuned = open_runtime(merged_dir)
@@ -100,7 +102,72 @@ def test_side_by_side_takes_turns_so_both_replies_grow_together(monkeypatch):
     monkeypatch.setattr(chat, "stream_reply", lambda side, key, messages, **gen: iter(pieces[side]))
     monkeypatch.setattr(chat, "slot", lambda side: SimpleNamespace(get=lambda key: None))
     updates = list(chat.stream_side_by_side({"tuned": ("k1", MESSAGES), "base": ("k2", MESSAGES)}))
-    assert updates == [{"tuned": "T", "base": "B"}, {"tuned": "Tu", "base": "Ba"}, {"tuned": "Tun", "base": "Ba"}]
+    both = [u for u in updates if None not in u.values()]  # loads are threads: either may end first
+    assert both[-1] == {"tuned": "Tun", "base": "Ba"}
+    assert {"tuned": "Tu", "base": "Ba"} in both or {"tuned": "Tun", "base": "B"} in both  # interleaved
+
+
+def test_the_quick_side_streams_its_whole_reply_while_the_other_still_loads(monkeypatch):
+    """Before: both models were loaded before either answered, so the fine-tuned reply (1 s alone)
+    waited for the base (18.7 s to load) with nothing on screen."""
+    tuned_done = threading.Event()
+
+    def tuned_reply():
+        yield from ("T", "Tu", "Tun")
+        tuned_done.set()
+
+    def get(side, key):
+        if side == "base":
+            tuned_done.wait(timeout=5)  # the base loads until the fine-tuned reply has ended
+            time.sleep(0.3)  # and a little longer: the wait is shown
+    monkeypatch.setattr(chat, "stream_reply", lambda side, key, messages, **gen: (
+        tuned_reply() if side == "tuned" else iter(["B", "Ba"])))
+    monkeypatch.setattr(chat, "slot", lambda side: SimpleNamespace(get=lambda key: get(side, key)))
+    t0 = time.monotonic()
+    updates = list(chat.stream_side_by_side({"tuned": ("k1", MESSAGES), "base": ("k2", MESSAGES)}, poll_s=0.1))
+    assert time.monotonic() - t0 < 4  # nobody waited for the 5 s timeout
+    tuned_alone = [u["tuned"] for u in updates if u["base"] is None]
+    assert tuned_alone[-1] == "Tun"  # the whole fine-tuned reply came while the base was loading
+    assert updates[-2:] == [{"tuned": "Tun", "base": "B"}, {"tuned": "Tun", "base": "Ba"}]
+    assert sum(u == {"tuned": "Tun", "base": None} for u in updates) >= 1  # the wait itself is reported
+
+
+def test_a_side_that_fails_to_load_raises_after_the_other_side_has_answered(monkeypatch):
+    def get(side, key):
+        if side == "base":
+            time.sleep(0.3)
+            raise OSError("no such model")
+    monkeypatch.setattr(chat, "stream_reply", lambda side, key, messages, **gen: iter(["T", "Tu"]))
+    monkeypatch.setattr(chat, "slot", lambda side: SimpleNamespace(get=lambda key: get(side, key)))
+    seen = []
+    with pytest.raises(OSError, match="no such model"):
+        for update in chat.stream_side_by_side({"tuned": ("k1", MESSAGES), "base": ("k2", MESSAGES)}, poll_s=0.05):
+            seen.append(update)
+    assert seen[-1] == {"tuned": "Tu", "base": None}
+
+
+@pytest.mark.slow  # needs the embedded default model
+def test_a_gguf_base_answers_side_by_side_in_llama_cpp_from_its_own_file():
+    """Before: the base always ran as a float model in PyTorch (18.7 s to load the default base,
+    against llama.cpp Q4_1 on the other side)."""
+    runtime = chat._load_base("default")
+    try:
+        assert runtime.name == "llama.cpp (GGUF Q4_1)"  # read from the file's general.file_type
+        assert runtime.reason == "CPU, with the base's own GGUF file SmolLM2-135M-Instruct.Q4_1.gguf"
+        reply = runtime.chat(MESSAGES, max_new_tokens=MAX_NEW)
+        ids = runtime.chat_ids(MESSAGES)
+    finally:
+        runtime.close()
+    # what stock llama.cpp says on the user's file, fed the same prompt ids, greedy
+    import llama_cpp
+
+    from qalora.model import default_gguf_path
+    stock = llama_cpp.Llama(str(default_gguf_path()), n_ctx=512, verbose=False)
+    try:
+        expected = stock.create_completion(ids, max_tokens=MAX_NEW, temperature=0.0, top_k=1, repeat_penalty=1.0)
+    finally:
+        stock.close()
+    assert reply.text and reply.text == expected["choices"][0]["text"]
 
 
 def test_generation_settings_are_checked():

@@ -533,7 +533,7 @@ def test_the_form_asks_the_hub_for_a_hub_id_within_its_budget(hub, tmp_path, mon
     hub.repos["org/gpt"] = {"private": False, "files": {"config.json": json.dumps(
         {"model_type": "gpt2", "hidden_size": 64, "intermediate_size": 256}).encode()}}
     assert forms.group_size_choices("org/llama-96") == [16, 32]  # from the Hub's config, not a guess
-    update, note, error = app._base_changed("org/gpt")
+    update, note, error, _ = app._base_changed("org/gpt", [32])
     assert "is a 'gpt2' model" in error
     with pytest.raises(ModelError, match="the Hub at .* has no such model, or it is private"):
         hub_config("org/missing")

@@ -36,15 +36,29 @@ def ensure_gguf(merged: Path) -> tuple[Path, bool]:
     return Path(export_run(merged, "gguf")["path"]), True
 
 
+# llama.cpp's file types (``general.file_type``) by number, as its tools name them.
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+              11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
+              18: "Q6_K", 32: "BF16"}
+
+
+def file_type(metadata: dict, path: Path) -> str:
+    """The GGUF file's weight type as llama.cpp names it (``Q4_1``, ``F16``…), from its metadata."""
+    number = metadata.get("general.file_type")
+    if number is not None and str(number).isdigit() and int(number) in FILE_TYPES:
+        return FILE_TYPES[int(number)]
+    return "F16" if path.name.endswith("f16.gguf") else "Q4_1"
+
+
 class LlamaCppRuntime(Runtime):
     def __init__(self, path: Path, tokenizer, ends: list[int], n_ctx: int, threads: int, reason: str = ""):
         import llama_cpp
 
         super().__init__(tokenizer, ends, n_ctx, reason)
         self.path = Path(path)
-        self.name = f"llama.cpp (GGUF {'F16' if path.name.endswith('f16.gguf') else 'Q4_1'})"
         self._llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                     verbose=False)
+        self.name = f"llama.cpp (GGUF {file_type(self._llm.metadata, self.path)})"
         # freed when collected or, at the latest, at exit while llama_cpp's module is still whole
         self._free = weakref.finalize(self, self._llm.close)
 
@@ -96,3 +110,26 @@ def dispatch(merged: Path, device) -> Runtime | str:
     reason = f"CPU, with the run's GGUF export exports/{path.name}" + (" (written for this chat)" if written else "")
     return LlamaCppRuntime(path, tokenizer, end_ids(tokenizer, config.get("eos_token_id")), context_length(config),
                            torch.get_num_threads(), reason)
+
+
+def open_gguf_base(name: str, device) -> Runtime | str:
+    """The llama.cpp runtime for a base model given as a GGUF file (``'default'`` is one), or why
+    not: the base answers from its own file, as a user of llama.cpp would run it."""
+    import torch
+
+    from ..model import DEFAULT_MODEL, default_gguf_path, open_base
+
+    if name != DEFAULT_MODEL and not name.endswith(".gguf"):
+        return "the base has no GGUF file"
+    if torch.device(device).type != "cpu":
+        return f"llama-cpp-python runs on the CPU here and the device is {device}"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama-cpp-python is not installed"
+    path = default_gguf_path() if name == DEFAULT_MODEL else Path(name).expanduser()
+    src = open_base(name)
+    config = src.config.to_dict()
+    return LlamaCppRuntime(path, src.tokenizer, end_ids(src.tokenizer, config.get("eos_token_id")),
+                           context_length(config), torch.get_num_threads(),
+                           f"CPU, with the base's own GGUF file {path.name}")
