@@ -23,13 +23,14 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+import charts
 from jobs import service
 
 REFRESH_S = float(os.environ.get("QALORA_REFRESH_S") or 2.0)  # the Jobs tab's polling period
 LOG_LINES = 14
 JOB_COLUMNS = ["id", "name", "status", "stage", "progress", "loss", "ETA", "tokens/s", "sweep", "created (UTC)"]
 CARD_HINT = "*Pick a finished model to preview its model card.*"
-CSS = ".field-error p { color: var(--error-text-color, #b91c1c); font-weight: 600; }"
+CSS = ".field-error p { color: var(--error-text-color, #b91c1c); font-weight: 600; }\n" + charts.CSS
 
 
 def _error(exc: Exception) -> str:
@@ -87,6 +88,15 @@ def _job_choices(jobs: list[dict]) -> list[tuple[str, int]]:
 def _model_choices() -> list[tuple[str, int]]:
     return [(f"#{m['job_id']} {m['name']} — {m['bits']}-bit, group {m['group_size']}", m["job_id"])
             for m in service.list_models()]
+
+
+def _models_opened(current):
+    """Chat and Publish on opening: fresh choices; with none picked (or the pick gone), the newest
+    finished model is picked, so a user with one finished job never has to pick it."""
+    choices = _model_choices()
+    if current is not None and int(current) in {value for _, value in choices}:
+        return gr.update(choices=choices)
+    return gr.update(choices=choices, value=choices[0][1] if choices else None)
 
 
 # ---- New fine-tune ---------------------------------------------------------------------------
@@ -336,30 +346,23 @@ def _job_rows(jobs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
 
-def _loss_frame(metrics: list[dict]) -> pd.DataFrame | None:
-    """Train and eval loss in long form; ``None`` (not an empty frame) when there is none yet:
-    a chart once given an empty frame draws its later lines without colour (Gradio 6.31)."""
-    rows = [(m["step"], m["train_loss"], "train") for m in metrics if m["train_loss"] is not None]
-    rows += [(m["step"], m["eval_loss"], "eval") for m in metrics if m["eval_loss"] is not None]
+def _loss_frame(metrics: list[dict], job: str = "") -> pd.DataFrame | None:
+    """Train and eval loss in long form (``job``, ``split``, ``x`` = step, ``loss``); ``None`` when
+    there is none yet."""
+    rows = [(job, "train", m["step"], m["train_loss"]) for m in metrics if m["train_loss"] is not None]
+    rows += [(job, "eval", m["step"], m["eval_loss"]) for m in metrics if m["eval_loss"] is not None]
     if not rows:
         return None
-    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
-
-
-NOMINAL_STEPS = 30  # up to this many steps the chart labels each step (no fractional ticks)
+    return pd.DataFrame(rows, columns=["job", "split", "x", "loss"]).astype({"x": "int64", "loss": "float64"})
 
 
 def _loss_plot(job: dict):
-    """The loss chart's update: steps as labels for a short run (a numeric axis would tick at 0.5,
-    1.5, …), a numeric step axis over the whole run otherwise."""
-    frame = _loss_frame(job["metrics"])
+    """The Jobs tab's loss chart: whole steps from 0 to the run's last step, train and eval of one
+    hue; it holds every step the header counts (both come from one read of the job)."""
+    frame = _loss_frame(job["metrics"], f"#{job['id']}")
     if frame is None:
         return None
-    total = int(job["total_steps"] or 0)
-    if total <= NOMINAL_STEPS:
-        frame = frame.astype({"step": "str"})
-        return gr.update(value=frame, sort=[str(i) for i in range(1, total + 1)], x_lim=None)
-    return gr.update(value=frame, sort=None, x_lim=[0, total])
+    return charts.curves(frame, "step", total=int(job["total_steps"] or frame["x"].max()), title="Loss")
 
 
 def _job_summary(job: dict) -> str:
@@ -516,6 +519,7 @@ def _download(selected, fmt="native"):
         yield gr.skip(), "Select a job first."
         return
     label = "the job log" if fmt == "log" else service.DOWNLOAD_FORMATS.get(fmt, fmt)
+    yield None, gr.skip()  # no file until this one is ready: the click-through below sends only a new file
     try:
         work = ((lambda: (service.log_path(int(selected)), "The job's full log, tracebacks included."))
                 if fmt == "log" else lambda: service.download_model(int(selected), fmt, _download_folder()))
@@ -531,15 +535,32 @@ def _download(selected, fmt="native"):
     except Exception as exc:
         yield gr.skip(), _error(exc)
         return
-    yield gr.update(value=str(path), visible=True), note
+    if fmt == "log":
+        note = f"`{Path(path).name}`, {Path(path).stat().st_size / 1e6:,.1f} MB. {note}"
+    yield str(path), f"Downloading {note}"
+
+
+# Once the file is ready the browser saves it: one click on Download, no file chip to click again.
+SAVE_FILE_JS = """(file) => {
+    if (file && file.url) {
+        const link = document.createElement("a");
+        link.href = file.url;
+        link.download = file.orig_name || "";
+        document.body.appendChild(link);
+        link.click();
+        link.remove();
+    }
+    return [];
+}"""
 
 
 def build_jobs_tab():
-    table = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, label="Jobs (click a row)", elem_id="jobs-table")
+    # filled as the page loads (a callable value runs on each load), not at the timer's first tick
+    table = gr.Dataframe(lambda: _job_rows(service.list_jobs()), headers=JOB_COLUMNS, interactive=False,
+                         label="Jobs (click a row)", elem_id="jobs-table")
     picker = gr.Dropdown([], value=None, label="Job", elem_id="job-select")
     summary = gr.Markdown("*Select a job.*", elem_id="job-summary")
-    plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss", elem_id="loss-plot",
-                       height=300, color_map={"train": "#1f77b4", "eval": "#ff7f0e"})
+    plot = gr.Plot(None, show_label=False, elem_id="loss-plot", elem_classes="chart")
     merge = gr.Markdown(elem_id="merge-check")
     with gr.Row():
         cancel, resume = gr.Button("Cancel"), gr.Button("Resume")
@@ -552,7 +573,7 @@ def build_jobs_tab():
                           label="Download", elem_id="download-format")
         download = gr.Button("Download", elem_id="download-button")
     action_note = gr.Markdown(elem_id="action-note")
-    file = gr.File(label="Model file", visible=False)
+    file = gr.File(label="Model file", visible=False)  # holds the prepared file for SAVE_FILE_JS
     log = gr.Textbox(label="Log (last lines)", lines=16, max_lines=16, autoscroll=True, elem_id="job-log")
     seen = gr.State({})
 
@@ -567,7 +588,7 @@ def build_jobs_tab():
     cancel_sweep.click(_cancel_sweep, picker, action_note)
     delete.click(lambda: gr.update(visible=True), None, confirm)
     confirm.click(lambda p: (_act("delete", p), gr.update(visible=False), None), picker, [action_note, confirm, picker])
-    download.click(_download, [picker, fmt], [file, action_note])
+    download.click(_download, [picker, fmt], [file, action_note]).then(None, file, None, js=SAVE_FILE_JS)
     return picker
 
 
@@ -641,9 +662,14 @@ def _compare(picked, x_axis, quality):
                           columns=["job", "merged_mb", "quality", "frontier", "bits", "group_size", "rank"])
     note = (f"{_statuses(result['rows'])}. The best value per outcome among finished jobs is highlighted; the "
             "frontier is the jobs no other job beats on both merged size and quality.")
-    return (gr.update(value=curves if len(curves) else None, x_title="training tokens seen" if x == "tokens" else "step"),
+    if x == "step":  # the longest run's steps, so a running job's curve is seen against its end
+        total = max([int(r.get("steps") or 0) for r in result["rows"]] + [int(curves["x"].max()) if len(curves) else 0])
+    else:
+        total = int(curves["x"].max()) if len(curves) else 0
+    return (charts.curves(curves, "training tokens seen" if x == "tokens" else "step", total=total,
+                          whole=x == "step") if len(curves) else None,
             _compare_table(result),
-            gr.update(value=points if len(points) else None, y_title=quality),
+            charts.scatter(points, quality) if len(points) else None,
             gr.update(value=str(csv_path), visible=True), note)
 
 
@@ -695,16 +721,11 @@ def build_compare_tab():
         quality = gr.Radio(list(service.COMPARE_QUALITY), value=next(iter(service.COMPARE_QUALITY)),
                            label="Quality axis of the size-vs-quality plot", elem_id="compare-quality")
     note = gr.Markdown(COMPARE_HINT, elem_id="compare-note")
-    curves = gr.LinePlot(None, x="x", y="loss", color="series", title="Train and eval loss", x_title="step",
-                         elem_id="compare-curves", height=340)
+    curves = gr.Plot(None, show_label=False, elem_id="compare-curves", elem_classes="chart")
     table = gr.Dataframe(interactive=False, label="Settings and outcomes (click a header to sort; scroll sideways "
                          "for every outcome)", elem_id="compare-table", max_height=420, pinned_columns=2)
     with gr.Row():
-        scatter = gr.ScatterPlot(None, x="merged_mb", y="quality", color="frontier", title="Size vs quality",
-                                 x_title="merged model MB (native)", y_title=next(iter(service.COMPARE_QUALITY)),
-                                 color_map={"frontier": "#16a34a", "dominated": "#9ca3af"},
-                                 tooltip=["job", "bits", "group_size", "rank", "merged_mb", "quality"],
-                                 elem_id="compare-scatter", height=340, scale=3)
+        scatter = gr.Plot(None, show_label=False, elem_id="compare-scatter", scale=3, elem_classes="chart")
         csv = gr.DownloadButton("Download the table (CSV)", visible=False, elem_id="compare-csv", scale=1)
     seen = gr.State(())
     outputs = [curves, table, scatter, csv, note]
@@ -804,7 +825,8 @@ def _serve_note(job_id) -> str:
         serve = service.serve_command(int(job_id))
     except Exception as exc:
         return _error(exc)
-    return (f"OpenAI-compatible API for this model (same runtime as this chat): `{serve['command']}`, then "
+    return (f"OpenAI-compatible API for this model (same runtime as this chat): `{serve['command']}` "
+            f"({serve['where']}), then "
             f"`OpenAI(base_url=\"{serve['base_url']}\", api_key=\"-\")` with `model=\"{serve['model_id']}\"`.")
 
 
@@ -935,7 +957,7 @@ def build_app() -> gr.Blocks:
         # finished models appear when their tab is opened; the current choice is kept
         compare_tab.select(_compare_opened, [compare_jobs, compare_sweep], [compare_jobs, compare_sweep])
         for tab, picker in ((chat_tab, chat_model), (publish_tab, publish_model)):
-            tab.select(lambda: gr.update(choices=_model_choices()), None, picker)
+            tab.select(_models_opened, picker, picker)
     return app
 
 

@@ -85,7 +85,7 @@ def train_bench(shape: str, device: str, dry: bool, out: Path, timeout: float) -
     return {"ok": True, "seconds": secs, "log": log,
             "result": (f"QA-LoRA {q['tokens_per_s']:,.0f} tok/s vs PEFT LoRA {p['tokens_per_s']:,.0f} "
                        f"({q['tokens_per_s'] / p['tokens_per_s']:.2f}x); peak memory {q['peak_mb']:,.0f} vs "
-                       f"{p['peak_mb']:,.0f} MB ({q['peak_mb'] / p['peak_mb']:.2f}x); compile warm-up "
+                       f"{p['peak_mb']:,.0f} MiB ({q['peak_mb'] / p['peak_mb']:.2f}x); compile warm-up "
                        f"{q['warmup_s']:.0f} s")}
 
 

@@ -210,7 +210,7 @@ STAGE_ROWS = [("load", "load (config, tokenizer, data / whole float model)"), ("
 
 def stage_table(results: dict, impls: list[str]) -> None:
     mb = 2 ** 20
-    head = "| stage | " + " | ".join(f"peak RSS {i} (MB, time)" for i in impls) + (" | new / before |" if len(impls) == 2
+    head = "| stage | " + " | ".join(f"peak RSS {i} (MiB, time)" for i in impls) + (" | new / before |" if len(impls) == 2
                                                                                  else " |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -226,7 +226,7 @@ def stage_table(results: dict, impls: list[str]) -> None:
     print("| **whole run** | " + " | ".join(f"**{v:,.0f}**" for v in overall) + " |" + ratio)
     for i in impls:
         print(f"\n{i}: merge max |logit diff| {results[i]['merge_diff']:.3g}, merged model file "
-              f"{results[i]['merged_bytes'] / mb:,.0f} MB, wall {results[i]['wall_s']:.0f} s")
+              f"{results[i]['merged_bytes'] / mb:,.0f} MiB, wall {results[i]['wall_s']:.0f} s")
 
 
 def main() -> None:
@@ -272,8 +272,8 @@ def main() -> None:
     print(f"\nRandom LLaMA {(linear + embed) / 1e9:.2f}B parameters ({shape}), {args.bits}-bit, group "
           f"{args.group_size}, rank {args.rank}, {args.steps} steps of {args.batch} x {args.seq} tokens, CPU fp32 "
           "compute")
-    print(f"bf16 checkpoint {bf16_bytes / mb:,.0f} MB; packed linears {packed / mb:,.0f} MB "
-          f"({packed / linear:.3f} B/param); embeddings + head in fp32 {embed * 4 / mb:,.0f} MB\n")
+    print(f"bf16 checkpoint {bf16_bytes / mb:,.0f} MiB; packed linears {packed / mb:,.0f} MiB "
+          f"({packed / linear:.3f} B/param); embeddings + head in fp32 {embed * 4 / mb:,.0f} MiB\n")
     stage_table(results, impls)
     bpp = packed / linear
     print(f"\nProjection to one GPU (bf16 compute, {args.bits}-bit group {args.group_size}: {bpp:.3f} B/param "

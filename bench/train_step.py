@@ -165,7 +165,7 @@ def run(args) -> dict:
 def table(rows: dict, args) -> str:
     import shapes
     p = rows["peft"]
-    memory = "peak GPU memory (MB)" if args.device == "cuda" else "peak RSS during steps (MB)"
+    memory = "peak GPU memory (MiB)" if args.device == "cuda" else "peak RSS during steps (MiB)"
     lines = [f"Training step, {shapes.resolve(args.shape)} on {p['device_name']}, 7 projections, rank {args.rank}, "
              f"batch {args.batch} x {args.seq}, {args.dtype}, {p['threads']} threads, median of {args.steps} steps",
              "", f"| method | s/step | tokens/s | {memory} | trainable params | vs PEFT: time | vs PEFT: memory |",

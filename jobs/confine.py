@@ -34,7 +34,7 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 def allowed_roots() -> list[Path]:
     home = get_settings().home
     extra = [Path(p).expanduser() for p in os.environ.get("QALORA_ALLOWED_DIRS", "").split(":") if p.strip()]
-    return [home / "datasets", home / "models", home / "uploads", *extra]
+    return [*(home / name for name in HOME_ROOTS), *extra]
 
 
 _CONFINED: ContextVar[bool] = ContextVar("qalora_confined", default=True)
@@ -54,10 +54,17 @@ def unconfined():
 _UPLOAD_NAMES: dict[str, str] = {}
 
 
+HOME_ROOTS = ("datasets", "models", "uploads")  # the folders under QALORA_HOME the form reads
+
+
 def _outside(what: str) -> ConfigError:
-    roots = ", ".join(str(r) for r in allowed_roots())
+    """The refusal names the allowed folders relative to QALORA_HOME, never a server path: a
+    visitor learns where to put a file, not how the server's disk is laid out."""
+    roots = ", ".join(f"QALORA_HOME/{name}" for name in HOME_ROOTS)
+    extra = " and the folders the operator listed in QALORA_ALLOWED_DIRS" if len(allowed_roots()) > len(HOME_ROOTS) \
+        else ""
     fix = "upload it, or put it there" if what == "dataset" else "put it there"
-    return ConfigError(f"{what}: the form only reads server files under {roots}; {fix} (or ask the operator "
+    return ConfigError(f"{what}: the form only reads server files under {roots}{extra}; {fix} (or ask the operator "
                        "to add its folder to QALORA_ALLOWED_DIRS).")
 
 
@@ -116,13 +123,31 @@ def confine_data(ref: str) -> str:
     return ref  # a dataset name in the local datasets cache
 
 
+def is_upload(ref: str) -> bool:
+    """Whether ``ref`` is a file kept from this app's uploads (the visitor's own file)."""
+    return Path(ref).resolve().is_relative_to((get_settings().home / "uploads").resolve())
+
+
+@contextlib.contextmanager
+def owned_by_visitor(ref: str):
+    """Inside the block a refusal naming a file's columns names them only for an upload: a file on
+    the server may hold what the visitor may not read (its column names included)."""
+    from qalora.data import UnknownColumns
+    try:
+        yield
+    except UnknownColumns as exc:
+        if is_upload(ref):
+            raise
+        raise DataError(exc.without_names()) from None
+
+
 def max_upload_bytes() -> int:
     raw = os.environ.get("QALORA_MAX_UPLOAD_MB") or str(DEFAULT_MAX_UPLOAD_MB)
     try:
         mb = float(raw)
     except ValueError:
         raise ConfigError(f"QALORA_MAX_UPLOAD_MB={raw!r} is not a number; unset it or give e.g. 2048.") from None
-    return int(mb * 2 ** 20)
+    return int(mb * 1e6)  # MB of 10^6 bytes, as every size the app shows
 
 
 def keep_upload(temp_path: str) -> str:
@@ -134,7 +159,7 @@ def keep_upload(temp_path: str) -> str:
                         f"{', '.join(DATA_SUFFIXES)} file.")
     size, limit = src.stat().st_size, max_upload_bytes()
     if size > limit:
-        raise DataError(f"{src.name} is {size / 2 ** 20:,.0f} MB; uploads are limited to {limit / 2 ** 20:,.0f} MB "
+        raise DataError(f"{src.name} is {size / 1e6:,.0f} MB; uploads are limited to {limit / 1e6:,.0f} MB "
                         "(QALORA_MAX_UPLOAD_MB). Put a larger file under QALORA_HOME/datasets and give its path.")
     digest = hashlib.sha256()
     with open(src, "rb") as f:

@@ -17,7 +17,7 @@ from pathlib import Path
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
 from qalora.errors import ConfigError, DataError, QALoRAError
 
-from .confine import confine_base, confine_data, keep_upload
+from .confine import confine_base, confine_data, keep_upload, owned_by_visitor
 from .spec import EXTRA_EXPORTS, JobSpec, check_data, check_group_size, dims_from_config, is_hub_id, model_dims
 
 BASE_CHOICES = ("default", "tiny-random")
@@ -213,7 +213,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
         # A bounded sample, so a large file is not parsed whole in the web process; the worker
         # reads (and checks) every row when the job starts.
         records = None
-        with errors.field("data"):
+        with errors.field("data"), owned_by_visitor(data):
             records = load_records(data, limit=SUBMIT_SAMPLE_ROWS)
             if len(records) < MIN_RECORDS:
                 raise DataError(f"{Path(data).name} has {len(records)} record(s); a fine-tune needs at least "
@@ -321,4 +321,5 @@ def preview_dataset(source: str, base: str, n: int = 3) -> tuple[list[str], int]
         tok = _tokenizer(base)
     except (OSError, ValueError):
         tok = _tokenizer("tiny-random")
-    return preview(source, tok, n)
+    with owned_by_visitor(source):
+        return preview(source, tok, n)

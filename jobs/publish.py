@@ -419,7 +419,7 @@ def publish(job: dict, repo_name: str, *, private: bool = True, token: str | Non
         (Path(tmp) / CARD).write_text(model_card(job, repo_id, formats, measured), encoding="utf-8")
         loss_curve(job).save(Path(tmp) / CURVE)
         files += [(CARD, Path(tmp) / CARD), (CURVE, Path(tmp) / CURVE)]
-        size_mb = sum(p.stat().st_size for _, p in files) / 2**20
+        size_mb = sum(p.stat().st_size for _, p in files) / 1e6
         url = _hub("upload", {"endpoint": endpoint, "repo_id": repo_id, "private": private, "size_mb": size_mb,
                               "files": [[rel, str(p)] for rel, p in files]}, token, step)
     step(1.0, f"published {url}")

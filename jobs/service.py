@@ -435,19 +435,21 @@ def chat_keys(job_id: int, compare: bool = False) -> dict[str, str]:
 
 
 def serve_command(job_id: int, port: int = 8000) -> dict:
-    """How to serve job ``job_id``'s model to OpenAI clients: ``{"command", "model_id", "base_url"}``.
+    """How to serve job ``job_id``'s model to OpenAI clients: ``{"command", "where", "model_id",
+    "base_url"}``; the command works as printed in a shell at ``where``.
 
-    The run folder is written relative to the app's working directory when under it, else under
-    ``$QALORA_HOME`` (the page names no other server path)."""
+    The run folder is written relative to the app's working directory when under it (the default
+    home, ``./data``, is), else under ``$QALORA_HOME`` where the app was given that variable (the
+    page names no other server path), else in full."""
     run = Path(chat_keys(job_id)["tuned"]).parent.resolve()
-    home = get_settings().home.resolve()
-    if run.is_relative_to(Path.cwd().resolve()):
-        shown = str(run.relative_to(Path.cwd().resolve()))
-    elif run.is_relative_to(home):
-        shown = f'"$QALORA_HOME"/{run.relative_to(home)}'
+    home, cwd = get_settings().home.resolve(), Path.cwd().resolve()
+    if run.is_relative_to(cwd):
+        shown, where = str(run.relative_to(cwd)), "in the folder the app was started from"
+    elif os.environ.get("QALORA_HOME") and run.is_relative_to(home):
+        shown, where = f'"$QALORA_HOME"/{run.relative_to(home)}', "in a shell with QALORA_HOME set as for the app"
     else:
-        shown = str(run)
-    return {"command": f"python -m qalora serve {shown} --port {port}", "model_id": run.name,
+        shown, where = str(run), "on the app's machine"
+    return {"command": f"python -m qalora serve {shown} --port {port}", "where": where, "model_id": run.name,
             "base_url": f"http://127.0.0.1:{port}/v1"}
 
 
@@ -552,4 +554,4 @@ def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, s
         path = dest / f"{stem}.zip"
         _zip_stored(source, dest / f".partial-{path.name}")
     os.replace(dest / f".partial-{path.name}", path)  # the download link never points at a half file
-    return path, result.get("note") or export_note(result)
+    return path, f"`{path.name}`, {path.stat().st_size / 1e6:,.1f} MB. " + (result.get("note") or export_note(result))

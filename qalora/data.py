@@ -40,6 +40,30 @@ _ROLE_NAMES = {"messages": ["system", "user", "assistant"],
                "conversations": ["system", "human", "gpt", "user", "assistant"]}
 
 
+# Column names other tools use for Alpaca's two fields, for a rename hint.
+_ALIASES = {"instruction": ("question", "prompt", "query", "input_text", "context", "source"),
+            "output": ("answer", "response", "completion", "target", "reply", "label")}
+
+
+class UnknownColumns(DataError):
+    """A file whose columns match no record format. The message names the columns found (the
+    first eight, each cut to 40 characters: a headerless CSV's first row is data) and, where they
+    look like Alpaca's fields under other names, the rename that fixes it; ``without_names()`` is
+    the same refusal naming none, for whoever may not read the file."""
+
+    def __init__(self, name: str, columns):
+        self.name, self.found = name, sorted(str(c) for c in columns)
+        shown = ", ".join(repr(c if len(c) <= 40 else c[:39] + "…") for c in self.found[:8])
+        more = f" and {len(self.found) - 8} more" if len(self.found) > 8 else ""
+        renames = [f"'{c}' → '{field}'" for field, aliases in _ALIASES.items() for c in self.found
+                   if c.lower() in aliases]
+        hint = f" Rename {' and '.join(renames[:2])} to make it Alpaca." if renames else ""
+        super().__init__(f"{name}: its column(s) {shown}{more} match no known record format; {_EXPECTED}.{hint}")
+
+    def without_names(self) -> str:
+        return f"{self.name}: none of its {len(self.found)} column(s) is a known record format; {_EXPECTED}."
+
+
 def load_records(source: str, limit: int | None = None) -> list[dict]:
     """Load and normalize the records of ``source`` (see the module docstring).
 
@@ -56,8 +80,7 @@ def load_records(source: str, limit: int | None = None) -> list[dict]:
     columns = {key for _, row in rows for key in row}
     fmt = next((f for f, (key, _) in FORMATS.items() if key in columns), None)
     if fmt is None:
-        # Says how many columns, not which: error messages never echo the file's contents.
-        raise DataError(f"{name}: none of its {len(columns)} column(s) is a known record format; {_EXPECTED}.")
+        raise UnknownColumns(name, columns)
     return [_normalize(fmt, row, f"{name} {where}") for where, row in rows]
 
 

@@ -41,22 +41,25 @@ def reset_peak() -> bool:
         return False
 
 
+MB = 1e6  # the app states sizes in MB of 10^6 bytes, as disks and the Hub do
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory since the last :func:`reset_peak` (process lifetime where unsupported)."""
-    kb = _status_kb("VmHWM")
-    return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    """Peak resident memory (MB) since the last :func:`reset_peak` (process lifetime where unsupported)."""
+    kb = _status_kb("VmHWM")  # the kernel's "kB" are KiB
+    return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024 / MB
 
 
 def rss_mb() -> float:
     kb = _status_kb("VmRSS")
-    return (kb or 0) / 1024
+    return (kb or 0) * 1024 / MB
 
 
 def peak_gpu_mb() -> float | None:
-    """Peak CUDA memory allocated by PyTorch since the last reset; None without CUDA."""
+    """Peak CUDA memory (MB) allocated by PyTorch since the last reset; None without CUDA."""
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.max_memory_allocated() / 2 ** 20
+    return torch.cuda.max_memory_allocated() / MB
 
 
 def release_freed_memory() -> None:

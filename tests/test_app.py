@@ -149,8 +149,10 @@ def test_a_dataset_with_a_missing_column_is_refused_with_the_file_and_the_expect
     bad = home / "qa.jsonl"
     bad.write_text('{"question": "2+2?", "answer": "4"}\n{"question": "3+3?", "answer": "6"}\n')
     note = _field_error(dict(kind="upload", upload=str(bad)), "data")
-    assert note.startswith("⚠ qa.jsonl: none of its 2 column(s) is a known record format; expected one of these "
-                           "column sets")
+    # the columns it found, and the rename that fixes it (before: "none of its 2 column(s)")
+    assert note.startswith("⚠ qa.jsonl: its column(s) 'answer', 'question' match no known record format; expected "
+                           "one of these column sets")
+    assert note.endswith("Rename 'question' → 'instruction' and 'answer' → 'output' to make it Alpaca.")
     rows = home / "alpaca.jsonl"
     rows.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     note = _field_error(dict(kind="path or name", path=str(rows)), "data")
@@ -189,8 +191,8 @@ def test_presets_fill_the_advanced_fields():
 
 def test_job_view_shows_metrics_as_train_and_eval_series():
     metrics = [{"step": 1, "train_loss": 2.5, "eval_loss": None}, {"step": 2, "train_loss": 2.0, "eval_loss": 2.2}]
-    frame = app._loss_frame(metrics)
-    assert frame.values.tolist() == [[1, 2.5, "train"], [2, 2.0, "train"], [2, 2.2, "eval"]]
+    frame = app._loss_frame(metrics, "#7")
+    assert frame.values.tolist() == [["#7", "train", 1, 2.5], ["#7", "train", 2, 2.0], ["#7", "eval", 2, 2.2]]
     assert app._loss_frame([]) is None
     assert [app._duration(s) for s in (None, 42, 125, 7300)] == ["", "42s", "2m 05s", "2h 01m"]
 
@@ -281,10 +283,11 @@ def test_the_jobs_timer_fetches_only_new_metric_rows(home, monkeypatch):
     asked.clear()
     *_, plot, _, _, seen = app._refresh(job["id"], seen)
     assert 3 in asked and 0 not in asked  # only the rows after step 3 were read
-    frame = plot["value"]
-    # a 6-step job: steps are labels, in run order (a numeric axis would tick at 1.5, 2.5, ...)
-    assert frame[frame.series == "train"].step.tolist() == ["1", "2", "3", "4", "5"]
-    assert plot["sort"] == ["1", "2", "3", "4", "5", "6"]
+    spec = plot.to_dict()
+    lines = spec["layer"][0]
+    # every step so far, on a whole-step axis over the 6-step run
+    assert [r["x"] for r in spec["datasets"][lines["data"]["name"]] if r["split"] == "train"] == [1, 2, 3, 4, 5]
+    assert lines["encoding"]["x"]["scale"]["domain"] == [0, 6]
     with db() as s:  # a resume (new attempt) may rewrite steps: everything is read again
         repo.interrupt(s, job["id"], "w1", reason="test")
         repo.requeue(s, job["id"])
@@ -336,11 +339,13 @@ def test_a_tick_hidden_by_an_invalid_group_size_comes_back_with_a_valid_one():
     assert app._exports_for(4, 64, wanted)[0]["value"] == ["gptq"]
 
 
-def test_long_runs_chart_steps_on_a_numeric_axis_over_the_whole_run():
+def test_the_loss_chart_spans_the_whole_run_in_whole_steps_with_every_step_so_far():
     metrics = [{"step": n, "train_loss": 1.0 / n, "eval_loss": None} for n in range(1, 41)]
-    plot = app._loss_plot({"metrics": metrics, "total_steps": 200})
-    assert plot["value"].step.dtype == "int64" and plot["x_lim"] == [0, 200] and plot["sort"] is None
-    assert app._loss_plot({"metrics": [], "total_steps": 200}) is None
+    spec = app._loss_plot({"id": 3, "metrics": metrics, "total_steps": 200}).to_dict()
+    lines = spec["layer"][0]
+    assert lines["encoding"]["x"]["scale"]["domain"] == [0, 200] and lines["encoding"]["x"]["axis"]["tickMinStep"] == 1
+    assert [row["x"] for row in spec["datasets"][lines["data"]["name"]]] == list(range(1, 41))  # up to the header's step
+    assert app._loss_plot({"id": 3, "metrics": [], "total_steps": 200}) is None
 
 
 def test_waits_say_what_they_wait_for(monkeypatch):
@@ -364,7 +369,7 @@ def test_auto_names_keep_the_models_own_name():
     assert JobSpec(base="/models/llama-2-7b/").name.startswith("llama-2-7b-4bit")
 
 
-def test_chat_says_which_runtime_answers_and_how_to_serve_the_model(home):
+def test_chat_says_which_runtime_answers_and_how_to_serve_the_model(home, monkeypatch):
     from jobs import chat
     from qalora.export.native import save_quantized
     from qalora.merge import merge_adapters
@@ -380,8 +385,15 @@ def test_chat_says_which_runtime_answers_and_how_to_serve_the_model(home):
         repo.succeed(s, job["id"], "w", report={"base": "tiny-random", "bits": 4, "group_size": 32})
     assert app._serve_note(job["id"]) == (
         f'OpenAI-compatible API for this model (same runtime as this chat): `python -m qalora serve '
-        f'"$QALORA_HOME"/jobs/job-{job["id"]:05d} --port 8000`, then `OpenAI(base_url="http://127.0.0.1:8000/v1", '
-        f'api_key="-")` with `model="job-{job["id"]:05d}"`.')
+        f'"$QALORA_HOME"/jobs/job-{job["id"]:05d} --port 8000` (in a shell with QALORA_HOME set as for the app), '
+        f'then `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")` with `model="job-{job["id"]:05d}"`.')
+    # the usual case: the home (./data by default) under the folder the app runs in; the printed
+    # path, taken from that folder, is the run
+    monkeypatch.chdir(home)
+    serve = service.serve_command(job["id"])
+    shown = serve["command"].split()[4]
+    assert not shown.startswith(("/", '"')) and (home / shown).resolve() == Path(job["artifact_dir"]).resolve()
+    assert serve["where"] == "in the folder the app was started from"
     try:
         updates = list(app._send("contact card -> Hana lives in Oslo.", [], [], job["id"], False, "", 8, 0.0, 0.95))
         # side by side: the base's bubble says it is loading until it answers; both runtimes named
@@ -497,7 +509,9 @@ def test_the_compare_tab_opens_on_a_sweep_with_queued_and_running_jobs(home):
     curves, table, _, _, note = app._compare([a, b, c], "step", "eval loss (merged)")
     assert note.startswith("3 jobs: 1 running (curves grow, outcomes appear when it ends), 2 queued (no curve "
                            "until it starts).")
-    assert sorted(set(curves["value"]["series"])) == [f"#{a} train"]  # queued jobs: listed, no curve
+    spec = curves.to_dict()
+    drawn = spec["datasets"][spec["layer"][0]["data"]["name"]]
+    assert {(r["job"].split()[0], r["split"]) for r in drawn} == {(f"#{a}", "train")}  # queued jobs: listed, no curve
     frame = table.data
     assert list(frame["status"]) == ["running", "queued", "queued"] and frame["wall s"].isna().tolist()[1:] == [True] * 2
     assert frame["wall s"][0] > 0  # the running job's wall time so far: shown, never marked best

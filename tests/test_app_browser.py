@@ -129,11 +129,6 @@ def page(browser_available, server):  # in this order: no app is started for a t
         browser.close()
 
 
-def _pick_first(page, dropdown: str) -> None:
-    page.locator(f"{dropdown} input").click()
-    page.get_by_role("option").first.click()
-
-
 def _watch_text(page, selector: str, name: str) -> None:
     """Record every text ``selector`` shows from now on, in ``window[name]``."""
     page.evaluate("""([sel, name]) => {
@@ -172,21 +167,21 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     base.press("Enter")
     expect(page.locator("#base-error")).to_have_text("")
     page.get_by_text("Advanced").click()
-    # refused inputs: every one is shown next to its field, at once, and nothing is queued
-    _fill_numbers(page, {"#steps": STEPS, "#batch-size": 2, "#seq-len": 256, "#lr": 1000000000})
+    # refused inputs: every one is shown next to its field, at once (three in one section), and
+    # nothing is queued
+    _fill_numbers(page, {"#steps": STEPS, "#batch-size": 2, "#seq-len": 8, "#lr": 1000000000, "#rank": 0})
     group = page.locator("#group-size input")
     group.fill("48")
     group.press("Enter")
     page.locator("#launch").click()
     expect(page.locator("#group-size-error")).to_contain_text("group_size=48 does not divide in_features=64")
-    expect(page.locator("#advanced-error")).to_contain_text("learning rate 1e+09 is outside the range")
+    for problem in ("learning rate 1e+09 is outside the range", "rank must be at least 1 (got 0)",
+                    "sequence length 8 cuts away the whole reply"):
+        expect(page.locator("#advanced-error")).to_contain_text(problem)
     expect(page.locator("#launch-status")).to_contain_text("Not queued: fix what is marked ⚠ next to: Group size, "
                                                            "Advanced settings.")
     page.screenshot(path=ARTIFACTS / "browser-1-form-error.png", full_page=True)
-    _fill_numbers(page, {"#lr": 0.005, "#seq-len": 8})
-    page.locator("#launch").click()
-    expect(page.locator("#advanced-error")).to_contain_text("sequence length 8 cuts away the whole reply")
-    _fill_numbers(page, {"#seq-len": 256})
+    _fill_numbers(page, {"#lr": 0.005, "#seq-len": 256, "#rank": 8})
     # the export choices follow the group size: at 48 and 16 GGUF cannot apply and says why; the
     # default tick comes back with a group size that allows it
     exports = page.locator("#exports")
@@ -216,7 +211,19 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
         expect(page.locator(field)).to_have_text("")
     _watch_text(page, "#job-summary", "summaries")
     _watch_text(page, "#jobs-table", "tables")
+    # the live chart against the header: each sample reads the header's step and the chart's vertices
+    page.evaluate("""() => { window.pairs = []; window.sampler = setInterval(() => {
+        const step = /step (\\d+)\\//.exec(document.querySelector('#job-summary').innerText);
+        const line = document.querySelector('#loss-plot g.mark-line path[aria-label*="split: train"]');
+        if (step) window.pairs.push([+step[1], line ? line.getAttribute('d').split('L').length : 0]);
+    }, 50); }""")
     expect(page.locator("#job-summary")).to_contain_text("succeeded", timeout=JOB_S * 1000)
+    pairs = page.evaluate("clearInterval(window.sampler) || window.pairs")
+    # before: the chart lagged a step behind the header; now each step the header showed, the chart
+    # drew too (a sample may fall between the two updates of one refresh, not on every step)
+    # (the tiny model may run all its steps between two refreshes: then only the end is compared, below)
+    shown = {step for step, _ in pairs if 0 < step < STEPS}
+    assert all(any(s == step and n == step for s, n in pairs) for step in shown), sorted(set(map(tuple, pairs)))
     # after the last step the job kept showing where it was: the finishing stages, with counts
     finishing = r"(merge \d+/14 layers|verify \d+/\d+ batches|save \d/1 model|export gguf \d+/\d+ tensors|" \
                 r"export gptq \d+/\d+ steps|evaluate \d+/48 questions and replies)"
@@ -224,21 +231,34 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     assert any(re.search("stage " + finishing, t) for t in summaries), summaries
     assert any(re.search(finishing, t) for t in page.evaluate("window.tables"))
 
-    train_line = page.locator('#loss-plot g.mark-line path[aria-label*="series: train"]')
-    eval_line = page.locator('#loss-plot g.mark-line path[aria-label*="series: eval"]')
+    train_line = page.locator('#loss-plot g.mark-line path[aria-label*="series: #1 train"]')
+    eval_line = page.locator('#loss-plot g.mark-line path[aria-label*="series: #1 eval"]')
     expect(train_line).to_have_count(1)
     assert train_line.get_attribute("d").count("L") + 1 == STEPS  # one vertex per training step
     assert eval_line.get_attribute("d").count("L") + 1 == STEPS // 2  # evaluated every steps // 5 = 2 steps
     expect(page.locator("#merge-check")).to_contain_text("max |logit difference|")
     expect(page.locator("#job-log textarea")).to_have_value(re.compile(r"succeeded: merge max \|logit diff\|"))
     assert "/tmp/" not in page.locator("#job-log textarea").input_value()  # no server paths on the page
+    # the step axis ticks whole steps only; the chart's line ends in its job's number
+    ticks = page.locator('#loss-plot g.role-axis[aria-label^="X-axis"] g.role-axis-label text').all_text_contents()
+    assert ticks and all(t.isdigit() for t in ticks), ticks  # before: 0.1, 0.2, ... on a short run
+    assert {"0", str(STEPS)} <= set(ticks)  # the run's whole span
+    expect(page.locator("#loss-plot g.role-mark text").first).to_have_text("#1")
+    # one click on Download saves the file; its size is stated in MB of 10^6 bytes
+    with page.expect_download(timeout=JOB_S * 1000) as download:
+        page.locator("#download-button").click()
+    saved = Path(download.value.path())
+    assert download.value.suggested_filename == "qalora-job-00001-merged.zip"
+    expect(page.locator("#action-note")).to_contain_text(f"{saved.stat().st_size / 1e6:,.1f} MB")
     time.sleep(1)  # let the chart finish its transition before the picture
     page.screenshot(path=ARTIFACTS / "browser-2-jobs.png", full_page=True)
 
     page.get_by_role("tab", name="Chat").click()
-    _pick_first(page, "#chat-model")
+    expect(page.locator("#chat-model input")).to_have_value(re.compile(r"^#1 "))  # the only finished job, picked
     page.locator("#chat-compare input").check()
+    expect(page.locator("#chat-base")).to_be_visible()
     _watch_text(page, "#chat-status", "statuses")
+    _watch_text(page, "#chat-base", "bases")
     page.locator("#chat-input textarea").fill("contact card -> Hana lives in Oslo.")
     page.locator("#chat-send").click()
     expect(page.locator("#chat-status")).to_contain_text("kept in memory for the next turn", timeout=CHAT_S * 1000)
@@ -247,6 +267,10 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     generating = [i for i, s in enumerate(statuses) if s.startswith("Generating with llama.cpp")]
     assert generating and generating[0] < len(statuses) - 1, " | ".join(statuses)
     assert "Answered by llama.cpp (GGUF Q4_1)" in statuses[-1]  # the chat says which runtime answered
+    # side by side: the base's bubble said it was loading; both runtimes were named before replying
+    assert any("Loading the base model tiny-random into memory" in b for b in page.evaluate("window.bases"))
+    assert any("base model tiny-random on PyTorch (float32)" in s for s in statuses[:-1]), " | ".join(statuses)
+    assert "Base model: PyTorch (float32)" in statuses[-1]
     for side in ("#chat-tuned", "#chat-base"):  # both models answered the same message
         expect(page.locator(f"{side} [data-testid='user']")).to_have_text("contact card -> Hana lives in Oslo.")
         expect(page.locator(f"{side} [data-testid='bot']")).to_have_count(1)
@@ -254,7 +278,7 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
     page.screenshot(path=ARTIFACTS / "browser-3-chat.png", full_page=True)
 
     page.get_by_role("tab", name="Publish").click()
-    _pick_first(page, "#publish-model")
+    expect(page.locator("#publish-model input")).to_have_value(re.compile(r"^#1 "))
     card = page.locator("#card-preview")
     expect(card).to_contain_text("How to use")
     for text in ("library_name: transformers", "group size", "RTN", "builtin:contacts", "merge check",
@@ -277,9 +301,22 @@ def test_fine_tune_watch_chat_and_publish_in_the_browser(page):
 COMPARE_STEPS = 6
 
 
+# A job claimed by a worker that is not there (the app runs with --no-worker): running, two steps.
+CLAIM = """
+from storage import db, repo
+with db() as s:
+    repo.claim(s, "elsewhere:1:w", {job})
+    for step in (1, 2):
+        repo.record_step(s, {job}, "elsewhere:1:w", step=step, train_loss=3.0 - step, eval_loss=None, lr=1e-3,
+                         tokens_per_s=100.0, elapsed_s=step, eta_s=60.0, tokens_seen=100 * step)
+"""
+
+
 def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
-    """Two tiny jobs of one sweep, run by the CLI before the app starts; Compare preselects the sweep
-    and shows both curves, the table with its best cells, size vs quality and the CSV."""
+    """Two tiny jobs of one sweep, run by the CLI before the app starts, and a newer sweep with one
+    job running and one queued. Compare opens on the live sweep without an error, honest about
+    each job; picking the finished sweep shows both curves, the table with its best cells, size vs
+    quality with labelled points, and the CSV."""
     env = {**os.environ, "QALORA_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     env.pop("QALORA_DB_URL", None)
     run = subprocess.run([sys.executable, "-m", "qalora", "sweep", "--base", "tiny-random", "--bits", "2,4",
@@ -287,6 +324,14 @@ def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
                           "--batch-size", "2", "--data", "builtin:contacts", "--name", "pair", "--local"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_S)
     assert run.returncode == 0 and "job #2: succeeded" in run.stdout, run.stdout + run.stderr[-3000:]
+    live = subprocess.run([sys.executable, "-m", "qalora", "sweep", "--base", "tiny-random", "--bits", "2,4",
+                           "--group-size", "32", "--rank", "4", "--lr", "1e-3", "--steps", "40", "--batch-size", "2",
+                           "--data", "builtin:contacts", "--name", "live"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=JOB_S)  # queued only: no worker runs them
+    assert live.returncode == 0 and "queued jobs #3, #4" in live.stdout, live.stdout + live.stderr[-3000:]
+    claim = subprocess.run([sys.executable, "-c", CLAIM.format(job=3)], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert claim.returncode == 0, claim.stderr[-3000:]
     with _app(tmp_path, "--no-worker") as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
@@ -294,14 +339,35 @@ def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
         expect.set_options(timeout=UI_S * 1000)
         try:
             page.goto(url)
+            page.get_by_role("tab", name="Jobs").click()
+            expect(page.locator("#jobs-table")).to_contain_text("live-2bit-g32-r4")
             page.get_by_role("tab", name="Compare").click()
-            expect(page.locator("#compare-sweep input")).to_have_value(re.compile(r"^pair-"))
-            for n in (1, 2):
-                line = page.locator(f'#compare-curves g.mark-line path[aria-label*="series: #{n} train"]')
+            # before: a toast "Value: 4 ... is not in the list of choices" and every panel "Error"
+            expect(page.locator("#compare-sweep input")).to_have_value(re.compile(r"^live-"))
+            expect(page.locator("#compare-note")).to_contain_text(
+                "2 jobs: 1 running (curves grow, outcomes appear when it ends), 1 queued (no curve until it starts)")
+            running = page.locator('#compare-curves g.mark-line path[aria-label*="split: train; job: #3 live-2bit"]')
+            expect(running).to_have_count(1)
+            assert running.get_attribute("d").count("L") + 1 == 2  # its two steps so far
+            expect(page.locator('#compare-curves g.mark-line path[aria-label*="job: #4 "]')).to_have_count(0)
+            table = page.locator("#compare-table")
+            for text in ("live-2bit-g32-r4", "running", "live-4bit-g32-r4", "queued"):
+                expect(table).to_contain_text(text)
+            assert page.locator(".toast-body").count() == 0 and "Error" not in page.locator("#compare-note").inner_text()
+            page.screenshot(path=ARTIFACTS / "browser-5-compare-live.png", full_page=True)
+            page.locator("#compare-sweep input").click()
+            page.get_by_role("option", name=re.compile(r"^pair-")).click()
+            for n, bits in ((1, 2), (2, 4)):
+                line = page.locator(f'#compare-curves g.mark-line path[aria-label*="split: train; job: #{n} pair-{bits}bit"]')
                 expect(line).to_have_count(1)
                 assert line.get_attribute("d").count("L") + 1 == COMPARE_STEPS  # one vertex per step
-                expect(page.locator(f'#compare-curves g.mark-line path[aria-label*="series: #{n} eval"]')) \
+                expect(page.locator(f'#compare-curves g.mark-line path[aria-label*="split: eval; job: #{n} pair-"]')) \
                     .to_have_count(1)
+            # each job's two lines share its hue, the train line darker (category20's pairs)
+            colours = page.evaluate("""() => [...document.querySelectorAll('#compare-curves g.mark-line path')]
+                .map(p => [p.getAttribute('aria-label').match(/series: ([^;]+)/)[1], p.getAttribute('stroke')])""")
+            assert dict(colours) == {"#1 pair-2bit-g32-r4 train": "#1f77b4", "#1 pair-2bit-g32-r4 eval": "#aec7e8",
+                                     "#2 pair-4bit-g32-r4 train": "#ff7f0e", "#2 pair-4bit-g32-r4 eval": "#ffbb78"}
             table = page.locator("#compare-table")
             for name in ("pair-2bit-g32-r4", "pair-4bit-g32-r4"):
                 expect(table).to_contain_text(name)
@@ -313,6 +379,8 @@ def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
             points = page.locator('#compare-scatter path[aria-roledescription="point"]')
             expect(points).to_have_count(2)  # one point per job: merged size against merged eval loss
             expect(points.first).to_have_attribute("aria-label", re.compile(r"frontier: frontier; job: #1 pair-2bit"))
+            labels = page.locator('#compare-scatter g.mark-text.role-mark text').all_text_contents()
+            assert sorted(labels) == ["#1 pair-2bit-g32-r4", "#2 pair-4bit-g32-r4"]  # every point labelled
             page.locator("#compare-x").get_by_label("tokens seen").check()
             expect(page.locator("#compare-curves")).to_contain_text("training tokens seen")
             with page.expect_download() as download:

@@ -24,7 +24,7 @@ def _refusal(**kw) -> str:
     return str(exc.value)
 
 
-def test_paths_outside_the_allowed_folders_get_one_message_whether_or_not_they_exist(home, tmp_path):
+def test_paths_outside_the_allowed_folders_get_one_message_whether_or_not_they_exist(home, tmp_path, monkeypatch):
     secret = tmp_path / "secret.csv"
     secret.write_text("instruction,output\npassword,hunter2\n")
     messages = {_refusal(path_or_name=p) for p in (str(secret), str(tmp_path / "absent.csv"), "/etc/passwd",
@@ -32,7 +32,13 @@ def test_paths_outside_the_allowed_folders_get_one_message_whether_or_not_they_e
     assert len(messages) == 1  # nothing tells a visitor which of these exist
     (message,) = messages
     assert message.startswith("dataset: the form only reads server files under ")
-    assert str(home / "datasets") in message and "hunter2" not in message and "secret" not in message
+    assert "hunter2" not in message and "secret" not in message
+    # the allowed folders relative to QALORA_HOME, no server path (before: the absolute folders)
+    assert message == ("dataset: the form only reads server files under QALORA_HOME/datasets, QALORA_HOME/models, "
+                       "QALORA_HOME/uploads; upload it, or put it there (or ask the operator to add its folder to QALORA_ALLOWED_DIRS).")
+    assert str(home) not in message and str(tmp_path) not in message
+    monkeypatch.setenv("QALORA_ALLOWED_DIRS", str(tmp_path / "shared"))
+    assert " and the folders the operator listed in QALORA_ALLOWED_DIRS;" in _refusal(path_or_name="/etc/passwd")
     with pytest.raises(QALoRAError, match="base model: the form only reads server files"):
         forms.group_size_choices(str(tmp_path))
     with pytest.raises(QALoRAError, match="base model: the form only reads server files"):
@@ -81,16 +87,24 @@ def test_uploads_are_kept_under_their_hash_and_capped(home, tmp_path, monkeypatc
 
 
 def test_errors_about_an_allowed_file_never_echo_its_contents(home):
-    from qalora.data import load_records
-
     for name, text in (("cols.jsonl", '{"hunter2": "x"}\n{"hunter2": "y"}\n'),
                        ("value.jsonl", '{"instruction": "q", "output": ["hunter2"]}\n'),
                        ("role.jsonl", '{"messages": [{"role": "hunter2", "content": "x"}]}\n')):
         path = home / "datasets" / name
         path.write_text(text)
         with pytest.raises(QALoRAError) as exc:
-            load_records(forms.data_source("path or name", None, None, str(path)))
+            forms.build_spec(base="tiny-random", bits=4, group_size=32, method="rtn",
+                             data=forms.data_source("path or name", None, None, str(path)), rank=8, alpha=16,
+                             lr=2e-4, steps=10, batch_size=2, seq_len=256)
         assert "hunter2" not in str(exc.value) and name in str(exc.value)
+    # the visitor's own upload: the refusal names the columns it found (and how to fix them)
+    upload = home / "question.jsonl"
+    upload.write_text('{"question": "q", "answer": "a"}\n{"question": "r", "answer": "b"}\n')
+    with pytest.raises(QALoRAError) as exc:
+        forms.build_spec(base="tiny-random", bits=4, group_size=32, method="rtn",
+                         data=forms.data_source("upload", None, str(upload), None), rank=8, alpha=16, lr=2e-4,
+                         steps=10, batch_size=2, seq_len=256)
+    assert "its column(s) 'answer', 'question' match no known record format" in str(exc.value)
 
 
 def _form_message(**kw) -> dict:

@@ -231,16 +231,16 @@ def test_download_zips_the_merged_model(env, tmp_path):
     import app
 
     update, note = _download_now(env["id"])
-    with zipfile.ZipFile(update["value"]) as z:
+    with zipfile.ZipFile(update) as z:
         names = set(z.namelist())
     merged = Path(env["artifact_dir"]) / "merged"
     assert names == {p.name for p in merged.iterdir()} and "load_quantized" in note
     assert service.archive_model(env["id"], tmp_path).name == f"qalora-job-{env['id']:05d}-merged.zip"
     # each click gets its own folder: two downloads never write the same file
     again, _ = _download_now(env["id"])
-    assert Path(again["value"]).parent != Path(update["value"]).parent
-    assert Path(again["value"]).name == Path(update["value"]).name
-    assert not list(Path(again["value"]).parent.glob(".partial-*"))
+    assert Path(again).parent != Path(update).parent
+    assert Path(again).name == Path(update).name
+    assert not list(Path(again).parent.glob(".partial-*"))
 
 
 def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tmp_path):
@@ -259,10 +259,13 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
     assert mc["n"] == 40 and mc["correct"] == round(mc["accuracy"] * 40) and mc["chance"] == 0.25
     # the jobs tab shows the GPTQ cost beside the download, and each format downloads as one file
     assert f"max |logit difference| {gptq['max_abs_logit_diff']:.3g}" in app._merge_check(env)
-    update, note = _download_now(env["id"], "gptq")
-    assert update["value"].endswith(".zip") and f"{gptq['max_abs_logit_diff']:.3g}" in note
-    update, note = _download_now(env["id"], "gguf")
-    assert Path(update["value"]).read_bytes() == gguf_file.read_bytes() and "exact" in note
+    path, note = _download_now(env["id"], "gptq")
+    assert path.endswith(".zip") and f"{gptq['max_abs_logit_diff']:.3g}" in note
+    path, note = _download_now(env["id"], "gguf")
+    assert Path(path).read_bytes() == gguf_file.read_bytes() and "exact" in note
+    # its size in the unit it states: MB of 10^6 bytes (before: MiB labelled MB)
+    assert note.startswith(f"Downloading `{Path(path).name}`, {Path(path).stat().st_size / 1e6:,.1f} MB. ")
+    assert list(app._download(env["id"], "gguf"))[0][0] is None  # the old file goes first: no stale click-through
     # not made by the job: the web process only queues it; a worker writes it
     import sys
     import zipfile

@@ -163,4 +163,4 @@ def test_same_names_are_numbered_and_the_log_shows_each_stage_once(store, tmp_pa
     assert Worker().run(burst=True, max_jobs=1) == 1
     stages = [line.split("stage: ")[1] for line in service.read_log(first, tail=1000).splitlines()
               if "stage: " in line]
-    assert stages == ["load", "data", "quantize", "train", "merge", "verify", "save", "export", "done"]
+    assert stages == ["load", "data", "quantize", "train", "merge", "verify", "save", "export", "evaluate", "done"]
