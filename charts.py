@@ -39,14 +39,16 @@ def _frame(chart: alt.Chart, title: str) -> alt.Chart:
 
 
 def _padded(lo: float, hi: float, share: float = 0.08) -> list[float]:
-    """``[lo, hi]`` widened by ``share`` of the span on each side (a flat span by 5% of its value)."""
+    """``[lo, hi]`` widened by ``share`` of the span on each side (a flat span by 5% of its value);
+    never below 0 when no value is (a loss axis reading -0.01 would be a lie)."""
     span = hi - lo if hi > lo else max(abs(hi) * 0.05, 1e-3)
-    return [lo - span * share, hi + span * share]
+    low = lo - span * share
+    return [max(low, 0.0) if lo >= 0 else low, hi + span * share]
 
 
 def _step_axis(title: str, total: int, whole: bool) -> alt.X:
     """The x axis: whole steps (``whole``), or a quantity like tokens seen, from 0 to ``total``."""
-    axis = (alt.Axis(tickMinStep=1, format="d", title=title) if whole
+    axis = (alt.Axis(tickMinStep=1, format="d", tickCount=min(max(int(total), 1), 10), title=title) if whole
             else alt.Axis(format="~s", tickCount=8, title=title))
     # the domain is the run's steps; 14 px of room past each end keeps edge points and end tags inside
     return alt.X("x:Q", axis=axis, scale=alt.Scale(domain=[0, max(int(total), 1)], nice=False, padding=14))

@@ -140,6 +140,18 @@ def stream_reply(side: str, key: str, messages: list[dict], max_new_tokens: int 
                                    top_p=float(top_p))
 
 
+def _import_loaders() -> None:
+    """Import what the loaders use, here, before two load threads do it at once: transformers
+    resolves its names lazily, and two threads resolving them together in a fresh process got
+    "cannot import name 'AutoTokenizer'" (seen on the first side-by-side turn after a start)."""
+    import torch  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import qalora.model  # noqa: F401
+    import qalora.runtime.llamacpp  # noqa: F401
+    import qalora.runtime.pytorch  # noqa: F401
+
+
 class _Loading(threading.Thread):
     """Loads one side's model (``slot(side).get(key)``) in the background; ``error`` if it failed."""
 
@@ -170,6 +182,7 @@ def stream_side_by_side(requests: dict[str, tuple[str, list[dict]]], poll_s: flo
     """
     for side in requests:
         slot(side)  # an unknown side is refused before anything loads
+    _import_loaders()
     done = threading.Event()  # set by each load as it ends
     loading = {side: _Loading(side, key, done) for side, (key, _) in requests.items()}
     streams: dict[str, Iterator[str]] = {}

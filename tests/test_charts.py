@@ -60,3 +60,8 @@ def test_scatter_points_are_labelled_inside_a_padded_frame():
     assert labelled == {"#1 p-2bit": "left", "#2 p-4bit": "left", "#3 p-8bit": "right"}  # reads inward
     assert left["encoding"]["text"]["field"] == "job"
     assert dots["encoding"]["color"]["scale"]["range"] == ["#16a34a", "#9ca3af"]
+
+
+def test_a_loss_axis_never_reads_below_zero_when_no_loss_is():
+    assert charts._padded(0.0036, 0.0665) == [0.0, 0.0665 + (0.0665 - 0.0036) * 0.08]
+    assert charts._padded(-1.0, 1.0) == [-1.16, 1.16]  # a quantity that can be negative keeps its room

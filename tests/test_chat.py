@@ -177,3 +177,23 @@ def test_generation_settings_are_checked():
         next(chat.stream_reply("base", "tiny-random", MESSAGES, temperature=3.0))
     with pytest.raises(ValueError, match="chat side 'left' is unknown"):
         chat.slot("left")
+
+
+@pytest.mark.slow  # needs the embedded default model
+def test_the_first_side_by_side_turn_of_a_fresh_process_loads_both_models(merged_dir):
+    """Regression: the two load threads resolved transformers' lazy names at once and the first
+    turn after a start failed with "cannot import name 'AutoTokenizer'" (every time, on the
+    default base)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import json; from jobs import chat; "
+            "u = list(chat.stream_side_by_side({'tuned': (%r, %r), 'base': ('default', %r)}, max_new_tokens=4)); "
+            "print(json.dumps([u[-1], chat.runtime_of('base')['name']]))" % (merged_dir, MESSAGES, MESSAGES))
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+    last, base = json.loads(run.stdout.strip().splitlines()[-1])
+    assert last["tuned"] and last["base"] and base == "llama.cpp (GGUF Q4_1)"

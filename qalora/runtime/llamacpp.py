@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ConfigError, ModelError
-from . import Runtime, context_length, end_ids
+from . import MAX_CONTEXT, Runtime, context_length, end_ids
 
 
 def gguf_path(merged: Path, bits: int) -> Path:
@@ -116,8 +116,9 @@ def open_gguf_base(name: str, device) -> Runtime | str:
     """The llama.cpp runtime for a base model given as a GGUF file (``'default'`` is one), or why
     not: the base answers from its own file, as a user of llama.cpp would run it."""
     import torch
+    from transformers import AutoTokenizer
 
-    from ..model import DEFAULT_MODEL, default_gguf_path, open_base
+    from ..model import DEFAULT_MODEL, default_gguf_path
 
     if name != DEFAULT_MODEL and not name.endswith(".gguf"):
         return "the base has no GGUF file"
@@ -128,8 +129,18 @@ def open_gguf_base(name: str, device) -> Runtime | str:
     except ImportError:
         return "llama-cpp-python is not installed"
     path = default_gguf_path() if name == DEFAULT_MODEL else Path(name).expanduser()
-    src = open_base(name)
-    config = src.config.to_dict()
-    return LlamaCppRuntime(path, src.tokenizer, end_ids(src.tokenizer, config.get("eos_token_id")),
-                           context_length(config), torch.get_num_threads(),
-                           f"CPU, with the base's own GGUF file {path.name}")
+    if not path.is_file():
+        return f"GGUF file {path} does not exist"
+    # The file's own metadata, read by llama.cpp from its vocabulary alone (a fraction of a second;
+    # transformers parses the whole file for its config, seconds).
+    header = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        meta = dict(header.metadata)
+    finally:
+        header.close()
+    arch = meta.get("general.architecture", "llama")
+    n_ctx = context_length({"max_position_embeddings": int(meta.get(f"{arch}.context_length") or MAX_CONTEXT)})
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return LlamaCppRuntime(path, tokenizer, end_ids(tokenizer, None if eos is None else int(eos)), n_ctx,
+                           torch.get_num_threads(), f"CPU, with the base's own GGUF file {path.name}")
