@@ -93,11 +93,20 @@ def _export_parser(sub) -> None:
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="held-out loss / perplexity, or multiple-choice accuracy, of a saved model")
-    p.add_argument("model_dir", help="a run folder or its merged/ folder")
-    p.add_argument("--data", required=True,
-                   help="builtin:contacts (held-out loss), builtin:contacts-mc (multiple choice), a "
-                        "dataset file (loss), or an MMLU-style CSV / JSONL of questions (accuracy)")
+    p = sub.add_parser("eval", help="held-out loss / perplexity or multiple-choice accuracy of a saved model "
+                                    "(--data), or lm-evaluation-harness benchmarks (--tasks)")
+    p.add_argument("model_dir", help="a run folder or its merged/ folder; with --tasks also a transformers model "
+                                     "folder or a Hub id")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data",
+                      help="builtin:contacts (held-out loss), builtin:contacts-mc (multiple choice), a "
+                           "dataset file (loss), or an MMLU-style CSV / JSONL of questions (accuracy)")
+    what.add_argument("--tasks", help="lm-eval task or group names, comma-separated (mmlu, hellaswag, arc_easy, "
+                                      "...), or a preset: " + ", ".join(_benchmark_presets()))
+    p.add_argument("--num-fewshot", type=int, default=None, help="--tasks: examples shown before each question "
+                                                                  "(default: each task's own, a preset's)")
+    p.add_argument("--include-path", default=None, help="--tasks: a folder of lm-eval task YAML files")
+    p.add_argument("--output", default=None, help="--tasks: write lm-eval's results JSON here")
     p.add_argument("--k-shot", type=int, default=0, help="worked examples shown before each question")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many records/questions")
     p.add_argument("--scoring", choices=["letter", "text"], default=None,
@@ -177,9 +186,39 @@ def cmd_export(args) -> dict:
     return result
 
 
+def _benchmark_presets() -> list[str]:
+    from .benchmarks import PRESETS
+    return list(PRESETS)
+
+
+def cmd_benchmarks(args) -> dict:
+    """``eval --tasks``: lm-evaluation-harness on the model as it deploys; prints one line per task."""
+    from pathlib import Path
+
+    from . import benchmarks
+
+    preset = benchmarks.PRESETS.get(args.tasks.strip())
+    tasks = preset["tasks"] if preset else args.tasks.split(",")
+    fewshot = args.num_fewshot if args.num_fewshot is not None else (preset or {}).get("num_fewshot")
+    names = benchmarks.check_tasks(tasks, args.include_path)  # before loading any model
+    model, tok, what = benchmarks.open_model(args.model_dir)
+    print(f"evaluating the {what} on {', '.join(names)}" + (f", {fewshot}-shot" if fewshot is not None else ""))
+    results = benchmarks.run(model, tok, names, num_fewshot=fewshot, limit=args.limit, include_path=args.include_path,
+                             batch_size=args.batch_size)
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    for task, score in benchmarks.scores(results).items():
+        err = f" ± {score['stderr']:.4f}" if score["stderr"] is not None else ""
+        print(f"{task}: {score['metric']} {score['value']:.4f}{err}")
+    return results
+
+
 def cmd_eval(args) -> dict:
     from .eval import evaluate_dir
     from .export import run_parts
+
+    if args.tasks:
+        return cmd_benchmarks(args)
 
     merged, _ = run_parts(args.model_dir)
     result = evaluate_dir(merged, args.data, k_shot=args.k_shot, limit=args.limit, scoring=args.scoring,

@@ -1,0 +1,175 @@
+"""Benchmarks through lm-evaluation-harness (the ``lm-eval`` package), the field's standard.
+
+The paper (Xu et al. 2023, Table 1) reports MMLU 0- and 5-shot and seven commonsense QA tasks
+(HellaSwag, PIQA, WinoGrande, ARC-easy, ARC-challenge, BoolQ, OpenBookQA). Any lm-eval task or
+group name works, and so do tasks written as lm-eval YAML files under an ``include_path`` (its own
+mechanism; the tests use that with small local data files).
+
+The model is handed to lm-eval as the loaded model (its ``HFLM`` accepts an instance), so a
+finished job is evaluated exactly as it deploys: the merged low-bit model of ``load_quantized``,
+its int4 kernel where one applies. A transformers folder or a Hub id is loaded as a float model,
+the way lm-eval's own ``hf`` backend loads it.
+
+lm-eval is imported lazily (it pulls in scikit-learn and friends): importing this module is cheap.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import ConfigError
+
+# The paper's two settings, as the app and the CLI offer them.
+PRESETS = {
+    "mmlu-5shot": {"label": "MMLU 5-shot (the paper's)", "tasks": ["mmlu"], "num_fewshot": 5},
+    "mmlu-0shot": {"label": "MMLU 0-shot (the paper's)", "tasks": ["mmlu"], "num_fewshot": 0},
+    "commonsense": {"label": "commonsense QA, 7 tasks (the paper's)",
+                    "tasks": ["hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"],
+                    "num_fewshot": 0},
+}
+# The metric reported per task: length-normalized accuracy where lm-eval computes it (the usual
+# figure for HellaSwag, ARC-challenge, OpenBookQA, PIQA), else accuracy, else the first one.
+PREFERRED_METRICS = ("acc_norm", "acc", "exact_match", "perplexity")
+CHUNK = 64  # requests handed to lm-eval at a time, so progress can be reported between them
+
+
+def task_manager(include_path: str | Path | None = None):
+    """lm-eval's task index (its registered tasks, plus the YAML files under ``include_path``);
+    built once per folder in a process (indexing takes seconds)."""
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ConfigError(f"--include-path {include_path} is not a folder; give the folder that holds your lm-eval "
+                          "task YAML files.")
+    return _task_manager(str(Path(include_path).resolve()) if include_path else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def check_tasks(tasks: Sequence[str], include_path: str | Path | None = None, manager=None) -> list[str]:
+    """``tasks`` as lm-eval names them (stripped, deduplicated), or a ``ConfigError`` naming those it
+    does not know. Resolving names reads lm-eval's registry only: nothing is downloaded."""
+    names = list(dict.fromkeys(t.strip() for t in tasks if t and t.strip()))
+    if not names:
+        raise ConfigError("no benchmark task given; name lm-eval tasks or groups, e.g. --tasks mmlu or "
+                          "--tasks hellaswag,arc_easy.")
+    manager = manager or task_manager(include_path)
+    known = set(manager.all_tasks)
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        close = [m for u in unknown for m in difflib.get_close_matches(u, known, n=3, cutoff=0.75)]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"lm-eval knows no task or group named {', '.join(map(repr, unknown))}; see `lm-eval "
+                          f"--tasks list`, or give --include-path with your task YAML files.{hint}")
+    return names
+
+
+def _lm_class():
+    from lm_eval.models.huggingface import HFLM
+
+    class ProgressLM(HFLM):
+        """lm-eval's HF backend on an already loaded model, reporting requests done as it goes."""
+
+        on_progress: Callable[[int, int], None] | None = None
+
+        def _chunked(self, method, requests, **kwargs):
+            out, total = [], len(requests)
+            for start in range(0, total, CHUNK):
+                out += method(requests[start:start + CHUNK], **kwargs)
+                if self.on_progress is not None:
+                    self.on_progress(len(out), total)
+            return out
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return self._chunked(super().loglikelihood, requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return self._chunked(super().loglikelihood_rolling, requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return self._chunked(super().generate_until, requests, disable_tqdm=True)
+
+    return ProgressLM
+
+
+def wrap(model, tokenizer, batch_size: int = 8, on_progress: Callable[[int, int], None] | None = None):
+    """The loaded ``model`` as an lm-eval model (its HF backend, given the instance)."""
+    lm = _lm_class()(pretrained=model.eval(), tokenizer=tokenizer, batch_size=int(batch_size))
+    lm.on_progress = on_progress
+    return lm
+
+
+def run(model, tokenizer, tasks: Sequence[str], num_fewshot: int | None = None, limit: int | float | None = None,
+        include_path: str | Path | None = None, batch_size: int = 8, log_samples: bool = False,
+        on_progress: Callable[[int, int], None] | None = None, seed: int = 0) -> dict:
+    """lm-eval's ``simple_evaluate`` on the loaded ``model``; returns its results (JSON-safe).
+
+    ``limit``: at most this many documents per task (a fraction below 1 is a share of them);
+    ``on_progress(done, total)`` counts requests of the current request type.
+    """
+    from lm_eval import simple_evaluate
+
+    manager = task_manager(include_path)
+    names = check_tasks(tasks, manager=manager)
+    results = simple_evaluate(model=wrap(model, tokenizer, batch_size, on_progress), tasks=names,
+                              num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=log_samples,
+                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              fewshot_random_seed=seed)
+    return json.loads(json.dumps(results, default=str))
+
+
+def scores(results: dict) -> dict[str, dict]:
+    """``{task: {"metric", "value", "stderr"}}``: the reported metric of each task and group."""
+    out = {}
+    for task, metrics in (results.get("results") or {}).items():
+        found = {key.split(",")[0]: (value, metrics.get(key.replace(",", "_stderr,", 1)))
+                 for key, value in metrics.items() if "," in key and "_stderr" not in key
+                 and isinstance(value, (int, float))}
+        metric = next((m for m in PREFERRED_METRICS if m in found), next(iter(found), None))
+        if metric is not None:
+            value, stderr = found[metric]
+            out[task] = {"metric": metric, "value": float(value),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
+    return out
+
+
+def open_model(ref: str, device=None):
+    """``(model, tokenizer, what)`` for ``ref``: a run folder or its ``merged/`` (the low-bit model
+    as it deploys), a transformers folder or a Hub id (a float model, as lm-eval's ``hf`` loads it)."""
+    import torch
+
+    from .model import pick_device
+
+    device = torch.device(device) if device is not None else pick_device()
+    path = Path(ref).expanduser()
+    if path.is_dir() and ((path / "merged").is_dir() or _is_native(path)):
+        from .export import run_parts
+        from .export.native import load_quantized
+
+        merged, _ = run_parts(path)
+        model, tok = load_quantized(merged, device=device, use_kernel=device.type == "cuda")
+        return model, tok, f"merged low-bit model {merged.name} on {device}"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(path) if path.is_dir() else ref
+    if not path.is_dir() and ref.count("/") != 1:
+        raise ConfigError(f"{ref!r} is neither a run folder, a transformers model folder nor a Hub id like 'org/name'.")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    return model, AutoTokenizer.from_pretrained(source), f"float model {source} ({dtype}) on {device}"
+
+
+def _is_native(path: Path) -> bool:
+    """Whether ``path`` holds a low-bit checkpoint of ours (``qalora.export.native``)."""
+    from .export.native import FORMAT
+
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    return (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method") == FORMAT
