@@ -33,7 +33,6 @@ PRESETS = {
 # The metric reported per task: length-normalized accuracy where lm-eval computes it (the usual
 # figure for HellaSwag, ARC-challenge, OpenBookQA, PIQA), else accuracy, else the first one.
 PREFERRED_METRICS = ("acc_norm", "acc", "exact_match", "perplexity")
-CHUNK = 64  # requests handed to lm-eval at a time, so progress can be reported between them
 
 
 def task_manager(include_path: str | Path | None = None):
@@ -74,26 +73,44 @@ def _lm_class():
     from lm_eval.models.huggingface import HFLM
 
     class ProgressLM(HFLM):
-        """lm-eval's HF backend on an already loaded model, reporting requests done as it goes."""
+        """lm-eval's HF backend on an already loaded model, reporting requests done as it goes.
+
+        Progress is counted from the rows of each model call, so lm-eval still sees every request
+        at once: it sorts them by length and shares a context's forward among its choices (handing
+        them over in chunks instead made the run twice as slow)."""
 
         on_progress: Callable[[int, int], None] | None = None
+        _done = _total = 0
 
-        def _chunked(self, method, requests, **kwargs):
-            out, total = [], len(requests)
-            for start in range(0, total, CHUNK):
-                out += method(requests[start:start + CHUNK], **kwargs)
-                if self.on_progress is not None:
-                    self.on_progress(len(out), total)
+        def _counted(self, method, requests, **kwargs):
+            self._done, self._total = 0, len(requests)
+            out = method(requests, **kwargs)
+            self._report(self._total)
+            return out
+
+        def _report(self, done: int) -> None:
+            self._done = min(done, self._total)
+            if self.on_progress is not None and self._total:
+                self.on_progress(self._done, self._total)
+
+        def _model_call(self, inps, *args, **kwargs):
+            out = super()._model_call(inps, *args, **kwargs)
+            self._report(self._done + int(inps.shape[0]))
+            return out
+
+        def _model_generate(self, context, *args, **kwargs):
+            out = super()._model_generate(context, *args, **kwargs)
+            self._report(self._done + int(context.shape[0]))
             return out
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return self._chunked(super().loglikelihood, requests, disable_tqdm=True)
+            return self._counted(super().loglikelihood, requests, disable_tqdm=True)
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return self._chunked(super().loglikelihood_rolling, requests, disable_tqdm=True)
+            return self._counted(super().loglikelihood_rolling, requests, disable_tqdm=True)
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            return self._chunked(super().generate_until, requests, disable_tqdm=True)
+            return self._counted(super().generate_until, requests, disable_tqdm=True)
 
     return ProgressLM
 
@@ -154,6 +171,9 @@ def open_model(ref: str, device=None):
 
         merged, _ = run_parts(path)
         model, tok = load_quantized(merged, device=device, use_kernel=device.type == "cuda")
+        if device.type == "cpu":  # requests come in large batches: dequantize once, not per call
+            from .infer import keep_dequantized
+            keep_dequantized(model)
         return model, tok, f"merged low-bit model {merged.name} on {device}"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

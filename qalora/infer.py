@@ -31,6 +31,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.use_kernel = use_kernel
         self._kernel_cache: tuple | None = None  # (device, (packed int4 weight, scales_and_zeros) or None)
+        self.keep_dense = False  # keep the dequantized weight between calls (see keep_dequantized)
+        self._dense: torch.Tensor | None = None
 
     def quantized(self) -> QuantizedTensor:
         return QuantizedTensor(self.packed, self.scale, self.offset, self.bits, self.group_size, self.in_features)
@@ -68,7 +70,10 @@ class QuantLinear(nn.Module):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
-        w = dequantize_packed(self.packed, self.scale, self.offset, self.bits, self.in_features, dtype)
+        w = self._dense
+        if w is None or w.dtype != dtype or w.device != self.packed.device:
+            w = dequantize_packed(self.packed, self.scale, self.offset, self.bits, self.in_features, dtype)
+            self._dense = w if self.keep_dense else None
         return F.linear(x.to(dtype), w, None if self.bias is None else self.bias.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,6 +88,15 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def keep_dequantized(model: nn.Module, keep: bool = True) -> nn.Module:
+    """Dequantize each packed weight once and keep it, for many large batches (benchmarks on a CPU):
+    the same values the reference path computes per call, at the float model's memory."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.keep_dense, m._dense = keep, None
+    return model
 
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:

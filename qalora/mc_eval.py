@@ -222,20 +222,31 @@ def _turns(q: MCQuestion, scoring: str) -> tuple[str, list[str]]:
 
 @torch.no_grad()
 def _scores(model, prompt: list[int], continuations: list[list[int]], pad_id: int, device) -> list[torch.Tensor]:
-    """Per-token log-probs ``(len(c),)`` of each continuation after ``prompt``."""
-    if all(len(c) == 1 for c in continuations):  # letters: one forward of the prompt suffices
-        ids = torch.tensor([prompt], device=device)
-        logp = F.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
-        return [logp[c].cpu() for c in continuations]
-    rows = [prompt + c for c in continuations]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
-        ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
-    logp = F.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1).cpu()
-    start = len(prompt) - 1  # logits at position t predict token t + 1
-    return [logp[r, start + torch.arange(len(c)), torch.tensor(c)] for r, c in enumerate(continuations)]
+    """Per-token log-probs ``(len(c),)`` of each continuation after ``prompt``.
+
+    The prompt runs once and its KV cache is shared by the choices, which then run together as
+    one right-padded batch: the shared prompt (most of the tokens, with its chat template) is not
+    computed once per choice, and the vocabulary head runs only where a choice's tokens are scored.
+    """
+    ids = torch.tensor([prompt], device=device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    first = F.log_softmax(out.logits[0, -1].float(), -1)
+    if all(len(c) == 1 for c in continuations):  # letters: the prompt's last position scores them all
+        return [first[c].cpu() for c in continuations]
+    n, width = len(continuations), max(map(len, continuations)) - 1
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    rest = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, len(prompt) + width), dtype=torch.long)
+    mask[:, :len(prompt)] = 1
+    for r, c in enumerate(continuations):
+        rest[r, :len(c) - 1], mask[r, len(prompt):len(prompt) + len(c) - 1] = torch.tensor(c[:-1]), 1
+    positions = torch.arange(len(prompt), len(prompt) + width, device=device).expand(n, -1)
+    logp = F.log_softmax(model(input_ids=rest.to(device), attention_mask=mask.to(device), position_ids=positions,
+                               past_key_values=cache, use_cache=True).logits.float(), -1).cpu()
+    first = first.cpu()
+    return [torch.cat([first[c[:1]], logp[r, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)]])
+            for r, c in enumerate(continuations)]
 
 
 def eval_multiple_choice(model, tokenizer, questions, k_shot: int = 0, limit: int | None = None,

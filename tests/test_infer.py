@@ -144,3 +144,25 @@ def test_cuda_int4_kernel_only_from_compute_capability_8(monkeypatch, request, c
     assert kernels.int4_kernel_supported(cuda, 4, 32, 256, 64) is expected
     assert kernels.int4_kernel_supported(cuda, 4, 32, 576, 200) is expected  # any width: padded
     assert kernels.int4_kernel_supported(cuda, 8, 32, 256, 64) is False  # 8-bit never uses it
+
+
+def test_keeping_the_dequantized_weights_computes_the_same_logits(tmp_path):
+    """Benchmarks on a CPU dequantize each weight once (keep_dequantized) instead of per call: the
+    same values, so the same logits, bit for bit."""
+    from qalora.export.native import load_quantized, save_quantized
+    from qalora.infer import QuantLinear, keep_dequantized
+    from qalora.merge import merge_adapters
+    from tests.helpers import tiny_qalora
+
+    model, tok = tiny_qalora(seed=4)
+    save_quantized(merge_adapters(model), tok, tmp_path / "merged")
+    merged, _ = load_quantized(tmp_path / "merged", use_kernel=False)
+    ids = torch.randint(0, merged.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        per_call = merged(ids).logits
+        keep_dequantized(merged)
+        kept = merged(ids).logits
+        again = merged(ids).logits
+    layers = [m for m in merged.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m._dense is not None for m in layers)  # dequantized once, kept
+    assert torch.equal(per_call, kept) and torch.equal(kept, again)
