@@ -521,7 +521,7 @@ def _download(selected, fmt="native"):
     label = "the job log" if fmt == "log" else service.DOWNLOAD_FORMATS.get(fmt, fmt)
     yield None, gr.skip()  # no file until this one is ready: the click-through below sends only a new file
     try:
-        work = ((lambda: (service.log_path(int(selected)), "The job's full log, tracebacks included."))
+        work = ((lambda: service.download_log(int(selected)))
                 if fmt == "log" else lambda: service.download_model(int(selected), fmt, _download_folder()))
         for item in _waiting(work, lambda t: f"*Preparing {label} of job #{selected} for download (packing its "
                                              f"files into one archive)… {t:.0f} s*"):
@@ -535,8 +535,6 @@ def _download(selected, fmt="native"):
     except Exception as exc:
         yield gr.skip(), _error(exc)
         return
-    if fmt == "log":
-        note = f"`{Path(path).name}`, {Path(path).stat().st_size / 1e6:,.1f} MB. {note}"
     yield str(path), f"Downloading {note}"
 
 

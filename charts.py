@@ -46,6 +46,10 @@ def _padded(lo: float, hi: float, share: float = 0.08) -> list[float]:
     return [max(low, 0.0) if lo >= 0 else low, hi + span * share]
 
 
+def _domain(values: pd.Series, share: float = 0.08) -> list[float]:
+    return _padded(float(values.min()), float(values.max()), share)
+
+
 def _step_axis(title: str, total: int, whole: bool) -> alt.X:
     """The x axis: whole steps (``whole``), or a quantity like tokens seen, from 0 to ``total``."""
     axis = (alt.Axis(tickMinStep=1, format="d", tickCount=min(max(int(total), 1), 10), title=title) if whole
@@ -56,7 +60,7 @@ def _step_axis(title: str, total: int, whole: bool) -> alt.X:
 
 def _loss_axis(losses: pd.Series) -> alt.Y:
     return alt.Y("loss:Q", title="loss", axis=alt.Axis(format=NUMBER, tickCount=8),
-                 scale=alt.Scale(domain=_padded(float(losses.min()), float(losses.max())), zero=False, nice=True))
+                 scale=alt.Scale(domain=_domain(losses), zero=False, nice=True))
 
 
 def curves(frame: pd.DataFrame, x_title: str = "step", total: int | None = None, whole: bool = True,
@@ -98,10 +102,10 @@ def scatter(points: pd.DataFrame, quality_title: str, size_title: str = "merged 
     "dominated"), ``bits``, ``group_size``, ``rank``.
     """
     x = alt.X("merged_mb:Q", title=size_title, axis=alt.Axis(format=NUMBER, tickCount=8),
-              scale=alt.Scale(domain=_padded(float(points["merged_mb"].min()), float(points["merged_mb"].max()), 0.15),
+              scale=alt.Scale(domain=_domain(points["merged_mb"], 0.15),
                               zero=False, nice=True))
     y = alt.Y("quality:Q", title=quality_title, axis=alt.Axis(format=NUMBER, tickCount=8),
-              scale=alt.Scale(domain=_padded(float(points["quality"].min()), float(points["quality"].max()), 0.15),
+              scale=alt.Scale(domain=_domain(points["quality"], 0.15),
                               zero=False, nice=True))
     colour = alt.Color("frontier:N", title=None, scale=alt.Scale(domain=list(FRONTIER), range=list(FRONTIER.values())))
     tooltip = ["job:N", "bits:Q", "group_size:Q", "rank:Q", alt.Tooltip("merged_mb:Q", title="MB", format=",.1f"),

@@ -103,12 +103,6 @@ def runtime_of(side: str) -> dict | None:
     return None if loaded is None else {"name": loaded.name, "reason": loaded.reason}
 
 
-def load_models(keys: dict[str, str]) -> None:
-    """Load each side's model now (``keys``: side -> model key), so a caller can show the wait."""
-    for side, key in keys.items():
-        slot(side).get(key)
-
-
 def text_of(content) -> str:
     """A chat message's text, whether a plain string or a list of typed parts (Gradio's format)."""
     if isinstance(content, str):

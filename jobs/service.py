@@ -410,7 +410,7 @@ def device_choices() -> int:
 
 # UI helpers (new-job form, chat, publish) live in their own modules; these re-exports and thin
 # wrappers keep this module the only one the app calls.
-from .chat import (build_messages, load_models, loaded_models, runtime_of, stream_reply,  # noqa: E402,F401
+from .chat import (build_messages, loaded_models, runtime_of, stream_reply,  # noqa: E402,F401
                    stream_side_by_side)
 from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_GROUP_SIZE, DEFAULT_PRESET,  # noqa: E402,F401
                     METHOD_CHOICES, PRESETS, FormError, build_spec, form_spec, builtin_choices, data_source, export_choices,
@@ -554,4 +554,15 @@ def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, s
         path = dest / f"{stem}.zip"
         _zip_stored(source, dest / f".partial-{path.name}")
     os.replace(dest / f".partial-{path.name}", path)  # the download link never points at a half file
-    return path, f"`{path.name}`, {path.stat().st_size / 1e6:,.1f} MB. " + (result.get("note") or export_note(result))
+    return path, file_note(path, result.get("note") or export_note(result))
+
+
+def download_log(job_id: int) -> tuple[Path, str]:
+    """(the job's full log, the note beside the download), as :func:`download_model` gives a model."""
+    path = log_path(job_id)
+    return path, file_note(path, "The job's full log, tracebacks included.")
+
+
+def file_note(path: Path, note: str) -> str:
+    """What a download says beside it: the file's name and size (MB of 10^6 bytes), then ``note``."""
+    return f"`{path.name}`, {path.stat().st_size / 1e6:,.1f} MB. {note}"

@@ -170,10 +170,10 @@ def open_model(ref: str, device=None):
         from .export.native import load_quantized
 
         merged, _ = run_parts(path)
+        from .infer import dequantize_once_if_it_fits
+
         model, tok = load_quantized(merged, device=device, use_kernel=device.type == "cuda")
-        if device.type == "cpu":  # requests come in large batches: dequantize once, not per call
-            from .infer import keep_dequantized
-            keep_dequantized(model)
+        dequantize_once_if_it_fits(model)  # requests come in large batches: dequantize once, not per call
         return model, tok, f"merged low-bit model {merged.name} on {device}"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

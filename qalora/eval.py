@@ -74,27 +74,6 @@ def perplexity(loss: float) -> float:
 HELDOUT_BUILTINS = ("builtin:contacts", "builtin:default")
 
 
-def _dequantize_once_if_it_fits(model) -> bool:
-    """On a CPU, keep each layer's dequantized weight for the whole evaluation and use it for every
-    call (dense matmuls beat the int4 kernel on the tens of rows each question sends, and nothing
-    is dequantized twice), where the float weights take at most a quarter of the free memory. The
-    weights are the exact merged ones the reference path computes."""
-    import psutil
-
-    from .infer import QuantLinear, keep_dequantized
-
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    if not layers or layers[0].packed.device.type != "cpu":
-        return False
-    dense = sum(m.in_features * m.out_features * 4 for m in layers)
-    if dense > psutil.virtual_memory().available / 4:
-        return False
-    keep_dequantized(model)
-    for m in layers:
-        m.use_kernel = False
-    return True
-
-
 def evaluate_dir(model_dir, data: str, k_shot: int = 0, limit: int | None = None, scoring: str | None = None,
                  seq_len: int = 1024, batch_size: int = 4, device: str = "cpu", use_kernel: bool = False,
                  on_progress=None) -> dict:
@@ -111,9 +90,10 @@ def evaluate_dir(model_dir, data: str, k_shot: int = 0, limit: int | None = None
     from .builtin_data import heldout_records
     from .data import load_records, tokenize_records
     from .export.native import load_quantized
+    from .infer import dequantize_once_if_it_fits
 
     model, tokenizer = load_quantized(model_dir, device=device, use_kernel=use_kernel)
-    _dequantize_once_if_it_fits(model)
+    dequantize_once_if_it_fits(model)
     result = {"model_dir": str(model_dir), "data": str(data)}
     if mc_eval.looks_multiple_choice(data):
         scoring = scoring or ("text" if str(data) == mc_eval.BUILTIN_MC else "letter")

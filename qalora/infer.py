@@ -99,6 +99,24 @@ def keep_dequantized(model: nn.Module, keep: bool = True) -> nn.Module:
     return model
 
 
+def dequantize_once_if_it_fits(model: nn.Module) -> bool:
+    """On a CPU, keep each layer's dequantized weight for a whole evaluation and use it for every
+    call (dense matmuls beat the int4 kernel on the tens of rows an evaluation sends, and nothing
+    is dequantized twice), where the float weights take at most a quarter of the free memory. The
+    weights are the exact merged ones the reference path computes. Returns whether it did."""
+    import psutil
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers or layers[0].packed.device.type != "cpu":
+        return False
+    if sum(m.in_features * m.out_features * 4 for m in layers) > psutil.virtual_memory().available / 4:
+        return False
+    keep_dequantized(model)
+    for m in layers:
+        m.use_kernel = False
+    return True
+
+
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast every float tensor except the quantized layers' (their scales and offsets stay fp32)."""
     from .layer import LowRankOnQuantized

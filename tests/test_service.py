@@ -164,3 +164,5 @@ def test_same_names_are_numbered_and_the_log_shows_each_stage_once(store, tmp_pa
     stages = [line.split("stage: ")[1] for line in service.read_log(first, tail=1000).splitlines()
               if "stage: " in line]
     assert stages == ["load", "data", "quantize", "train", "merge", "verify", "save", "export", "evaluate", "done"]
+    path, note = service.download_log(first)  # the full log, its size stated as every download's
+    assert note == f"`{path.name}`, {path.stat().st_size / 1e6:,.1f} MB. The job's full log, tracebacks included."

@@ -81,12 +81,9 @@ class LlamaCppRuntime(Runtime):
             self._free()
 
 
-def dispatch(merged: Path, device) -> Runtime | str:
-    """The llama.cpp runtime for ``merged`` on ``device``, or why it cannot run there."""
+def _cannot_run(device) -> str | None:
+    """Why llama.cpp cannot answer on ``device`` here, or ``None`` if it can."""
     import torch
-    from transformers import AutoTokenizer
-
-    from ..export.native import read_quant_config
 
     if torch.device(device).type != "cpu":
         return f"llama-cpp-python runs on the CPU here and the device is {device}"
@@ -94,6 +91,18 @@ def dispatch(merged: Path, device) -> Runtime | str:
         import llama_cpp  # noqa: F401
     except ImportError:
         return "llama-cpp-python is not installed"
+    return None
+
+
+def dispatch(merged: Path, device) -> Runtime | str:
+    """The llama.cpp runtime for ``merged`` on ``device``, or why it cannot run there."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..export.native import read_quant_config
+
+    if why := _cannot_run(device):
+        return why
     qc = read_quant_config(merged)
     bits, group_size = int(qc["bits"]), int(qc["group_size"])
     if bits <= 4 and group_size % 32:
@@ -122,12 +131,10 @@ def open_gguf_base(name: str, device) -> Runtime | str:
 
     if name != DEFAULT_MODEL and not name.endswith(".gguf"):
         return "the base has no GGUF file"
-    if torch.device(device).type != "cpu":
-        return f"llama-cpp-python runs on the CPU here and the device is {device}"
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return "llama-cpp-python is not installed"
+    if why := _cannot_run(device):
+        return why
+    import llama_cpp
+
     path = default_gguf_path() if name == DEFAULT_MODEL else Path(name).expanduser()
     if not path.is_file():
         return f"GGUF file {path} does not exist"
