@@ -1,8 +1,10 @@
 """Datasets: load records, normalize them to chat messages, render, mask and batch.
 
 Sources: ``builtin:NAME``, a .json / .jsonl / .csv / .parquet file, a folder saved with
-``Dataset.save_to_disk``, a folder of data files, or a dataset name already in the local
-``datasets`` cache (never downloaded). Record formats, detected per file from its columns:
+``Dataset.save_to_disk``, a folder of data files, or a Hub dataset ``ID[:CONFIG][@SPLIT]``
+(downloaded through ``datasets`` and cached: :mod:`qalora.hubdata`). Record formats, detected per
+source from its columns, or named by a column mapping (``{prompt, response[, input]}``,
+``{messages}`` or ``{text}``: see :func:`qalora.hubdata.check_columns`):
 
 - Alpaca:   ``instruction``, optional ``input`` and ``system``, ``output``
 - chat:     ``messages``: list of {role, content}, role in system/user/assistant
@@ -24,6 +26,7 @@ import torch
 
 from .builtin_data import builtin_names, builtin_records, builtin_skill_check  # noqa: F401 (public API)
 from .errors import ConfigError, DataError
+from .hubdata import check_columns, map_row
 
 IGNORE = -100
 FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
@@ -64,31 +67,51 @@ class UnknownColumns(DataError):
         return f"{self.name}: none of its {len(self.found)} column(s) is a known record format; {_EXPECTED}."
 
 
-def load_records(source: str, limit: int | None = None) -> list[dict]:
+def load_records(source: str, limit: int | None = None, *, columns: dict | None = None,
+                 max_samples: int | None = None, seed: int = 0, on_progress=None) -> list[dict]:
     """Load and normalize the records of ``source`` (see the module docstring).
 
     ``limit`` reads and checks only the first ``limit`` records (a bounded sample: the web form
-    checks this much before queueing, the worker reads the whole file).
+    checks this much before queueing, the worker reads the whole file). ``columns`` maps the
+    source's columns to a record format. ``max_samples`` keeps a sample of that many records drawn
+    with ``seed`` (in the source's order). ``on_progress(done, total)`` counts a Hub dataset's files
+    downloaded.
     """
     source = str(source).strip()
+    columns = check_columns(columns)
     if source.startswith("builtin:"):
-        return builtin_records(source[len("builtin:"):])[:limit]
-    name, rows = _read_rows(source, limit)
+        return _sample(builtin_records(source[len("builtin:"):]), max_samples, seed)[:limit]
+    name, rows = _read_rows(source, limit, on_progress, (max_samples, seed))
     if not rows:
         raise DataError(f"{name} is empty; add at least two records, e.g. one JSON object per line "
                         'like {"instruction": "...", "output": "..."}.')
-    columns = {key for _, row in rows for key in row}
-    fmt = next((f for f, (key, _) in FORMATS.items() if key in columns), None)
+    rows = _sample(rows, max_samples, seed)
+    if columns:
+        rows = [(where, map_row(row, columns, f"{name} {where}")) for where, row in rows]
+    keys = {key for _, row in rows for key in row}
+    fmt = next((f for f, (key, _) in FORMATS.items() if key in keys), None)
     if fmt is None:
-        raise UnknownColumns(name, columns)
+        raise UnknownColumns(name, keys)
     return [_normalize(fmt, row, f"{name} {where}") for where, row in rows]
 
 
-def _read_rows(source: str, limit: int | None = None) -> tuple[str, list[tuple[str, dict]]]:
-    """``(display name, [(location such as 'row 7 (line 8)', raw row), ...])``."""
+def _sample(rows: list, max_samples: int | None, seed: int) -> list:
+    """At most ``max_samples`` of ``rows``, drawn with ``seed``, in their original order."""
+    if max_samples is None or len(rows) <= max_samples:
+        return rows
+    if max_samples < 1:
+        raise ConfigError(f"max_samples={max_samples} must be at least 2 (or unset for every record).")
+    keep = sorted(random.Random(seed).sample(range(len(rows)), max_samples))
+    return [rows[i] for i in keep]
+
+
+def _read_rows(source: str, limit: int | None = None, on_progress=None,
+               sample: tuple = (None, 0)) -> tuple[str, list[tuple[str, dict]]]:
+    """``(display name, [(location such as 'row 7 (line 8)', raw row), ...])``; a dataset (folder or
+    Hub) is sampled (``sample``: max_samples, seed) before its rows become Python objects."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return path.name, _rows_of_dataset(_open_folder(path), limit)
+        return path.name, _rows_of_dataset(_open_folder(path), limit, sample)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix not in FILE_TYPES:
@@ -104,7 +127,9 @@ def _read_rows(source: str, limit: int | None = None) -> tuple[str, list[tuple[s
         return path.name, rows[:limit]
     if path.suffix.lower() in FILE_TYPES or source.startswith((".", "/", "~")):
         raise DataError(f"{source}: file not found; check the path (relative paths start at {Path.cwd()}).")
-    return source, _rows_of_dataset(_load_cached_name(source), limit)
+    from . import hubdata
+    ref = hubdata.parse_ref(source)
+    return str(ref), _rows_of_dataset(hubdata.load(ref, on_progress), limit, sample)
 
 
 def _rows_json(path: Path, text: str) -> list[tuple[str, dict]]:
@@ -179,21 +204,9 @@ def _open_folder(path: Path):
 
 
 def missing_dataset_message(name: str) -> str:
-    """What a dataset name that is no file, folder or cached dataset is told."""
-    return (f"{name}: no such file, folder, or dataset in the local datasets cache. Datasets are never "
-            "downloaded here; export it to a .jsonl or .parquet file and give that path.")
-
-
-def _load_cached_name(name: str):
-    """Load a dataset name from the local cache only; the network is never used."""
-    import datasets
-    from unittest import mock
-    # Offline mode makes datasets go straight to its local cache instead of the Hub.
-    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True):
-        try:
-            return datasets.load_dataset(name)
-        except Exception:
-            raise DataError(missing_dataset_message(name)) from None
+    """What a dataset name that is no file or folder here is told where it may not be looked up."""
+    return (f"{name}: no such file or folder. Give a .jsonl / .json / .csv / .parquet file, a dataset folder, "
+            "or a Hub dataset as ID[:CONFIG][@SPLIT] (e.g. tatsu-lab/alpaca).")
 
 
 def _read_text(path: Path, suffix: str, limit: int | None) -> str:
@@ -209,16 +222,21 @@ def _read_text(path: Path, suffix: str, limit: int | None) -> str:
     return "".join(lines)
 
 
-def _rows_of_dataset(ds, limit: int | None = None) -> list[tuple[str, dict]]:
+def _rows_of_dataset(ds, limit: int | None = None, sample: tuple = (None, 0)) -> list[tuple[str, dict]]:
     if hasattr(ds, "keys"):  # a DatasetDict: train on its train split
         splits = list(ds.keys())
         if "train" not in splits and len(splits) != 1:
             raise DataError(f"the dataset has splits {splits} but no 'train' split; save the split "
                             "you want to train on as its own dataset.")
         ds = ds["train" if "train" in splits else splits[0]]
-    if limit is not None and len(ds) > limit:
-        ds = ds.select(range(limit))
-    return [(f"row {i} (1-based)", row) for i, row in enumerate(ds.to_list(), 1)]
+    max_samples, seed = sample
+    rows = range(len(ds))
+    if max_samples is not None and max_samples >= 1 and len(ds) > max_samples:
+        rows = sorted(random.Random(seed).sample(rows, max_samples))  # as _sample draws them
+    rows = list(rows)[:limit] if limit is not None else rows
+    if len(rows) < len(ds):
+        ds = ds.select(rows)
+    return [(f"row {i + 1} (1-based)", row) for i, row in zip(rows, ds.to_list())]
 
 
 def _text(row: dict, key: str, where: str, need: str, required: bool = True) -> str:

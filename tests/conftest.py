@@ -94,3 +94,30 @@ def job_store(db_url, tmp_path, monkeypatch):
     else:
         monkeypatch.delenv("QALORA_DB_URL", raising=False)
     return get_settings()
+
+
+# ---- a fake Hugging Face Hub serving datasets (tests/fakehub.py), for the real datasets client ----
+
+@pytest.fixture
+def dataset_hub(monkeypatch, tmp_path):
+    """The fake Hub, online, with empty caches of this test's own; ``hub.add(...)`` puts repos on it."""
+    import datasets
+    from huggingface_hub import constants
+
+    from fakehub import DatasetHub
+
+    with DatasetHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub.url)
+        monkeypatch.setattr(datasets.config, "HUB_DATASETS_URL",
+                            hub.url + "/datasets/{repo_id}/resolve/{revision}/{path}")
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+        yield hub

@@ -97,7 +97,8 @@ def test_every_format_loads_from_every_source_type(tmp_path, fmt, kind, suffix):
     assert data.load_records(_write(tmp_path / f"d{suffix}", rows, kind)) == expected
 
 
-def test_dataset_name_from_local_cache_only(tmp_path, monkeypatch):
+def test_dataset_name_offline_reads_the_local_cache(tmp_path, monkeypatch):
+    # HF_HUB_OFFLINE=1 (the suite's setting): datasets' own offline mode, no flag patched by the library
     import datasets
     src = tmp_path / "src.jsonl"
     _write(src, ROWS["chat"][0], "jsonl")
@@ -112,7 +113,8 @@ def test_dataset_name_from_local_cache_only(tmp_path, monkeypatch):
         arrow.rename(target / arrow.name.replace("json-", "toy-"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
     assert data.load_records("me/toy") == ROWS["chat"][1]
-    with pytest.raises(DataError, match=r"nobody/nothing: no such file.*local datasets cache.*\.jsonl"):
+    with pytest.raises(DataError, match=r"'nobody/nothing' is not in the local datasets cache and Hub downloads "
+                                        r"are off \(HF_HUB_OFFLINE=1\).*\.jsonl"):
         data.load_records("nobody/nothing")
 
 
