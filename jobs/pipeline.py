@@ -404,7 +404,8 @@ class _JobRun:
             self.finishing, self.history = finishing_stages(spec), stage_history(spec.base)
             report = finetune(spec.base, spec.data, self.artifact_dir, spec.quant, spec.adapter, spec.train,
                               resume=True, log=self.log, on_step=self.on_step, should_stop=self.should_stop,
-                              on_stage=self.library_stage, on_progress=self.on_progress, owns=self.owns)
+                              on_stage=self.library_stage, on_progress=self.on_progress, owns=self.owns,
+                              columns=spec.columns, max_samples=spec.max_samples)
             report = self.after_training(spec, report)
         except (TrainingStopped, _Stop) as exc:
             return self._stopped(str(exc))
@@ -466,6 +467,7 @@ class _JobRun:
             report["multiple_choice"] = {k: mc[k] for k in ("data", "accuracy", "correct", "n", "chance", "k_shot")}
             self.log.info("multiple choice on %s: %d/%d correct", mc_data, mc["correct"], mc["n"])
         gen = generation_check_dir(merged, spec.data, eval_fraction=spec.train.eval_fraction, seed=spec.train.seed,
+                                   columns=spec.columns, max_samples=spec.max_samples,
                                    device=device, use_kernel=True,
                                    on_progress=lambda done, _: self.on_progress("evaluate", questions + done, total))
         if gen is not None:

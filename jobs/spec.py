@@ -22,6 +22,7 @@ EXPORT_FORMATS = DEFAULT_EXPORTS + EXTRA_EXPORTS
 MAX_DEVICES = 64
 MAX_NAME = 180  # the jobs table holds 200; a taken name gets "-2", "-3", ...
 DATA_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
+SPEC_FIELDS = ("name", "base", "data", "quant", "adapter", "train", "exports", "devices", "columns", "max_samples")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # SmolLM2-135M-Instruct (the 'default' GGUF): reading the GGUF header takes seconds, so the
 # numbers are kept here; (hidden_size, attention width = heads x head_dim, intermediate_size).
@@ -38,9 +39,18 @@ class JobSpec:
     exports: tuple[str, ...] = DEFAULT_EXPORTS
     name: str = ""
     devices: int = 1  # devices it trains on, one data-parallel rank each (global batch x devices)
+    columns: dict = field(default_factory=dict)  # the data's columns -> prompt/input/response, messages or text
+    max_samples: int | None = None  # train on a seeded sample of this many records (the train seed)
 
     def __post_init__(self):
-        self.base, self.data, self.name = str(self.base).strip(), str(self.data).strip(), (self.name or "").strip()
+        from qalora.hubdata import resolve
+
+        self.base, self.name = str(self.base).strip(), (self.name or "").strip()
+        self.data, self.columns, self.max_samples = resolve(str(self.data).strip(), self.columns, self.max_samples)
+        if self.max_samples is not None and (isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int)
+                                             or self.max_samples < 2):
+            raise ConfigError(f"max_samples={self.max_samples!r}: give a whole number of records, at least 2 (or "
+                              "none, to train on every record).")
         self.exports = tuple(dict.fromkeys((*DEFAULT_EXPORTS, *self.exports)))
         unknown = [f for f in self.exports if f not in EXPORT_FORMATS]
         if unknown:
@@ -57,19 +67,21 @@ class JobSpec:
     def to_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "data": self.data, "quant": self.quant.to_dict(),
                 "adapter": {**self.adapter.to_dict(), "targets": list(self.adapter.targets)},
-                "train": self.train.to_dict(), "exports": list(self.exports), "devices": self.devices}
+                "train": self.train.to_dict(), "exports": list(self.exports), "devices": self.devices,
+                **({"columns": dict(self.columns)} if self.columns else {}),
+                **({"max_samples": self.max_samples} if self.max_samples is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> JobSpec:
         d = dict(d)
-        unknown = sorted(set(d) - {"name", "base", "data", "quant", "adapter", "train", "exports", "devices"})
+        unknown = sorted(set(d) - set(SPEC_FIELDS))
         if unknown:
-            raise ConfigError(f"job spec: unknown field(s) {unknown}; valid fields are name, base, data, "
-                              "quant, adapter, train, exports, devices.")
+            raise ConfigError(f"job spec: unknown field(s) {unknown}; valid fields are {', '.join(SPEC_FIELDS)}.")
         return cls(base=d.get("base", "default"), data=d.get("data", "builtin:default"),
                    quant=QuantConfig.from_dict(d.get("quant")), adapter=AdapterConfig.from_dict(d.get("adapter")),
                    train=TrainConfig.from_dict(d.get("train")), exports=d.get("exports", DEFAULT_EXPORTS),
-                   name=d.get("name", ""), devices=d.get("devices", 1))
+                   name=d.get("name", ""), devices=d.get("devices", 1), columns=d.get("columns") or {},
+                   max_samples=d.get("max_samples"))
 
     def validate(self) -> JobSpec:
         """Check what can be checked in well under a second: data source, base model, group size.
@@ -85,6 +97,11 @@ class JobSpec:
         for fmt in self.extra_exports:
             check_format(fmt, self.quant.bits, self.quant.group_size)
         return self
+
+    @property
+    def data_options(self) -> dict:
+        """How ``qalora.data.load_records`` picks this job's records from its data."""
+        return {"columns": self.columns, "max_samples": self.max_samples, "seed": self.train.seed}
 
     @property
     def extra_exports(self) -> tuple[str, ...]:
@@ -124,8 +141,11 @@ def check_data(source: str) -> None:
         return
     if path.suffix.lower() in DATA_FILE_TYPES or source.startswith((".", "/", "~")) or not source:
         raise DataError(f"dataset {source!r} not found; give builtin:default, the path of a "
-                        f"{'/'.join(DATA_FILE_TYPES)} file, or a dataset folder.")
-    # anything else is a dataset name in the local datasets cache, resolved by the worker
+                        f"{'/'.join(DATA_FILE_TYPES)} file, a dataset folder, or a Hub dataset ID[:CONFIG][@SPLIT].")
+    # anything else is a Hub dataset, written ID[:CONFIG][@SPLIT]: the form asks the Hub about it
+    # (jobs.forms.hub_dataset), the worker downloads it
+    from qalora.hubdata import parse_ref
+    parse_ref(source)
 
 
 def model_dims(base: str) -> tuple[int, int, int] | None:

@@ -12,6 +12,7 @@ import sys
 
 from .config import AdapterConfig, QuantConfig, TrainConfig
 from .errors import ConfigError, QALoRAError
+from .hubdata import PAPER_DATASETS
 
 
 def _train_parser(sub) -> None:
@@ -21,7 +22,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--quant-method", choices=["rtn", "gptq"], default="rtn")
-    p.add_argument("--data", default="builtin:default", help="builtin:NAME or a .json/.jsonl/.csv/.parquet file")
+    p.add_argument("--data", default="builtin:default",
+                   help="builtin:NAME, a .json/.jsonl/.csv/.parquet file or dataset folder, a Hub dataset "
+                        "ID[:CONFIG][@SPLIT], or one of the paper's: " + ", ".join(f"paper:{n}" for n in PAPER_DATASETS))
+    p.add_argument("--columns", default=None,
+                   help="map the data's columns: prompt=COL,response=COL[,input=COL], or messages=COL, or text=COL")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="train on a sample of this many records, drawn with --seed (the paper: 320000 of FLAN v2)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", choices=["qalora", "qlora-ptq"], default="qalora",
                    help="qlora-ptq: the baseline (full-width LoRA, merged in 16 bits, quantized again)")
@@ -253,7 +260,10 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_train(args) -> dict | None:
+    from .hubdata import parse_columns, resolve
     from .pipeline import finetune
+
+    data, columns, max_samples = resolve(args.data, parse_columns(args.columns), args.max_samples)
 
     quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method)
     adapter = AdapterConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank,
@@ -269,8 +279,9 @@ def cmd_train(args) -> dict | None:
         def on_step(info):
             bar.n = info.step
             bar.set_postfix(loss=f"{info.loss:.3f}", tok_s=f"{info.tokens_per_s:.0f}")
-        report = finetune(args.base, args.data, args.out, quant, adapter, train, resume=args.resume,
-                          on_step=on_step, on_stage=lambda s: logging.getLogger("qalora").info("stage: %s", s))
+        report = finetune(args.base, data, args.out, quant, adapter, train, resume=args.resume,
+                          on_step=on_step, on_stage=lambda s: logging.getLogger("qalora").info("stage: %s", s),
+                          columns=columns, max_samples=max_samples)
     if report is None:  # a rank other than 0 of a torchrun: rank 0 writes and prints
         return None
     keys = ("eval_loss_quantized_base", "eval_loss_adapter", "eval_loss_merged", "merge_max_abs_logit_diff",

@@ -124,15 +124,17 @@ def reply_pairs(records: list[dict]) -> list[tuple[list[dict], str]]:
     return pairs
 
 
-def heldout_replies(data: str, n: int, eval_fraction: float, seed: int) -> list[tuple[list[dict], str]]:
+def heldout_replies(data: str, n: int, eval_fraction: float, seed: int, columns: dict | None = None,
+                    max_samples: int | None = None) -> list[tuple[list[dict], str]]:
     """``n`` conversations the training never saw, with their expected replies: for the built-in set
-    fresh prompts of the same kind, else the run's own held-out split (same fraction and seed)."""
+    fresh prompts of the same kind, else the run's own held-out split (same records, fraction and seed)."""
     from .builtin_data import heldout_records
     from .data import load_records, split_records
 
     if str(data).strip() in HELDOUT_BUILTINS:
         return reply_pairs(heldout_records(n))
-    _, held = split_records(load_records(data), eval_fraction, seed)
+    records = load_records(data, columns=columns, max_samples=max_samples, seed=seed)
+    _, held = split_records(records, eval_fraction, seed)
     return reply_pairs(held)[:n]
 
 
@@ -159,12 +161,13 @@ def exact_replies(model, tokenizer, pairs: list[tuple[list[dict], str]], on_prog
 
 
 def generation_check_dir(model_dir, data: str, *, n: int = GENERATION_REPLIES, eval_fraction: float = 0.1,
-                         seed: int = 0, device: str = "cpu", use_kernel: bool = True, on_progress=None) -> dict | None:
+                         seed: int = 0, device: str = "cpu", use_kernel: bool = True, on_progress=None,
+                         columns: dict | None = None, max_samples: int | None = None) -> dict | None:
     """:func:`exact_replies` of a saved low-bit model (a job's 'merged' folder) on ``data``'s held-out
     conversations (:func:`heldout_replies`)."""
     from .export.native import load_quantized
 
-    pairs = heldout_replies(data, n, eval_fraction, seed)
+    pairs = heldout_replies(data, n, eval_fraction, seed, columns, max_samples)
     if not pairs:
         return None
     model, tokenizer = load_quantized(model_dir, device=device, use_kernel=use_kernel)

@@ -55,13 +55,25 @@ PAPER_DATASETS: dict[str, PaperDataset] = {
 
 
 def paper_dataset(ref: str) -> PaperDataset | None:
-    """The paper's dataset this reference names (its short name, or its Hub id as listed)."""
+    """The paper's dataset ``ref`` names: ``paper:NAME``, or its Hub id as listed."""
     ref = str(ref).strip()
     if ref.startswith("paper:"):
-        ref = ref[len("paper:"):]
-    if ref in PAPER_DATASETS:
-        return PAPER_DATASETS[ref]
+        name = ref[len("paper:"):]
+        if name not in PAPER_DATASETS:
+            raise DataError(f"{ref!r}: the paper's datasets are {', '.join('paper:' + n for n in PAPER_DATASETS)}.")
+        return PAPER_DATASETS[name]
     return next((d for d in PAPER_DATASETS.values() if ref in (d.ref, d.ref.split(":")[0])), None)
+
+
+def resolve(data: str, columns: dict | None = None, max_samples: int | None = None) -> tuple[str, dict, int | None]:
+    """``(data, columns, max_samples)`` with the paper's datasets spelled out: ``paper:alpaca`` (or
+    its Hub id) becomes the Hub reference with its column mapping and sample size, where the caller
+    gave none. Anything else passes through, its mapping checked."""
+    paper = paper_dataset(data)
+    if paper is None:
+        return data, check_columns(columns), max_samples
+    return (paper.ref, check_columns(columns) or dict(paper.columns),
+            max_samples if max_samples is not None else paper.max_samples)
 
 
 def parse_ref(text: str) -> HubRef:

@@ -52,14 +52,23 @@ def base_identity(src: BaseSource) -> dict:
             "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
-def base_cache_key(src: BaseSource, quant: QuantConfig, data: str, train_cfg: TrainConfig) -> dict:
+def base_cache_key(src: BaseSource, quant: QuantConfig, data: str, train_cfg: TrainConfig,
+                   selection: dict | None = None) -> dict:
     """What the quantized base depends on: the base's files and the quantization settings, and for
-    GPTQ the calibration examples too (the first training examples of the seeded split)."""
+    GPTQ the calibration examples too (the first training examples of the seeded split of the
+    records ``selection`` picks: :func:`data_selection`)."""
     key = {"quant": quant.to_dict(), "base": base_identity(src)}
     if quant.method == "gptq":
         key["calibration"] = {"data": data_identity(data), "seed": train_cfg.seed, "seq_len": train_cfg.seq_len,
-                              "eval_fraction": train_cfg.eval_fraction}
+                              "eval_fraction": train_cfg.eval_fraction, **(selection or {})}
     return key
+
+
+def data_selection(columns: dict | None, max_samples: int | None) -> dict:
+    """The column mapping and sample size that pick a run's records, where set (a run with neither
+    keeps the fingerprint it always had)."""
+    return {**({"columns": dict(columns)} if columns else {}),
+            **({"max_samples": max_samples} if max_samples is not None else {})}
 
 
 def save_base_cache(path: Path, key: dict, qweights: dict[str, QuantizedTensor]) -> None:
@@ -142,11 +151,14 @@ def data_identity(source: str) -> str:
     return f"{sum(f.stat().st_size for f in files)} bytes, sha256 {digest.hexdigest()[:16]}"
 
 
-def run_fingerprint(base: str, data: str, quant: QuantConfig, adapter: AdapterConfig, train_cfg: TrainConfig) -> dict:
-    """What a checkpoint must match to be resumed: base, data contents and the training settings."""
+def run_fingerprint(base: str, data: str, quant: QuantConfig, adapter: AdapterConfig, train_cfg: TrainConfig,
+                    selection: dict | None = None) -> dict:
+    """What a checkpoint must match to be resumed: base, data contents, the records picked from them
+    (:func:`data_selection`) and the training settings."""
     train = {k: v for k, v in train_cfg.to_dict().items() if k not in _FREE_SETTINGS}
-    return {"base": base, "data": data_identity(data), "quant": quant.to_dict(),
-            "adapter": {**adapter.to_dict(), "targets": list(adapter.targets)}, "train": train}
+    return {"base": base, "data": data_identity(data), **({"data_selection": selection} if selection else {}),
+            "quant": quant.to_dict(), "adapter": {**adapter.to_dict(), "targets": list(adapter.targets)},
+            "train": train}
 
 
 def check_batches(examples, batch_size: int, pad_id: int, device, budget: int = MERGE_CHECK_TOKENS) -> list[dict]:
@@ -168,7 +180,7 @@ def _masked_logits(model, check: list[dict]) -> list[torch.Tensor]:
 
 def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: AdapterConfig, train_cfg: TrainConfig, *,
              resume: bool = True, on_step=None, should_stop=None, on_stage=None, on_progress=None, log=None,
-             owns=None) -> dict:
+             owns=None, columns: dict | None = None, max_samples: int | None = None) -> dict:
     """Run the whole pipeline; returns the report (also written to ``out_dir/report.json``).
 
     Under ``torchrun`` every rank trains its share of each batch (``qalora.distributed``); rank 0
@@ -177,7 +189,10 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     Writes ``out_dir/merged`` (native low-bit model), ``out_dir/adapter`` and checkpoints under
     ``out_dir/checkpoints``. Raises :class:`TrainingStopped` when ``should_stop()`` fires: at a
     stage boundary, or after a training step.
-    ``on_progress(stage, done, total)`` reports progress inside a stage: records tokenized ("data"),
+    ``columns`` maps the data's columns to a record format and ``max_samples`` trains on a sample of
+    that many records drawn with the run's seed (:func:`qalora.data.load_records`).
+    ``on_progress(stage, done, total)`` reports progress inside a stage: a Hub dataset's files
+    downloaded, then records tokenized ("data"),
     decoder layers loaded and quantized, then eval batches ("quantize"), layers merged ("merge"),
     check and eval batches ("verify"), the model written ("save"). ``owns()``: see
     :func:`qalora.train.train`.
@@ -214,29 +229,37 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
             raise TrainingStopped(f"stopped before stage {name!r}")
 
     stage("load")
-    fingerprint = run_fingerprint(base, data, quant, adapter, train_cfg)
+    selection = data_selection(columns, max_samples)
+    fingerprint = run_fingerprint(base, data, quant, adapter, train_cfg, selection)
     if resume and (last := latest_checkpoint(out / "checkpoints")):
         # Refuse a stale or foreign folder now, not after loading and quantizing the base.
         check_fingerprint(read_fingerprint(last), fingerprint, last)
     elif not resume and w.main:
         start_afresh(out / "checkpoints", fingerprint)  # this run's old checkpoints go; another's are refused
-    records = data_mod.load_records(data)  # read the data first: a bad file fails in seconds
+    stage("data")
+    files = [0]  # a Hub dataset's data files, counted as they download; then the two tokenizations
+
+    def downloaded(done: int, total: int) -> None:
+        files[0] = total
+        progress("data", done, total + 2)
+    # the data first (downloaded where it is a Hub dataset): a bad file fails in seconds
+    records = data_mod.load_records(data, columns=columns, max_samples=max_samples, seed=train_cfg.seed,
+                                    on_progress=downloaded)
     log.info("opening base %s (a Hub id is downloaded once, then read from the Hugging Face cache)", base)
     src = open_base(base)  # config and tokenizer only; the weights stream in at "quantize"
     log.info("base %s: %s at %s", base, src.kind, src.path or "(built in memory)")
     tokenizer = src.tokenizer
-    stage("data")
     train_records, eval_records = data_mod.split_records(records, train_cfg.eval_fraction, train_cfg.seed)
-    progress("data", 0, 2)
+    progress("data", files[0], files[0] + 2)
     train_examples = data_mod.tokenize_records(train_records, tokenizer, train_cfg.seq_len)
-    progress("data", 1, 2)
+    progress("data", files[0] + 1, files[0] + 2)
     eval_examples = data_mod.tokenize_records(eval_records, tokenizer, train_cfg.seq_len)
-    progress("data", 2, 2)
+    progress("data", files[0] + 2, files[0] + 2)
     log.info("data: %d train / %d eval examples", len(train_examples), len(eval_examples))
 
     stage("quantize")
     model, qweights = _quantized_base(src, quant, adapter, train_examples, out, resume, device, torch_dtype, log,
-                                      base_cache_key(src, quant, data, train_cfg),
+                                      base_cache_key(src, quant, data, train_cfg, selection),
                                       lambda done, total: progress("quantize", done, total), write_cache=w.main)
     # The adapter's initial values come from the global RNG: seed it so the job's seed decides them.
     torch.manual_seed(train_cfg.seed)
@@ -306,7 +329,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
 
     stage("save")
     report = {
-        "base": base, "data": data, "bits": quant.bits, "group_size": quant.group_size,
+        "base": base, "data": data, **selection, "bits": quant.bits, "group_size": quant.group_size,
         "quant_method": quant.method, "method": adapter.method, "rank": adapter.rank, "alpha": adapter.alpha,
         "steps": result.step, "world_size": w.size,
         "global_batch": train_cfg.batch_size * train_cfg.grad_accum * w.size,

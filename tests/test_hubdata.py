@@ -154,3 +154,44 @@ def test_mapping_rules():
     assert hubdata.guess_columns(["inputs", "targets", "task"]) == {"prompt": "inputs", "response": "targets"}
     assert hubdata.paper_dataset("paper:alpaca").ref == "tatsu-lab/alpaca"
     assert hubdata.paper_dataset("akoksal/LongForm").columns == {"prompt": "input", "response": "output"}
+
+
+def test_fine_tune_on_a_hub_dataset(dataset_hub, tmp_path):
+    """The library's fine-tune downloads a Hub dataset in its data stage (progress per file), maps its
+    columns, trains on the seeded sample, and the mapping and sample are in the run's fingerprint."""
+    from qalora.config import AdapterConfig, QuantConfig, TrainConfig
+    from qalora.pipeline import finetune
+    from qalora.train import latest_checkpoint, read_fingerprint
+
+    add_repos(dataset_hub)
+    dataset_hub.add("team/qa-big", {f"data/train-{i}.parquet": parquet_bytes(QA[i * 10:(i + 1) * 10])
+                                    for i in range(3)})
+    events = []
+    columns = {"prompt": "question", "response": "answer"}
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=128, lr=1e-3, warmup_steps=1, eval_every=2, save_every=2,
+                      eval_batches=1, seed=5)
+    report = finetune("tiny-random", "team/qa-big", tmp_path, QuantConfig(4, 32), AdapterConfig(rank=4), cfg,
+                      on_stage=lambda s: events.append(s), columns=columns, max_samples=20,
+                      on_progress=lambda stage, done, total: events.append((stage, done, total)))
+    data_events = events[events.index("data") + 1:events.index("quantize")]
+    assert data_events == [("data", 1, 5), ("data", 2, 5), ("data", 3, 5), ("data", 3, 5), ("data", 4, 5),
+                           ("data", 5, 5)]
+    assert report["train_examples"] + report["eval_examples"] == 20
+    assert (report["columns"], report["max_samples"]) == (columns, 20)
+    saved = read_fingerprint(latest_checkpoint(tmp_path / "checkpoints"))
+    assert saved["data_selection"] == {"columns": columns, "max_samples": 20}
+
+
+def test_job_spec_carries_the_mapping_and_the_papers_datasets():
+    from jobs.spec import JobSpec
+
+    spec = JobSpec(data="paper:flan-v2")
+    assert (spec.data, spec.columns, spec.max_samples) == ("itay1itzhak/flan_2022_350k",
+                                                           {"prompt": "prompt", "response": "completion"}, 320_000)
+    again = JobSpec.from_dict(spec.to_dict())
+    assert (again.data, again.columns, again.max_samples) == (spec.data, spec.columns, spec.max_samples)
+    mine = JobSpec(data="tatsu-lab/alpaca", columns={"prompt": "instruction", "response": "output"}, max_samples=100)
+    assert mine.columns == {"prompt": "instruction", "response": "output"} and mine.max_samples == 100
+    assert "columns" not in JobSpec().to_dict()  # a spec without them reads as it always did
+    with pytest.raises(DataError, match=r"the paper's datasets are paper:alpaca, paper:flan-v2"):
+        JobSpec(data="paper:nope")
