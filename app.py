@@ -101,10 +101,58 @@ def _models_opened(current):
 
 # ---- New fine-tune ---------------------------------------------------------------------------
 
-def _dataset_preview(kind, builtin, upload, path, base):
-    """Stream: what is being read while it is read, then the rendered records."""
+def _data_path(kind, path, hub_id, hub_config, hub_split):
+    """The path-or-name input, or for a Hub dataset the reference its fields compose."""
+    return service.hub_ref(hub_id, hub_config, hub_split) if kind == "Hub dataset" else path
+
+
+def _mapping(prompt, extra, response, messages) -> dict:
+    roles = {"prompt": prompt, "input": extra, "response": response, "messages": messages}
+    return {role: column for role, column in roles.items() if column and column != NO_COLUMN}
+
+
+NO_COLUMN = "(none)"
+
+
+def _hub_checked(kind, builtin, hub_id, config=None):
+    """Ask the Hub about the dataset (about 2 s at most, no rows read): its configs, splits and
+    columns fill the fields; columns of no known format open the column mapping with a guess."""
+    keep = [gr.skip()] * 7
+    if kind == "built-in":
+        if not str(builtin or "").startswith("paper:"):
+            return "", *keep
+        ref = service.paper_dataset(builtin).ref
+    elif kind != "Hub dataset" or not (hub_id or "").strip():
+        return "", *keep
+    else:
+        ref = hub_id
     try:
-        source = service.data_source(kind, builtin, upload, path)
+        view = service.hub_dataset(service.hub_ref(ref, config))
+    except Exception as exc:
+        return _error(exc), *keep
+    known = set(view.columns) & set(service.RECORD_COLUMNS)
+    guess = {} if known else service.guess_columns(view.columns)
+    paper = service.paper_dataset(ref) if kind == "built-in" else None
+    guess = dict(paper.columns) if paper else guess
+    options = [NO_COLUMN, *view.columns]
+    note = (f"**{view.ref.id}**: config `{view.config}` (of {len(view.configs)}), split `{view.split}` (of "
+            f"{', '.join(view.splits)}); columns {', '.join(f'`{c}`' for c in view.columns) or 'unknown'}. "
+            f"Checked in {view.seconds:.1f} s; the worker downloads it when the job starts."
+            + ("" if known or guess else " **Map its columns below.**"))
+    mapping = [gr.update(choices=options, value=guess.get(role, NO_COLUMN))
+               for role in ("prompt", "input", "response", "messages")]
+    return (note, gr.update(choices=view.configs, value=view.config), gr.update(choices=view.splits, value=view.split),
+            *mapping, gr.update(visible=kind == "Hub dataset", open=not known))
+
+
+def _dataset_preview(kind, builtin, upload, path, base, hub_id=None, hub_config=None, hub_split=None):
+    """Stream: what is being read while it is read, then the rendered records (for a Hub dataset,
+    what the Hub says of it: its rows are downloaded by the worker)."""
+    try:
+        if kind == "Hub dataset" or str(builtin or "").startswith("paper:") and kind == "built-in":
+            yield _hub_checked(kind, builtin, hub_id, hub_config)[0]
+            return
+        source = service.data_source(kind, builtin, upload, _data_path(kind, path, hub_id, hub_config, hub_split))
         what = f"Reading {service.with_upload_names(source)} and loading the base model's tokenizer"
         for item in _waiting(lambda: service.preview_dataset(source, base), lambda t: f"*{what}… {t:.0f} s*"):
             if isinstance(item, str):
@@ -156,7 +204,9 @@ def _ticked(value, wanted, bits, group_size):
 
 
 def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
-            wanted=(), sweep=False, sweep_bits=(), sweep_groups=(), sweep_ranks="", sweep_lrs="", devices=1):
+            wanted=(), sweep=False, sweep_bits=(), sweep_groups=(), sweep_ranks="", sweep_lrs="", devices=1,
+            hub_id=None, hub_config=None, hub_split=None, map_prompt=None, map_input=None, map_response=None,
+            map_messages=None, max_samples=None):
     """(status under Launch, job picker, tabs, one note per form field): each problem is shown next
     to the field it concerns, all at once; nothing is queued while there is one.
 
@@ -172,8 +222,14 @@ def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, a
         exports = list(wanted or [])  # the form reports the bad bits or group size itself
     form = dict(kind=kind, builtin=builtin, upload=upload, path=path, base=base, bits=bits, group_size=group_size,
                 method=method, rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch, seq_len=seq, name=name,
-                devices=devices)
+                devices=devices, max_samples=max_samples)
     try:
+        if kind == "Hub dataset":
+            try:
+                form.update(path=_data_path(kind, path, hub_id, hub_config, hub_split),
+                            columns=_mapping(map_prompt, map_input, map_response, map_messages))
+            except service.QALoRAError as exc:
+                raise service.FormError({"data": str(exc)}) from None
         if sweep:
             grid = {"bits": sweep_bits, "group_size": sweep_groups, "rank": sweep_ranks, "lr": sweep_lrs}
             plan = service.plan_sweep(grid, **form, exports=list(wanted or []))
@@ -292,10 +348,28 @@ def build_new_tab():
         with gr.Column():
             kind = gr.Radio(list(service.DATA_KINDS), value="built-in", label="Dataset")
             builtins = service.builtin_choices()
-            builtin = gr.Dropdown(builtins, value=builtins[0], label="Built-in dataset")
+            builtin = gr.Dropdown(builtins, value=builtins[0][1], label="Built-in dataset", elem_id="builtin-data")
             upload = gr.File(label="Upload .jsonl / .json / .csv / .parquet", file_types=[".jsonl", ".json", ".csv",
                              ".parquet"], type="filepath", visible=False)
-            path = gr.Textbox(label="File path, dataset folder, or cached dataset name", visible=False)
+            path = gr.Textbox(label="File path, dataset folder, or Hub dataset ID[:CONFIG][@SPLIT]", visible=False)
+            hub_id = gr.Textbox(label="Hub dataset id", placeholder="tatsu-lab/alpaca, or org/name:config@split",
+                                visible=False, elem_id="hub-id",
+                                info="Checked on the Hub when you press Enter or leave the box (no rows downloaded).")
+            with gr.Row(visible=False) as hub_fields:
+                hub_config = gr.Dropdown([], label="Config", allow_custom_value=True, elem_id="hub-config")
+                hub_split = gr.Dropdown([], label="Split", allow_custom_value=True, elem_id="hub-split")
+            hub_note = gr.Markdown(elem_id="hub-note")
+            with gr.Accordion("Column mapping", open=False, visible=False, elem_id="column-mapping") as mapping_box:
+                with gr.Row():
+                    map_prompt = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label="Prompt", elem_id="map-prompt")
+                    map_input = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label="Input (optional)",
+                                            elem_id="map-input")
+                    map_response = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label="Response", elem_id="map-response")
+                    map_messages = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label="…or a messages column",
+                                               elem_id="map-messages")
+            max_samples = gr.Number(None, label="Max records (optional)", precision=0, minimum=2, elem_id="max-samples",
+                                    info="Train on a sample of this many records, drawn with the run's seed (the "
+                                         "paper: 320K of FLAN v2).")
             data_err = gr.Markdown(elem_id="data-error", elem_classes="field-error")
             preview_btn = gr.Button("Preview dataset")
             preview = gr.Markdown(elem_id="dataset-preview")
@@ -308,13 +382,20 @@ def build_new_tab():
     exports.input(_ticked, [exports, wanted, bits, group], wanted, show_progress="hidden")
     fields = ("rank", "alpha", "lr", "steps", "batch_size", "seq_len")
     presets.change(lambda p: [service.PRESETS[p][k] for k in fields], presets, [rank, alpha, lr, steps, batch, seq])
-    kind.change(lambda k: [gr.update(visible=k == v) for v in service.DATA_KINDS], kind, [builtin, upload, path])
-    data_inputs = [kind, builtin, upload, path, base]
+    kind.change(lambda k: [gr.update(visible=k == v) for v in service.DATA_KINDS]
+                + [gr.update(visible=k == "Hub dataset")] * 2,
+                kind, [builtin, upload, path, hub_id, hub_fields, mapping_box])
+    data_inputs = [kind, builtin, upload, path, base, hub_id, hub_config, hub_split]
     preview_btn.click(_dataset_preview, data_inputs, preview)
     upload.upload(_dataset_preview, data_inputs, preview)
     path.submit(_dataset_preview, data_inputs, preview)
+    hub_outputs = [hub_note, hub_config, hub_split, map_prompt, map_input, map_response, map_messages, mapping_box]
+    for event in (hub_id.submit, hub_id.blur, builtin.change):
+        event(_hub_checked, [kind, builtin, hub_id], hub_outputs)
+    hub_config.input(_hub_checked, [kind, builtin, hub_id, hub_config], hub_outputs)
     inputs = [base, bits, group, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
-              wanted, sweep, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices]
+              wanted, sweep, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices, hub_id, hub_config, hub_split,
+              map_prompt, map_input, map_response, map_messages, max_samples]
     sweep.change(_sweep_opened, [sweep, bits, group, rank, lr, base],
                  [single_values, sweep_box, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs])
     plan_inputs = [sweep, *inputs[:16], sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices]

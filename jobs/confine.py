@@ -117,10 +117,13 @@ def confine_data(ref: str) -> str:
     if looks_like_path(ref, DATA_SUFFIXES):
         return confine(ref, "dataset")
     if _CONFINED.get() and os.path.lexists(os.path.expanduser(ref)) and not _allowed(ref):
-        # written as a dataset name but naming a file or folder here: what a missing name is told
-        from qalora.data import missing_dataset_message
-        raise DataError(missing_dataset_message(ref))
-    return ref  # a dataset name in the local datasets cache
+        # written as a dataset name but naming a file or folder here: what the Hub says of that name
+        # (as for any Hub dataset typed in the form), then what a missing Hub dataset is told
+        from qalora.hub import _Status
+        from qalora.hubdata import hub_message, overview, parse_ref
+        overview(parse_ref(ref))
+        raise DataError(hub_message(parse_ref(ref), _Status(404)))
+    return ref  # a Hub dataset ID[:CONFIG][@SPLIT]
 
 
 def is_upload(ref: str) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
 from qalora.errors import ConfigError, DataError, QALoRAError
+from qalora.hubdata import resolve
 
 from .confine import confine_base, confine_data, keep_upload, owned_by_visitor
 from .spec import EXTRA_EXPORTS, JobSpec, check_data, check_group_size, dims_from_config, is_hub_id, model_dims
@@ -34,7 +35,8 @@ PRESETS: dict[str, dict] = {
     "thorough": dict(rank=32, alpha=64.0, lr=1e-4, steps=600, batch_size=8, seq_len=1024),
 }
 DEFAULT_PRESET = "quick"
-DATA_KINDS = ("built-in", "upload", "path or name")
+DATA_KINDS = ("built-in", "upload", "path or name", "Hub dataset")
+HUB_CHECK_TTL_S = 120  # a Hub dataset's overview is asked once per id and kept this long (check, then Launch)
 SUBMIT_SAMPLE_ROWS = 1000
 MIN_RECORDS = 8  # enough to hold some out for evaluation and still train
 LR_RANGE = (1e-6, 1e-2)  # rows of a dataset checked in the form before queueing
@@ -80,9 +82,55 @@ class _Collect:
             raise FormError(self.fields)
 
 
-def builtin_choices() -> list[str]:
+def builtin_choices() -> list[tuple[str, str]]:
+    """(label, value) for the built-in list: the embedded sets, then the paper's five Hub datasets."""
     from qalora.builtin_data import builtin_names  # not qalora.data: that one imports torch
-    return [f"builtin:{n}" for n in builtin_names()]
+    from qalora.hubdata import PAPER_DATASETS
+
+    return [(f"builtin:{n}", f"builtin:{n}") for n in builtin_names()] + [
+        (f"{d.label}: {d.ref.split(':')[0]} (the paper's; downloaded from the Hub)", f"paper:{name}")
+        for name, d in PAPER_DATASETS.items()]
+
+
+def hub_ref(hub_id: str | None, config: str | None = None, split: str | None = None) -> str:
+    """``ID[:CONFIG][@SPLIT]`` from the form's Hub fields (the id box may already hold a config or split)."""
+    from qalora.hubdata import HubRef, parse_ref
+
+    ref = parse_ref((hub_id or "").strip())
+    return str(HubRef(ref.id, config or ref.config, split or ref.split))
+
+
+_overviews: dict[str, tuple[float, object]] = {}
+
+
+def hub_dataset(ref: str):
+    """What the Hub says of a dataset (:func:`qalora.hubdata.overview`, about 2 s at most), kept for
+    ``HUB_CHECK_TTL_S`` so the check and the Launch that follows ask once."""
+    import time
+
+    from qalora.hubdata import overview
+
+    kept = _overviews.get(ref)
+    if kept and time.monotonic() - kept[0] < HUB_CHECK_TTL_S:
+        return kept[1]
+    view = overview(ref)
+    _overviews[ref] = (time.monotonic(), view)
+    return view
+
+
+def check_hub_columns(view, columns: dict) -> None:
+    """The mapping names columns the dataset has; without one, its columns must be a known format."""
+    from qalora.hubdata import RECORD_COLUMNS
+
+    shown = ", ".join(repr(c) for c in view.columns[:12]) + (" …" if len(view.columns) > 12 else "")
+    if columns:
+        missing = [c for c in columns.values() if view.columns and c not in view.columns]
+        if missing:
+            raise DataError(f"{view.ref}: no column {missing[0]!r}; its columns are {shown}. Fix the column mapping.")
+    elif view.columns and not set(view.columns) & set(RECORD_COLUMNS):
+        raise DataError(f"{view.ref}: its columns {shown} match no known record format; map them under "
+                        "'Column mapping' (a prompt, an optional input and a response column, or one messages "
+                        "column).")
 
 
 def base_dims(base: str) -> tuple[int, int, int] | None:
@@ -123,7 +171,8 @@ def export_choices(bits, group_size) -> tuple[list[str], dict[str, str]]:
 
 
 def data_source(kind: str, builtin: str | None, upload: str | None, path_or_name: str | None) -> str:
-    """The dataset reference a job stores, from whichever of the three inputs is active."""
+    """The dataset reference a job stores, from whichever input is active (for "Hub dataset", the
+    reference :func:`hub_ref` composed from the Hub fields)."""
     if kind == "built-in":
         if not builtin:
             raise DataError("no built-in dataset is selected; pick one from the list.")
@@ -134,8 +183,11 @@ def data_source(kind: str, builtin: str | None, upload: str | None, path_or_name
         return keep_upload(str(upload))  # Gradio's temporary copy would vanish before a resume
     ref = (path_or_name or "").strip()
     if not ref:
-        raise DataError("the dataset path or name is empty; type a file path, a dataset folder, or the name "
-                        "of a dataset in the local datasets cache.")
+        if kind == "Hub dataset":
+            raise DataError("the Hub dataset id is empty; type one, e.g. tatsu-lab/alpaca, or pick one of the "
+                            "paper's datasets in the built-in list.")
+        raise DataError("the dataset path or name is empty; type a file path, a dataset folder, or a Hub dataset "
+                        "ID[:CONFIG][@SPLIT].")
     return confine_data(ref)
 
 
@@ -157,11 +209,15 @@ def _number(field: str, value, cast, minimum=None):
 
 
 def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alpha, lr, steps, batch_size,
-               seq_len, name: str = "", exports=(), check_rows: bool = True, devices=1) -> JobSpec:
+               seq_len, name: str = "", exports=(), check_rows: bool = True, devices=1, columns=None,
+               max_samples=None) -> JobSpec:
     """Turn the form's raw values into a validated ``JobSpec``; raises ``QALoRAError`` on bad input.
 
     With ``check_rows`` every record of the dataset is parsed now, so a missing column or a
-    malformed row is reported in the form instead of failing the job in the worker.
+    malformed row is reported in the form instead of failing the job in the worker; a Hub dataset
+    is asked about instead (exists, readable, its columns against the mapping), its rows are not
+    downloaded here. ``columns`` maps the dataset's columns (roles -> column, empty ones ignored);
+    ``max_samples`` (blank: every record) trains on a seeded sample.
     """
     errors = _Collect()
     numbers, raw = {}, dict(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, rank=rank, alpha=alpha,
@@ -205,16 +261,25 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
         for fmt in exports or ():
             if quant is not None:
                 check_format(fmt, quant.bits, quant.group_size)
+    hub = False
     with errors.field("data"):
+        if max_samples not in (None, ""):
+            max_samples = _number("max records", max_samples, int, 2)
+        else:
+            max_samples = None
+        data, columns, max_samples = resolve(data, columns, max_samples)
         data = confine_data(data)
         check_data(data)
-    if check_rows and "data" not in errors.fields:
+        hub = not data.startswith("builtin:") and not Path(data).expanduser().exists()
+        if hub:
+            check_hub_columns(hub_dataset(data), columns)
+    if check_rows and not hub and "data" not in errors.fields:
         from qalora.data import load_records
         # A bounded sample, so a large file is not parsed whole in the web process; the worker
         # reads (and checks) every row when the job starts.
         records = None
         with errors.field("data"), owned_by_visitor(data):
-            records = load_records(data, limit=SUBMIT_SAMPLE_ROWS)
+            records = load_records(data, limit=SUBMIT_SAMPLE_ROWS, columns=columns)
             if len(records) < MIN_RECORDS:
                 raise DataError(f"{Path(data).name} has {len(records)} record(s); a fine-tune needs at least "
                                 f"{MIN_RECORDS} (about one in ten is held out to measure it). Add more records.")
@@ -223,7 +288,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
                 _check_replies_fit(records, base, numbers["seq_len"])
     errors.raise_any()
     spec = JobSpec(base=base, data=data, quant=quant, adapter=adapter, train=train, exports=tuple(exports or ()),
-                   name=name or "", devices=devices)
+                   name=name or "", devices=devices, columns=columns, max_samples=max_samples)
     spec.validate()
     return spec
 

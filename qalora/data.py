@@ -203,12 +203,6 @@ def _open_folder(path: Path):
                         "data file or a folder written by Dataset.save_to_disk.") from None
 
 
-def missing_dataset_message(name: str) -> str:
-    """What a dataset name that is no file or folder here is told where it may not be looked up."""
-    return (f"{name}: no such file or folder. Give a .jsonl / .json / .csv / .parquet file, a dataset folder, "
-            "or a Hub dataset as ID[:CONFIG][@SPLIT] (e.g. tatsu-lab/alpaca).")
-
-
 def _read_text(path: Path, suffix: str, limit: int | None) -> str:
     """The file's text; for a bounded sample of a line-based file, only its first lines."""
     if limit is None or suffix not in (".jsonl", ".csv"):

@@ -16,6 +16,8 @@ HUB_CHECK_S = 2.0  # the form's budget for asking the Hub about a dataset
 # 'ID[:CONFIG][@SPLIT]': an id is 'name' or 'org/name'; config and split names as the Hub writes them.
 _REF = re.compile(r"^(?P<id>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?::(?P<config>[\w.+-]+))?(?:@(?P<split>[\w.-]+))?$")
 ROLES = ("prompt", "input", "response", "messages", "text")
+# The columns that name a record format by themselves (qalora.data.FORMATS): no mapping needed.
+RECORD_COLUMNS = ("messages", "conversations", "instruction", "text")
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ def overview(ref: HubRef | str, timeout: float = HUB_CHECK_S) -> Overview:
         raise
     except Exception as exc:  # huggingface_hub's typed HTTP errors, httpx's connection errors, datasets' own
         raise DataError(hub_message(ref, exc)) from None
-    layout = {k: list(v) for k, v in (builder.config.data_files or {}).items()}
+    layout = {str(k): list(v) for k, v in (builder.config.data_files or {}).items()}
     splits = list(layout) or ["train"]
     split = ref.split or ("train" if "train" in splits else splits[0])
     if split not in splits:
@@ -280,7 +282,7 @@ def load(ref: HubRef | str, on_progress=None):
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     try:
         builder = datasets.load_dataset_builder(ref.id, ref.config)
-        layout = {k: list(v) for k, v in (builder.config.data_files or {}).items()}
+        layout = {str(k): list(v) for k, v in (builder.config.data_files or {}).items()}
         split = ref.split or ("train" if "train" in layout or not layout else next(iter(layout)))
         if layout and split not in layout:
             raise DataError(f"dataset {ref.id!r} has no split {split!r}; its splits are {list(layout)}.")

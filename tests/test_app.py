@@ -540,3 +540,59 @@ def test_a_job_asking_for_two_devices_states_its_global_batch(home):
     assert "global batch 4 (2 × 1 accumulation × 2 devices)" in app._job_summary(service.get_job(job["id"]))
     _, _, _, *fields = app._launch(*args[:-1], 0)
     assert dict(zip(forms.FIELDS, fields))["advanced"] == "⚠ GPUs for this job must be at least 1 (got 0)."
+
+
+def _hub_launch(**hub):
+    form = {**FORM, "kind": "Hub dataset"}
+    return app._launch(*form.values(), **hub)
+
+
+def test_a_hub_dataset_is_checked_in_the_form_mapped_and_queued(home, dataset_hub):
+    """The Hub fields: the id is asked about (configs, splits, columns; no rows downloaded), columns of
+    no known format open the mapping with a guess, and the job stores the mapping and the sample."""
+    from fakehub import parquet_bytes
+    rows = [{"question": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(40)]
+    dataset_hub.add("team/sums", {"data/train.parquet": parquet_bytes(rows), "data/test.parquet": parquet_bytes(rows[:5])})
+    note, config, split, prompt, extra, response, messages, box = app._hub_checked("Hub dataset", None, "team/sums")
+    assert note.startswith("**team/sums**: config `default` (of 1), split `train` (of train, test); columns "
+                           "`question`, `answer`. Checked in ")
+    assert (config["value"], split["choices"], split["value"]) == ("default", ["train", "test"], "train")
+    assert (prompt["value"], extra["value"], response["value"], messages["value"]) == ("question", "(none)", "answer",
+                                                                                      "(none)")
+    assert prompt["choices"] == ["(none)", "question", "answer"] and box["open"] and box["visible"]
+    assert not dataset_hub.fetched()  # nothing downloaded whole: the schema came from a Parquet footer
+    # Launch without a mapping: the columns are named and the mapping asked for, nothing queued
+    note, *fields = _hub_launch(hub_id="team/sums", hub_config="default", hub_split="train")
+    assert dict(zip(forms.FIELDS, fields[2:]))["data"] == (
+        "⚠ team/sums:default@train: its columns 'question', 'answer' match no known record format; map them under "
+        "'Column mapping' (a prompt, an optional input and a response column, or one messages column).")
+    assert service.list_jobs() == []
+    note, *fields = _hub_launch(hub_id="team/sums", hub_config="default", hub_split="train", map_prompt="question",
+                                map_input="(none)", map_response="answr", map_messages="(none)")
+    assert "no column 'answr'; its columns are 'question', 'answer'. Fix the column mapping." in fields[2 + 3]
+    note, *_ = _hub_launch(hub_id="team/sums", hub_config="default", hub_split="train", map_prompt="question",
+                           map_input="(none)", map_response="answer", map_messages="(none)", max_samples=30)
+    (job,) = service.list_jobs()
+    assert note.startswith(f"Job **#{job['id']}**")
+    assert job["spec"]["data"] == "team/sums:default@train"
+    assert (job["spec"]["columns"], job["spec"]["max_samples"]) == ({"prompt": "question", "response": "answer"}, 30)
+
+
+def test_a_hub_dataset_the_form_cannot_read_is_named(home, dataset_hub):
+    from fakehub import parquet_bytes
+    dataset_hub.add("team/locked", {"data/train.parquet": parquet_bytes([{"text": "x"}] * 10)}, gated=True)
+    note, *_ = app._hub_checked("Hub dataset", None, "team/locked")
+    assert note == ("**Error:** dataset 'team/locked' is gated: accept its conditions on its Hub page, then set HF_TOKEN (a "
+                    "token of the account that accepted them) where the studio runs, and try again.")
+    note, *fields = _hub_launch(hub_id="nobody/here")
+    assert dict(zip(forms.FIELDS, fields[2:]))["data"].startswith("⚠ dataset 'nobody/here' was not found on the Hub")
+    note, *fields = _hub_launch(hub_id="not a dataset id")
+    assert "is not a Hub dataset reference; write ID[:CONFIG][@SPLIT]" in dict(zip(forms.FIELDS, fields[2:]))["data"]
+    assert service.list_jobs() == []
+
+
+def test_the_papers_datasets_are_in_the_built_in_list(home):
+    labels = dict((v, k) for k, v in service.builtin_choices())
+    assert labels["paper:alpaca"] == "Alpaca (52K): tatsu-lab/alpaca (the paper's; downloaded from the Hub)"
+    assert [v for v in labels if v.startswith("paper:")] == ["paper:alpaca", "paper:flan-v2", "paper:self-instruct",
+                                                             "paper:longform", "paper:chip2"]
