@@ -61,7 +61,33 @@ def row(job: dict, now: datetime | None = None) -> dict:
     for key, kind in SIZE_KINDS.items():
         out[key] = sizes[kind] / 1e6 if sizes.get(kind) else None
     out["merged_bytes"] = sizes.get("merged")
+    bench = report.get("benchmarks") or {}
+    for which, prefix in BENCH_SUBJECTS.items():
+        for task, score in (bench.get(which) or {}).items():
+            out[f"{prefix}{task}"] = score["value"]
+            out.setdefault("bench_metrics", {})[task] = score["metric"]
     return out
+
+
+# lm-eval scores in the table: the merged model's (ranked), then its baselines' (never ranked).
+BENCH_SUBJECTS = {"merged": "bench:", "quantized_base": "bench-qbase:", "base16": "bench-base16:"}
+_BENCH_HEADERS = {"bench:": "{task} {metric}", "bench-qbase:": "{task}: quantized base",
+                  "bench-base16:": "{task}: 16-bit base"}
+
+
+def bench_columns(rows: list[dict]) -> list[tuple[str, str, str | None]]:
+    """One column per benchmark task some job ran, for the merged model (best marked, higher is
+    better, as lm-eval's accuracies are; a perplexity lower), then the baselines beside them."""
+    metrics = {}
+    for r in rows:
+        metrics.update(r.get("bench_metrics") or {})
+    cols = []
+    for prefix, header in _BENCH_HEADERS.items():
+        for task, metric in metrics.items():
+            if any(r.get(prefix + task) is not None for r in rows):
+                better = ("min" if metric == "perplexity" else "max") if prefix == "bench:" else None
+                cols.append((prefix + task, header.format(task=task, metric=metric), better))
+    return cols
 
 
 FINISHED = "succeeded"
@@ -70,7 +96,7 @@ FINISHED = "succeeded"
 def best(rows: list[dict]) -> dict[str, list[int]]:
     """For each outcome, the ids of the finished jobs with the best value (ties all marked)."""
     marks = {}
-    for key, _, better in OUTCOMES:
+    for key, _, better in OUTCOMES + bench_columns(rows):
         values = [(r[key], r["id"]) for r in rows if r.get(key) is not None and r.get("status") == FINISHED]
         if better and values:
             top = (min if better == "min" else max)(v for v, _ in values)
@@ -92,7 +118,7 @@ def frontier(points: list[tuple[int, float, float]], better: str = "min") -> lis
 
 def columns(rows: list[dict]) -> list[tuple[str, str, str | None]]:
     """The table's columns: every setting and outcome, less the optional ones no job has."""
-    return [c for c in SETTINGS + OUTCOMES + LATER
+    return [c for c in SETTINGS + OUTCOMES + bench_columns(rows) + LATER
             if c[0] not in OPTIONAL or any(r.get(c[0]) is not None for r in rows)]
 
 
@@ -156,6 +182,8 @@ def _cell(key: str, value) -> str:
             return f"{value:.2g}"
         if key in ("mc_score", "gen_score"):
             return f"{value:.0%}"
+        if key.startswith("bench"):
+            return f"{value:.4f}"
         return f"{value:.4f}" if key.startswith("eval") else f"{value:.1f}" if value < 100 else f"{value:.0f}"
     return str(value)
 

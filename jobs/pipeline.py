@@ -49,7 +49,7 @@ HISTORY_JOBS = 50  # succeeded jobs searched for the same base's stage times
 def finishing_stages(spec: JobSpec) -> list[str]:
     """The stages a job runs after its last training step, in order."""
     extra = [f"export {fmt}" for fmt in spec.extra_exports]
-    return ["merge", "verify", "save", *extra, "evaluate"]
+    return ["merge", "verify", "save", *extra, "evaluate", *(["benchmark"] if spec.benchmarks else [])]
 
 
 def stage_history(base: str) -> dict[str, float]:
@@ -441,6 +441,9 @@ class _JobRun:
             exports[fmt] = {**result, "path": repo.relative(result["path"], self.artifact_dir)}
         self.on_stage("evaluate")
         self.evaluate(spec, report)
+        if spec.benchmarks:
+            self.on_stage("benchmark")
+            report["benchmarks"] = self.benchmark(spec)
         self._close_stage()
         report["exports"] = exports
         # what each stage took in this attempt: the next job on this base estimates its ETA from it
@@ -473,6 +476,57 @@ class _JobRun:
         if gen is not None:
             report["generation"] = gen
             self.log.info("held-out replies: %d/%d exact", gen["exact"], gen["n"])
+
+    def benchmark(self, spec: JobSpec) -> dict:
+        """lm-evaluation-harness on the merged model, and on the 16-bit base and the quantized base
+        (each once per base, quantization settings and benchmark settings, kept under the store's
+        cache: a sweep evaluates its base once). Progress is requests done of the current run's total;
+        a cancel is honoured between requests."""
+        from qalora import benchmarks
+        from qalora.model import pick_device
+
+        from storage import get_settings
+
+        device = pick_device()
+        runs = [("merged", None)] + [(which, benchmarks.baseline_key(which, spec.base, spec.quant, spec.benchmarks,
+                                                                     spec.data, spec.data_options))
+                                     for which in ("base16", "quantized_base")]
+        cache = get_settings().home / "cache" / "benchmarks"
+        out = {"settings": dict(spec.benchmarks)}
+        for i, (which, key) in enumerate(runs):
+            def progress(done, total, i=i):
+                if self.should_stop():
+                    raise _Stop("stopped while benchmarking")
+                self.on_progress("benchmark", i * total + done, len(runs) * total)
+            kept = benchmarks.read_cached(cache, key) if key else None
+            if kept is not None:
+                self.log.info("benchmarks of the %s: cached (%s)", which, key["id"])
+                out[which] = kept
+                continue
+            calib = self.calibration(spec) if which == "quantized_base" and spec.quant.method == "gptq" else None
+            model, tokenizer = benchmarks.open_for(which, self.artifact_dir, spec.base, spec.quant, device, calib)
+            results = benchmarks.run(model, tokenizer, spec.benchmarks["tasks"],
+                                     num_fewshot=spec.benchmarks.get("num_fewshot"),
+                                     limit=spec.benchmarks.get("limit"), on_progress=progress)
+            del model
+            out[which] = benchmarks.scores(results)
+            self.log.info("benchmarks of the %s: %s", which,
+                          ", ".join(f"{t} {v['metric']} {v['value']:.4f}" for t, v in out[which].items()))
+            if key:
+                benchmarks.write_cached(cache, key, out[which])
+        return out
+
+    @staticmethod
+    def calibration(spec: JobSpec):
+        """GPTQ's calibration samples as the run drew them: its first training examples."""
+        from qalora import data as data_mod
+        from qalora.model import open_base
+        from qalora.pipeline import calibration_ids
+
+        records = data_mod.load_records(spec.data, **spec.data_options)
+        train_records, _ = data_mod.split_records(records, spec.train.eval_fraction, spec.train.seed)
+        tokenizer = open_base(spec.base).tokenizer
+        return calibration_ids(data_mod.tokenize_records(train_records, tokenizer, spec.train.seq_len))
 
     def _succeed(self, s, report: dict) -> None:
         for kind, rel in ARTIFACTS.items():

@@ -22,7 +22,8 @@ EXPORT_FORMATS = DEFAULT_EXPORTS + EXTRA_EXPORTS
 MAX_DEVICES = 64
 MAX_NAME = 180  # the jobs table holds 200; a taken name gets "-2", "-3", ...
 DATA_FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")
-SPEC_FIELDS = ("name", "base", "data", "quant", "adapter", "train", "exports", "devices", "columns", "max_samples")
+SPEC_FIELDS = ("name", "base", "data", "quant", "adapter", "train", "exports", "devices", "columns", "max_samples",
+               "benchmarks")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # SmolLM2-135M-Instruct (the 'default' GGUF): reading the GGUF header takes seconds, so the
 # numbers are kept here; (hidden_size, attention width = heads x head_dim, intermediate_size).
@@ -41,12 +42,15 @@ class JobSpec:
     devices: int = 1  # devices it trains on, one data-parallel rank each (global batch x devices)
     columns: dict = field(default_factory=dict)  # the data's columns -> prompt/input/response, messages or text
     max_samples: int | None = None  # train on a seeded sample of this many records (the train seed)
+    # lm-evaluation-harness after training: {"tasks": [...], "num_fewshot": k or None, "limit": n or None}
+    benchmarks: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from qalora.hubdata import resolve
 
         self.base, self.name = str(self.base).strip(), (self.name or "").strip()
         self.data, self.columns, self.max_samples = resolve(str(self.data).strip(), self.columns, self.max_samples)
+        self.benchmarks = check_benchmarks(self.benchmarks)
         if self.max_samples is not None and (isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int)
                                              or self.max_samples < 2):
             raise ConfigError(f"max_samples={self.max_samples!r}: give a whole number of records, at least 2 (or "
@@ -69,7 +73,8 @@ class JobSpec:
                 "adapter": {**self.adapter.to_dict(), "targets": list(self.adapter.targets)},
                 "train": self.train.to_dict(), "exports": list(self.exports), "devices": self.devices,
                 **({"columns": dict(self.columns)} if self.columns else {}),
-                **({"max_samples": self.max_samples} if self.max_samples is not None else {})}
+                **({"max_samples": self.max_samples} if self.max_samples is not None else {}),
+                **({"benchmarks": dict(self.benchmarks)} if self.benchmarks else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> JobSpec:
@@ -81,7 +86,7 @@ class JobSpec:
                    quant=QuantConfig.from_dict(d.get("quant")), adapter=AdapterConfig.from_dict(d.get("adapter")),
                    train=TrainConfig.from_dict(d.get("train")), exports=d.get("exports", DEFAULT_EXPORTS),
                    name=d.get("name", ""), devices=d.get("devices", 1), columns=d.get("columns") or {},
-                   max_samples=d.get("max_samples"))
+                   max_samples=d.get("max_samples"), benchmarks=d.get("benchmarks") or {})
 
     def validate(self) -> JobSpec:
         """Check what can be checked in well under a second: data source, base model, group size.
@@ -106,6 +111,23 @@ class JobSpec:
     @property
     def extra_exports(self) -> tuple[str, ...]:
         return tuple(f for f in self.exports if f in EXTRA_EXPORTS)
+
+
+def check_benchmarks(bench: dict | None) -> dict:
+    """``{"tasks": [names], "num_fewshot": k or None, "limit": n or None}``, or {} for none. The names are
+    checked against lm-eval's registry by ``qalora.benchmarks.check_tasks`` (the form does it)."""
+    if not bench or not bench.get("tasks"):
+        return {}
+    unknown = sorted(set(bench) - {"tasks", "num_fewshot", "limit"})
+    if unknown:
+        raise ConfigError(f"benchmarks: unknown field(s) {unknown}; give tasks, num_fewshot and limit.")
+    tasks = [str(t).strip() for t in bench["tasks"] if str(t).strip()]
+    out = {"tasks": tasks, "num_fewshot": bench.get("num_fewshot"), "limit": bench.get("limit")}
+    for key, low in (("num_fewshot", 0), ("limit", 1)):
+        value = out[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"benchmarks: {key}={value!r} must be a whole number of at least {low}, or none.")
+    return out
 
 
 def short_name(base: str) -> str:

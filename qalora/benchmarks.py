@@ -35,9 +35,16 @@ PRESETS = {
 PREFERRED_METRICS = ("acc_norm", "acc", "exact_match", "perplexity")
 
 
+INCLUDE_ENV = "QALORA_LM_EVAL_INCLUDE"  # a folder of a team's own task YAMLs, for the app's jobs
+
+
 def task_manager(include_path: str | Path | None = None):
-    """lm-eval's task index (its registered tasks, plus the YAML files under ``include_path``);
-    built once per folder in a process (indexing takes seconds)."""
+    """lm-eval's task index (its registered tasks, plus the YAML files under ``include_path``, by
+    default the folder ``QALORA_LM_EVAL_INCLUDE`` names); built once per folder in a process
+    (indexing takes seconds)."""
+    import os
+
+    include_path = include_path or os.environ.get(INCLUDE_ENV) or None
     if include_path is not None and not Path(include_path).is_dir():
         raise ConfigError(f"--include-path {include_path} is not a folder; give the folder that holds your lm-eval "
                           "task YAML files.")
@@ -193,3 +200,67 @@ def _is_native(path: Path) -> bool:
     if not config.is_file():
         return False
     return (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method") == FORMAT
+
+
+# ---- the job's baselines: the 16-bit base and the quantized base before training ------------------
+
+def baseline_key(which: str, base: str, quant, bench: dict, data: str, data_options: dict) -> dict:
+    """What a baseline's scores depend on: the base's files, the benchmark settings and, for the
+    quantized base, the quantization settings (and GPTQ's calibration data)."""
+    import hashlib
+
+    from .model import open_base
+    from .pipeline import base_identity, data_identity
+
+    key = {"which": which, "base": base_identity(open_base(base)), "benchmarks": bench}
+    if which == "quantized_base":
+        key["quant"] = quant.to_dict()
+        if quant.method == "gptq":
+            key["calibration"] = {"data": data_identity(data), **{k: v for k, v in data_options.items() if v}}
+    key["id"] = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return key
+
+
+def read_cached(folder: Path, key: dict) -> dict | None:
+    path = Path(folder) / f"{key['id']}.json"
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return kept["scores"] if kept.get("key") == key else None
+
+
+def write_cached(folder: Path, key: dict, scores_: dict) -> None:
+    import os
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{key['id']}.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"key": key, "scores": scores_}, indent=2))
+    os.replace(tmp, folder / f"{key['id']}.json")
+
+
+def open_for(which: str, run_dir: Path, base: str, quant, device, calib_ids=None):
+    """``(model, tokenizer)`` to benchmark: the run's merged low-bit model as it deploys, the 16-bit
+    base as it loads, or the base quantized with the run's settings and no adapter (with the
+    quantized-base cache reused where it was made for the same settings, else quantized again)."""
+    import torch
+
+    from .model import load_base, load_quantized_base, open_base, resolve_dtype
+
+    if which == "merged":
+        model, tokenizer, _ = open_model(str(run_dir), device)
+        return model, tokenizer
+    dtype = resolve_dtype("auto", device)
+    if which == "base16":
+        return load_base(base, dtype=dtype, device=device)
+    if which != "quantized_base":
+        raise ConfigError(f"unknown benchmark subject {which!r}")
+    from .config import AdapterConfig
+    from .infer import dequantize_once_if_it_fits
+
+    src = open_base(base)
+    with torch.no_grad():
+        model, _ = load_quantized_base(src, quant, AdapterConfig().targets, device, dtype, calib_ids=calib_ids)
+    dequantize_once_if_it_fits(model)
+    return model.eval(), src.tokenizer

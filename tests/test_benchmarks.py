@@ -18,57 +18,12 @@ from qalora.tiny import tiny_random_llama
 from tests.helpers import tiny_qalora
 
 ROOT = Path(__file__).resolve().parents[1]
-CITIES = ["Porto", "Oslo", "Lima", "Kyiv", "Quito", "Accra"]
 TOLERANCE = 1e-4  # per-request log-likelihood, fp32 on both sides
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    """Two lm-eval tasks as YAML files over local JSON data: multiple choice and log-likelihood."""
-    folder = tmp_path_factory.mktemp("tasks")
-    rows = [{"question": f"{name} lives in {city}. Where does {name} live?", "choices": CITIES[:4],
-             "answer": CITIES[:4].index(city)}
-            for name, city in zip(["Ana", "Bo", "Cy", "Di", "Ed", "Flo"], ["Porto", "Oslo", "Lima", "Kyiv", "Lima",
-                                                                          "Oslo"])]
-    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "ll.jsonl").write_text("".join(json.dumps({"context": f"{r['question']} Answer:",
-                                                         "target": " " + CITIES[r["answer"]]}) + "\n" for r in rows))
-    (folder / "qa_mc.yaml").write_text(f"""task: qa_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
-    (folder / "qa_ll.yaml").write_text(f"""task: qa_ll
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / 'll.jsonl'}
-test_split: test
-output_type: loglikelihood
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{target}}}}"
-metric_list:
-  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-""")
-    return folder
+def tasks(lm_eval_tasks):
+    return lm_eval_tasks
 
 
 def _loglikelihoods(results: dict, task: str) -> list[float]:

@@ -1,0 +1,63 @@
+"""Benchmarks chosen at launch run in the job's worker: lm-eval on the merged model, and once per base
+and settings on the 16-bit base and the quantized base (cached, so a sweep evaluates its base once);
+the scores land in the report, the Compare table (best marked) and its CSV."""
+import csv
+
+import pytest
+
+from jobs import service
+from jobs.pipeline import run_job
+from jobs.spec import JobSpec
+from qalora.config import AdapterConfig, QuantConfig, TrainConfig
+
+BENCH = {"tasks": ["qa_mc"], "num_fewshot": 0, "limit": 4}
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, lm_eval_tasks):
+    monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("QALORA_DB_URL", raising=False)
+    monkeypatch.setenv("QALORA_LM_EVAL_INCLUDE", str(lm_eval_tasks))
+    return tmp_path / "home"
+
+
+def _spec(rank: int) -> JobSpec:
+    return JobSpec(base="tiny-random", data="builtin:contacts", quant=QuantConfig(4, 32),
+                   adapter=AdapterConfig(rank=rank, alpha=2 * rank),
+                   train=TrainConfig(steps=2, batch_size=2, seq_len=256, eval_every=2, save_every=2, eval_batches=1,
+                                     warmup_steps=1), benchmarks=BENCH, name=f"bench-r{rank}")
+
+
+def test_benchmarks_run_in_the_job_and_its_baselines_once_per_base(home, tmp_path):
+    first = service.submit(_spec(4))
+    assert run_job(first) == "succeeded"
+    job = service.get_job(first)
+    bench = job["report"]["benchmarks"]
+    assert bench["settings"] == BENCH
+    for which in ("merged", "base16", "quantized_base"):
+        assert set(bench[which]) == {"qa_mc"} and bench[which]["qa_mc"]["metric"] == "acc_norm"
+        assert 0.0 <= bench[which]["qa_mc"]["value"] <= 1.0
+    assert job["report"]["stage_s"]["benchmark"] > 0
+    cached = sorted((home / "cache" / "benchmarks").glob("*.json"))
+    assert len(cached) == 2  # the 16-bit base and the quantized base
+    second = service.submit(_spec(8))
+    assert run_job(second) == "succeeded"
+    again = service.get_job(second)["report"]["benchmarks"]
+    assert again["base16"] == bench["base16"] and again["quantized_base"] == bench["quantized_base"]
+    assert sorted((home / "cache" / "benchmarks").glob("*.json")) == cached  # nothing evaluated twice
+    logs = [p.read_text() for p in (home).rglob("*.log")]
+    assert sum("benchmarks of the base16: cached" in text for text in logs) == 1
+
+    result = service.compare([first, second])
+    keys = [k for k, _, _ in result["columns"]]
+    assert ["bench:qa_mc", "bench-qbase:qa_mc", "bench-base16:qa_mc"] == [k for k in keys if k.startswith("bench")]
+    headers = dict((k, h) for k, h, _ in result["columns"])
+    assert headers["bench:qa_mc"] == "qa_mc acc_norm" and headers["bench-base16:qa_mc"] == "qa_mc: 16-bit base"
+    values = {r["id"]: r["bench:qa_mc"] for r in result["rows"]}
+    assert values == {first: bench["merged"]["qa_mc"]["value"], second: again["merged"]["qa_mc"]["value"]}
+    top = max(values.values())
+    assert sorted(result["best"]["bench:qa_mc"]) == sorted(i for i, v in values.items() if v == top)
+    assert "bench-base16:qa_mc" not in result["best"]  # baselines are never ranked
+    with open(service.compare_csv([first, second], tmp_path)) as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["qa_mc acc_norm"]) for r in table] == [values[int(r["job"])] for r in table]
