@@ -139,8 +139,11 @@ def model_card(job: dict, repo_id: str = "", formats=None, measured: dict | None
     gguf = gguf_name(job)
     tags = ["qalora", "lora", "quantized", f"{bits}-bit", f"group-size-{group}"]
     tags += ["torchao"] * ("transformers" in formats) + ["gguf", gguf.split("-")[1].split(".")[0]] * ("gguf" in formats)
+    bench = r.get("benchmarks") or {}
+    evals = benchmark_results(bench)
     meta = ModelCardData(library_name="transformers" if "transformers" in formats else None,
-                         base_model=hub_base_id(base), pipeline_tag="text-generation", tags=tags)
+                         base_model=hub_base_id(base), pipeline_tag="text-generation", tags=tags,
+                         model_name=name if evals else None, eval_results=evals or None)
     files = {"transformers": "`config.json`, `model*.safetensors`, tokenizer files",
              "gguf": f"`{gguf}`, `{MODELFILE}`", "native": "`native/`", "adapter": "`adapter/`"}
     runs = {"transformers": "transformers + torchao", "gguf": "llama.cpp, llama-cpp-python, Ollama",
@@ -164,6 +167,7 @@ def model_card(job: dict, repo_id: str = "", formats=None, measured: dict | None
     if r.get("tokens_per_s"):
         results.append(("training throughput", f"{r['tokens_per_s']:.0f} tokens/s on {r.get('device', '?')}"))
     load_id = repo_id or "<user>/<repo>"
+    bench_table = _benchmark_table(bench)
     return "\n".join([
         "---", meta.to_yaml(), "---", "", f"# {name}", "",
         f"A QA-LoRA fine-tune of {_display_ref(base)}, merged into {bits}-bit group-wise weights "
@@ -173,9 +177,42 @@ def model_card(job: dict, repo_id: str = "", formats=None, measured: dict | None
         *(f"| {PUBLISH_FORMATS[f].split(' (')[0].split(',')[0]} | {files[f]} | {runs[f]} | {_fidelity(f, job, measured)} |"
           for f in formats), "",
         "## Training", "", _table("setting", rows), "", "## Results", "", _table("measure", results), "",
+        *bench_table,
         "The merge check compares the logits of the trained (quantized model + adapter) and the merged "
         "low-bit model on held-out batches, in fp32; a small difference means the merge is exact up to rounding.", "",
         f"![loss curve]({CURVE})", "", *_snippets(formats, load_id, gguf, Path(load_id).name.lower())])
+
+
+def benchmark_results(bench: dict) -> list:
+    """The merged model's lm-eval scores as the card's ``model-index`` (``huggingface_hub.EvalResult``)."""
+    from huggingface_hub import EvalResult
+
+    settings = bench.get("settings") or {}
+    shots = settings.get("num_fewshot")
+    return [EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type=score["metric"],
+                       metric_value=round(score["value"], 4), source_name="lm-evaluation-harness",
+                       source_url="https://github.com/EleutherAI/lm-evaluation-harness",
+                       dataset_args={"num_few_shot": shots} if shots is not None else None,
+                       metric_config=f"limit {settings['limit']} per task" if settings.get("limit") else None)
+            for task, score in (bench.get("merged") or {}).items()]
+
+
+def _benchmark_table(bench: dict) -> list[str]:
+    """The card's benchmark section: each task for the 16-bit base, the quantized base and this model."""
+    if not bench.get("merged"):
+        return []
+    settings = bench.get("settings") or {}
+    shots = settings.get("num_fewshot")
+    cols = [("base16", "16-bit base"), ("quantized_base", "quantized base, before training"),
+            ("merged", "this model (merged)")]
+    lines = ["## Benchmarks (lm-evaluation-harness)", "",
+             f"{'0' if shots is None else shots}-shot" + (f", at most {settings['limit']} documents per task"
+                                                          if settings.get("limit") else "") + ".", "",
+             "| task | metric | " + " | ".join(h for _, h in cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for task, score in bench["merged"].items():
+        cells = [f"{(bench.get(k) or {}).get(task, {}).get('value', float('nan')):.4f}" for k, _ in cols]
+        lines.append(f"| {task} | {score['metric']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def modelfile(gguf: str, tokenizer_dir: Path) -> str:

@@ -61,3 +61,21 @@ def test_benchmarks_run_in_the_job_and_its_baselines_once_per_base(home, tmp_pat
     with open(service.compare_csv([first, second], tmp_path)) as f:
         table = list(csv.DictReader(f))
     assert [float(r["qa_mc acc_norm"]) for r in table] == [values[int(r["job"])] for r in table]
+
+
+def test_the_model_card_carries_the_benchmarks_as_model_index():
+    from huggingface_hub import ModelCard
+
+    from jobs.publish import model_card
+
+    bench = {"settings": BENCH, "merged": {"qa_mc": {"metric": "acc_norm", "value": 0.75, "stderr": 0.1}},
+             "base16": {"qa_mc": {"metric": "acc_norm", "value": 1.0, "stderr": 0.0}},
+             "quantized_base": {"qa_mc": {"metric": "acc_norm", "value": 0.5, "stderr": 0.1}}}
+    job = {"id": 1, "name": "bench-card", "spec": {"base": "tiny-random"},
+           "report": {"base": "tiny-random", "bits": 4, "group_size": 32, "benchmarks": bench}}
+    text = model_card(job, "alice/bench-card", formats=["native"])
+    card = ModelCard(text)
+    (result,) = card.data.eval_results
+    assert (result.dataset_name, result.metric_type, result.metric_value) == ("qa_mc", "acc_norm", 0.75)
+    assert card.data.model_name == "alice/bench-card"
+    assert "| qa_mc | acc_norm | 1.0000 | 0.5000 | 0.7500 |" in text
