@@ -206,7 +206,7 @@ def _ticked(value, wanted, bits, group_size):
 def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
             wanted=(), sweep=False, sweep_bits=(), sweep_groups=(), sweep_ranks="", sweep_lrs="", devices=1,
             hub_id=None, hub_config=None, hub_split=None, map_prompt=None, map_input=None, map_response=None,
-            map_messages=None, max_samples=None):
+            map_messages=None, max_samples=None, benchmarks="none", bench_tasks="", bench_limit=None):
     """(status under Launch, job picker, tabs, one note per form field): each problem is shown next
     to the field it concerns, all at once; nothing is queued while there is one.
 
@@ -222,7 +222,8 @@ def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, a
         exports = list(wanted or [])  # the form reports the bad bits or group size itself
     form = dict(kind=kind, builtin=builtin, upload=upload, path=path, base=base, bits=bits, group_size=group_size,
                 method=method, rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch, seq_len=seq, name=name,
-                devices=devices, max_samples=max_samples)
+                devices=devices, max_samples=max_samples, benchmarks=benchmarks, bench_tasks=bench_tasks,
+                bench_limit=bench_limit)
     try:
         if kind == "Hub dataset":
             try:
@@ -329,6 +330,17 @@ def build_new_tab():
             wanted = gr.State(["gguf"])  # ticked by the user, hidden or not
             exports_note = gr.Markdown(elem_id="exports-note")
             exports_err = gr.Markdown(elem_id="exports-error", elem_classes="field-error")
+            with gr.Group():
+                benchmarks = gr.Dropdown(service.benchmark_choices(), value="none", elem_id="benchmarks",
+                                         label="Benchmarks after training (lm-evaluation-harness)",
+                                         info="Scores the merged model, and once per base and settings the 16-bit "
+                                              "base and the quantized base. Task data is downloaded from the Hub.")
+                with gr.Row(visible=False) as bench_row:
+                    bench_tasks = gr.Textbox(label="Tasks (comma-separated lm-eval names)", elem_id="bench-tasks",
+                                             placeholder="hellaswag, arc_easy", visible=False)
+                    bench_limit = gr.Number(None, label="Per-task limit (optional)", precision=0, minimum=1,
+                                            elem_id="bench-limit", info="At most this many documents per task.")
+            bench_err = gr.Markdown(elem_id="benchmarks-error", elem_classes="field-error")
             name = gr.Textbox(label="Run name (optional)", elem_id="run-name")
             sweep = gr.Checkbox(False, label="Sweep: queue one job per combination of several values",
                                 elem_id="sweep-mode")
@@ -395,7 +407,9 @@ def build_new_tab():
     hub_config.input(_hub_checked, [kind, builtin, hub_id, hub_config], hub_outputs)
     inputs = [base, bits, group, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
               wanted, sweep, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices, hub_id, hub_config, hub_split,
-              map_prompt, map_input, map_response, map_messages, max_samples]
+              map_prompt, map_input, map_response, map_messages, max_samples, benchmarks, bench_tasks, bench_limit]
+    benchmarks.change(lambda b: (gr.update(visible=b != "none"), gr.update(visible=b == "custom")), benchmarks,
+                      [bench_row, bench_tasks])
     sweep.change(_sweep_opened, [sweep, bits, group, rank, lr, base],
                  [single_values, sweep_box, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs])
     plan_inputs = [sweep, *inputs[:16], sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices]
@@ -405,7 +419,7 @@ def build_new_tab():
         control.blur(_sweep_plan, plan_inputs, sweep_plan, show_progress="hidden")
         control.submit(_sweep_plan, plan_inputs, sweep_plan, show_progress="hidden")
     notes = dict(base=base_err, group_size=group_err, exports=exports_err, data=data_err, advanced=advanced_err,
-                 sweep=sweep_err)
+                 sweep=sweep_err, benchmarks=bench_err)
     return launch, inputs, [status, *(notes[k] for k in service.FORM_FIELDS)]
 
 
@@ -486,9 +500,18 @@ def _merge_check(job: dict) -> str:
         text += f"\n\n**Held-out replies, exact:** {gen['exact']}/{gen['n']} = {gen['accuracy']:.0%}"
         for ex in gen["examples"][:1]:
             text += f" · e.g. expected `{_clip(ex['expected'])}`, got `{_clip(ex['got']) or '(nothing)'}`"
+    bench = r.get("benchmarks") or {}
+    for task, score in (bench.get("merged") or {}).items():
+        base16, qbase = ((bench.get(k) or {}).get(task, {}).get("value") for k in ("base16", "quantized_base"))
+        text += (f"\n\n**{task}** ({score['metric']}, lm-eval): 16-bit base {_score(base16)} · quantized base "
+                 f"{_score(qbase)} · merged **{_score(score['value'])}**")
     for fmt, result in (r.get("exports") or {}).items():
         text += f"\n\n**{fmt.upper()} export:** {service.export_note(result)}"
     return text
+
+
+def _score(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
 
 
 def _clip(text: str, n: int = 80) -> str:

@@ -45,7 +45,35 @@ EVALS_PER_RUN = 5  # evaluations (and checkpoints) spread over a run, so the cha
 
 # The form's fields an error can be shown next to (the app places one note under each).
 FIELDS = {"base": "Base model", "group_size": "Group size", "exports": "Also export when done", "data": "Dataset",
-          "advanced": "Advanced settings", "sweep": "Sweep"}
+          "advanced": "Advanced settings", "sweep": "Sweep", "benchmarks": "Benchmarks"}
+BENCH_NONE, BENCH_CUSTOM = "none", "custom"
+
+
+def benchmark_choices() -> list[tuple[str, str]]:
+    """(label, value) for the launch form's Benchmarks choice: none, the paper's presets, a custom list."""
+    from qalora.benchmarks import PRESETS  # torch-free: lm-eval is imported only to run or check tasks
+
+    return [("none", BENCH_NONE), *((p["label"], name) for name, p in PRESETS.items()),
+            ("custom list of lm-eval tasks", BENCH_CUSTOM)]
+
+
+def benchmarks_setting(choice: str | None, tasks: str | None = "", limit=None) -> dict:
+    """The spec's ``benchmarks`` from the form: a preset or a custom comma-separated task list (names
+    checked against lm-eval's registry, nothing downloaded), and an optional per-task limit."""
+    from qalora.benchmarks import PRESETS, check_tasks
+
+    choice = choice or BENCH_NONE
+    if choice == BENCH_NONE:
+        return {}
+    limit = None if limit in (None, "") else _number("per-task limit", limit, int, 1)
+    if choice == BENCH_CUSTOM:
+        names = [t for t in str(tasks or "").split(",") if t.strip()]
+        if not names:
+            raise ConfigError("no benchmark task given; type lm-eval task or group names, e.g. hellaswag, arc_easy.")
+        return {"tasks": check_tasks(names), "num_fewshot": None, "limit": limit}
+    if choice not in PRESETS:
+        raise ConfigError(f"unknown benchmark preset {choice!r}; pick one of {', '.join(PRESETS)}.")
+    return {"tasks": list(PRESETS[choice]["tasks"]), "num_fewshot": PRESETS[choice]["num_fewshot"], "limit": limit}
 
 
 class FormError(ConfigError):
@@ -210,7 +238,7 @@ def _number(field: str, value, cast, minimum=None):
 
 def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alpha, lr, steps, batch_size,
                seq_len, name: str = "", exports=(), check_rows: bool = True, devices=1, columns=None,
-               max_samples=None) -> JobSpec:
+               max_samples=None, benchmarks=None, bench_tasks: str = "", bench_limit=None) -> JobSpec:
     """Turn the form's raw values into a validated ``JobSpec``; raises ``QALoRAError`` on bad input.
 
     With ``check_rows`` every record of the dataset is parsed now, so a missing column or a
@@ -286,9 +314,12 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
         if records and numbers.get("seq_len") and "base" not in errors.fields:
             with errors.field("advanced"):  # checked even when another field is wrong: all problems at once
                 _check_replies_fit(records, base, numbers["seq_len"])
+    bench = {}
+    with errors.field("benchmarks"):
+        bench = benchmarks_setting(benchmarks, bench_tasks, bench_limit)
     errors.raise_any()
     spec = JobSpec(base=base, data=data, quant=quant, adapter=adapter, train=train, exports=tuple(exports or ()),
-                   name=name or "", devices=devices, columns=columns, max_samples=max_samples)
+                   name=name or "", devices=devices, columns=columns, max_samples=max_samples, benchmarks=bench)
     spec.validate()
     return spec
 

@@ -414,7 +414,7 @@ from .chat import (build_messages, loaded_models, runtime_of, stream_reply,  # n
                    stream_side_by_side)
 from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_GROUP_SIZE, DEFAULT_PRESET,  # noqa: E402,F401
                     METHOD_CHOICES, PRESETS, FormError, build_spec, form_spec, builtin_choices, data_source, export_choices,
-                    hub_dataset, hub_ref,
+                    hub_dataset, hub_ref, benchmark_choices,
                     group_size_choices, preview_dataset, warm_up)
 from .forms import FIELDS as FORM_FIELDS  # noqa: E402,F401
 from qalora.errors import QALoRAError  # noqa: E402,F401

@@ -596,3 +596,23 @@ def test_the_papers_datasets_are_in_the_built_in_list(home):
     assert labels["paper:alpaca"] == "Alpaca (52K): tatsu-lab/alpaca (the paper's; downloaded from the Hub)"
     assert [v for v in labels if v.startswith("paper:")] == ["paper:alpaca", "paper:flan-v2", "paper:self-instruct",
                                                              "paper:longform", "paper:chip2"]
+
+
+def test_benchmarks_are_chosen_at_launch_and_checked_with_lm_evals_names(home, lm_eval_tasks, monkeypatch):
+    monkeypatch.setenv("QALORA_LM_EVAL_INCLUDE", str(lm_eval_tasks))
+    form = list(FORM.values())
+    note, *fields = app._launch(*form, benchmarks="custom", bench_tasks="qa_mcc", bench_limit=4)
+    assert dict(zip(forms.FIELDS, fields[2:]))["benchmarks"].startswith(
+        "⚠ lm-eval knows no task or group named 'qa_mcc'")
+    assert service.list_jobs() == []
+    note, *_ = app._launch(*form, benchmarks="custom", bench_tasks="qa_mc, qa_ll", bench_limit=4)
+    app._launch(*form, benchmarks="commonsense")
+    first, second = service.list_jobs()[::-1]
+    assert first["spec"]["benchmarks"] == {"tasks": ["qa_mc", "qa_ll"], "num_fewshot": None, "limit": 4}
+    assert second["spec"]["benchmarks"] == {"tasks": ["hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge",
+                                                      "boolq", "openbookqa"], "num_fewshot": 0, "limit": None}
+    summary = app._merge_check({**first, "status": "succeeded", "report": {
+        "merge_max_abs_logit_diff": 0.0, "eval_loss_quantized_base": 1.0, "eval_loss_adapter": 0.5,
+        "eval_loss_merged": 0.5, "benchmarks": {"merged": {"qa_mc": {"metric": "acc_norm", "value": 0.75}},
+                                                "base16": {"qa_mc": {"metric": "acc_norm", "value": 1.0}}}}})
+    assert "**qa_mc** (acc_norm, lm-eval): 16-bit base 1.0000 · quantized base – · merged **0.7500**" in summary
