@@ -338,7 +338,7 @@ def build_new_tab():
                 with gr.Row(visible=False) as bench_row:
                     bench_tasks = gr.Textbox(label="Tasks (comma-separated lm-eval names)", elem_id="bench-tasks",
                                              placeholder="hellaswag, arc_easy", visible=False)
-                    bench_limit = gr.Number(None, label="Per-task limit (optional)", precision=0, minimum=1,
+                    bench_limit = gr.Number(None, label="Per-task limit (optional)", precision=0,
                                             elem_id="bench-limit", info="At most this many documents per task.")
             bench_err = gr.Markdown(elem_id="benchmarks-error", elem_classes="field-error")
             name = gr.Textbox(label="Run name (optional)", elem_id="run-name")
@@ -379,7 +379,7 @@ def build_new_tab():
                     map_response = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label="Response", elem_id="map-response")
                     map_messages = gr.Dropdown([NO_COLUMN], value=NO_COLUMN, label="…or a messages column",
                                                elem_id="map-messages")
-            max_samples = gr.Number(None, label="Max records (optional)", precision=0, minimum=2, elem_id="max-samples",
+            max_samples = gr.Number(None, label="Max records (optional)", precision=0, elem_id="max-samples",
                                     info="Train on a sample of this many records, drawn with the run's seed (the "
                                          "paper: 320K of FLAN v2).")
             data_err = gr.Markdown(elem_id="data-error", elem_classes="field-error")

@@ -65,7 +65,7 @@ def benchmarks_setting(choice: str | None, tasks: str | None = "", limit=None) -
     choice = choice or BENCH_NONE
     if choice == BENCH_NONE:
         return {}
-    limit = None if limit in (None, "") else _number("per-task limit", limit, int, 1)
+    limit = None if limit in (None, "", 0) else _number("per-task limit", limit, int, 1)  # a blank box sends 0
     if choice == BENCH_CUSTOM:
         names = [t for t in str(tasks or "").split(",") if t.strip()]
         if not names:
@@ -291,7 +291,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
                 check_format(fmt, quant.bits, quant.group_size)
     hub = False
     with errors.field("data"):
-        if max_samples not in (None, ""):
+        if max_samples not in (None, "", 0):  # a blank box in the browser sends 0
             max_samples = _number("max records", max_samples, int, 2)
         else:
             max_samples = None
