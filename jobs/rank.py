@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from qalora.pipeline import TrainingStopped, finetune
 
     try:
-        finetune(spec.base, spec.data, folder, spec.quant, spec.adapter, spec.train, resume=True)
+        finetune(spec.base, spec.data, folder, spec.quant, spec.adapter, spec.train, resume=True,
+                 columns=spec.columns, max_samples=spec.max_samples)
     except TrainingStopped:
         pass
     return 0
