@@ -45,26 +45,11 @@ print(json.dumps({{"seconds": seconds, "acc": results["results"]["bench_mc"]["ac
 
 
 def _task(folder: Path, docs: int) -> int:
-    from qalora import mc_eval
+    from qalora import benchmarks, mc_eval
 
     questions = mc_eval.load_multiple_choice(mc_eval.BUILTIN_MC)
     rows = [questions[i % len(questions)] for i in range(docs)]
-    with open(folder / "mc.jsonl", "w") as f:
-        for q in rows:
-            f.write(json.dumps({"question": q.question, "choices": q.choices, "answer": q.answer}) + "\n")
-    (folder / "bench_mc.yaml").write_text(f"""task: bench_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-""")
+    benchmarks.write_choice_task(folder, "bench_mc", [vars(q) for q in rows])
     return sum(len(q.choices) for q in rows)
 
 

@@ -202,6 +202,35 @@ def _is_native(path: Path) -> bool:
     return (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method") == FORMAT
 
 
+def write_choice_task(folder, name: str, rows: list[dict], prompt: str = "{{question}}\nAnswer:") -> Path:
+    """An lm-eval multiple-choice task over local data, found with ``include_path=folder``: rows of
+    ``{"question", "choices", "answer": index}`` written as ``NAME.jsonl`` beside ``NAME.yaml``
+    (accuracy and length-normalized accuracy). ``prompt`` is lm-eval's ``doc_to_text`` template."""
+    folder = Path(folder)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({k: r[k] for k in ("question", "choices", "answer")}) + "\n" for r in rows))
+    path = folder / f"{name}.yaml"
+    path.write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: {json.dumps(prompt)}
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""")
+    return path
+
+
 # ---- the job's baselines: the 16-bit base and the quantized base before training ------------------
 
 def baseline_key(which: str, base: str, quant, bench: dict, data: str, data_options: dict) -> dict:

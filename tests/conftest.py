@@ -137,27 +137,11 @@ def lm_eval_tasks(tmp_path_factory):
              "answer": CITIES[:4].index(city)}
             for name, city in zip(["Ana", "Bo", "Cy", "Di", "Ed", "Flo"], ["Porto", "Oslo", "Lima", "Kyiv", "Lima",
                                                                           "Oslo"])]
-    (folder / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from qalora.benchmarks import write_choice_task
+
+    write_choice_task(folder, "qa_mc", rows, prompt="Question: {{question}}\nAnswer:")
     (folder / "ll.jsonl").write_text("".join(json.dumps({"context": f"{r['question']} Answer:",
                                                          "target": " " + CITIES[r["answer"]]}) + "\n" for r in rows))
-    (folder / "qa_mc.yaml").write_text(f"""task: qa_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
     (folder / "qa_ll.yaml").write_text(f"""task: qa_ll
 dataset_path: json
 dataset_kwargs:
