@@ -101,13 +101,13 @@ def confine_base(base: str) -> str:
     if _CONFINED.get() and os.path.lexists(os.path.expanduser(base)) and not _allowed(base):
         # written as a name but naming a folder here: told what the same name is told where it is missing
         from qalora.errors import ModelError
-        from qalora.hub import _Status, hub_config, hub_error
+        from qalora.hub import _Status, endpoint, hub_config, hub_error
 
         from .spec import _HUB_ID, missing_model_message
         if not _HUB_ID.match(base):
             raise ModelError(missing_model_message(base))
         hub_config(base)  # a Hub id: what the Hub says of it, as for any Hub id typed in the form
-        raise ModelError(hub_error(base, _Status(404), os.environ.get("HF_ENDPOINT") or "https://huggingface.co"))
+        raise ModelError(hub_error(base, _Status(404), endpoint()))
     return base
 
 
@@ -121,8 +121,9 @@ def confine_data(ref: str) -> str:
         # (as for any Hub dataset typed in the form), then what a missing Hub dataset is told
         from qalora.hub import _Status
         from qalora.hubdata import hub_message, overview, parse_ref
-        overview(parse_ref(ref))
-        raise DataError(hub_message(parse_ref(ref), _Status(404)))
+        hub_ref = parse_ref(ref)
+        overview(hub_ref)
+        raise DataError(hub_message(hub_ref, _Status(404)))
     return ref  # a Hub dataset ID[:CONFIG][@SPLIT]
 
 

@@ -97,12 +97,17 @@ def load_records(source: str, limit: int | None = None, *, columns: dict | None 
 
 def _sample(rows: list, max_samples: int | None, seed: int) -> list:
     """At most ``max_samples`` of ``rows``, drawn with ``seed``, in their original order."""
-    if max_samples is None or len(rows) <= max_samples:
-        return rows
+    keep = _sample_indices(len(rows), max_samples, seed)
+    return rows if keep is None else [rows[i] for i in keep]
+
+
+def _sample_indices(n: int, max_samples: int | None, seed: int) -> list[int] | None:
+    """The sorted indices of a seeded sample of ``max_samples`` of ``n`` rows; None to keep them all."""
+    if max_samples is None or n <= max_samples:
+        return None
     if max_samples < 1:
         raise ConfigError(f"max_samples={max_samples} must be at least 2 (or unset for every record).")
-    keep = sorted(random.Random(seed).sample(range(len(rows)), max_samples))
-    return [rows[i] for i in keep]
+    return sorted(random.Random(seed).sample(range(n), max_samples))
 
 
 def _read_rows(source: str, limit: int | None = None, on_progress=None,
@@ -223,10 +228,7 @@ def _rows_of_dataset(ds, limit: int | None = None, sample: tuple = (None, 0)) ->
             raise DataError(f"the dataset has splits {splits} but no 'train' split; save the split "
                             "you want to train on as its own dataset.")
         ds = ds["train" if "train" in splits else splits[0]]
-    max_samples, seed = sample
-    rows = range(len(ds))
-    if max_samples is not None and max_samples >= 1 and len(ds) > max_samples:
-        rows = sorted(random.Random(seed).sample(rows, max_samples))  # as _sample draws them
+    rows = _sample_indices(len(ds), *sample) or range(len(ds))
     rows = list(rows)[:limit] if limit is not None else rows
     if len(rows) < len(ds):
         ds = ds.select(rows)

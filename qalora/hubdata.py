@@ -5,12 +5,12 @@ ids and how their columns map to a prompt and a response. Torch is never importe
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass, field
 
 from .errors import DataError
+from .hub import endpoint, failure
 
 HUB_CHECK_S = 2.0  # the form's budget for asking the Hub about a dataset
 # 'ID[:CONFIG][@SPLIT]': an id is 'name' or 'org/name'; config and split names as the Hub writes them.
@@ -168,20 +168,10 @@ def guess_columns(names) -> dict:
 
 # ---- the Hub -----------------------------------------------------------------------------------------
 
-def endpoint() -> str:
-    from huggingface_hub import constants
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
 def hub_message(ref: HubRef | str, exc: BaseException) -> str:
     """What a failure to reach or read a Hub dataset becomes: exists, gated, private, unreachable."""
     name = ref.id if isinstance(ref, HubRef) else str(ref)
-    chain, seen = [], exc
-    while seen is not None and len(chain) < 8:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    text = " ".join(f"{type(e).__name__} {e}" for e in chain)
-    status = next((s for e in chain if (s := getattr(getattr(e, "response", None), "status_code", None))), None)
+    text, status = failure(exc)
     if "GatedRepo" in text or "is a gated dataset" in text or status == 403:
         return (f"dataset {name!r} is gated: accept its conditions on its Hub page, then set HF_TOKEN (a token of "
                 "the account that accepted them) where the studio runs, and try again.")
@@ -221,7 +211,7 @@ def overview(ref: HubRef | str, timeout: float = HUB_CHECK_S) -> Overview:
         raise DataError(hub_message(ref, RuntimeError("offline")))
     api = HfApi(endpoint=endpoint())
     try:
-        info = api.dataset_info(ref.id, timeout=timeout)
+        api.dataset_info(ref.id, timeout=timeout)  # exists? within the budget (auth_check takes no timeout)
         api.auth_check(ref.id, repo_type="dataset")  # a gated repo's metadata is public, its files are not
         configs = list(datasets.get_dataset_config_names(ref.id))
         config = ref.config or configs[0]

@@ -141,12 +141,13 @@ def hub_snapshot(repo_id: str) -> Path:
     """Download (or find in the local cache) a Hub model's config, tokenizer and safetensors."""
     from huggingface_hub import snapshot_download
 
-    endpoint = os.environ.get("HF_ENDPOINT") or None
+    from .hub import endpoint
+    where = endpoint()
     try:
-        return Path(snapshot_download(repo_id, endpoint=endpoint, allow_patterns=[
+        return Path(snapshot_download(repo_id, endpoint=where, allow_patterns=[
             "*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]))
     except Exception as exc:  # every failure becomes one readable message naming the fix
-        raise ModelError(hub_error(repo_id, exc, endpoint or "https://huggingface.co")) from exc
+        raise ModelError(hub_error(repo_id, exc, where)) from exc
 
 
 def _with_pad(tok):

@@ -143,6 +143,8 @@ def test_offline_reads_only_the_cache(dataset_hub, monkeypatch):
 
 
 def test_mapping_rules():
+    # the columns that need no mapping are those that name a record format in qalora.data
+    assert set(hubdata.RECORD_COLUMNS) == {key for key, _ in data.FORMATS.values()}
     assert hubdata.parse_columns("prompt=q, response=a") == {"prompt": "q", "response": "a"}
     with pytest.raises(DataError, match="no response column"):
         hubdata.parse_columns("prompt=q")
