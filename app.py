@@ -475,6 +475,9 @@ def _job_summary(job: dict) -> str:
     if tasks:
         lines.append("Exports asked for later: " + ", ".join(
             f"{t['format']} {t['status']}" + (f" ({t['error']})" if t["error"] else "") for t in tasks))
+    benches = service.benchmark_tasks(job["id"]) if job["status"] == "succeeded" else []
+    if benches:
+        lines.append("Benchmarks asked for later: " + ", ".join(_bench_text(t) for t in benches))
     if job.get("stalled_s"):
         lines.append(f"**Stalled:** no progress for {_duration(job['stalled_s'])} (the worker is alive but the "
                      f"job does not move; cancel and resume it if this lasts). Last log line: "
@@ -482,6 +485,15 @@ def _job_summary(job: dict) -> str:
     if job["error"]:
         lines.append(f"**Error:** {job['error']}")
     return "\n\n".join(lines)
+
+
+def _bench_text(task: dict) -> str:
+    """One benchmark task: its tasks and status, with its progress in requests and ETA while it runs."""
+    text = f"{', '.join(task['settings']['tasks'])} {task['status']}"
+    if task["status"] == "running" and task["total"]:
+        eta = f", about {_duration(task['eta_s'])} left" if task["eta_s"] is not None else ""
+        text += f" ({task['done']}/{task['total']} requests{eta})"
+    return text + (f" ({task['error']})" if task["error"] else "")
 
 
 def _merge_check(job: dict) -> str:
@@ -549,6 +561,7 @@ def _refresh(selected, seen):
     except Exception as exc:
         return table, picker, f"**Error:** {exc}", None, "", "", {**seen, "job": None}
     exports = (tuple((t["format"], t["status"]) for t in service.export_tasks(job["id"]))
+               + tuple((t["id"], t["status"], t["done"]) for t in service.benchmark_tasks(job["id"]))
                if job["status"] == "succeeded" else ())
     key = (job["id"], job["status"], job["stage_text"], len(job["metrics"]), exports,
            None if job["stage_eta_s"] is None else round(job["stage_eta_s"]))
@@ -568,6 +581,29 @@ def _move(direction, selected):
         return _error(exc)
     return (f"Job #{selected} is now {order.index(int(selected)) + 1} of {len(order)} in the queue "
             f"(runs in this order: {', '.join(f'#{i}' for i in order)}).")
+
+
+def _evaluate(selected, choice, tasks, limit):
+    """Queue lm-eval on the selected finished job for a worker; its progress shows in the summary."""
+    if selected is None:
+        return "Select a finished job first."
+    try:
+        task = service.request_benchmark(int(selected), choice, tasks, limit)
+    except Exception as exc:
+        return _error(exc)
+    return (f"Benchmarks {', '.join(task['settings']['tasks'])} of job #{selected}: {task['status']} (task "
+            f"#{task['id']}); a worker runs them when no job waits, the job's summary shows the progress.")
+
+
+def _stop_benchmark(selected):
+    if selected is None:
+        return "Select a job first."
+    try:
+        stopped = service.cancel_benchmark(int(selected))
+    except Exception as exc:
+        return _error(exc)
+    return (f"Stopping benchmark task(s) {', '.join(f'#{i}' for i in stopped)} (between two requests)." if stopped
+            else f"Job #{selected} has no benchmark queued or running.")
 
 
 def _cancel_sweep(selected):
@@ -674,6 +710,16 @@ def build_jobs_tab():
                           + [("job log (full, with tracebacks)", "log")], value="native",
                           label="Download", elem_id="download-format")
         download = gr.Button("Download", elem_id="download-button")
+    with gr.Accordion("Evaluate a finished job on benchmarks (lm-evaluation-harness)", open=False,
+                      elem_id="evaluate-box"):
+        with gr.Row():
+            bench = gr.Dropdown(service.benchmark_choices()[1:], value="mmlu-5shot", label="Benchmarks",
+                                elem_id="evaluate-benchmarks")
+            bench_tasks = gr.Textbox(label="Tasks (custom: comma-separated lm-eval names)", elem_id="evaluate-tasks")
+            bench_limit = gr.Number(None, label="Per-task limit (optional)", precision=0, elem_id="evaluate-limit")
+        with gr.Row():
+            evaluate = gr.Button("Evaluate", elem_id="evaluate-button")
+            stop_bench = gr.Button("Stop benchmark", elem_id="stop-benchmark")
     action_note = gr.Markdown(elem_id="action-note")
     file = gr.File(label="Model file", visible=False)  # holds the prepared file for SAVE_FILE_JS
     log = gr.Textbox(label="Log (last lines)", lines=16, max_lines=16, autoscroll=True, elem_id="job-log")
@@ -691,6 +737,8 @@ def build_jobs_tab():
     delete.click(lambda: gr.update(visible=True), None, confirm)
     confirm.click(lambda p: (_act("delete", p), gr.update(visible=False), None), picker, [action_note, confirm, picker])
     download.click(_download, [picker, fmt], [file, action_note]).then(None, file, None, js=SAVE_FILE_JS)
+    evaluate.click(_evaluate, [picker, bench, bench_tasks, bench_limit], action_note)
+    stop_bench.click(_stop_benchmark, picker, action_note)
     return picker
 
 

@@ -154,33 +154,89 @@ def export_note(result: dict) -> str:
     return "Native low-bit model: load with qalora.export.native.load_quantized."
 
 
-def run_export(task_id: int, worker_id: str) -> str:
-    """Write the format of an export row this worker claimed, for its job (in the worker, never the
-    web process); it heartbeats, is recovered and is finished as any row of the queue is."""
-    from qalora.export import export_run
+def run_benchmarks(spec: JobSpec, folder: Path, log, on_progress) -> dict:
+    """lm-evaluation-harness on the job's merged model, and on the 16-bit base and the quantized base
+    (each once per base, quantization and benchmark settings, kept under the store's cache: a sweep
+    evaluates its base once). ``on_progress(done, total)`` counts requests over the runs still to
+    make; it may raise to stop."""
+    from qalora import benchmarks
+    from qalora.model import pick_device
 
+    device = pick_device()
+    runs = [("merged", None)] + [(which, benchmarks.baseline_key(which, spec.base, spec.quant, spec.benchmarks,
+                                                                 spec.data, spec.data_options))
+                                 for which in ("base16", "quantized_base")]
+    cache = get_settings().home / "cache" / "benchmarks"
+    out = {"settings": dict(spec.benchmarks)}
+    for i, (which, key) in enumerate(runs):
+        kept = benchmarks.read_cached(cache, key) if key else None
+        if kept is not None:
+            log.info("benchmarks of the %s: cached (%s)", which, key["id"])
+            out[which] = kept
+            continue
+        calib = _calibration(spec) if which == "quantized_base" and spec.quant.method == "gptq" else None
+        model, tokenizer = benchmarks.open_for(which, folder, spec.base, spec.quant, device, calib)
+        results = benchmarks.run(model, tokenizer, spec.benchmarks["tasks"],
+                                 num_fewshot=spec.benchmarks.get("num_fewshot"), limit=spec.benchmarks.get("limit"),
+                                 on_progress=lambda done, total, i=i: on_progress(i * total + done,
+                                                                                  len(runs) * total))
+        del model
+        out[which] = benchmarks.scores(results)
+        log.info("benchmarks of the %s: %s", which,
+                 ", ".join(f"{t} {v['metric']} {v['value']:.4f}" for t, v in out[which].items()))
+        if key:
+            benchmarks.write_cached(cache, key, out[which])
+    return out
+
+
+def _calibration(spec: JobSpec):
+    """GPTQ's calibration samples as the run drew them: its first training examples."""
+    from qalora import data as data_mod
+    from qalora.model import open_base
+    from qalora.pipeline import calibration_ids
+
+    records = data_mod.load_records(spec.data, **spec.data_options)
+    train_records, _ = data_mod.split_records(records, spec.train.eval_fraction, spec.train.seed)
+    tokenizer = open_base(spec.base).tokenizer
+    return calibration_ids(data_mod.tokenize_records(train_records, tokenizer, spec.train.seq_len))
+
+
+def _run_task(task_id: int, worker_id: str, describe, work) -> str:
+    """Run a task row this worker claimed (an export, a benchmark) for its finished job, in the
+    worker, never the web process: it heartbeats, is recovered and is finished as any row of the
+    queue is. ``describe(task)`` names it in the job's log ("export gguf").
+    ``work(task, log, lost)`` does it and returns ``(report, record)``: the task's report
+    and ``record(session)``, what else it writes when it succeeds; raising ``_Stop`` ends the task
+    canceled (or leaves it, when it was taken over). Returns "done", "canceled", "failed" or
+    "taken over"."""
     with db() as s:
         task = repo.get_job(s, task_id)
-        fmt, job_id, artifact_dir = task.spec["format"], task.parent_id, task.folder
-    log = job_logger(job_id, artifact_dir)
+        s.expunge(task)
+    what = describe(task)
+    log = job_logger(task.parent_id, task.folder)
     lost = threading.Event()
     beat = _Heartbeat(task_id, worker_id, get_settings().heartbeat_s, lost)
     beat.start()
     try:
-        log.info("export %s (asked for after the job ended) on worker %s", fmt, worker_id)
-        result = export_run(artifact_dir, fmt)
-        kept = {**result, "path": repo.relative(result["path"], artifact_dir), "note": export_note(result)}
+        report, record = work(task, log, lost)
         with db() as s:
-            repo.succeed(s, task_id, worker_id, report=kept)
-            repo.add_artifact(s, job_id, fmt, Path(result["path"]), artifact_dir)
-        log.info("export %s: %s", fmt, result["path"])
+            repo.succeed(s, task_id, worker_id, report=report)
+            record(s)
         return "done"
+    except _Stop as exc:
+        if lost.is_set():
+            log.warning("%s: taken over after a missed heartbeat; leaving it", what)
+            return "taken over"
+        log.info("%s canceled (%s)", what, exc)
+        with db() as s:
+            repo.cancel(s, task_id, worker_id)
+        return "canceled"
     except IllegalTransition:
-        log.warning("export %s: it was taken over after a missed heartbeat; leaving it", fmt)
+        log.warning("%s: it was taken over after a missed heartbeat; leaving it", what)
         return "taken over"
     except Exception as exc:
         message = describe_error(exc, None)
-        log.error("export %s failed: %s\n%s", fmt, message, traceback.format_exc())
+        log.error("%s failed: %s\n%s", what, message, traceback.format_exc())
         try:
             with db() as s:
                 repo.fail(s, task_id, worker_id, message)
@@ -191,6 +247,45 @@ def run_export(task_id: int, worker_id: str) -> str:
         beat.done.set()
         beat.join()
         close_logger(log)
+
+
+def run_export(task_id: int, worker_id: str) -> str:
+    """Write the format of an export row this worker claimed, for its job (:func:`_run_task`)."""
+    from qalora.export import export_run
+
+    def work(task, log, lost):
+        fmt, folder = task.spec["format"], task.folder
+        log.info("export %s (asked for after the job ended) on worker %s", fmt, worker_id)
+        result = export_run(folder, fmt)
+        log.info("export %s: %s", fmt, result["path"])
+        kept = {**result, "path": repo.relative(result["path"], folder), "note": export_note(result)}
+        return kept, lambda s: repo.add_artifact(s, task.parent_id, fmt, Path(result["path"]), folder)
+    return _run_task(task_id, worker_id, lambda task: f"export {task.spec['format']}", work)
+
+
+def run_benchmark(task_id: int, worker_id: str) -> str:
+    """Benchmark a finished job with the settings of a benchmark row this worker claimed
+    (:func:`run_benchmarks`, :func:`_run_task`): progress in requests with an ETA, a cancel honoured
+    between requests; the scores go in the task's report and the job's."""
+    def work(task, log, lost):
+        with db() as s:
+            parent = JobSpec.from_dict(repo.get_job(s, task.parent_id).spec)
+        spec = JobSpec.from_dict({**parent.to_dict(), "benchmarks": task.spec["benchmarks"]})
+        log.info("benchmarks %s (asked for after the job ended) on worker %s", spec.benchmarks["tasks"], worker_id)
+        t0 = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            with db() as s:
+                row = repo.get_job(s, task.id)
+                if lost.is_set() or row.cancel_requested:
+                    raise _Stop("stopped while benchmarking")
+                eta = (time.perf_counter() - t0) * (total - done) / done if done else None
+                if not repo.heartbeat(s, task.id, worker_id, stage="benchmark", stage_done=done, stage_total=total,
+                                      eta_s=eta):
+                    lost.set()
+        out = run_benchmarks(spec, task.folder, log, progress)
+        return out, lambda s: repo.set_report_value(s, task.parent_id, "benchmarks", out)
+    return _run_task(task_id, worker_id, lambda task: "benchmark", work)
 
 
 class Board:
@@ -478,55 +573,12 @@ class _JobRun:
             self.log.info("held-out replies: %d/%d exact", gen["exact"], gen["n"])
 
     def benchmark(self, spec: JobSpec) -> dict:
-        """lm-evaluation-harness on the merged model, and on the 16-bit base and the quantized base
-        (each once per base, quantization settings and benchmark settings, kept under the store's
-        cache: a sweep evaluates its base once). Progress is requests done of the current run's total;
-        a cancel is honoured between requests."""
-        from qalora import benchmarks
-        from qalora.model import pick_device
-
-        from storage import get_settings
-
-        device = pick_device()
-        runs = [("merged", None)] + [(which, benchmarks.baseline_key(which, spec.base, spec.quant, spec.benchmarks,
-                                                                     spec.data, spec.data_options))
-                                     for which in ("base16", "quantized_base")]
-        cache = get_settings().home / "cache" / "benchmarks"
-        out = {"settings": dict(spec.benchmarks)}
-        for i, (which, key) in enumerate(runs):
-            def progress(done, total, i=i):
-                if self.should_stop():
-                    raise _Stop("stopped while benchmarking")
-                self.on_progress("benchmark", i * total + done, len(runs) * total)
-            kept = benchmarks.read_cached(cache, key) if key else None
-            if kept is not None:
-                self.log.info("benchmarks of the %s: cached (%s)", which, key["id"])
-                out[which] = kept
-                continue
-            calib = self.calibration(spec) if which == "quantized_base" and spec.quant.method == "gptq" else None
-            model, tokenizer = benchmarks.open_for(which, self.artifact_dir, spec.base, spec.quant, device, calib)
-            results = benchmarks.run(model, tokenizer, spec.benchmarks["tasks"],
-                                     num_fewshot=spec.benchmarks.get("num_fewshot"),
-                                     limit=spec.benchmarks.get("limit"), on_progress=progress)
-            del model
-            out[which] = benchmarks.scores(results)
-            self.log.info("benchmarks of the %s: %s", which,
-                          ", ".join(f"{t} {v['metric']} {v['value']:.4f}" for t, v in out[which].items()))
-            if key:
-                benchmarks.write_cached(cache, key, out[which])
-        return out
-
-    @staticmethod
-    def calibration(spec: JobSpec):
-        """GPTQ's calibration samples as the run drew them: its first training examples."""
-        from qalora import data as data_mod
-        from qalora.model import open_base
-        from qalora.pipeline import calibration_ids
-
-        records = data_mod.load_records(spec.data, **spec.data_options)
-        train_records, _ = data_mod.split_records(records, spec.train.eval_fraction, spec.train.seed)
-        tokenizer = open_base(spec.base).tokenizer
-        return calibration_ids(data_mod.tokenize_records(train_records, tokenizer, spec.train.seq_len))
+        """:func:`run_benchmarks` as the job's last stage; a cancel is honoured between requests."""
+        def progress(done, total):
+            if self.should_stop():
+                raise _Stop("stopped while benchmarking")
+            self.on_progress("benchmark", done, total)
+        return run_benchmarks(spec, self.artifact_dir, self.log, progress)
 
     def _succeed(self, s, report: dict) -> None:
         for kind, rel in ARTIFACTS.items():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from qalora.errors import ConfigError
 from storage import EXPORT_STATUS, Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo, utcnow
 
 from .compare import QUALITY as COMPARE_QUALITY  # noqa: F401  (the scatter's quality axes, for the app)
@@ -507,6 +508,41 @@ def request_export(job_id: int, fmt: str) -> dict:
     check_format(fmt, int(r.get("bits") or 4), int(r.get("group_size") or 32))  # refuse what cannot apply, now
     with db() as s:
         return _task_dict(repo.request_export(s, job_id, fmt))
+
+
+BENCHMARK_STATUS = {**EXPORT_STATUS, "canceled": "canceled"}  # a stopped benchmark is no failure
+
+
+def benchmark_tasks(job_id: int) -> list[dict]:
+    """The benchmark runs asked of a finished job: settings, status, progress (requests) and ETA,
+    the scores when done, the error when failed."""
+    with db() as s:
+        _require(s, job_id)
+        return [{"id": t.id, "settings": t.spec.get("benchmarks"), "status": BENCHMARK_STATUS[t.status],
+                 "done": t.stage_done, "total": t.stage_total, "eta_s": t.eta_s if t.status == "running" else None,
+                 "scores": t.report, "error": t.error} for t in repo.benchmark_tasks(s, job_id)]
+
+
+def request_benchmark(job_id: int, choice: str, tasks: str = "", limit=None) -> dict:
+    """Queue lm-evaluation-harness on a finished job (the form's choice: a preset or task names, and a
+    per-task limit) for a worker; the same settings already queued or running are that one."""
+    from .forms import benchmarks_setting
+
+    settings = benchmarks_setting(choice, tasks, limit)
+    if not settings:
+        raise ConfigError("no benchmark chosen; pick a preset or type lm-eval task names.")
+    with db() as s:
+        task = repo.request_benchmark(s, job_id, settings)
+        return {"id": task.id, "settings": settings, "status": BENCHMARK_STATUS[task.status]}
+
+
+def cancel_benchmark(job_id: int) -> list[int]:
+    """Stop the job's queued or running benchmark runs (a running one between two requests); returns
+    the ids asked to stop."""
+    active = [t["id"] for t in benchmark_tasks(job_id) if t["status"] in ("queued", "running")]
+    for task_id in active:
+        cancel(task_id)
+    return active
 
 
 def _ready_export(job_id: int, fmt: str) -> dict | None:

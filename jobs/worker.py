@@ -28,7 +28,7 @@ from typing import IO
 
 from sqlalchemy.engine import make_url
 
-from storage import KIND_EXPORT, IllegalTransition, Settings, db, get_settings, repo, utcnow
+from storage import KIND_EXPORT, TASK_KINDS, IllegalTransition, Settings, db, get_settings, repo, utcnow
 
 from .pipeline import note, run_job
 
@@ -148,19 +148,22 @@ class Worker:
         """:func:`recover_orphans`, as this worker."""
         return recover_orphans(self.id)
 
-    def run_exports(self) -> int:
-        """Write the queued export tasks, oldest first, until a job is queued; returns how many ran."""
-        from .pipeline import run_export
+    def run_tasks(self) -> int:
+        """Run the queued tasks asked of finished jobs (exports, benchmarks), oldest first, until a
+        job is queued; returns how many ran."""
+        from .pipeline import run_benchmark, run_export
 
         ran = 0
         while not self.stop.is_set():
             with db() as s:
                 if repo.queued_ids(s):
                     return ran  # training jobs go first
-                task_id = repo.claim(s, self.id, kind=KIND_EXPORT)
+                task_id = repo.claim(s, self.id, kind=TASK_KINDS)
+                kind = task_id and repo.get_job(s, task_id).kind
             if task_id is None:
                 return ran
-            log.info("export task %d: %s", task_id, run_export(task_id, self.id))
+            run = run_export if kind == KIND_EXPORT else run_benchmark
+            log.info("%s task %d: %s", kind, task_id, run(task_id, self.id))
             ran += 1
         return ran
 
@@ -189,8 +192,8 @@ class Worker:
                 self.stop.wait(settings.poll_s)
                 continue
             if job_id is None:
-                if self.run_exports():
-                    continue  # exports asked for after jobs ended run while no job waits
+                if self.run_tasks():
+                    continue  # exports and benchmarks asked of ended jobs run while no job waits
                 if burst:
                     break
                 self.stop.wait(settings.poll_s)

@@ -15,7 +15,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from .status import JobStatus
 
 
-KIND_FINETUNE, KIND_EXPORT = "finetune", "export"
+KIND_FINETUNE, KIND_EXPORT, KIND_BENCHMARK = "finetune", "export", "benchmark"
+TASK_KINDS = (KIND_EXPORT, KIND_BENCHMARK)  # what is asked of a finished job, run while no job waits
 
 
 def utcnow() -> datetime:
@@ -64,9 +65,10 @@ class Job(Base):
     # Devices the job trains on (one rank each); a worker claims only jobs that fit what it owns.
     devices: Mapped[int | None] = mapped_column(Integer, default=1)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    # What the row asks a worker to do: train ("finetune"), or write an export of a finished job's
+    # What the row asks a worker to do: train ("finetune"), write an export of a finished job's
     # model ("export": ``parent_id`` is that job, the folder is its folder, the format is in the
-    # spec and what the export measured in the report). One queue, one claim, one recovery.
+    # spec and what the export measured in the report), or benchmark it ("benchmark": the settings
+    # in the spec, the scores in the report). One queue, one claim, one recovery.
     kind: Mapped[str] = mapped_column(String(16), default=KIND_FINETUNE, server_default=KIND_FINETUNE)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     # The job's folder, relative to QALORA_ARTIFACTS (``job-00042``), so every machine finds it

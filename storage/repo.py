@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import KIND_EXPORT, KIND_FINETUNE, Artifact, Job, Metric, utcnow
+from .models import KIND_BENCHMARK, KIND_EXPORT, KIND_FINETUNE, Artifact, Job, Metric, utcnow
 from .status import TRANSITIONS, IllegalTransition, JobStateError, JobStatus
 
 S = JobStatus
@@ -99,8 +99,9 @@ def move_queued(s: Session, job_id: int, direction: str) -> list[int]:
 
 
 def claim(s: Session, worker_id: str, job_id: int | None = None, max_devices: int | None = None,
-          kind: str = KIND_FINETUNE) -> int | None:
-    """queued -> running for ``job_id``, or for the first queued row of ``kind``; returns the id claimed.
+          kind: str | tuple[str, ...] = KIND_FINETUNE) -> int | None:
+    """queued -> running for ``job_id``, or for the first queued row of ``kind`` (or of any of several
+    kinds); returns the id claimed.
 
     First by queue position (the id unless moved), so a resumed job goes before the jobs
     submitted after it.
@@ -115,7 +116,8 @@ def claim(s: Session, worker_id: str, job_id: int | None = None, max_devices: in
         return job_id
     while True:
         fits = () if max_devices is None else (func.coalesce(Job.devices, 1) <= max_devices,)
-        stmt = (select(Job.id).where(Job.status == S.QUEUED.value, Job.kind == kind, *fits)
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+        stmt = (select(Job.id).where(Job.status == S.QUEUED.value, Job.kind.in_(kinds), *fits)
                 .order_by(*_queue_order()).limit(1))
         if s.get_bind().dialect.name == "postgresql":
             # a row another worker is claiming is locked: skip it rather than wait for its commit and
@@ -238,32 +240,58 @@ def relative(path, folder: Path | None) -> str:
     return str(path)
 
 
-# ---- exports asked for after a job ended: rows of kind "export", run by a worker ---------------
+# ---- what is asked of a job after it ended: rows of kind "export" or "benchmark", run by a worker ----
 
-def request_export(s: Session, job_id: int, fmt: str) -> Job:
-    """The job's queued or running export of ``fmt``, else a new queued one (one at a time: two
-    callers asking together get the same row)."""
+def request_task(s: Session, job_id: int, kind: str, spec: dict, name: str, what: str) -> Job:
+    """The job's queued or running task of ``kind`` asking for ``spec``, else a new queued one (one at
+    a time: two callers asking together get the same row). ``what`` ends the refusal of a job that
+    has not finished ("exports are made from a finished model")."""
     _hold(s, Job.id == job_id)
     job = s.get(Job, job_id)
     if job is None or job.kind != KIND_FINETUNE:
         raise JobStateError(f"Job {job_id} does not exist; refresh the job list.")
     if job.status != S.SUCCEEDED.value:
-        raise JobStateError(f"Job {job_id} is {job.status}; exports are made from a finished model.")
+        raise JobStateError(f"Job {job_id} is {job.status}; {what}.")
     active = (S.QUEUED.value, S.RUNNING.value, S.INTERRUPTED.value)
-    task = next((t for t in reversed(export_tasks(s, job_id)) if t.spec.get("format") == fmt and t.status in active),
-                None)
+    task = next((t for t in reversed(tasks_of(s, job_id, kind)) if t.spec == spec and t.status in active), None)
     if task is None:
-        task = Job(name=f"export {fmt} of job #{job_id}", spec={"format": fmt}, total_steps=0, status=S.QUEUED.value,
-                   kind=KIND_EXPORT, parent_id=job_id, artifact_dir=job.artifact_dir, devices=1)
+        task = Job(name=name, spec=spec, total_steps=0, status=S.QUEUED.value, kind=kind, parent_id=job_id,
+                   artifact_dir=job.artifact_dir, devices=1)
         s.add(task)
         s.flush()
         task.queue_position = task.id
     return task
 
 
+def tasks_of(s: Session, job_id: int, kind: str) -> list[Job]:
+    """The tasks of ``kind`` asked of job ``job_id`` after it ended, oldest first."""
+    return list(s.scalars(select(Job).where(Job.kind == kind, Job.parent_id == job_id).order_by(Job.id)))
+
+
+def request_export(s: Session, job_id: int, fmt: str) -> Job:
+    return request_task(s, job_id, KIND_EXPORT, {"format": fmt}, f"export {fmt} of job #{job_id}",
+                        "exports are made from a finished model")
+
+
 def export_tasks(s: Session, job_id: int) -> list[Job]:
     """The exports asked for after job ``job_id`` ended, oldest first."""
-    return list(s.scalars(select(Job).where(Job.kind == KIND_EXPORT, Job.parent_id == job_id).order_by(Job.id)))
+    return tasks_of(s, job_id, KIND_EXPORT)
+
+
+def request_benchmark(s: Session, job_id: int, settings: dict) -> Job:
+    return request_task(s, job_id, KIND_BENCHMARK, {"benchmarks": settings}, f"benchmark of job #{job_id}",
+                        "benchmarks are run on a finished model")
+
+
+def benchmark_tasks(s: Session, job_id: int) -> list[Job]:
+    """The benchmark runs asked for after job ``job_id`` ended, oldest first."""
+    return tasks_of(s, job_id, KIND_BENCHMARK)
+
+
+def set_report_value(s: Session, job_id: int, key: str, value) -> None:
+    """Write one key of a finished job's report (what a task asked of it afterwards found)."""
+    job = s.get(Job, job_id)
+    job.report = {**(job.report or {}), key: value}
 
 
 # ---- reads -------------------------------------------------------------------------------

@@ -315,11 +315,22 @@ with db() as s:
 """
 
 
-def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
+RUN_BENCHMARK = """
+from jobs.pipeline import run_benchmark
+from storage import db, repo
+with db() as s:
+    (task,) = repo.benchmark_tasks(s, {job})
+    repo.claim(s, "elsewhere:1:w", task.id)
+print(run_benchmark(task.id, "elsewhere:1:w"))
+"""
+
+
+def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path, lm_eval_tasks):
     """Two tiny jobs of one sweep, run by the CLI before the app starts, and a newer sweep with one
     job running and one queued. Compare opens on the live sweep without an error, honest about
     each job; picking the finished sweep shows both curves, the table with its best cells, size vs
-    quality with labelled points, and the CSV."""
+    quality with labelled points, and the CSV. A finished job evaluated from the Jobs tab (its
+    benchmark task run as a worker runs it) shows its score there and as a Compare column."""
     env = {**os.environ, "QALORA_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     env.pop("QALORA_DB_URL", None)
     run = subprocess.run([sys.executable, "-m", "qalora", "sweep", "--base", "tiny-random", "--bits", "2,4",
@@ -335,7 +346,8 @@ def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
     claim = subprocess.run([sys.executable, "-c", CLAIM.format(job=3)], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=120)
     assert claim.returncode == 0, claim.stderr[-3000:]
-    with _app(tmp_path, "--no-worker") as url, sync_playwright() as p:
+    env["QALORA_LM_EVAL_INCLUDE"] = str(lm_eval_tasks)
+    with _app(tmp_path, "--no-worker", QALORA_LM_EVAL_INCLUDE=str(lm_eval_tasks)) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.set_default_timeout(UI_S * 1000)
@@ -344,6 +356,23 @@ def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
             page.goto(url)
             page.get_by_role("tab", name="Jobs").click()
             expect(page.locator("#jobs-table")).to_contain_text("live-2bit-g32-r4")
+            # Evaluate job #2 on a benchmark: queued for a worker, run as one, its score in the summary
+            page.locator("#job-select input").click()
+            page.get_by_role("option", name=re.compile(r"^#2 pair-4bit")).click()
+            page.locator("#evaluate-box").get_by_text("Evaluate a finished job").click()
+            page.locator("#evaluate-benchmarks input").click()
+            page.get_by_role("option", name="custom list of lm-eval tasks").click()
+            page.locator("#evaluate-tasks textarea").fill("qa_mc")
+            page.locator("#evaluate-limit input").fill("4")
+            page.locator("#evaluate-button").click()
+            expect(page.locator("#action-note")).to_contain_text("Benchmarks qa_mc of job #2: queued (task #5)")
+            bench = subprocess.run([sys.executable, "-c", RUN_BENCHMARK.format(job=2)], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=JOB_S)
+            assert bench.stdout.strip().endswith("done"), bench.stdout + bench.stderr[-3000:]
+            expect(page.locator("#job-summary")).to_contain_text("Benchmarks asked for later: qa_mc done")
+            expect(page.locator("#merge-check")).to_contain_text(re.compile(
+                r"qa_mc \(acc_norm, lm-eval\): 16-bit base [01]\.\d{4} · quantized base [01]\.\d{4} · merged "
+                r"[01]\.\d{4}"))
             page.get_by_role("tab", name="Compare").click()
             # before: a toast "Value: 4 ... is not in the list of choices" and every panel "Error"
             expect(page.locator("#compare-sweep input")).to_have_value(re.compile(r"^live-"))
@@ -375,6 +404,8 @@ def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
             for name in ("pair-2bit-g32-r4", "pair-4bit-g32-r4"):
                 expect(table).to_contain_text(name)
             expect(table).to_contain_text("eval loss: merged")
+            expect(table).to_contain_text("qa_mc acc_norm")  # job #2's benchmark, its baselines beside it
+            expect(table).to_contain_text("qa_mc: 16-bit base")
             # the best value of each outcome is highlighted (BEST_CSS's background, #d1fae5)
             best = page.evaluate("""() => [...document.querySelectorAll('#compare-table .body-cell')]
                 .filter(cell => getComputedStyle(cell).backgroundColor === 'rgb(209, 250, 229)').length""")
@@ -390,6 +421,7 @@ def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path):
                 page.locator("#compare-csv").click()
             lines = Path(download.value.path()).read_text().splitlines()
             assert lines[0].startswith("job,name,status,bits,group size,rank,lr,") and len(lines) == 3
+            assert "qa_mc acc_norm" in lines[0].split(",")
             time.sleep(1)
             page.screenshot(path=ARTIFACTS / "browser-5-compare.png", full_page=True)
         finally:

@@ -79,3 +79,42 @@ def test_the_model_card_carries_the_benchmarks_as_model_index():
     assert (result.dataset_name, result.metric_type, result.metric_value) == ("qa_mc", "acc_norm", 0.75)
     assert card.data.model_name == "alice/bench-card"
     assert "| qa_mc | acc_norm | 1.0000 | 0.5000 | 0.7500 |" in text
+
+
+def test_a_finished_job_is_evaluated_later_as_a_worker_task(home, tmp_path):
+    """The Evaluate action: a benchmark row for the worker, progress in requests, scores in the task
+    and in the job's report (so the job page, Compare and the card show them); the same settings
+    asked twice are one row; a stop asked for ends it canceled between requests."""
+    from jobs.worker import Worker
+    from storage import db, repo
+
+    job_id = service.submit(JobSpec(base="tiny-random", data="builtin:contacts", quant=QuantConfig(4, 32),
+                                    adapter=AdapterConfig(rank=4, alpha=8),
+                                    train=TrainConfig(steps=2, batch_size=2, seq_len=256, eval_every=2, save_every=2,
+                                                      eval_batches=1, warmup_steps=1), name="later"))
+    with pytest.raises(Exception, match=r"is queued; benchmarks are run on a finished model"):
+        service.request_benchmark(job_id, "custom", "qa_mc")
+    assert run_job(job_id) == "succeeded"
+    assert "benchmarks" not in service.get_job(job_id)["report"]
+    with pytest.raises(Exception, match=r"lm-eval knows no task or group named 'qa_mcc'"):
+        service.request_benchmark(job_id, "custom", "qa_mcc")
+    task = service.request_benchmark(job_id, "custom", "qa_mc", 4)
+    assert service.request_benchmark(job_id, "custom", " qa_mc ", 4)["id"] == task["id"]  # one row for both
+    assert [t["status"] for t in service.benchmark_tasks(job_id)] == ["queued"]
+    assert Worker().run(burst=True) == 0  # tasks run while no job waits (they are not jobs)
+    (done,) = service.benchmark_tasks(job_id)
+    assert done["status"] == "done" and done["done"] == done["total"] > 0
+    scores = service.get_job(job_id)["report"]["benchmarks"]
+    assert scores == done["scores"] and scores["settings"] == {"tasks": ["qa_mc"], "num_fewshot": None, "limit": 4}
+    assert set(scores) == {"settings", "merged", "base16", "quantized_base"}
+    row = next(r for r in service.compare([job_id])["rows"] if r["id"] == job_id)
+    assert row["bench:qa_mc"] == scores["merged"]["qa_mc"]["value"]
+    # asked again with a stop already requested: it ends canceled at its first request, nothing kept
+    again = service.request_benchmark(job_id, "custom", "qa_mc", 2)
+    with db() as s:
+        repo.claim(s, "w:test", again["id"])
+        repo.request_cancel(s, again["id"])
+    from jobs.pipeline import run_benchmark
+    assert run_benchmark(again["id"], "w:test") == "canceled"
+    assert [t["status"] for t in service.benchmark_tasks(job_id)] == ["done", "canceled"]
+    assert service.get_job(job_id)["report"]["benchmarks"] == scores
