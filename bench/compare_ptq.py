@@ -8,6 +8,12 @@ multiple-choice accuracy (``builtin:contacts-mc``: the right card among three ne
 log-likelihood) of the deployed model.
 
     python bench/compare_ptq.py [--steps 100] [--bits 4 3 2] [--skill-n 20] [--mc-n 50] [--out runs/compare]
+                                [--tasks builtin | mmlu-5shot | commonsense | lm-eval names] [--limit N]
+
+Then the paper's Table 1 layout through lm-evaluation-harness: rows 16-bit base, and per bit width
+the quantized base (no training), LoRA + PTQ and QA-LoRA, one column per task. ``--tasks builtin``
+(the default) is the held-out multiple choice above written as an lm-eval task (no download);
+the paper's presets need the Hub for their data.
 """
 from __future__ import annotations
 
@@ -34,6 +40,48 @@ def mc_accuracy(model_dir: Path, n: int) -> float:
     return evaluate_dir(model_dir, "builtin:contacts-mc", limit=n)["accuracy"]
 
 
+def table1(args, bits_list) -> None:
+    """The paper's Table 1 layout for this run, every model scored by lm-eval on the same tasks."""
+    import tempfile
+
+    from qalora import benchmarks, mc_eval
+    from qalora.config import QuantConfig
+
+    folder = Path(tempfile.mkdtemp())
+    if args.tasks == "builtin":
+        questions = mc_eval.load_multiple_choice(mc_eval.BUILTIN_MC)
+        benchmarks.write_choice_task(folder, "contacts_mc", [vars(q) for q in questions])
+        tasks, fewshot, include = ["contacts_mc"], 0, folder
+    else:
+        preset = benchmarks.PRESETS.get(args.tasks)
+        tasks = preset["tasks"] if preset else args.tasks.split(",")
+        fewshot, include = (preset or {}).get("num_fewshot"), None
+    names = benchmarks.check_tasks(tasks, include)
+
+    def score(model, tok) -> dict:
+        results = benchmarks.run(model, tok, names, num_fewshot=fewshot, limit=args.limit, include_path=include)
+        return benchmarks.scores(results)
+
+    rows = [("16-bit base", "16", score(*benchmarks.open_for("base16", None, "default", None, "cpu")))]
+    for bits in bits_list:
+        quant = QuantConfig(bits, args.group_size, args.quant_method)
+        if args.quant_method == "rtn":  # GPTQ's quantized base needs the runs' calibration samples
+            rows.append(("quantized base, no training", bits,
+                         score(*benchmarks.open_for("quantized_base", None, "default", quant, "cpu"))))
+        for method, label in (("qlora-ptq", "LoRA + PTQ"), ("qalora", "QA-LoRA")):
+            model, tok, _ = benchmarks.open_model(str(Path(args.out) / f"{method}-{bits}bit"), device="cpu")
+            rows.append((label, bits, score(model, tok)))
+        print(f"scored {bits}-bit", file=sys.stderr, flush=True)
+    metric = {t: rows[0][2].get(t, {}).get("metric", "") for t in names}
+    print(f"\nTable 1 layout (lm-eval, {fewshot or 0}-shot{f', limit {args.limit}' if args.limit else ''}), "
+          f"SmolLM2-135M, group {args.group_size}, {args.quant_method.upper()}, {args.steps} steps")
+    print("| model | bits | " + " | ".join(f"{t} ({metric[t]})" for t in names) + " |")
+    print("|---|---:|" + "---:|" * len(names))
+    for label, bits, scores in rows:
+        print(f"| {label} | {bits} | " + " | ".join(f"{scores[t]['value']:.4f}" if t in scores else "–"
+                                                  for t in names) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=100)
@@ -43,6 +91,8 @@ def main() -> None:
     ap.add_argument("--skill-n", type=int, default=20)
     ap.add_argument("--mc-n", type=int, default=50)
     ap.add_argument("--out", default=str(ROOT / "runs" / "compare"))
+    ap.add_argument("--tasks", default="builtin", help="builtin, a preset (mmlu-5shot, commonsense) or lm-eval names")
+    ap.add_argument("--limit", type=int, default=None, help="documents per lm-eval task")
     args = ap.parse_args()
     from qalora.config import AdapterConfig, QuantConfig, TrainConfig
     from qalora.pipeline import finetune
@@ -72,6 +122,7 @@ def main() -> None:
         name = "QA-LoRA (exact merge)" if method == "qalora" else "LoRA + PTQ"
         print(f"| {bits} | {name} | {r['eval_loss_quantized_base']:.4f} | {r['eval_loss_adapter']:.4f} | "
               f"{r['eval_loss_merged']:.4f} | {r['merge_max_abs_logit_diff']:.2e} | {score:.0%} | {mc:.0%} |")
+    table1(args, args.bits)
 
 
 if __name__ == "__main__":

@@ -277,6 +277,7 @@ def open_for(which: str, run_dir: Path, base: str, quant, device, calib_ids=None
 
     from .model import load_base, load_quantized_base, open_base, resolve_dtype
 
+    device = torch.device(device)
     if which == "merged":
         model, tokenizer, _ = open_model(str(run_dir), device)
         return model, tokenizer
