@@ -121,10 +121,13 @@ def builtin_choices() -> list[tuple[str, str]]:
 
 
 def hub_ref(hub_id: str | None, config: str | None = None, split: str | None = None) -> str:
-    """``ID[:CONFIG][@SPLIT]`` from the form's Hub fields (the id box may already hold a config or split)."""
+    """``ID[:CONFIG][@SPLIT]`` from the form's Hub fields (the id box may already hold a config or split);
+    "" for an empty id box, which :func:`data_source` names."""
     from qalora.hubdata import HubRef, parse_ref
 
-    ref = parse_ref((hub_id or "").strip())
+    if not (hub_id or "").strip():
+        return ""
+    ref = parse_ref(hub_id.strip())
     return str(HubRef(ref.id, config or ref.config, split or ref.split))
 
 

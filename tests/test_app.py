@@ -586,6 +586,10 @@ def test_a_hub_dataset_the_form_cannot_read_is_named(home, dataset_hub):
                     "token of the account that accepted them) where the studio runs, and try again.")
     note, *fields = _hub_launch(hub_id="nobody/here")
     assert dict(zip(forms.FIELDS, fields[2:]))["data"].startswith("⚠ dataset 'nobody/here' was not found on the Hub")
+    note, *fields = _hub_launch(hub_id=" ")
+    assert dict(zip(forms.FIELDS, fields[2:]))["data"] == (
+        "⚠ the Hub dataset id is empty; type one, e.g. tatsu-lab/alpaca, or pick one of the paper's datasets in the "
+        "built-in list.")
     note, *fields = _hub_launch(hub_id="not a dataset id")
     assert "is not a Hub dataset reference; write ID[:CONFIG][@SPLIT]" in dict(zip(forms.FIELDS, fields[2:]))["data"]
     assert service.list_jobs() == []
