@@ -206,7 +206,8 @@ def _ticked(value, wanted, bits, group_size):
 def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
             wanted=(), sweep=False, sweep_bits=(), sweep_groups=(), sweep_ranks="", sweep_lrs="", devices=1,
             hub_id=None, hub_config=None, hub_split=None, map_prompt=None, map_input=None, map_response=None,
-            map_messages=None, max_samples=None, benchmarks="none", bench_tasks="", bench_limit=None):
+            map_messages=None, max_samples=None, benchmarks="none", bench_tasks="", bench_limit=None, clip=None,
+            train_scales=None, scales_lr=None):
     """(status under Launch, job picker, tabs, one note per form field): each problem is shown next
     to the field it concerns, all at once; nothing is queued while there is one.
 
@@ -223,7 +224,7 @@ def _launch(base, bits, group_size, method, kind, builtin, upload, path, rank, a
     form = dict(kind=kind, builtin=builtin, upload=upload, path=path, base=base, bits=bits, group_size=group_size,
                 method=method, rank=rank, alpha=alpha, lr=lr, steps=steps, batch_size=batch, seq_len=seq, name=name,
                 devices=devices, max_samples=max_samples, benchmarks=benchmarks, bench_tasks=bench_tasks,
-                bench_limit=bench_limit)
+                bench_limit=bench_limit, clip=clip, train_scales=train_scales, scales_lr=scales_lr)
     try:
         if kind == "Hub dataset":
             try:
@@ -291,8 +292,14 @@ def _sweep_plan(on, base, bits, group_size, method, kind, builtin, upload, path,
     return plan.summary()
 
 
+def _bits_changed(bits):
+    """The bit width's preset into the advanced fields, and the note that says so."""
+    preset, note = service.bits_preset(bits)
+    return [preset[k] for k in service.BIT_PRESET_FIELDS] + [note]
+
+
 def build_new_tab():
-    preset = service.PRESETS[service.DEFAULT_PRESET]
+    preset = {**service.PRESETS[service.DEFAULT_PRESET], **service.bits_preset(4)[0]}
     with gr.Row():
         with gr.Column():
             base = gr.Dropdown(list(service.BASE_CHOICES), value="default", allow_custom_value=True,
@@ -306,6 +313,7 @@ def build_new_tab():
                 bits = gr.Radio(list(service.BITS_CHOICES), value=4, label="Bits", elem_id="bits")
                 group = gr.Dropdown(service.group_size_choices("default"), value=service.DEFAULT_GROUP_SIZE,
                                     allow_custom_value=True, label="Group size", elem_id="group-size")
+            bits_note = gr.Markdown(service.bits_preset(4)[1], elem_id="bits-note")
             group_err = gr.Markdown(elem_id="group-size-error", elem_classes="field-error")
             method = gr.Radio(list(service.METHOD_CHOICES), value="rtn", label="Quantization method")
             presets = gr.Radio(list(service.PRESETS), value=service.DEFAULT_PRESET, label="Preset")
@@ -314,6 +322,15 @@ def build_new_tab():
                     rank = gr.Number(preset["rank"], label="LoRA rank", precision=0, elem_id="rank")
                     alpha = gr.Number(preset["alpha"], label="LoRA alpha", elem_id="alpha")
                     lr = gr.Number(preset["lr"], label="Learning rate", elem_id="lr")
+                with gr.Row():
+                    clip = gr.Checkbox(preset["clip"], label="Clip search", elem_id="clip",
+                                       info="Per group, the range with the least rounding error instead of "
+                                            "min-max: a better start at 2-3 bits.")
+                    train_scales = gr.Checkbox(preset["train_scales"], elem_id="train-scales",
+                                               label="Also train the quantization scales; the merge stays exact",
+                                               info="The codes stay frozen; the merged model keeps the learned "
+                                                    "scales (QA-LoRA + learned scales).")
+                    scales_lr = gr.Number(preset["scales_lr"], label="Scales learning rate", elem_id="scales-lr")
                 with gr.Row():
                     steps = gr.Number(preset["steps"], label="Steps", precision=0, elem_id="steps")
                     batch = gr.Number(preset["batch_size"], label="Batch size", precision=0, elem_id="batch-size")
@@ -392,8 +409,10 @@ def build_new_tab():
     for control in (bits, group):  # the export choices follow bits and group size live
         control.change(_exports_for, [bits, group, wanted], [exports, exports_note], show_progress="hidden")
     exports.input(_ticked, [exports, wanted, bits, group], wanted, show_progress="hidden")
-    fields = ("rank", "alpha", "lr", "steps", "batch_size", "seq_len")
-    presets.change(lambda p: [service.PRESETS[p][k] for k in fields], presets, [rank, alpha, lr, steps, batch, seq])
+    fields = ("steps", "batch_size", "seq_len")
+    presets.change(lambda p: [service.PRESETS[p][k] for k in fields], presets, [steps, batch, seq])
+    bits.change(_bits_changed, bits, [rank, alpha, lr, clip, train_scales, scales_lr, bits_note],
+                show_progress="hidden")
     kind.change(lambda k: [gr.update(visible=k == v) for v in service.DATA_KINDS]
                 + [gr.update(visible=k == "Hub dataset")] * 2,
                 kind, [builtin, upload, path, hub_id, hub_fields, mapping_box])
@@ -407,7 +426,8 @@ def build_new_tab():
     hub_config.input(_hub_checked, [kind, builtin, hub_id, hub_config], hub_outputs)
     inputs = [base, bits, group, method, kind, builtin, upload, path, rank, alpha, lr, steps, batch, seq, name,
               wanted, sweep, sweep_bits, sweep_groups, sweep_ranks, sweep_lrs, devices, hub_id, hub_config, hub_split,
-              map_prompt, map_input, map_response, map_messages, max_samples, benchmarks, bench_tasks, bench_limit]
+              map_prompt, map_input, map_response, map_messages, max_samples, benchmarks, bench_tasks, bench_limit,
+              clip, train_scales, scales_lr]
     benchmarks.change(lambda b: (gr.update(visible=b != "none"), gr.update(visible=b == "custom")), benchmarks,
                       [bench_row, bench_tasks])
     sweep.change(_sweep_opened, [sweep, bits, group, rank, lr, base],
@@ -470,7 +490,8 @@ def _job_summary(job: dict) -> str:
     batch, accum = train.get("batch_size", 0), train.get("grad_accum", 1)
     lines = [f"### #{job['id']} {job['name']}: **{job['status']}**",
              f"{stage} · step {job['step']}/{job['total_steps']} · job ETA {eta} · global batch {batch * accum * devices} "
-             f"({batch} × {accum} accumulation × {devices} device{'s' if devices > 1 else ''})"]
+             f"({batch} × {accum} accumulation × {devices} device{'s' if devices > 1 else ''})",
+             service.job_overview(job)]
     tasks = service.export_tasks(job["id"]) if job["status"] == "succeeded" else []
     if tasks:
         lines.append("Exports asked for later: " + ", ".join(

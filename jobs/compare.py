@@ -12,6 +12,7 @@ import csv
 from datetime import datetime
 from pathlib import Path
 
+from qalora.config import method_label
 from storage import utcnow
 
 # (key, column header, which is best: "min", "max" or None). The settings a sweep varies come
@@ -22,11 +23,13 @@ LATER = [("method", "method", None), ("steps", "steps", None), ("base", "base", 
 OUTCOMES = [("eval_base", "eval loss: quantized base", None), ("eval_trained", "eval loss: trained", "min"),
             ("eval_merged", "eval loss: merged", "min"), ("merge_diff", "merge max Δlogit", "min"),
             ("mc_score", "multiple choice", "max"), ("gen_score", "replies exact", "max"),
-            ("native_mb", "native MB", "min"), ("gguf_mb", "GGUF MB", "min"),
+            ("f16_mb", "16-bit MB", None), ("native_mb", "native MB", "min"), ("native_bpp", "native bits/param", "min"),
+            ("gguf_mb", "GGUF MB", "min"), ("gguf_bpp", "GGUF bits/param", "min"),
             ("torchao_mb", "torchao MB", "min"), ("gptq_mb", "GPTQ MB", "min"), ("tokens_per_s", "tokens/s", "max"),
             ("wall_s", "wall s", "min"), ("peak_rss_mb", "peak RAM MB", "min"), ("peak_gpu_mb", "peak GPU MB", "min")]
 # Shown only when some job has them (an export nobody asked for, a GPU nobody used).
-OPTIONAL = {"sweep", "mc_score", "gen_score", "gguf_mb", "torchao_mb", "gptq_mb", "peak_gpu_mb"}
+OPTIONAL = {"sweep", "mc_score", "gen_score", "gguf_mb", "torchao_mb", "gptq_mb", "peak_gpu_mb", "f16_mb", "native_bpp",
+            "gguf_bpp"}
 SIZE_KINDS = {"native_mb": "merged", "gguf_mb": "gguf", "torchao_mb": "torchao", "gptq_mb": "gptq"}
 # The scatter's quality axes: (label, field of the scatter points, which is best).
 QUALITY = {"eval loss (merged)": ("eval_loss", "min"), "multiple-choice score": ("mc_score", "max")}
@@ -40,9 +43,8 @@ def row(job: dict, now: datetime | None = None) -> dict:
     """One job's settings (from its spec, known from the start) and outcomes (from its report)."""
     spec, report = job.get("spec") or {}, job.get("report") or {}
     quant, adapter, train = spec.get("quant") or {}, spec.get("adapter") or {}, spec.get("train") or {}
-    method = quant.get("method", "rtn") + ("" if adapter.get("method", "qalora") == "qalora"
-                                            else f", {adapter['method']}")
-    sizes = {a["kind"]: a["size_bytes"] for a in job.get("artifacts") or []}
+    method = method_label(quant, adapter)
+    sizes = job_sizes(job)
     metrics = job.get("metrics") or []
     tokens_per_s = report.get("tokens_per_s") or (metrics[-1]["tokens_per_s"] if metrics else None)
     if "run_s" in job:  # over every attempt (``service``)
@@ -60,6 +62,10 @@ def row(job: dict, now: datetime | None = None) -> dict:
            "peak_rss_mb": report.get("peak_rss_mb"), "peak_gpu_mb": report.get("peak_gpu_mb") or None}
     for key, kind in SIZE_KINDS.items():
         out[key] = sizes[kind] / 1e6 if sizes.get(kind) else None
+    params = report.get("model_params")  # the 16-bit model's parameters: its size, and bits per parameter
+    out["f16_mb"] = 2 * params / 1e6 if params else None
+    for key, kind in (("native_bpp", "merged"), ("gguf_bpp", "gguf")):
+        out[key] = 8 * sizes[kind] / params if params and sizes.get(kind) else None
     out["merged_bytes"] = sizes.get("merged")
     bench = report.get("benchmarks") or {}
     for which, prefix in BENCH_SUBJECTS.items():
@@ -199,3 +205,22 @@ def markdown_table(result: dict, keys: list[str] | None = None) -> str:
             cells.append(f"**{text}**" if text and r["id"] in result["best"].get(key, ()) else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def files_text(job: dict) -> str:
+    """The job's files beside the 16-bit model: 'native 110 MB (6.52 bits/param) · GGUF 97 MB (5.73
+    bits/param) · 16-bit model 269 MB', for the Jobs tab and the model card ('' before any file)."""
+    r = row(job)
+    sizes = job_sizes(job)
+    params = (job.get("report") or {}).get("model_params")
+    names = {"merged": "native", "gguf": "GGUF", "torchao": "torchao", "gptq": "GPTQ"}
+    parts = [f"{names[k]} {b / 1e6:.0f} MB" + (f" ({8 * b / params:.2f} bits/param)" if params else "")
+             for k, b in sizes.items() if k in names]
+    if parts and r["f16_mb"]:
+        parts.append(f"16-bit model {r['f16_mb']:.0f} MB")
+    return " · ".join(parts)
+
+
+def job_sizes(job: dict) -> dict[str, int]:
+    """Bytes of each file the job wrote, by artifact kind."""
+    return {a["kind"]: a["size_bytes"] for a in job.get("artifacts") or [] if a.get("size_bytes")}

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from qalora.config import AdapterConfig, QuantConfig, TrainConfig
+from qalora.config import AdapterConfig, QuantConfig, TrainConfig, preset_for
 from qalora.errors import ConfigError, DataError, QALoRAError
 from qalora.hubdata import resolve
 
@@ -28,12 +28,15 @@ DEFAULT_GROUP_SIZE = 32
 # Offered when the model's layer widths are only known to the worker (a Hub id or a .gguf file).
 FALLBACK_GROUP_SIZES = (32, 64, 128)
 _CANDIDATE_GROUP_SIZES = (16, 32, 64, 128, 256)
-# Each preset fills the advanced fields; steps dominate the run time.
+# Each run-length preset fills how long and on how much a run trains (steps dominate the run time);
+# the learning rate, rank, alpha, clip search and learned scales come from the bit width's preset
+# (``qalora.config.preset_for``: ``bits_preset``).
 PRESETS: dict[str, dict] = {
-    "quick": dict(rank=8, alpha=16.0, lr=3e-4, steps=40, batch_size=4, seq_len=256),
-    "balanced": dict(rank=16, alpha=32.0, lr=2e-4, steps=200, batch_size=4, seq_len=512),
-    "thorough": dict(rank=32, alpha=64.0, lr=1e-4, steps=600, batch_size=8, seq_len=1024),
+    "quick": dict(steps=40, batch_size=4, seq_len=256),
+    "balanced": dict(steps=200, batch_size=4, seq_len=512),
+    "thorough": dict(steps=600, batch_size=8, seq_len=1024),
 }
+BIT_PRESET_FIELDS = ("rank", "alpha", "lr", "clip", "train_scales", "scales_lr")
 DEFAULT_PRESET = "quick"
 DATA_KINDS = ("built-in", "upload", "path or name", "Hub dataset")
 HUB_CHECK_TTL_S = 120  # a Hub dataset's overview is asked once per id and kept this long (check, then Launch)
@@ -47,6 +50,22 @@ EVALS_PER_RUN = 5  # evaluations (and checkpoints) spread over a run, so the cha
 FIELDS = {"base": "Base model", "group_size": "Group size", "exports": "Also export when done", "data": "Dataset",
           "advanced": "Advanced settings", "sweep": "Sweep", "benchmarks": "Benchmarks"}
 BENCH_NONE, BENCH_CUSTOM = "none", "custom"
+
+
+def bits_preset(bits) -> tuple[dict, str]:
+    """The preset for ``bits`` (the form's defaults for :data:`BIT_PRESET_FIELDS`) and the note that
+    says so, with what a GGUF file costs where it cannot hold the bits (2 and 3 bits are Q4_1)."""
+    bits = int(bits) if str(bits).strip() in {str(b) for b in BITS_CHOICES} else 4
+    p = preset_for(bits)
+    scales = f"learned scales on (their lr {p['scales_lr']:g})" if p["train_scales"] else "learned scales off"
+    note = (f"**Preset for {bits} bits:** learning rate {p['lr']:g}, rank {p['rank']}, alpha {p['alpha']:g}, "
+            f"clip search {'on' if p['clip'] else 'off'}, {scales} (chosen by a sweep on the default model; "
+            "change any of them under Advanced).")
+    if bits < 4:
+        note += (f" A GGUF file stores {bits}-bit codes as Q4_1 blocks (llama.cpp has no exact {bits}-bit block "
+                 "with a float offset), so it costs what a 4-bit file does; the native folder keeps the "
+                 f"{bits} bits.")
+    return p, note
 
 
 def benchmark_choices() -> list[tuple[str, str]]:
@@ -241,14 +260,16 @@ def _number(field: str, value, cast, minimum=None):
 
 def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alpha, lr, steps, batch_size,
                seq_len, name: str = "", exports=(), check_rows: bool = True, devices=1, columns=None,
-               max_samples=None, benchmarks=None, bench_tasks: str = "", bench_limit=None) -> JobSpec:
+               max_samples=None, benchmarks=None, bench_tasks: str = "", bench_limit=None, clip=None,
+               train_scales=None, scales_lr=None) -> JobSpec:
     """Turn the form's raw values into a validated ``JobSpec``; raises ``QALoRAError`` on bad input.
 
     With ``check_rows`` every record of the dataset is parsed now, so a missing column or a
     malformed row is reported in the form instead of failing the job in the worker; a Hub dataset
     is asked about instead (exists, readable, its columns against the mapping), its rows are not
     downloaded here. ``columns`` maps the dataset's columns (roles -> column, empty ones ignored);
-    ``max_samples`` (blank: every record) trains on a seeded sample.
+    ``max_samples`` (blank: every record) trains on a seeded sample. ``clip``, ``train_scales`` and
+    ``scales_lr`` left as None take the preset for ``bits`` (``qalora.config.preset_for``).
     """
     errors = _Collect()
     numbers, raw = {}, dict(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, rank=rank, alpha=alpha,
@@ -266,6 +287,8 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
             numbers[key] = value
     rate = numbers.get("lr")
     train = adapter = None
+    # the bit width's preset fills what the form left unset (bad bits are reported with the group size)
+    preset = preset_for(int(bits) if str(bits).strip() in {str(b) for b in BITS_CHOICES} else 4)
     if "advanced" not in errors.fields:
         with errors.field("advanced"):
             steps, devices = numbers["steps"], numbers["devices"]
@@ -273,7 +296,11 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
             train = TrainConfig(steps=steps, batch_size=numbers["batch_size"], seq_len=numbers["seq_len"], lr=rate,
                                 warmup_steps=min(10, steps // 10), eval_every=every, save_every=every,
                                 eval_batches=4)
-            adapter = AdapterConfig(rank=numbers["rank"], alpha=numbers["alpha"])
+            scales_lr = preset["scales_lr"] if scales_lr in (None, "", 0) else _number("scales learning rate",
+                                                                                       scales_lr, float)
+            adapter = AdapterConfig(rank=numbers["rank"], alpha=numbers["alpha"], scales_lr=scales_lr,
+                                    train_scales=preset["train_scales"] if train_scales is None else bool(train_scales))
+    clip = preset["clip"] if clip is None else bool(clip)
     dims = quant = None
     with errors.field("base"):
         base = confine_base(str(base or "").strip() or "default")
@@ -286,7 +313,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
             check_group_size(dims, group_size, AdapterConfig().targets)
     if "group_size" not in errors.fields:
         with errors.field("group_size"):
-            quant = QuantConfig(bits=bits, group_size=group_size, method=method)
+            quant = QuantConfig(bits=bits, group_size=group_size, method=method, clip=clip)
     with errors.field("exports"):
         from qalora.export import check_format
         for fmt in exports or ():

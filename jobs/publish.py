@@ -15,7 +15,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qalora.config import method_label
 from qalora.errors import QALoRAError
+
+from .compare import files_text
 
 CARD = "README.md"
 CURVE = "loss_curve.png"
@@ -148,8 +151,9 @@ def model_card(job: dict, repo_id: str = "", formats=None, measured: dict | None
              "gguf": f"`{gguf}`, `{MODELFILE}`", "native": "`native/`", "adapter": "`adapter/`"}
     runs = {"transformers": "transformers + torchao", "gguf": "llama.cpp, llama-cpp-python, Ollama",
             "native": "QA-LoRA Studio (`qalora`)", "adapter": "QA-LoRA Studio, on the quantized base"}
-    rows = [("base model", _display_ref(base)), ("bits", bits), ("group size", group),
-            ("quantization", str(r.get("quant_method", "")).upper()), ("dataset", _display_ref(r.get("data"))),
+    rows = [("method", method_label(spec.get("quant") or {}, spec.get("adapter") or {})),
+            ("base model", _display_ref(base)), ("bits", bits), ("group size", group),
+            ("quantization", str(r.get("quant_method", "")).upper() + (" + clip search" if r.get("clip") else "")), ("dataset", _display_ref(r.get("data"))),
             ("LoRA rank / alpha", f"{r.get('rank')} / {_fmt(r.get('alpha'))}"), ("steps", r.get("steps")),
             ("batch size x seq len", f"{t.get('batch_size')} x {t.get('seq_len')}"),
             ("learning rate", _fmt(t.get("lr"))), ("train examples", r.get("train_examples"))]
@@ -164,6 +168,8 @@ def model_card(job: dict, repo_id: str = "", formats=None, measured: dict | None
     if gen := r.get("generation"):
         results.append((f"held-out replies generated, exact match ({gen['n']})",
                         f"{gen['exact']}/{gen['n']} = {gen['accuracy']:.0%}"))
+    if sizes := files_text(job):
+        results.append(("file sizes (bits per parameter of the whole file)", sizes))
     if r.get("tokens_per_s"):
         results.append(("training throughput", f"{r['tokens_per_s']:.0f} tokens/s on {r.get('device', '?')}"))
     load_id = repo_id or "<user>/<repo>"

@@ -235,6 +235,20 @@ def move(job_id: int, direction: str) -> list[int]:
         return repo.move_queued(s, job_id, direction)
 
 
+def job_overview(job: dict) -> str:
+    """How the job is made and what it wrote: its method (``qalora.config.method_label``), bits and
+    group size, and its files beside the 16-bit model in MB and bits per parameter."""
+    from qalora.config import method_label
+
+    from .compare import files_text
+
+    spec = job.get("spec") or {}
+    quant = spec.get("quant") or {}
+    text = f"{method_label(quant, spec.get('adapter'))}, {quant.get('bits')}-bit, group {quant.get('group_size')}"
+    files = files_text(job)
+    return text + (f" · files: {files}" if files else "")
+
+
 def compare(job_ids) -> dict:
     """The Compare tab's data for these jobs (``jobs.compare.compare``): table columns, rows and best
     cells, loss-curve points by step and tokens, size-vs-quality points with the frontier."""
@@ -415,7 +429,7 @@ from .chat import (build_messages, loaded_models, runtime_of, stream_reply,  # n
                    stream_side_by_side)
 from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_GROUP_SIZE, DEFAULT_PRESET,  # noqa: E402,F401
                     METHOD_CHOICES, PRESETS, FormError, build_spec, form_spec, builtin_choices, data_source, export_choices,
-                    hub_dataset, hub_ref, benchmark_choices,
+                    hub_dataset, hub_ref, benchmark_choices, bits_preset, BIT_PRESET_FIELDS,
                     group_size_choices, preview_dataset, warm_up)
 from .forms import FIELDS as FORM_FIELDS  # noqa: E402,F401
 from qalora.errors import QALoRAError  # noqa: E402,F401

@@ -140,6 +140,8 @@ def plan_sweep(grid: dict, *, kind: str, builtin: str | None, upload: str | None
         combo = dict(zip(plan.values, point))
         ok, refused_formats = export_choices(combo["bits"], combo["group_size"])
         exports = [f for f in wanted if f in ok]
+        if len(plan.values["bits"]) > 1:  # each bit width with its own preset's clip search and scales
+            fields = {k: v for k, v in fields.items() if k not in ("clip", "train_scales", "scales_lr")}
         values = {**fields, **combo, "alpha": _alpha(alpha0, rank0, combo["rank"]), "exports": exports,
                   "name": _name(name, fields.get("base"), combo, multiple_lr=len(plan.values["lr"]) > 1)}
         try:

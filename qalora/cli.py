@@ -22,6 +22,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8")
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--quant-method", choices=["rtn", "gptq"], default="rtn")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip search: per group, the range (and least-squares scale and offset) with the least "
+                        "weight error instead of min-max (default: the bit width's preset)")
+    p.add_argument("--train-scales", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train the quantization scales; the codes stay frozen and the merge stays exact "
+                        "(default: the bit width's preset)")
+    p.add_argument("--scales-lr", type=float, default=None, help="learning rate of the learned scales (preset)")
     p.add_argument("--data", default="builtin:default",
                    help="builtin:NAME, a .json/.jsonl/.csv/.parquet file or dataset folder, a Hub dataset "
                         "ID[:CONFIG][@SPLIT], or one of the paper's: " + ", ".join(f"paper:{n}" for n in PAPER_DATASETS))
@@ -32,13 +39,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--method", choices=["qalora", "qlora-ptq"], default="qalora",
                    help="qlora-ptq: the baseline (full-width LoRA, merged in 16 bits, quantized again)")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")
+    p.add_argument("--rank", type=int, default=None, help="default: the bit width's preset")
+    p.add_argument("--alpha", type=float, default=None, help="default: the preset's, or 2 x rank")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=None, help="default: the bit width's preset")
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -259,16 +266,37 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def with_preset(args) -> dict:
+    """The run's lr, rank, alpha, clip search and learned scales: what the command line gave, the rest
+    from the preset for ``--bits`` (``qalora.config.preset_for``); says on stderr what it took."""
+    from .config import preset_for
+
+    preset = preset_for(args.bits)
+    given = {"lr": args.lr, "rank": args.rank, "alpha": args.alpha, "clip": args.clip,
+             "train_scales": args.train_scales, "scales_lr": args.scales_lr}
+    if args.method != "qalora":  # the baseline has no scales to learn; its lr, rank and alpha as given
+        preset["train_scales"] = False
+    if given["rank"] is not None and given["alpha"] is None:
+        given["alpha"] = 2.0 * given["rank"]
+    chosen = {k: preset[k] if v is None else v for k, v in given.items()}
+    taken = [k for k, v in given.items() if v is None]
+    if taken:
+        print(f"using the {args.bits}-bit preset for " + ", ".join(f"{k.replace('_', '-')} {chosen[k]}"
+                                                                    for k in taken), file=sys.stderr)
+    return chosen
+
+
 def cmd_train(args) -> dict | None:
     from .hubdata import parse_columns, resolve
     from .pipeline import finetune
 
     data, columns, max_samples = resolve(args.data, parse_columns(args.columns), args.max_samples)
 
-    quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method)
-    adapter = AdapterConfig(rank=args.rank, alpha=args.alpha if args.alpha else 2.0 * args.rank,
-                            dropout=args.dropout, method=args.method)
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+    chosen = with_preset(args)
+    quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method, clip=chosen["clip"])
+    adapter = AdapterConfig(rank=chosen["rank"], alpha=chosen["alpha"], dropout=args.dropout, method=args.method,
+                            train_scales=chosen["train_scales"], scales_lr=chosen["scales_lr"])
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=chosen["lr"],
                         warmup_steps=min(args.warmup_steps, args.steps), schedule=args.schedule,
                         grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing,
                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, dtype=args.dtype)
@@ -336,7 +364,7 @@ def cmd_serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qalora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -345,7 +373,11 @@ def main(argv=None) -> int:
     _export_parser(sub)
     _eval_parser(sub)
     _sweep_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "train" and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _torchrun(args.nproc, list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -22,11 +22,25 @@ def _from_dict(cls, data: dict | None):
     return cls(**data)
 
 
+def _to_dict(self) -> dict:
+    """The settings as a dict; an option left at its off value is left out, so runs made before the
+    option existed keep their fingerprints and cache keys (see ``_OPTIONAL``)."""
+    d = asdict(self)
+    for name, off in getattr(self, "_OPTIONAL", {}).items():
+        if d.get(name) == off:
+            d.pop(name)
+    return d
+
+
 @dataclass
 class QuantConfig:
     bits: int = 4
     group_size: int = 32
     method: str = "rtn"
+    # clip search: per group, the clip ratio (and least-squares scale and offset) with the least
+    # weight error instead of plain min-max (qalora.quant.quantize_rtn; GPTQ's own grid search)
+    clip: bool = False
+    _OPTIONAL = {"clip": False}
 
     def __post_init__(self):
         if self.bits not in VALID_BITS:
@@ -36,8 +50,9 @@ class QuantConfig:
                               "in_features such as 32, 64 or 128.")
         if self.method not in QUANT_METHODS:
             raise ConfigError(f"quantization method {self.method!r} is unknown; choose 'rtn' or 'gptq'.")
+        self.clip = bool(self.clip)
 
-    to_dict = asdict
+    to_dict = _to_dict
     from_dict = classmethod(_from_dict)
 
 
@@ -50,6 +65,11 @@ class AdapterConfig:
     # qalora: group-pooled adapter, exact merge. qlora-ptq: the baseline (full-width LoRA on the
     # same quantized base, merged in 16 bits, then quantized again).
     method: str = "qalora"
+    # learned scales: every quantized linear's per-group scales trained too (their own learning
+    # rate, no weight decay); the codes stay frozen, so the merge stays exact
+    train_scales: bool = False
+    scales_lr: float = 5e-5
+    _OPTIONAL = {"train_scales": False}
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
@@ -63,13 +83,57 @@ class AdapterConfig:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1).")
         if not self.targets:
             raise ConfigError("targets is empty; name at least one linear layer such as 'q_proj'.")
+        self.train_scales = bool(self.train_scales)
+        if self.train_scales and self.method != "qalora":
+            raise ConfigError("learned scales (train_scales) are a QA-LoRA option: the baseline's merge "
+                              "quantizes again, so there is no scale to keep. Use method 'qalora' or turn "
+                              "train_scales off.")
+        if not self.scales_lr > 0:
+            raise ConfigError(f"scales_lr={self.scales_lr} must be positive (typical: 1e-5 to 1e-4).")
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
 
-    to_dict = asdict
+    def to_dict(self) -> dict:
+        d = _to_dict(self)
+        if not self.train_scales:
+            d.pop("scales_lr")  # means nothing without learned scales
+        return d
+
+    @property
+    def method_name(self) -> str:
+        """How the run is named where it is shown (Jobs, Compare, the card)."""
+        if self.method != "qalora":
+            return "LoRA + PTQ"
+        return "QA-LoRA + learned scales" if self.train_scales else "QA-LoRA"
     from_dict = classmethod(_from_dict)
+
+
+def method_label(quant, adapter) -> str:
+    """How a run is named wherever it is shown (Jobs, Compare, the card): the adapter method, learned
+    scales, the quantizer and the clip search, e.g. ``QA-LoRA + learned scales (RTN + clip search)``.
+    ``quant`` and ``adapter`` are the configs or their dicts (a job's spec)."""
+    q = quant if isinstance(quant, QuantConfig) else QuantConfig.from_dict(quant or {})
+    a = adapter if isinstance(adapter, AdapterConfig) else AdapterConfig.from_dict(adapter or {})
+    return f"{a.method_name} ({q.method.upper()}{' + clip search' if q.clip else ''})"
+
+
+# Per-bit-width defaults of the form and the CLI (a user's own values win), chosen by the sweep in
+# bench/low_bits.py on the default model and the built-in data (README, "Low bits").
+BIT_PRESETS = {
+    2: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": True, "train_scales": True, "scales_lr": 5e-5},
+    3: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": True, "train_scales": False, "scales_lr": 5e-5},
+    4: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": False, "train_scales": False, "scales_lr": 5e-5},
+    8: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": False, "train_scales": False, "scales_lr": 5e-5},
+}
+
+
+def preset_for(bits: int) -> dict:
+    """The preset for ``bits``: lr, rank, alpha, clip search, learned scales and their lr."""
+    if bits not in BIT_PRESETS:
+        raise ConfigError(f"bits={bits} is not supported; choose one of {list(VALID_BITS)}.")
+    return dict(BIT_PRESETS[bits])
 
 
 @dataclass

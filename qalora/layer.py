@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import QuantizedTensor, dequantize_packed
+from .quant import QuantizedTensor, dequantize_packed, unpack_codes
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -58,6 +58,11 @@ class _QALoRAFn(torch.autograd.Function):
     step (2 bytes a parameter: as much memory as the base the packing saved). It keeps the group
     sums ``pool(x)`` (fp32, ``in / group_size`` values a token) and the dropout mask; ``D`` is
     recomputed (``out x rank x groups`` multiply-adds).
+
+    Learned scales (``scale`` a trainable parameter): ``w = scale * q + offset + D`` gives
+    ``dscale[o, g] = sum_{i in g} q[o, i] * dW[o, i]`` with ``dW = g^T @ x``: one more matmul per
+    layer, formed in backward and reduced to ``(out, groups)`` at once (no float weight is kept).
+    It needs the layer's input, so forward keeps ``x`` too (in the compute dtype).
     """
 
     @staticmethod
@@ -73,13 +78,14 @@ class _QALoRAFn(torch.autograd.Function):
             pooled = pooled * mask
             w = dequantize_packed(packed, scale, offset, bits, in_features, x.dtype)
             y = F.linear(x, w, bias) + F.linear(pooled.to(x.dtype), delta.to(x.dtype))
-        ctx.save_for_backward(packed, scale, offset, lora_A, lora_B, pooled, mask)
+        ctx.save_for_backward(packed, scale, offset, lora_A, lora_B, pooled, mask,
+                              x if ctx.needs_input_grad[4] else None)
         ctx.meta = (scaling, bits, group_size, in_features)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        packed, scale, offset, lora_A, lora_B, pooled, mask = ctx.saved_tensors
+        packed, scale, offset, lora_A, lora_B, pooled, mask, x = ctx.saved_tensors
         scaling, bits, group_size, in_features = ctx.meta
         dtype = grad_out.dtype
         A, B = lora_A.float(), lora_B.float()
@@ -96,7 +102,13 @@ class _QALoRAFn(torch.autograd.Function):
                 grad_x = grad_out @ dequantize_packed(packed, scale, offset, bits, in_features, dtype)
                 grad_pool = (grad_out @ delta.to(dtype)) * mask  # (..., groups)
                 grad_x = (grad_x.unflatten(-1, (-1, group_size)) + grad_pool.unsqueeze(-1).to(dtype)).flatten(-2)
-        return grad_x, grad_A, grad_B, None, None, None, None, None, None, None, None
+        grad_scale = None
+        if x is not None:
+            d_w = g2.t() @ x.reshape(-1, in_features).to(dtype)  # (out, in), this layer's only
+            codes = unpack_codes(packed, bits, in_features)
+            grad_scale = (d_w.unflatten(-1, (-1, group_size)).mul_(codes.unflatten(-1, (-1, group_size)))
+                          .sum(-1, dtype=torch.float32)).to(scale.dtype)
+        return grad_x, grad_A, grad_B, None, grad_scale, None, None, None, None, None, None
 
 
 class LowRankOnQuantized(nn.Module):
@@ -152,8 +164,18 @@ class QALoRALinear(LowRankOnQuantized):
     """
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, rank: int, alpha: float,
-                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32):
+                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32, train_scales: bool = False):
         super().__init__(qt, bias, rank, alpha, dropout, adapter_dtype, qt.in_features // qt.group_size)
+        if train_scales:
+            # learned scales: a trainable fp32 parameter in place of the buffer (same name, so the
+            # merge, the checkpoints and every export read it as they read the frozen one)
+            scale = self.scale
+            del self.scale
+            self.scale = nn.Parameter(scale.detach().float().clone())
+
+    @property
+    def train_scales(self) -> bool:
+        return isinstance(self.scale, nn.Parameter) and self.scale.requires_grad
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Sum within groups, in fp32: ``(..., in) -> (..., in // group_size)``."""

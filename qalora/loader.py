@@ -173,7 +173,7 @@ def stream_quantized(source, config, quant: QuantConfig, targets, device, dtype:
             qt_layer, inputs = _gptq_layer(model, layer, found, quant, inputs)
         else:
             qt_layer = {n: cached.get(n) or quantize_tensor(model.get_submodule(n).weight.data, quant.bits,
-                                                            quant.group_size, n) for n in found}
+                                                            quant.group_size, n, quant.clip) for n in found}
         for name, qt in qt_layer.items():
             qt = qweights[name] = qt.to(device)
             set_module(model, name, QuantLinear(qt, model.get_submodule(name).bias, use_kernel=False))
@@ -214,6 +214,6 @@ def _gptq_layer(model, layer, found, quant: QuantConfig, inputs):
 
     names = {id(model.get_submodule(n)): n for n in found}
     with torch.no_grad():
-        raw, inputs = gptq_quantize_layer(layer, inputs, names, gptq_config(quant.bits, quant.group_size),
+        raw, inputs = gptq_quantize_layer(layer, inputs, names, gptq_config(quant.bits, quant.group_size, clip=quant.clip),
                                           quant.bits)
     return {n: from_codes(*(t.clone() for t in raw[n]), quant.bits) for n in found}, inputs

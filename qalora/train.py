@@ -138,7 +138,10 @@ def optimizer_step(model, micro: list[dict], params, optimizer, scheduler, cfg: 
     stats = torch.stack([loss_sum, loss_sum.new_full((), n_local),
                          loss_sum.new_full((), sum(b["tokens"] for b in micro))])
     stats = distributed.reduce_step(params, stats)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # before clipping
+    # each parameter group clipped on its own (learned scales' gradients are not the adapter's size);
+    # the adapter's norm is the one logged
+    grad_norm = [torch.nn.utils.clip_grad_norm_(g["params"], cfg.max_grad_norm)  # before clipping
+                 for g in optimizer.param_groups][0]
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
@@ -279,7 +282,7 @@ def load_checkpoint(path, model, optimizer, scheduler, fingerprint: dict | None 
 
 def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: TrainConfig, pad_id: int, *,
           ckpt_dir=None, resume: bool = True, on_step=None, should_stop=None, log=None,
-          fingerprint: dict | None = None, owns=None) -> TrainResult:
+          fingerprint: dict | None = None, owns=None, scales_lr: float | None = None) -> TrainResult:
     """Train the model's trainable parameters for ``cfg.steps`` optimizer steps.
 
     ``on_step(StepInfo)`` runs after each step; ``should_stop()`` is checked after each step
@@ -287,15 +290,21 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     ``owns()``, asked before each checkpoint, says whether this process still owns ``ckpt_dir``: a
     job taken over by another worker writes (and prunes) nothing in the new owner's folder.
     ``fingerprint`` (settings and data identity) is stored in every checkpoint; resuming from
-    checkpoints with a different one raises ``ConfigError``.
+    checkpoints with a different one raises ``ConfigError``. Learned scales (trainable parameters
+    named ``*.scale``) are a second parameter group at ``scales_lr``, with no weight decay.
     """
     from . import distributed
 
     w = distributed.world()
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    scales = [p for n, p in named if n.endswith(".scale")]
+    groups = [{"params": [p for n, p in named if not n.endswith(".scale")]}]
+    if scales:
+        groups.append({"params": scales, "lr": scales_lr or cfg.lr, "weight_decay": 0.0})
+    params = [p for g in groups for p in g["params"]]
     # fused: one kernel for all parameters, and its step counts stay on the device (no host reads)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
     torch.manual_seed(cfg.seed + w.rank)  # dropout masks: each rank its own

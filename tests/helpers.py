@@ -27,10 +27,11 @@ def resolve_device(name: str) -> torch.device:
 DEVICE = resolve_device(os.environ.get("QALORA_TEST_DEVICE", "cpu"))
 
 
-def tiny_qalora(bits=4, group_size=GROUP, rank=RANK, dropout=0.0, seed=0, randomize_b=True, device=DEVICE):
+def tiny_qalora(bits=4, group_size=GROUP, rank=RANK, dropout=0.0, seed=0, randomize_b=True, device=DEVICE,
+                train_scales=False):
     model, tok = tiny_random_llama(seed)
     model.to(device)
-    adapter = AdapterConfig(rank=rank, alpha=2 * rank, dropout=dropout)
+    adapter = AdapterConfig(rank=rank, alpha=2 * rank, dropout=dropout, train_scales=train_scales)
     inject_qalora(model, quantize_model(model, QuantConfig(bits, group_size), adapter.targets), adapter)
     if randomize_b:
         randomize_lora_b(model, seed + 1, 0.05)
@@ -44,6 +45,20 @@ def randomize_lora_b(model, seed: int, std: float) -> None:
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def trained_scales_qalora(bits=3, group_size=GROUP, steps=4, seed=0):
+    """A tiny QA-LoRA model with learned scales after a few real training steps (lr high enough that
+    the scales move), in eval mode."""
+    from qalora.config import TrainConfig
+    from qalora.train import train
+
+    model, tok = tiny_qalora(bits=bits, group_size=group_size, seed=seed, randomize_b=False, train_scales=True)
+    g = torch.Generator().manual_seed(seed)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 250, (8, 24), generator=g).tolist()]
+    train(model, data, data[:2], TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=0, eval_every=steps,
+                                             seed=seed), tok.pad_token_id, scales_lr=1e-3)
+    return model.eval(), tok
 
 
 def token_batch(n=2, t=24, vocab=250, seed=0, device=DEVICE):

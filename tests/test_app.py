@@ -189,6 +189,32 @@ def test_presets_fill_the_advanced_fields():
     assert steps == sorted(steps) and len(set(steps)) == 3
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_choosing_bits_fills_the_bit_widths_preset_and_says_so(bits):
+    from qalora.config import preset_for
+
+    *values, note = app._bits_changed(bits)
+    p = preset_for(bits)
+    assert values == [p[k] for k in ("rank", "alpha", "lr", "clip", "train_scales", "scales_lr")]
+    assert note.startswith(f"**Preset for {bits} bits:** learning rate {p['lr']:g}, rank {p['rank']}")
+    assert ("stores {}-bit codes as Q4_1 blocks".format(bits) in note) == (bits < 4)  # what a GGUF file costs
+
+
+def test_a_launch_takes_the_ticks_and_a_spec_left_unset_takes_the_preset(home):
+    from qalora.config import preset_for
+
+    app._launch(*{**FORM, "name": "own", "bits": 2}.values(), clip=False, train_scales=True, scales_lr=2e-4)
+    (job,) = service.list_jobs()
+    assert job["spec"]["quant"].get("clip", False) is False
+    assert job["spec"]["adapter"]["train_scales"] is True and job["spec"]["adapter"]["scales_lr"] == 2e-4
+    spec = forms.build_spec(base="tiny-random", bits=2, group_size=32, method="rtn", data="builtin:contacts",
+                            rank=4, alpha=8, lr=1e-3, steps=6, batch_size=2, seq_len=256)
+    p = preset_for(2)
+    assert (spec.quant.clip, spec.adapter.train_scales, spec.adapter.scales_lr) == (
+        p["clip"], p["train_scales"], p["scales_lr"])
+    assert service.job_overview(job).startswith("QA-LoRA + learned scales (RTN), 2-bit, group 32")
+
+
 def test_job_view_shows_metrics_as_train_and_eval_series():
     metrics = [{"step": 1, "train_loss": 2.5, "eval_loss": None}, {"step": 2, "train_loss": 2.0, "eval_loss": 2.2}]
     frame = app._loss_frame(metrics, "#7")

@@ -129,3 +129,19 @@ def test_eval_loss_and_multiple_choice(trained):
     again = eval_multiple_choice(model, tok, BUILTIN_MC, limit=6, scoring="text")
     assert (mc["kind"], mc["n"], mc["correct"]) == ("multiple_choice", 6, again["correct"])
     assert mc["accuracy"] == again["correct"] / 6
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_train_takes_the_bit_widths_preset_where_the_command_line_is_silent(bits, capsys):
+    from qalora.cli import build_parser, with_preset
+    from qalora.config import preset_for
+
+    parse = lambda *a: build_parser().parse_args(["train", "--out", "x", "--bits", str(bits), *a])  # noqa: E731
+    assert with_preset(parse()) == preset_for(bits)
+    assert f"using the {bits}-bit preset for lr" in capsys.readouterr().err
+    own = with_preset(parse("--lr", "1e-3", "--rank", "8", "--no-clip", "--train-scales", "--scales-lr", "1e-4"))
+    assert own == {**preset_for(bits), "lr": 1e-3, "rank": 8, "alpha": 16.0, "clip": False, "train_scales": True,
+                   "scales_lr": 1e-4}
+    assert "preset" not in capsys.readouterr().err  # nothing was taken from it
+    baseline = with_preset(parse("--method", "qlora-ptq"))
+    assert baseline["train_scales"] is False  # the baseline re-quantizes: no scales to learn

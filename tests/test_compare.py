@@ -51,8 +51,11 @@ def test_the_table_holds_each_jobs_settings_and_outcomes_and_marks_the_best(swee
     for job_id, bits in zip(ids, (2, 4)):
         job, r = service.get_job(job_id), rows[job_id]
         report = job["report"]
-        assert (r["bits"], r["group_size"], r["rank"], r["method"], r["steps"], r["lr"]) == (bits, 32, 4, "rtn",
-                                                                                              STEPS, 1e-3)
+        # each bit width with its preset's clip search and learned scales, named as it ran
+        from qalora.config import method_label
+        assert r["method"] == method_label(job["spec"]["quant"], job["spec"]["adapter"]) == report["method_name"]
+        assert r["method"] == ("QA-LoRA + learned scales (RTN + clip search)" if bits == 2 else "QA-LoRA (RTN)")
+        assert (r["bits"], r["group_size"], r["rank"], r["steps"], r["lr"]) == (bits, 32, 4, STEPS, 1e-3)
         assert r["sweep"] == job["sweep_id"] and r["sweep"].startswith("cmp-") and r["status"] == "succeeded"
         assert r["eval_base"] == report["eval_loss_quantized_base"]
         assert r["eval_trained"] == report["eval_loss_adapter"] and r["eval_merged"] == report["eval_loss_merged"]
@@ -62,6 +65,9 @@ def test_the_table_holds_each_jobs_settings_and_outcomes_and_marks_the_best(swee
         assert r["native_mb"] * 1e6 == pytest.approx(sum(f.stat().st_size for f in merged.rglob("*") if f.is_file()))
         gguf = Path(job["artifact_dir"]) / report["exports"]["gguf"]["path"]  # relative to the job's folder
         assert r["gguf_mb"] * 1e6 == gguf.stat().st_size
+        params = report["model_params"]  # the 16-bit model's: its size and each file's bits per parameter
+        assert r["f16_mb"] == 2 * params / 1e6 and r["gguf_bpp"] == 8 * gguf.stat().st_size / params
+        assert r["native_bpp"] == pytest.approx(8 * r["native_mb"] * 1e6 / params)
         assert r["tokens_per_s"] == report["tokens_per_s"] and r["peak_rss_mb"] == report["peak_rss_mb"]
         assert r["wall_s"] == job["run_s"] == (job["finished_at"] - job["started_at"]).total_seconds() > 0
     # 2-bit codes are smaller than 4-bit ones; the 2-bit model's loss is the higher one

@@ -64,6 +64,15 @@ def tiny3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny3_scales(tmp_path_factory):
+    """A run with learned scales (a few real steps): the file carries the learned scales."""
+    from helpers import trained_scales_qalora
+
+    out = merged_dir(*trained_scales_qalora(bits=3), tmp_path_factory.mktemp("tiny3s") / "merged")
+    return out, export_gguf(out)
+
+
+@pytest.fixture(scope="module")
 def default4(tmp_path_factory):
     out = merged_dir(*default_qalora(), tmp_path_factory.mktemp("default4") / "merged")
     return out, export_gguf(out)
@@ -115,12 +124,28 @@ class _F16Linear(nn.Module):
         return x.half().float() @ self.w.T
 
 
+class _Q8_0xQ8_0(nn.Module):
+    """ggml's Q8_0 x Q8_0 matmul (the output head): activations rounded to Q8_0 blocks (fp16 ``d``)
+    times the head's Q8_0 values, which the float model holds already (``qalora.model.EIGHT_BIT``)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.w = weight.detach().float()
+
+    def forward(self, x):
+        xb = x.float().unflatten(-1, (-1, 32))
+        d = (xb.abs().amax(-1, keepdim=True) / 127).half().float()
+        q = torch.round(xb * torch.where(d > 0, 1 / d, 0))
+        return (q * d).flatten(-2) @ self.w.T
+
+
 def ggml_emulation(model):
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, _F16Linear(m) if m.bits == 8 else _Q4_1xQ8_1(m))
+    model.lm_head = _Q8_0xQ8_0(model.get_output_embeddings().weight)
     return model
 
 
@@ -210,7 +235,15 @@ def test_default_metadata_tokenizer_and_tied_output(default4):
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert "output.weight" not in types  # tied: llama.cpp reuses token_embd
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_1
-    assert types["token_embd.weight"] == types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    # the embedding (also the output head) as the base's own Q8_0 blocks, never widened; norms F32
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    source_types = {t.name: t for t in source.tensors}
+    ours = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert source_types["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert np.array_equal(np.asarray(ours.data), np.asarray(source_types["token_embd.weight"].data))  # bit for bit
+    # as small as the Q4_1 file the studio starts from (its linears are Q4_1 too)
+    assert path.stat().st_size <= 1.05 * default_gguf_path().stat().st_size
 
 
 def test_llama_cpp_tokenizes_like_our_tokenizer(tiny4, default4):
@@ -223,7 +256,7 @@ def test_llama_cpp_tokenizes_like_our_tokenizer(tiny4, default4):
         llm.close()
 
 
-@pytest.mark.parametrize("fixture", ["tiny4", "tiny3", "default4"])
+@pytest.mark.parametrize("fixture", ["tiny4", "tiny3", "tiny3_scales", "default4"])
 def test_llama_cpp_runs_our_exact_weights(fixture, request, tmp_path):
     model_dir, path = request.getfixturevalue(fixture)
     ids = random_ids(49152 if fixture == "default4" else 250)
@@ -232,7 +265,7 @@ def test_llama_cpp_runs_our_exact_weights(fixture, request, tmp_path):
     assert (got - want).abs().max() <= F32_NOISE * want.abs().max()
 
 
-@pytest.mark.parametrize("fixture", ["tiny4", "default4"])
+@pytest.mark.parametrize("fixture", ["tiny4", "tiny3_scales", "default4"])
 def test_llama_cpp_logits_within_its_activation_rounding(fixture, request):
     model_dir, path = request.getfixturevalue(fixture)
     ids = random_ids(49152 if fixture == "default4" else 250)
@@ -274,4 +307,6 @@ def test_eight_bit_exports_f16_for_any_group_size(tmp_path):
     exact, emulated = torch_logits(model, ids), torch_logits(ggml_emulation(model), ids)
     got = llama_logits(path, ids)
     assert (got - exact).abs().max() <= EMULATION_MARGIN * (emulated - exact).abs().max()
-    assert (got - exact).abs().max() <= 5e-3 * exact.abs().max()
+    # llama.cpp rounds the activations to 8 bits before the Q8_0 output head (0.6% measured here;
+    # 0.2% with the head in F32, before the file kept it in 8 bits)
+    assert (got - exact).abs().max() <= 1e-2 * exact.abs().max()

@@ -87,7 +87,14 @@ def _as_exported(exact, native, out):
     bits = exact.model.layers[0].mlp.up_proj.bits
     for name, (codes, _, _) in read.items():
         assert torch.equal(codes, unpack_codes(source[f"{name}.packed"], bits, codes.shape[1]))
-    return with_offsets(exact, {name: (scale, offset) for name, (_, scale, offset) in read.items()})
+    model = with_offsets(exact, {name: (scale, offset) for name, (_, scale, offset) in read.items()})
+    # and every other tensor as the file holds it (fp16 embedding, norms)
+    own, written = model.state_dict(), load_file(out / "model.safetensors")
+    with torch.no_grad():
+        for key, value in written.items():
+            if key in own and own[key].is_floating_point():
+                own[key].copy_(value.float())
+    return model
 
 
 @pytest.fixture
@@ -120,7 +127,10 @@ def test_checkpoint_layout_and_report(exports, tmp_path):
     assert tensors[f"{name}.qweight"].shape == (128 * 4 // 32, 64)
     assert tensors[f"{name}.scales"].dtype == torch.float16
     assert not any(k.endswith((".packed", ".offset")) for k in tensors)
-    assert torch.equal(tensors["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
+    # the embedding: the native file's Q8_0 values in fp16 (never widened to fp32), as GPTQ files hold it
+    from qalora.export.native import float_state
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float16
+    assert torch.equal(tensors["model.embed_tokens.weight"], float_state(source)["model.embed_tokens.weight"].half())
     assert (out / "tokenizer.json").is_file()
     assert json.loads((out / REPORT).read_text()) == report
     # The report is reproduced from the written file by an independent reader.

@@ -148,3 +148,37 @@ def test_eval_mode_ignores_dropout():
     layer.eval()
     x = torch.randn(4, IN, device=DEVICE)
     assert torch.allclose(layer(x), _reference(layer, qt, x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_learned_scale_gradient_equals_autograd_through_the_dequantized_weight(dropout):
+    """``dscale[o, g] = sum_{i in g} q[o, i] * (g^T x)[o, i]`` against plain autograd of
+    ``x @ (scale * q + offset)^T`` plus the adapter term."""
+    from qalora.quant import dequantize
+
+    torch.manual_seed(0)
+    qt = quantize_tensor(torch.randn(OUT, IN, device=DEVICE), 2, GROUP)
+    layer = QALoRALinear(qt, None, RANK, alpha=8.0, dropout=dropout, train_scales=True).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert layer.train_scales and {n for n, p in layer.named_parameters()} == {"lora_A", "lora_B", "scale"}
+    x = torch.randn(3, 5, IN, device=DEVICE)
+    torch.manual_seed(1)
+    layer(x).square().sum().backward()
+    scale = layer.scale.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)  # the same dropout mask
+    mask = (torch.nn.functional.dropout(torch.ones(3, 5, IN // GROUP, device=DEVICE), dropout) if dropout
+            else torch.ones(3, 5, IN // GROUP, device=DEVICE))
+    pooled = x.unflatten(-1, (-1, GROUP)).sum(-1) * mask
+    ref = x @ dequantize(qt.codes(), scale, layer.offset).t() + pooled @ layer.delta_offset().detach().t()
+    ref.square().sum().backward()
+    assert torch.allclose(layer.scale.grad, scale.grad, rtol=1e-4, atol=1e-4 * scale.grad.abs().max().item())
+
+
+def test_learned_scale_layer_traces_on_meta_without_a_host_tensor():
+    """The scale gradient's tensors are made where the layer's are (a CPU tensor meeting a meta
+    one raises, as it would meeting a CUDA one)."""
+    qt = quantize_tensor(torch.randn(OUT, IN, device="meta"), 3, GROUP)
+    layer = QALoRALinear(qt, None, RANK, alpha=8.0, train_scales=True)
+    layer(torch.randn(2, 4, IN, device="meta")).sum().backward()
+    assert layer.scale.grad.device.type == "meta" and layer.scale.grad.shape == (OUT, IN // GROUP)

@@ -62,3 +62,23 @@ def test_baseline_lora_needs_requantization_and_loses_exactness():
     assert sum(isinstance(m, QuantLinear) for m in merged.modules()) == 14
     # The 16-bit merge is re-rounded to the 3-bit grid: the deployed model differs from the trained one.
     assert max_logit_diff(model, merged, [token_batch()]) > 1e-2
+
+
+def test_a_learned_scale_run_merges_exactly_with_its_learned_scales():
+    from helpers import trained_scales_qalora
+
+    model, _ = trained_scales_qalora(bits=3)
+    initial, _ = tiny_qalora(bits=3, randomize_b=False)
+    start = {n: m.scale for n, m in initial.named_modules() if isinstance(m, QALoRALinear)}
+    learned = {n: (m.packed.clone(), m.scale.detach().clone()) for n, m in model.named_modules()
+               if isinstance(m, QALoRALinear)}
+    moved = max((learned[n][1] - start[n]).abs().max().item() / start[n].abs().max().item() for n in start)
+    assert moved > 1e-3  # the scales really trained
+    merged = merge_adapters(copy.deepcopy(model), use_kernel=False)
+    batch = token_batch()
+    assert max_logit_diff(model, merged, [batch]) <= 1e-5
+    for name, m in merged.named_modules():
+        if isinstance(m, QuantLinear):  # the codes as quantized; the scales as learned
+            assert torch.equal(m.packed, learned[name][0]) and torch.equal(m.scale, learned[name][1])
+    # and the merged model is not the one with the starting scales
+    assert max_logit_diff(merge_adapters(initial, use_kernel=False), merged, [batch]) > 1e-3

@@ -37,7 +37,8 @@ def test_a_bf16_run_is_checked_for_exactness_in_fp32_and_saved_in_bf16(tmp_path)
     assert report["dtype"] == "torch.bfloat16" and report["merge_check_dtype"] == "torch.float32"
     assert report["merge_max_abs_logit_diff"] <= 1e-4
     with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
-        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.embed_tokens.weight.q8_0").dtype == torch.int8  # 8 bits, never widened
         assert f.get_tensor("model.layers.0.mlp.up_proj.offset").dtype == torch.float32
 
 

@@ -103,3 +103,16 @@ def test_a_sweep_is_queued_under_one_id_and_canceled_whole(home):
                      other: ("queued", False)}
     with pytest.raises(Exception, match="Sweep 'nope' has no jobs"):
         service.cancel_sweep("nope")
+
+
+def test_a_sweep_over_bits_gives_each_job_its_bit_widths_clip_search_and_learned_scales(home):
+    from qalora.config import preset_for
+
+    plan = _plan({"bits": [2, 4], "group_size": [32], "rank": "", "lr": ""}, clip=False, train_scales=False)
+    for spec in plan.specs:
+        p = preset_for(spec.quant.bits)
+        assert (spec.quant.clip, spec.adapter.train_scales, spec.adapter.scales_lr) == (
+            p["clip"], p["train_scales"], p["scales_lr"])
+    # one bit width: the form's own ticks, as the user left them
+    one = _plan({"bits": [2], "group_size": [32], "rank": "", "lr": ""}, clip=False, train_scales=False)
+    assert [(s.quant.clip, s.adapter.train_scales) for s in one.specs] == [(False, False)]

@@ -222,3 +222,30 @@ def test_a_run_that_no_longer_owns_its_folder_writes_no_checkpoint(tmp_path):
                    should_stop=lambda: len(done) >= 5)
     assert result.stopped and result.step == 5
     assert [s for s, _ in checkpoints(tmp_path)] == [2]
+
+
+def test_a_resumed_learned_scale_run_repeats_the_uninterrupted_losses_and_scales(tmp_path):
+    """The learned scales are in the checkpoint, with their own optimizer group (lr, no weight decay)."""
+    def model():
+        m, _ = tiny_qalora(dropout=0.1, randomize_b=False, train_scales=True)
+        return m
+
+    def scales(m):
+        return {n: p.detach().clone() for n, p in m.named_parameters() if n.endswith(".scale")}
+
+    data, held = examples(), examples(n=4, seed=1)
+    settings = cfg(weight_decay=0.1)
+    a = model()
+    full = train(a, data, held, settings, PAD, ckpt_dir=tmp_path / "a", scales_lr=1e-3)
+    calls = []
+    b = model()
+    start = scales(b)
+    train(b, data, held, settings, PAD, ckpt_dir=tmp_path / "b", scales_lr=1e-3,
+          should_stop=lambda: len(calls) >= 4, on_step=lambda info: calls.append(info.step))
+    torch.manual_seed(12345)
+    c = model()
+    resumed = train(c, data, held, settings, PAD, ckpt_dir=tmp_path / "b", scales_lr=1e-3)
+    assert resumed.resumed_from == 4 and resumed.losses == full.losses
+    got, want = scales(c), scales(a)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert max((want[k] - start[k]).abs().max().item() for k in want) > 1e-4  # they trained

@@ -1,7 +1,9 @@
 """The trained adapter on its own: lora_A/lora_B tensors plus the settings needed to re-apply them.
 
 ``method`` says which layer wrote it: ``qalora`` (``lora_A`` is ``(r, in // group_size)`` and sees
-group sums) or ``qlora-ptq``, the baseline (``lora_A`` is ``(r, in)``, a plain LoRA).
+group sums) or ``qlora-ptq``, the baseline (``lora_A`` is ``(r, in)``, a plain LoRA). A run with
+learned scales also keeps each layer's trained ``<layer>.scale``: the adapter alone does not
+reproduce the trained model without them.
 """
 from __future__ import annotations
 
@@ -27,11 +29,13 @@ def save_adapter(model: nn.Module, out_dir, base: str, quant: QuantConfig, adapt
         if isinstance(m, LowRankOnQuantized):
             tensors[f"{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
             tensors[f"{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+            if getattr(m, "train_scales", False):
+                tensors[f"{name}.scale"] = m.scale.detach().contiguous().cpu()
     save_file(tensors, out / WEIGHTS)
     config = {"adapter_type": "qalora", "base_model": base, "quantization": quant.to_dict(),
               "r": adapter.rank, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
               "target_modules": list(adapter.targets), "group_size": quant.group_size,
-              "method": adapter.method}
+              "method": adapter.method, "train_scales": adapter.train_scales}
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return out
 
@@ -48,5 +52,7 @@ def load_adapter_weights(model: nn.Module, adapter_dir) -> int:
             if isinstance(m, LowRankOnQuantized):
                 m.lora_A.copy_(state[f"{name}.lora_A.weight"])
                 m.lora_B.copy_(state[f"{name}.lora_B.weight"])
+                if f"{name}.scale" in state:
+                    m.scale.copy_(state[f"{name}.scale"])
                 count += 1
     return count

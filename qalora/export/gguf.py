@@ -5,9 +5,10 @@ scale ``d`` and minimum ``m``: the same form as ours (``w = scale * q + offset``
 size is a multiple of 32, every block lies inside one of our groups, so ``d`` and ``m`` are that
 group's scale and offset and the codes are copied unchanged; 2- and 3-bit codes fit the nibbles
 as they are. The only change is the fp16 rounding of scale and offset. 8-bit codes have no such
-block type, so those weights are dequantized to F16. All other tensors (embeddings, norms,
-output) stay F32, which is exact; for a tied model the token embedding is also the output
-projection, where fp16 would round the logits' weights too.
+block type, so those weights are dequantized to F16. The token embedding and an untied output head
+are written as the Q8_0 blocks the native folder stores (the values the model was trained with,
+see ``qalora.model.EIGHT_BIT``), so the file is as small as a Q4_1 model of the base; norms stay
+F32 (as llama.cpp's own converter writes them).
 
 The tokenizer (vocabulary, merges, token types, special ids, chat template) is read from the
 checkpoint's ``tokenizer.json`` so that llama.cpp tokenizes exactly as our model was trained.
@@ -23,7 +24,7 @@ import torch
 from ..errors import ConfigError, ModelError
 from ..quant import dequantize, unpack_codes
 from . import GGUF_QK as QK, check_gguf_group_size  # noqa: F401 (re-exported)
-from .native import WEIGHTS, read_quant_config
+from .native import WEIGHTS, get_float, logical_keys, q8_0_of, read_quant_config
 
 ARCH = "llama"
 # llama.cpp's 'gpt2' tokenizer refuses a file without merges, and the writer cannot store an
@@ -91,6 +92,15 @@ def q4_1_blocks(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, 
     q = codes.reshape(out_f, n_blocks, 2, QK // 2).numpy()
     nibbles = q[:, :, 0] | (q[:, :, 1] << 4)
     return np.concatenate([d, m, nibbles], axis=-1).reshape(out_f, n_blocks * (4 + QK // 2))
+
+
+def q8_0_blocks(codes: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """int8 codes ``(rows, cols)`` and fp16 scales ``(rows, cols // 32)`` as ggml Q8_0 blocks:
+    uint8 ``(rows, cols // 32 * 34)``, per block the fp16 ``d`` then 32 int8 codes."""
+    rows, cols = codes.shape
+    dd = d.numpy().astype("<f2")[..., None].view(np.uint8)
+    q = codes.reshape(rows, cols // QK, QK).numpy().view(np.uint8)
+    return np.concatenate([dd, q], axis=-1).reshape(rows, cols // QK * (2 + QK))
 
 
 def rope_permutation(rows: int, n_head: int) -> torch.Tensor:
@@ -221,7 +231,7 @@ def _gguf_tensors(model_dir: Path, config: dict, qc: dict):
         return found
 
     with safe_open(model_dir / WEIGHTS, framework="pt") as f:
-        keys = set(f.keys())
+        keys = set(logical_keys(f.keys()))
         for module in qc["modules"]:
             kind, name = gguf_name(f"{module}.weight")
             packed, scale, offset = (f.get_tensor(f"{module}.{p}") for p in ("packed", "scale", "offset"))
@@ -242,7 +252,11 @@ def _gguf_tensors(model_dir: Path, config: dict, qc: dict):
             if key.endswith("rotary_emb.inv_freq"):
                 continue  # llama.cpp computes the frequencies from rope.freq_base
             kind, name = gguf_name(key)
-            t = f.get_tensor(key).float()
+            q8 = q8_0_of(f, key)
+            if q8 is not None:  # the embedding and head: their Q8_0 blocks as stored, never widened
+                yield name, q8_0_blocks(*q8), gguf.GGMLQuantizationType.Q8_0
+                continue
+            t = get_float(f, key).float()
             if kind in rope_heads:
                 t = t[rope_permutation(t.shape[0], rope_heads[kind])]
             yield name, t.contiguous().numpy(), None

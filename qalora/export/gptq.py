@@ -40,7 +40,7 @@ import torch
 from ..errors import ConfigError, ModelError
 from ..gptq import to_gptq_tensors
 from ..quant import unpack_codes
-from .native import WEIGHTS, load_quantized, read_quant_config
+from .native import WEIGHTS, float_state, load_quantized, read_quant_config
 
 CHECKPOINT_FORMAT = "gptq"  # v1: qzeros hold zero - 1, read by every GPTQ runtime
 LAYOUT_OF = "gptqmodel:7.6.0"  # the packer whose bit layout qalora.gptq reproduces
@@ -132,7 +132,7 @@ def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int
     if not any(src.glob("tokenizer*")):
         raise ModelError(f"{src} has no tokenizer files; GPTQ loaders (gptqmodel) need the tokenizer "
                          "next to the model, so export from a 'merged' folder written by a job.")
-    state = load_file(src / WEIGHTS)
+    state = float_state(load_file(src / WEIGHTS))
     layers = {}
     for name in qc["modules"]:
         packed = state.pop(f"{name}.packed")
@@ -143,6 +143,7 @@ def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int
                               "export for this model.")
         layers[name] = (codes, state.pop(f"{name}.scale").float(), state.pop(f"{name}.offset").float())
     exact, tokenizer = load_quantized(src, use_kernel=False)
+    stored = fp16_rest(exact)  # what the file holds besides the quantized layers: fp16, as GPTQ files do
     ids = check_ids(tokenizer, check_tokens)
     reference = logits_of(exact, ids)
     tried = {}
@@ -153,12 +154,13 @@ def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int
                   for name, (codes, scale, offset) in layers.items()}
         # What a GPTQ reader computes from the file: w = fp16(scale) * (q - zero).
         exported = {name: (s.half().float(), -s.half().float() * z) for name, (s, z) in groups.items()}
-        tried[mode] = (groups, logit_gap(reference, logits_of(with_offsets(exact, exported), ids)))
+        tried[mode] = (groups, logit_gap(reference, logits_of(with_offsets(stored, exported), ids)))
         if on_progress:
             on_progress(len(tried), len(modes) + 1)
     chosen = min(tried, key=lambda m: tried[m][1]["mean_abs_logit_diff"])
     groups, gap = tried[chosen]
-    tensors = dict(state)  # embeddings, norms, lm_head, biases: unchanged
+    # embeddings, norms, lm_head, biases: in fp16 (the measured model above holds them so too)
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     for name, (new_scale, zero) in groups.items():
         parts = to_gptq_tensors(layers[name][0], new_scale, -new_scale * zero, bits, group_size,
                                 CHECKPOINT_FORMAT, scales_dtype=torch.float16)
@@ -188,6 +190,17 @@ def gptq_quantization_config(bits: int, group_size: int) -> dict:
             "sym": False, "lm_head": False, "format": CHECKPOINT_FORMAT,
             "checkpoint_format": CHECKPOINT_FORMAT, "pack_dtype": "int32",
             "meta": {"quantizer": ["qalora-studio:1", LAYOUT_OF]}}
+
+
+def fp16_rest(model):
+    """A copy of ``model`` whose weights outside the quantized layers (embeddings, norms, head: its
+    parameters, the quantized layers hold buffers) are rounded to fp16."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in model.parameters():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    return model
 
 
 def with_offsets(model, groups: dict[str, tuple[torch.Tensor, torch.Tensor]]):

@@ -4,7 +4,12 @@ Layout of a directory::
 
     config.json          the transformers config plus ``quantization_config``
     model.safetensors    ``<layer>.packed`` (uint8), ``<layer>.scale``, ``<layer>.offset`` for
-                         each quantized linear; every other tensor in its float dtype
+                         each quantized linear (scale and offset fp32: the merge adds the adapter
+                         to the offsets, and fp16 would round what was trained); the token
+                         embedding and an untied output head in 8 bits, ggml's Q8_0
+                         (``<name>.q8_0`` int8 codes, ``<name>.q8_0_scale`` fp16 per 32 values: the
+                         values the model was trained with, see ``qalora.model.EIGHT_BIT``); every
+                         other tensor (norms, biases) in its float dtype
     tokenizer files
 """
 from __future__ import annotations
@@ -18,11 +23,53 @@ from torch import nn
 from ..errors import ModelError
 from ..infer import QuantLinear, set_compute_dtype
 from ..loader import materialize_buffers
-from ..quant import QuantizedTensor
+from ..model import EIGHT_BIT
+from ..quant import QuantizedTensor, dequantize_q8_0, q8_0_fits, quantize_q8_0
 
 FORMAT = "qalora"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+Q8_CODES, Q8_SCALES = ".q8_0", ".q8_0_scale"
+
+
+def eight_bit_parts(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How the file stores tensor ``name``: its Q8_0 codes and scales where it is one of
+    :data:`qalora.loader.EIGHT_BIT`, else itself."""
+    if name in EIGHT_BIT and q8_0_fits(t):
+        codes, d = quantize_q8_0(t)
+        return {name + Q8_CODES: codes, name + Q8_SCALES: d}
+    return {name: t}
+
+
+def logical_keys(keys) -> list[str]:
+    """The file's tensor names with each 8-bit pair named as the one weight it stores."""
+    keys = list(keys)
+    return [k.removesuffix(Q8_CODES) for k in keys if not k.endswith(Q8_SCALES)]
+
+
+def q8_0_of(f, name: str):
+    """``(codes, scales)`` of an 8-bit tensor in an open safetensors file ``f``, or None."""
+    if name + Q8_CODES not in set(f.keys()):
+        return None
+    return f.get_tensor(name + Q8_CODES), f.get_tensor(name + Q8_SCALES)
+
+
+def get_float(f, name: str) -> torch.Tensor:
+    """Tensor ``name`` of an open file, an 8-bit one dequantized to fp32."""
+    parts = q8_0_of(f, name)
+    return dequantize_q8_0(*parts) if parts else f.get_tensor(name)
+
+
+def float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loaded file's tensors with each 8-bit pair dequantized to fp32 under its weight's name."""
+    out = {}
+    for key, t in state.items():
+        if key.endswith(Q8_CODES):
+            name = key.removesuffix(Q8_CODES)
+            out[name] = dequantize_q8_0(t, state[name + Q8_SCALES]).to(t.device)
+        elif not key.endswith(Q8_SCALES):
+            out[key] = t
+    return out
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
@@ -46,7 +93,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir, extra_config: dict | No
         if key in seen and t.numel():
             continue
         seen.add(key)
-        tensors[name] = t.detach().contiguous().cpu()
+        tensors.update({k: v.contiguous() for k, v in eight_bit_parts(name, t.detach().cpu()).items()})
     save_file(tensors, out / WEIGHTS, metadata={"format": FORMAT})
     config = model.config.to_dict()
     config["quantization_config"] = {
@@ -83,7 +130,7 @@ def load_quantized(model_dir, device: torch.device | str = "cpu", use_kernel: bo
     qc = read_quant_config(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     del config.quantization_config
-    state = load_file(model_dir / WEIGHTS, device=str(device))
+    state = float_state(load_file(model_dir / WEIGHTS, device=str(device)))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     bits, group_size = qc["bits"], qc["group_size"]

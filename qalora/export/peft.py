@@ -26,7 +26,7 @@ from ..layer import LoRALinear, LowRankOnQuantized
 from ..quant import dequantize, unpack_codes
 from .adapter import CONFIG, WEIGHTS
 from .native import WEIGHTS as NATIVE_WEIGHTS
-from .native import read_quant_config
+from .native import float_state, read_quant_config
 
 PREFIX = "base_model.model."  # where PEFT's PeftModel keeps the wrapped model
 README = "README.md"
@@ -137,7 +137,7 @@ def export_dequantized_base(merged_dir, adapter_dir, out_dir, dtype: torch.dtype
                          f"layers (e.g. {mismatch[:3]}); use the 'merged' and 'adapter' folders of one job.")
     scaling = settings["lora_alpha"] / settings["r"]
     bits = qc["bits"]
-    state = load_file(merged_dir / NATIVE_WEIGHTS)
+    state = float_state(load_file(merged_dir / NATIVE_WEIGHTS))
     tensors = {}
     for name, (lora_A, lora_B) in layers.items():
         packed, scale = state.pop(f"{name}.packed"), state.pop(f"{name}.scale").float()

@@ -38,7 +38,7 @@ import torch
 
 from ..errors import ModelError
 from ..quant import unpack_codes
-from .native import WEIGHTS, read_quant_config
+from .native import WEIGHTS, get_float, logical_keys, read_quant_config
 
 LAYOUTS = ("intx", "int4")
 INT4_K_MULTIPLE = 1024  # torchao pads a tinygemm weight's input width to this, and its activations alike
@@ -189,7 +189,7 @@ def export_torchao(model_dir, out_dir, dtype: str = "bfloat16", shard_bytes: int
     progress = on_progress or (lambda done, total: None)
     state: dict = {}
     with safe_open(model_dir / WEIGHTS, "pt") as f:
-        keys = list(f.keys())
+        keys = logical_keys(f.keys())
         quantized = set(modules)
         plain = [k for k in keys if k.rsplit(".", 1)[0] not in quantized or k.endswith(".bias")]
         total = len(modules) + len(plain)
@@ -199,7 +199,7 @@ def export_torchao(model_dir, out_dir, dtype: str = "bfloat16", shard_bytes: int
                                        else intx_weight(*parts, bits, group_size, torch_dtype))
             progress(i, total)
         for i, key in enumerate(plain, len(modules) + 1):
-            t = f.get_tensor(key)
+            t = get_float(f, key)
             state[key] = t.to(torch_dtype) if t.is_floating_point() else t
             progress(i, total)
     data, metadata = flatten_tensor_state_dict(state)
