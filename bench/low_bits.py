@@ -10,7 +10,8 @@ the native folder's size. Finished rows are reused (delete a row's folder to run
                              [--steps 100] [--out runs/low_bits] [--lr 2e-4] [--scales-lr 5e-5]
 
 Variants: ``plain`` (min-max RTN, rank 16, alpha 32, lr 2e-4: the studio's old defaults), ``clip``
-(+ the clip search), ``scales`` (+ the clip search + learned scales), ``preset`` (the bit width's
+(+ the clip search), ``scales`` (+ the clip search + learned per-group scales), ``scales-row`` (+ the
+clip search + one learned factor per output row instead), ``preset`` (the bit width's
 preset, ``qalora.config.preset_for``). ``--lr``/``--scales-lr``/``--rank`` override the variants'
 values, for the sweep that chose the presets.
 """
@@ -31,6 +32,7 @@ def settings(variant: str, bits: int, args) -> dict:
     plain = {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": False, "train_scales": False, "scales_lr": 5e-5}
     chosen = {"plain": plain, "clip": {**plain, "clip": True},
               "scales": {**plain, "clip": True, "train_scales": True},
+              "scales-row": {**plain, "clip": True, "train_scales": True, "granularity": "channel"},
               "preset": {**plain, **preset_for(bits)}}[variant]
     for key in ("lr", "scales_lr", "rank"):
         if getattr(args, key) is not None:
@@ -46,12 +48,13 @@ def run(variant: str, bits: int, group: int, args) -> dict:
     from qalora.pipeline import finetune
 
     s = settings(variant, bits, args)
-    tag = "-".join(f"{k}{v}" for k, v in sorted(s.items()) if k != "alpha")
-    out = Path(args.out) / f"{bits}bit-g{group}-{variant}-{tag}"
+    tag = "-".join(f"{k}{v}" for k, v in sorted(s.items()) if k not in ("alpha", "granularity"))
+    # named by the settings, not the variant: a preset equal to a variant's settings is that same run
+    out = Path(args.out) / (f"{bits}bit-g{group}-{tag}" + (f"-{s['granularity']}" if "granularity" in s else ""))
     if not (out / "report.json").is_file():
         finetune("default", "builtin:default", out, QuantConfig(bits, group, "rtn", clip=s["clip"]),
                  AdapterConfig(rank=s["rank"], alpha=s["alpha"], train_scales=s["train_scales"],
-                               scales_lr=s["scales_lr"]),
+                               scales_lr=s["scales_lr"], scales_granularity=s.get("granularity", "group")),
                  TrainConfig(steps=args.steps, lr=s["lr"], eval_every=args.steps, save_every=args.steps),
                  resume=True)
     report = json.loads((out / "report.json").read_text())

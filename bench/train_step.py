@@ -11,6 +11,9 @@ process so that its peak memory is its own; the parent prints one table with rat
   layers compiled and freed heap released as a job does (``QALORA_COMPILE``; its first steps,
   which compile, are warm-up steps and are not timed).
 - **QA-LoRA, eager**: the same with ``QALORA_COMPILE=0`` (``--no-eager`` leaves it out).
+- **QA-LoRA + learned scales**: the same step with every layer's per-group scales trained too
+  (``AdapterConfig(train_scales=True)``; their gradient is one more matmul per layer, and the layer's
+  input is kept for it); the line under the table gives its time and memory against plain QA-LoRA.
 
 Memory is the peak during the timed steps: resident memory (``VmHWM``) on the CPU, the CUDA
 allocator's peak on a GPU. Shapes (``--shape``): the embedded default model, or random weights of
@@ -108,7 +111,7 @@ def child(method: str, args) -> dict:
         from qalora.model import inject_qalora, quantize_model
         from qalora.train import host_batch, optimizer_step
 
-        adapter = AdapterConfig(rank=args.rank, alpha=2 * args.rank, dropout=0.0)
+        adapter = AdapterConfig(rank=args.rank, alpha=2 * args.rank, dropout=0.0, train_scales=args.train_scales)
         inject_qalora(model, quantize_model(model, QuantConfig(4, 32), adapter.targets), adapter)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -144,6 +147,7 @@ def child(method: str, args) -> dict:
 
 ROWS = (("peft", "PEFT LoRA, bf16 base", {}),
         ("qalora", "QA-LoRA, 4-bit g32 packed base", {}),
+        ("qalora-scales", "QA-LoRA + learned scales", {}),
         ("qalora-eager", "QA-LoRA, eager (QALORA_COMPILE=0)", {"QALORA_COMPILE": "0"}))
 
 
@@ -154,7 +158,7 @@ def run(args) -> dict:
             continue
         cmd = [sys.executable, __file__, "--child", key.split("-")[0], "--device", args.device, "--shape", args.shape,
                "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--rank", str(args.rank), "--dtype", args.dtype]
+               "--rank", str(args.rank), "--dtype", args.dtype] + ["--train-scales"] * (key == "qalora-scales")
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", **env})
         if out.returncode:
             sys.exit(f"{key} failed:\n{out.stderr[-3000:]}")
@@ -177,6 +181,10 @@ def table(rows: dict, args) -> str:
         note = f" ({r['compiled_layers']} layers compiled, warm-up {r['warmup_s']:.0f} s)" if r["compiled_layers"] else ""
         lines.append(f"| {label}{note} | {r['s_per_step']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_mb']:,.0f} | "
                      f"{r['trainable']:,} | {r['s_per_step'] / p['s_per_step']:.2f}x | {r['peak_mb'] / p['peak_mb']:.2f}x |")
+    if "qalora-scales" in rows:
+        q, s = rows["qalora"], rows["qalora-scales"]
+        lines += ["", f"Learned scales against plain QA-LoRA: time {s['s_per_step'] / q['s_per_step']:.2f}x, "
+                      f"memory {s['peak_mb'] / q['peak_mb']:.2f}x (targets: at most 1.5x and 1.2x)."]
     return "\n".join(lines)
 
 
@@ -192,6 +200,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-eager", action="store_true", help="leave out the eager QA-LoRA row")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     ap.add_argument("--child", choices=["qalora", "peft"])
+    ap.add_argument("--train-scales", action="store_true", help="(child) learned scales too")
     return ap
 
 

@@ -29,6 +29,8 @@ def _train_parser(sub) -> None:
                    help="also train the quantization scales; the codes stay frozen and the merge stays exact "
                         "(default: the bit width's preset)")
     p.add_argument("--scales-lr", type=float, default=None, help="learning rate of the learned scales (preset)")
+    p.add_argument("--scales-granularity", choices=["group", "channel"], default="group",
+                   help="learn every per-group scale (default), or one factor per output row on them")
     p.add_argument("--data", default="builtin:default",
                    help="builtin:NAME, a .json/.jsonl/.csv/.parquet file or dataset folder, a Hub dataset "
                         "ID[:CONFIG][@SPLIT], or one of the paper's: " + ", ".join(f"paper:{n}" for n in PAPER_DATASETS))
@@ -295,7 +297,8 @@ def cmd_train(args) -> dict | None:
     chosen = with_preset(args)
     quant = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.quant_method, clip=chosen["clip"])
     adapter = AdapterConfig(rank=chosen["rank"], alpha=chosen["alpha"], dropout=args.dropout, method=args.method,
-                            train_scales=chosen["train_scales"], scales_lr=chosen["scales_lr"])
+                            train_scales=chosen["train_scales"], scales_lr=chosen["scales_lr"],
+                            scales_granularity=args.scales_granularity)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=chosen["lr"],
                         warmup_steps=min(args.warmup_steps, args.steps), schedule=args.schedule,
                         grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing,

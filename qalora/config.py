@@ -10,6 +10,7 @@ QUANT_METHODS = ("rtn", "gptq")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
 ADAPTER_METHODS = ("qalora", "qlora-ptq")
+SCALE_GRANULARITIES = ("group", "channel")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -69,6 +70,8 @@ class AdapterConfig:
     # rate, no weight decay); the codes stay frozen, so the merge stays exact
     train_scales: bool = False
     scales_lr: float = 5e-5
+    # what is learned: every per-group scale ("group"), or one factor per output row on them ("channel")
+    scales_granularity: str = "group"
     _OPTIONAL = {"train_scales": False}
 
     def __post_init__(self):
@@ -88,6 +91,9 @@ class AdapterConfig:
             raise ConfigError("learned scales (train_scales) are a QA-LoRA option: the baseline's merge "
                               "quantizes again, so there is no scale to keep. Use method 'qalora' or turn "
                               "train_scales off.")
+        if self.scales_granularity not in SCALE_GRANULARITIES:
+            raise ConfigError(f"scales_granularity {self.scales_granularity!r} is unknown; choose one of "
+                              f"{list(SCALE_GRANULARITIES)}.")
         if not self.scales_lr > 0:
             raise ConfigError(f"scales_lr={self.scales_lr} must be positive (typical: 1e-5 to 1e-4).")
 
@@ -97,8 +103,9 @@ class AdapterConfig:
 
     def to_dict(self) -> dict:
         d = _to_dict(self)
-        if not self.train_scales:
-            d.pop("scales_lr")  # means nothing without learned scales
+        if not self.train_scales:  # these mean nothing without learned scales
+            d.pop("scales_lr")
+            d.pop("scales_granularity")
         return d
 
     @property
@@ -106,7 +113,9 @@ class AdapterConfig:
         """How the run is named where it is shown (Jobs, Compare, the card)."""
         if self.method != "qalora":
             return "LoRA + PTQ"
-        return "QA-LoRA + learned scales" if self.train_scales else "QA-LoRA"
+        if not self.train_scales:
+            return "QA-LoRA"
+        return "QA-LoRA + learned scales" + (" (per row)" if self.scales_granularity == "channel" else "")
     from_dict = classmethod(_from_dict)
 
 
@@ -122,7 +131,7 @@ def method_label(quant, adapter) -> str:
 # Per-bit-width defaults of the form and the CLI (a user's own values win), chosen by the sweep in
 # bench/low_bits.py on the default model and the built-in data (README, "Low bits").
 BIT_PRESETS = {
-    2: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": True, "train_scales": True, "scales_lr": 5e-5},
+    2: {"lr": 5e-4, "rank": 16, "alpha": 32.0, "clip": True, "train_scales": True, "scales_lr": 5e-5},
     3: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": True, "train_scales": False, "scales_lr": 5e-5},
     4: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": False, "train_scales": False, "scales_lr": 5e-5},
     8: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": False, "train_scales": False, "scales_lr": 5e-5},

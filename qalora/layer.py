@@ -164,9 +164,14 @@ class QALoRALinear(LowRankOnQuantized):
     """
 
     def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, rank: int, alpha: float,
-                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32, train_scales: bool = False):
+                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32, train_scales: bool = False,
+                 scales_granularity: str = "group"):
         super().__init__(qt, bias, rank, alpha, dropout, adapter_dtype, qt.in_features // qt.group_size)
-        if train_scales:
+        self.channel_scale = None
+        if train_scales and scales_granularity == "channel":
+            # one learned factor per output row on the frozen per-group scales: scale * factor
+            self.channel_scale = nn.Parameter(torch.ones(self.out_features, 1, device=qt.scale.device))
+        elif train_scales:
             # learned scales: a trainable fp32 parameter in place of the buffer (same name, so the
             # merge, the checkpoints and every export read it as they read the frozen one)
             scale = self.scale
@@ -175,7 +180,13 @@ class QALoRALinear(LowRankOnQuantized):
 
     @property
     def train_scales(self) -> bool:
-        return isinstance(self.scale, nn.Parameter) and self.scale.requires_grad
+        return self.channel_scale is not None or (isinstance(self.scale, nn.Parameter) and self.scale.requires_grad)
+
+    def current_scale(self) -> torch.Tensor:
+        """The per-group scales the layer computes with, ``(out, groups)``: the frozen or learned
+        ones, times the learned per-row factor where there is one (the same fp32 product forward
+        takes, so the merge holds exactly what was trained)."""
+        return self.scale if self.channel_scale is None else self.scale * self.channel_scale
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Sum within groups, in fp32: ``(..., in) -> (..., in // group_size)``."""
@@ -190,7 +201,7 @@ class QALoRALinear(LowRankOnQuantized):
         if self.training and self.dropout_p > 0:
             groups = self.in_features // self.group_size
             mask = F.dropout(torch.ones(*x.shape[:-1], groups, device=x.device), self.dropout_p)
-        return _QALoRAFn.apply(x, self.lora_A, self.lora_B, self.packed, self.scale, self.offset, bias, mask,
+        return _QALoRAFn.apply(x, self.lora_A, self.lora_B, self.packed, self.current_scale(), self.offset, bias, mask,
                                self.scaling, self.bits, self.group_size)
 
     def delta_offset(self) -> torch.Tensor:

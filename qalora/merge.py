@@ -19,7 +19,8 @@ def merged_quantized(layer: QALoRALinear) -> QuantizedTensor:
     """The layer's quantized weight with the adapter folded into the offsets (same codes)."""
     with torch.no_grad():
         offset = (layer.offset.float() + layer.delta_offset()).to(layer.offset.dtype)
-    return QuantizedTensor(layer.packed, layer.scale.detach(), offset.contiguous(), layer.bits, layer.group_size,
+        scale = layer.current_scale().detach().contiguous()
+    return QuantizedTensor(layer.packed, scale, offset.contiguous(), layer.bits, layer.group_size,
                            layer.in_features)
 
 

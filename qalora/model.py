@@ -280,7 +280,7 @@ def inject_qalora(model: nn.Module, qweights: dict[str, QuantizedTensor], adapte
     for name, qt in qweights.items():
         old = model.get_submodule(name)
         qt = qt.to(old.weight.device if isinstance(old, nn.Linear) else old.packed.device)
-        extra = {"train_scales": True} if adapter.train_scales else {}
+        extra = {"train_scales": True, "scales_granularity": adapter.scales_granularity} if adapter.train_scales else {}
         set_module(model, name, layer_cls(qt, old.bias, adapter.rank, adapter.alpha, adapter.dropout, **extra))
     lean_gated_mlps(model)
     round_eight_bit(model)

@@ -291,15 +291,15 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     job taken over by another worker writes (and prunes) nothing in the new owner's folder.
     ``fingerprint`` (settings and data identity) is stored in every checkpoint; resuming from
     checkpoints with a different one raises ``ConfigError``. Learned scales (trainable parameters
-    named ``*.scale``) are a second parameter group at ``scales_lr``, with no weight decay.
+    named ``*.scale``, or ``*.channel_scale`` per row) are a second parameter group at ``scales_lr``, with no weight decay.
     """
     from . import distributed
 
     w = distributed.world()
     device = next(model.parameters()).device
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    scales = [p for n, p in named if n.endswith(".scale")]
-    groups = [{"params": [p for n, p in named if not n.endswith(".scale")]}]
+    scales = [p for n, p in named if n.endswith("scale")]  # per group (.scale) or per row (.channel_scale)
+    groups = [{"params": [p for n, p in named if not n.endswith("scale")]}]
     if scales:
         groups.append({"params": scales, "lr": scales_lr or cfg.lr, "weight_decay": 0.0})
     params = [p for g in groups for p in g["params"]]

@@ -28,10 +28,11 @@ DEVICE = resolve_device(os.environ.get("QALORA_TEST_DEVICE", "cpu"))
 
 
 def tiny_qalora(bits=4, group_size=GROUP, rank=RANK, dropout=0.0, seed=0, randomize_b=True, device=DEVICE,
-                train_scales=False):
+                train_scales=False, scales_granularity="group"):
     model, tok = tiny_random_llama(seed)
     model.to(device)
-    adapter = AdapterConfig(rank=rank, alpha=2 * rank, dropout=dropout, train_scales=train_scales)
+    adapter = AdapterConfig(rank=rank, alpha=2 * rank, dropout=dropout, train_scales=train_scales,
+                            scales_granularity=scales_granularity)
     inject_qalora(model, quantize_model(model, QuantConfig(bits, group_size), adapter.targets), adapter)
     if randomize_b:
         randomize_lora_b(model, seed + 1, 0.05)
@@ -47,13 +48,14 @@ def randomize_lora_b(model, seed: int, std: float) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def trained_scales_qalora(bits=3, group_size=GROUP, steps=4, seed=0):
+def trained_scales_qalora(bits=3, group_size=GROUP, steps=4, seed=0, granularity="group"):
     """A tiny QA-LoRA model with learned scales after a few real training steps (lr high enough that
     the scales move), in eval mode."""
     from qalora.config import TrainConfig
     from qalora.train import train
 
-    model, tok = tiny_qalora(bits=bits, group_size=group_size, seed=seed, randomize_b=False, train_scales=True)
+    model, tok = tiny_qalora(bits=bits, group_size=group_size, seed=seed, randomize_b=False, train_scales=True,
+                             scales_granularity=granularity)
     g = torch.Generator().manual_seed(seed)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 250, (8, 24), generator=g).tolist()]
     train(model, data, data[:2], TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=0, eval_every=steps,

@@ -212,3 +212,26 @@ def test_bf16_model_is_calibrated_in_fp32_and_left_as_it_was():
         same = (codes == ref[name][0]).float().mean().item()
         first = ".layers.0.self_attn." in name and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")
         assert same == 1.0 if first else same > 0.98, (name, same)
+
+
+def test_gptq_with_its_clip_search_lowers_the_layer_output_error_at_two_bits():
+    """``QuantConfig(clip=True)`` with GPTQ: gptqmodel's own grid over each group's range."""
+    from qalora.gptq import GPTQ_CLIP_NORM, gptq_config
+
+    assert gptq_config(2, GROUP, clip=True).mse == GPTQ_CLIP_NORM and gptq_config(2, GROUP).mse == 0.0
+    model, calib = _tiny_llama(), _calibration()
+    acts = {}
+    hooks = [m.register_forward_hook(lambda _, inp, out, n=n: acts.setdefault(n, []).append(
+        inp[0].reshape(-1, inp[0].shape[-1]))) for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in TARGETS]
+    with torch.no_grad():
+        for ids in calib:
+            model(ids[None])
+    for hook in hooks:
+        hook.remove()
+    errors = {}
+    for clip in (False, True):
+        result = gptq_quantize(model, calib, 2, GROUP, TARGETS, clip=clip)
+        errors[clip] = sum(torch.linalg.norm(torch.cat(acts[n]) @ (model.get_submodule(n).weight.detach()
+                                                                   - _dequant(*result[n])).T) ** 2 for n in result)
+    assert errors[True] < errors[False]

@@ -175,6 +175,21 @@ def test_learned_scale_gradient_equals_autograd_through_the_dequantized_weight(d
     assert torch.allclose(layer.scale.grad, scale.grad, rtol=1e-4, atol=1e-4 * scale.grad.abs().max().item())
 
 
+def test_a_per_row_factor_gets_the_per_group_gradient_summed_with_the_scales():
+    torch.manual_seed(0)
+    qt = quantize_tensor(torch.randn(OUT, IN, device=DEVICE), 2, GROUP)
+    group = QALoRALinear(qt, None, RANK, alpha=8.0, train_scales=True)
+    row = QALoRALinear(qt, None, RANK, alpha=8.0, train_scales=True, scales_granularity="channel")
+    with torch.no_grad():
+        row.lora_A.copy_(group.lora_A)
+    x = torch.randn(2, 3, IN, device=DEVICE)
+    for layer in (group, row):
+        layer(x).square().sum().backward()
+    assert {n for n, p in row.named_parameters()} == {"lora_A", "lora_B", "channel_scale"}
+    want = (group.scale.grad * qt.scale).sum(-1, keepdim=True)  # d(scale * c)/dc = scale, per row
+    assert torch.allclose(row.channel_scale.grad, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_learned_scale_layer_traces_on_meta_without_a_host_tensor():
     """The scale gradient's tensors are made where the layer's are (a CPU tensor meeting a meta
     one raises, as it would meeting a CUDA one)."""

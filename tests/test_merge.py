@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from helpers import DEVICE, GROUP, tiny_qalora, token_batch
@@ -64,13 +65,14 @@ def test_baseline_lora_needs_requantization_and_loses_exactness():
     assert max_logit_diff(model, merged, [token_batch()]) > 1e-2
 
 
-def test_a_learned_scale_run_merges_exactly_with_its_learned_scales():
+@pytest.mark.parametrize("granularity", ["group", "channel"])
+def test_a_learned_scale_run_merges_exactly_with_its_learned_scales(granularity):
     from helpers import trained_scales_qalora
 
-    model, _ = trained_scales_qalora(bits=3)
+    model, _ = trained_scales_qalora(bits=3, granularity=granularity)
     initial, _ = tiny_qalora(bits=3, randomize_b=False)
     start = {n: m.scale for n, m in initial.named_modules() if isinstance(m, QALoRALinear)}
-    learned = {n: (m.packed.clone(), m.scale.detach().clone()) for n, m in model.named_modules()
+    learned = {n: (m.packed.clone(), m.current_scale().detach().clone()) for n, m in model.named_modules()
                if isinstance(m, QALoRALinear)}
     moved = max((learned[n][1] - start[n]).abs().max().item() / start[n].abs().max().item() for n in start)
     assert moved > 1e-3  # the scales really trained

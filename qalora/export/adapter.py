@@ -30,7 +30,7 @@ def save_adapter(model: nn.Module, out_dir, base: str, quant: QuantConfig, adapt
             tensors[f"{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
             tensors[f"{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
             if getattr(m, "train_scales", False):
-                tensors[f"{name}.scale"] = m.scale.detach().contiguous().cpu()
+                tensors[f"{name}.scale"] = m.current_scale().detach().contiguous().cpu()
     save_file(tensors, out / WEIGHTS)
     config = {"adapter_type": "qalora", "base_model": base, "quantization": quant.to_dict(),
               "r": adapter.rank, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
@@ -53,6 +53,8 @@ def load_adapter_weights(model: nn.Module, adapter_dir) -> int:
                 m.lora_A.copy_(state[f"{name}.lora_A.weight"])
                 m.lora_B.copy_(state[f"{name}.lora_B.weight"])
                 if f"{name}.scale" in state:
-                    m.scale.copy_(state[f"{name}.scale"])
+                    m.scale.copy_(state[f"{name}.scale"])  # the scales as trained (a per-row factor included)
+                    if getattr(m, "channel_scale", None) is not None:
+                        m.channel_scale.fill_(1.0)
                 count += 1
     return count

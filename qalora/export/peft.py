@@ -72,7 +72,7 @@ def export_peft_adapter(source, out_dir, base_model_name_or_path: str | None = N
         "inference_mode": True, "modules_to_save": None,
     }
     (out / CONFIG).write_text(json.dumps(config, indent=2))
-    (out / README).write_text(_readme(config, settings["group_size"], settings["method"]))
+    (out / README).write_text(_readme(config, settings["group_size"], settings["method"], settings["train_scales"]))
     return out
 
 
@@ -90,7 +90,8 @@ def _from_model(model: nn.Module):
         raise ModelError("the model mixes QA-LoRA and plain LoRA layers; one adapter holds one kind.")
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     settings = {"r": first.rank, "lora_alpha": first.scaling * first.rank, "lora_dropout": dropout,
-                "group_size": first.group_size, "method": "qlora-ptq" if isinstance(first, LoRALinear) else "qalora"}
+                "group_size": first.group_size, "method": "qlora-ptq" if isinstance(first, LoRALinear) else "qalora",
+                "train_scales": bool(getattr(first, "train_scales", False))}
     return {n: (m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu())
             for n, m in layers.items()}, settings
 
@@ -111,7 +112,8 @@ def _from_dir(adapter_dir: Path):
     layers = {n: (state[f"{n}.lora_A.weight"].float(), state[f"{n}.lora_B.weight"].float()) for n in names}
     settings = {"r": config["r"], "lora_alpha": config["lora_alpha"],
                 "lora_dropout": config.get("lora_dropout", 0.0), "group_size": config["group_size"],
-                "base": config.get("base_model"), "method": config.get("method", "qalora")}
+                "base": config.get("base_model"), "method": config.get("method", "qalora"),
+                "train_scales": bool(config.get("train_scales"))}
     return layers, settings
 
 
@@ -157,8 +159,10 @@ def export_dequantized_base(merged_dir, adapter_dir, out_dir, dtype: torch.dtype
     return out
 
 
-def _readme(config: dict, group_size: int, method: str = "qalora") -> str:
+def _readme(config: dict, group_size: int, method: str = "qalora", train_scales: bool = False) -> str:
     base = config["base_model_name_or_path"] or "<the dequantized base folder>"
+    learned = ("; this run also learned the quantization scales, which the adapter does not hold, so "
+               "use the dequantized base (it has them)" if train_scales else "")
     if method != "qalora":
         return f"""# LoRA adapter (QA-LoRA Studio's LoRA+PTQ baseline) in PEFT format
 
@@ -192,7 +196,7 @@ model = PeftModel.from_pretrained(base, "path/to/this/folder")
 `scale * q + offset` per group of {group_size} inputs. Applied to exactly those weights
 (dequantized to float; QA-LoRA Studio exports them as "dequantized base") it reproduces the
 trained model to float rounding. Applied to the original float model it gives a close but
-different model.
+different model{learned}.
 
 **How it was converted.** QA-LoRA's `lora_A` has one column per quantization group and sees the
 input summed within each group. Here every column is repeated {group_size} times, which gives
