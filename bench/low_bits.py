@@ -7,7 +7,7 @@ questions (``builtin:contacts-mc``) on the merged model, the mean step time, the
 the native folder's size. Finished rows are reused (delete a row's folder to run it again).
 
     python bench/low_bits.py [--bits 2 3 4] [--group-size 32 64] [--variants plain clip scales preset]
-                             [--steps 100] [--out runs/low_bits] [--lr 2e-4] [--scales-lr 5e-5]
+                             [--steps 100] [--out runs/low_bits] [--lr 2e-4] [--scales-lr 5e-5] [--base-only]
 
 Variants: ``plain`` (min-max RTN, rank 16, alpha 32, lr 2e-4: the studio's old defaults), ``clip``
 (+ the clip search), ``scales`` (+ the clip search + learned per-group scales), ``scales-row`` (+ the
@@ -65,6 +65,35 @@ def run(variant: str, bits: int, group: int, args) -> dict:
     return {**s, "report": report, "native_mb": size / 1e6}
 
 
+def base_losses(bits_list, groups) -> None:
+    """The quantized base's eval loss (no training) with min-max rounding and with the clip search,
+    on the same held-out examples a run evaluates on (``--base-only``)."""
+    import torch
+
+    from qalora import data as data_mod
+    from qalora.config import DEFAULT_TARGETS, QuantConfig, TrainConfig
+    from qalora.eval import eval_loss
+    from qalora.model import load_quantized_base, open_base
+
+    cfg = TrainConfig()
+    src = open_base("default")
+    records = data_mod.load_records("builtin:default", seed=cfg.seed)
+    _, held = data_mod.split_records(records, cfg.eval_fraction, cfg.seed)
+    examples = data_mod.tokenize_records(held, src.tokenizer, cfg.seq_len)
+    print("\nQuantized base (no training), eval loss on the runs' held-out examples")
+    print("| bits | group | min-max | clip search |")
+    print("|---:|---:|---:|---:|")
+    for bits in bits_list:
+        for group in groups:
+            losses = []
+            for clip in (False, True):
+                model, _ = load_quantized_base(src, QuantConfig(bits, group, "rtn", clip=clip), DEFAULT_TARGETS,
+                                               "cpu", torch.float32)
+                losses.append(eval_loss(model, examples, cfg.batch_size, src.tokenizer.pad_token_id,
+                                        cfg.eval_batches))
+            print(f"| {bits} | {group} | {losses[0]:.4f} | {losses[1]:.4f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
@@ -75,7 +104,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--scales-lr", type=float, default=None)
     ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--base-only", action="store_true",
+                    help="only the quantized base's eval loss, min-max against the clip search (no training)")
     args = ap.parse_args()
+    if args.base_only:
+        return base_losses(args.bits, args.group_size)
     rows = []
     for bits in args.bits:
         for group in args.group_size:

@@ -210,14 +210,13 @@ def markdown_table(result: dict, keys: list[str] | None = None) -> str:
 def files_text(job: dict) -> str:
     """The job's files beside the 16-bit model: 'native 110 MB (6.52 bits/param) · GGUF 97 MB (5.73
     bits/param) · 16-bit model 269 MB', for the Jobs tab and the model card ('' before any file)."""
-    r = row(job)
     sizes = job_sizes(job)
     params = (job.get("report") or {}).get("model_params")
     names = {"merged": "native", "gguf": "GGUF", "torchao": "torchao", "gptq": "GPTQ"}
     parts = [f"{names[k]} {b / 1e6:.0f} MB" + (f" ({8 * b / params:.2f} bits/param)" if params else "")
              for k, b in sizes.items() if k in names]
-    if parts and r["f16_mb"]:
-        parts.append(f"16-bit model {r['f16_mb']:.0f} MB")
+    if parts and params:
+        parts.append(f"16-bit model {2 * params / 1e6:.0f} MB")
     return " · ".join(parts)
 
 

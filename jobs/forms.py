@@ -60,7 +60,7 @@ def bits_preset(bits) -> tuple[dict, str]:
     scales = f"learned scales on (their lr {p['scales_lr']:g})" if p["train_scales"] else "learned scales off"
     note = (f"**Preset for {bits} bits:** learning rate {p['lr']:g}, rank {p['rank']}, alpha {p['alpha']:g}, "
             f"clip search {'on' if p['clip'] else 'off'}, {scales} (chosen by a sweep on the default model; "
-            "change any of them under Advanced).")
+            "any of them can be changed by hand).")
     if bits < 4:
         note += (f" A GGUF file stores {bits}-bit codes as Q4_1 blocks (llama.cpp has no exact {bits}-bit block "
                  "with a float offset), so it costs what a 4-bit file does; the native folder keeps the "

@@ -95,8 +95,13 @@ def _fidelity(fmt: str, job: dict, measured: dict | None) -> str:
         return (f"codes exact; scales and zero points in bf16: max \\|logit difference\\| "
                 f"{m['max_abs_logit_diff']:.3g} (largest logit {m['max_abs_logit']:.3g}), same top token on "
                 f"{m['top1_agreement']:.0%} of {m['check_tokens']} tokens")
-    return {"gguf": "codes exact; each group's scale and offset in fp16",
-            "native": "exact: the merged model itself", "adapter": "the trained adapter, before merging"}[fmt]
+    bits = int((job.get("report") or {}).get("bits") or 4)
+    gguf = "codes exact; each group's scale and offset in fp16; token embedding and head in Q8_0, as trained"
+    if bits < 4:  # llama.cpp has no exact 2- or 3-bit block with a float offset
+        gguf += (f"; the {bits}-bit codes are stored in Q4_1 blocks, so the file costs what a 4-bit one does "
+                 f"(the native folder keeps {bits} bits)")
+    return {"gguf": gguf, "native": "exact: the merged model itself; token embedding and head in Q8_0, as trained",
+            "adapter": "the trained adapter, before merging"}[fmt]
 
 
 def _snippets(formats, repo: str, gguf: str, name: str) -> list[str]:

@@ -26,8 +26,12 @@ def merged():
 
 
 def test_compiled_static_decoding_equals_the_eager_loop(merged, monkeypatch):
-    """Teacher-forced on the same tokens, every step's logits agree to fp32 rounding, so greedy
-    decoding picks the same tokens; a second prompt reuses the cache and compiled step."""
+    """Teacher-forced on the same tokens, every step's logits agree and greedy decoding picks the
+    same tokens; a second prompt reuses the cache and compiled step. The int4 kernel computes in
+    bf16, so where one activation sits on a bf16 rounding tie the two paths may round it apart and
+    a step moves by the kernel's own rounding (seen with Q8_0 embedding values: 0.46% of the largest
+    logit, against up to 1.3% for either path against the fp32 dequantize reference); most steps agree
+    bit for bit."""
     model, tok = merged
     monkeypatch.setenv("QALORA_COMPILE", "0")
     eager = PyTorchRuntime(model, tok, 512)
@@ -44,7 +48,7 @@ def test_compiled_static_decoding_equals_the_eager_loop(merged, monkeypatch):
         a, b = step(token), decoder.step(token)
         worst = max(worst, (a - b).abs().max().item())
         assert a.argmax() == b.argmax()
-    assert worst <= 1e-4 * a.abs().max().item()
+    assert worst <= 1e-2 * a.abs().max().item()
     greedy = list(eager._tokens(PROMPT, 20, 0.0, 1.0, None))
     assert list(fast._tokens(PROMPT, 20, 0.0, 1.0, None)) == greedy
     assert list(fast._tokens(PROMPT[:3], 12, 0.0, 1.0, None)) == list(eager._tokens(PROMPT[:3], 12, 0.0, 1.0, None))

@@ -212,8 +212,18 @@ def test_card_names_the_job_settings_and_results(env):
                 f"| merge check: max abs logit difference | {report['merge_max_abs_logit_diff']:.3g} |",
                 "![loss curve](loss_curve.png)", 'snapshot_download("alice/contacts", allow_patterns=["native/*"])',
                 'AutoModelForCausalLM.from_pretrained("alice/contacts")',
-                'Llama.from_pretrained("alice/contacts", filename="model-q4_1.gguf")'):
+                'Llama.from_pretrained("alice/contacts", filename="model-q4_1.gguf")',
+                "| method | QA-LoRA (RTN) |"):
         assert row in card
+    # each file's size beside the 16-bit model's, in bits per parameter of the whole file
+    params = report["model_params"]
+    sizes = {a["kind"]: a["size_bytes"] for a in env["artifacts"]}
+    assert f"native {sizes['merged'] / 1e6:.0f} MB ({8 * sizes['merged'] / params:.2f} bits/param)" in card
+    assert f"16-bit model {2 * params / 1e6:.0f} MB" in card
+    assert "Q4_1 blocks, so the file costs what a 4-bit one does" not in card  # a 4-bit run
+    two = {**env, "report": {**report, "bits": 2}}
+    assert "the 2-bit codes are stored in Q4_1 blocks, so the file costs what a 4-bit one does" in \
+        publish.model_card(two, "alice/contacts", formats=["gguf"])
 
 
 def test_loss_curve_draws_train_line_and_eval_points(env):

@@ -291,7 +291,7 @@ def test_a_worker_killed_in_any_stage_resumes_to_the_same_bytes(store, tmp_path)
 
 
 def test_a_save_over_the_file_size_limit_fails_cleanly_and_resumes(store, tmp_path):
-    """RLIMIT_FSIZE in the worker process: the 16 MB merged model cannot be written. The job fails
+    """RLIMIT_FSIZE in the worker process: the 17 MB merged model cannot be written. The job fails
     with a disk-space message, no half model is left, and after the limit is lifted it resumes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -299,9 +299,9 @@ def test_a_save_over_the_file_size_limit_fails_cleanly_and_resumes(store, tmp_pa
 
     tok = byte_tokenizer()
     base = tmp_path / "wide-vocab"
-    config = LlamaConfig(vocab_size=32000, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    config = LlamaConfig(vocab_size=128000, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          bos_token_id=None, tie_word_embeddings=False, **TINY_DIMS)
-    LlamaForCausalLM(config).save_pretrained(base)  # embeddings + head: 16 MB in fp32
+    LlamaForCausalLM(config).save_pretrained(base)  # embeddings + head: 16.4M parameters, 17 MB in 8 bits
     tok.save_pretrained(base)
     spec = tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=SAVE_EVERY).to_dict() | {"base": str(base)}
     job_id = service.submit(spec)
