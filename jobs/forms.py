@@ -52,10 +52,16 @@ FIELDS = {"base": "Base model", "group_size": "Group size", "exports": "Also exp
 BENCH_NONE, BENCH_CUSTOM = "none", "custom"
 
 
+def _preset_bits(bits) -> int:
+    """The bit width whose preset applies: the form's bits, or 4 while they are not a valid choice
+    (the bad value is reported with the group size)."""
+    return int(bits) if str(bits).strip() in {str(b) for b in BITS_CHOICES} else 4
+
+
 def bits_preset(bits) -> tuple[dict, str]:
     """The preset for ``bits`` (the form's defaults for :data:`BIT_PRESET_FIELDS`) and the note that
     says so, with what a GGUF file costs where it cannot hold the bits (2 and 3 bits are Q4_1)."""
-    bits = int(bits) if str(bits).strip() in {str(b) for b in BITS_CHOICES} else 4
+    bits = _preset_bits(bits)
     p = preset_for(bits)
     scales = f"learned scales on (their lr {p['scales_lr']:g})" if p["train_scales"] else "learned scales off"
     note = (f"**Preset for {bits} bits:** learning rate {p['lr']:g}, rank {p['rank']}, alpha {p['alpha']:g}, "
@@ -288,7 +294,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
     rate = numbers.get("lr")
     train = adapter = None
     # the bit width's preset fills what the form left unset (bad bits are reported with the group size)
-    preset = preset_for(int(bits) if str(bits).strip() in {str(b) for b in BITS_CHOICES} else 4)
+    preset = preset_for(_preset_bits(bits))
     if "advanced" not in errors.fields:
         with errors.field("advanced"):
             steps, devices = numbers["steps"], numbers["devices"]

@@ -124,9 +124,8 @@ def _rtn_minmax(weight, bits):
     return (torch.round((w - lo) / scale) * scale + lo).reshape_as(weight)
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_gptq_beats_rtn_on_calibration_activations(bits):
-    model, calib = _tiny_llama(), _calibration()
+def _layer_inputs(model, calib) -> dict[str, list[torch.Tensor]]:
+    """Each target's inputs on the calibration samples, ``(tokens, in)`` per sample."""
     acts = {}
     hooks = [m.register_forward_hook(lambda _, inp, out, n=n: acts.setdefault(n, []).append(
         inp[0].reshape(-1, inp[0].shape[-1]))) for n, m in model.named_modules()
@@ -136,6 +135,13 @@ def test_gptq_beats_rtn_on_calibration_activations(bits):
             model(ids[None])
     for hook in hooks:
         hook.remove()
+    return acts
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_beats_rtn_on_calibration_activations(bits):
+    model, calib = _tiny_llama(), _calibration()
+    acts = _layer_inputs(model, calib)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     progress = []
     result = gptq_quantize(model, calib, bits, GROUP, TARGETS,
@@ -220,15 +226,7 @@ def test_gptq_with_its_clip_search_lowers_the_layer_output_error_at_two_bits():
 
     assert gptq_config(2, GROUP, clip=True).mse == GPTQ_CLIP_NORM and gptq_config(2, GROUP).mse == 0.0
     model, calib = _tiny_llama(), _calibration()
-    acts = {}
-    hooks = [m.register_forward_hook(lambda _, inp, out, n=n: acts.setdefault(n, []).append(
-        inp[0].reshape(-1, inp[0].shape[-1]))) for n, m in model.named_modules()
-        if n.rsplit(".", 1)[-1] in TARGETS]
-    with torch.no_grad():
-        for ids in calib:
-            model(ids[None])
-    for hook in hooks:
-        hook.remove()
+    acts = _layer_inputs(model, calib)
     errors = {}
     for clip in (False, True):
         result = gptq_quantize(model, calib, 2, GROUP, TARGETS, clip=clip)
