@@ -132,7 +132,7 @@ def method_label(quant, adapter) -> str:
 # bench/low_bits.py on the default model and the built-in data (README, "Low bits").
 BIT_PRESETS = {
     2: {"lr": 5e-4, "rank": 16, "alpha": 32.0, "clip": True, "train_scales": True, "scales_lr": 5e-5},
-    3: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": True, "train_scales": False, "scales_lr": 5e-5},
+    3: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": True, "train_scales": True, "scales_lr": 5e-5},
     4: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": False, "train_scales": False, "scales_lr": 5e-5},
     8: {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": False, "train_scales": False, "scales_lr": 5e-5},
 }
