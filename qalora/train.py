@@ -291,7 +291,8 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     job taken over by another worker writes (and prunes) nothing in the new owner's folder.
     ``fingerprint`` (settings and data identity) is stored in every checkpoint; resuming from
     checkpoints with a different one raises ``ConfigError``. Learned scales (trainable parameters
-    named ``*.scale``, or ``*.channel_scale`` per row) are a second parameter group at ``scales_lr``, with no weight decay.
+    named ``*.scale``, or ``*.channel_scale`` per row) are a second parameter group at
+    ``scales_lr``, with no weight decay.
     """
     from . import distributed
 
