@@ -18,10 +18,12 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from qalora.config import method_label
 from qalora.errors import ConfigError
 from storage import EXPORT_STATUS, Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo, utcnow
 
 from .compare import QUALITY as COMPARE_QUALITY  # noqa: F401  (the scatter's quality axes, for the app)
+from .compare import files_text
 from .pipeline import LOG_NAME, export_note  # noqa: F401 (export_note: public here too)
 from .spec import EXTRA_EXPORTS, JobSpec  # noqa: F401  (EXTRA_EXPORTS: for the app)
 from .sweep import AXES as SWEEP_AXES, GROUP_SIZE_CHOICES as SWEEP_GROUP_SIZES, MAX_JOBS as MAX_SWEEP_JOBS  # noqa: F401
@@ -238,10 +240,6 @@ def move(job_id: int, direction: str) -> list[int]:
 def job_overview(job: dict) -> str:
     """How the job is made and what it wrote: its method (``qalora.config.method_label``), bits and
     group size, and its files beside the 16-bit model in MB and bits per parameter."""
-    from qalora.config import method_label
-
-    from .compare import files_text
-
     spec = job.get("spec") or {}
     quant = spec.get("quant") or {}
     text = f"{method_label(quant, spec.get('adapter'))}, {quant.get('bits')}-bit, group {quant.get('group_size')}"

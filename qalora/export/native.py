@@ -34,7 +34,7 @@ Q8_CODES, Q8_SCALES = ".q8_0", ".q8_0_scale"
 
 def eight_bit_parts(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
     """How the file stores tensor ``name``: its Q8_0 codes and scales where it is one of
-    :data:`qalora.loader.EIGHT_BIT`, else itself."""
+    :data:`qalora.model.EIGHT_BIT`, else itself."""
     if name in EIGHT_BIT and q8_0_fits(t):
         codes, d = quantize_q8_0(t)
         return {name + Q8_CODES: codes, name + Q8_SCALES: d}
@@ -43,7 +43,6 @@ def eight_bit_parts(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def logical_keys(keys) -> list[str]:
     """The file's tensor names with each 8-bit pair named as the one weight it stores."""
-    keys = list(keys)
     return [k.removesuffix(Q8_CODES) for k in keys if not k.endswith(Q8_SCALES)]
 
 
