@@ -27,16 +27,16 @@ sys.path.insert(0, str(ROOT))
 
 
 def skill(model_dir: Path, n: int) -> float:
-    from qalora.data import builtin_skill_check
-    from qalora.export.native import load_quantized
-    from qalora.infer import chat
+    from qalora.data.records import builtin_skill_check
+    from qalora.deployment.export.native import load_quantized
+    from qalora.deployment.generate import chat
 
     model, tok = load_quantized(model_dir, use_kernel=False)
     return builtin_skill_check(None, lambda msgs: chat(model, tok, msgs, max_new_tokens=40), n=n)
 
 
 def mc_accuracy(model_dir: Path, n: int) -> float:
-    from qalora.eval import evaluate_dir
+    from qalora.evaluation.heldout import evaluate_dir
     return evaluate_dir(model_dir, "builtin:contacts-mc", limit=n)["accuracy"]
 
 
@@ -44,7 +44,7 @@ def table1(args, bits_list) -> None:
     """The paper's Table 1 layout for this run, every model scored by lm-eval on the same tasks."""
     import tempfile
 
-    from qalora import benchmarks, mc_eval
+    from qalora.evaluation import benchmarks, multiple_choice as mc_eval
     from qalora.config import QuantConfig
 
     folder = Path(tempfile.mkdtemp())
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="documents per lm-eval task")
     args = ap.parse_args()
     from qalora.config import AdapterConfig, QuantConfig, TrainConfig
-    from qalora.pipeline import finetune
+    from qalora.training.finetune import finetune
 
     rows = []
     for bits in args.bits:

@@ -3,7 +3,7 @@ runtimes (GGUF Q4_1 in llama.cpp, GPTQ in gptqmodel), the app's chat path, and t
 fp32 and bf16 base.
 
 ``--device cuda`` (or ``--static``) adds what a GPU decodes with: the merged INT4 model and the
-bf16 base each through :class:`qalora.decode.StaticDecoder`, a static KV cache and a compiled step
+bf16 base each through :class:`qalora.deployment.decode.StaticDecoder`, a static KV cache and a compiled step
 (CUDA graphs on CUDA), side by side, and their ratio; on CUDA the CPU-only rows (llama.cpp, GPTQ)
 are left out. ``--shape`` picks random weights of SmolLM2-135M's or TinyLlama-1.1B's shape
 (``bench/shapes.py``), whose prompt is 32 random token ids.
@@ -71,7 +71,7 @@ class _FirstToken:
 
 
 def tokens_per_s(model, tok, new_tokens: int, repeats: int) -> tuple[float, float]:
-    from qalora.infer import chat_input_ids
+    from qalora.deployment.generate import chat_input_ids
     ids = chat_input_ids(tok, PROMPT)
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, temperature=None, top_p=None, top_k=None,
                   pad_token_id=tok.pad_token_id, eos_token_id=None)
@@ -111,7 +111,7 @@ def app_chat_tokens_per_s(merged: Path, prefer: str, new_tokens: int, repeats: i
     """The Chat tab's path: ``jobs.chat.stream_reply`` on the runtime ``open_runtime`` picks
     (``prefer="auto"``), or on the PyTorch runtime it picks on CUDA or where no GGUF is possible."""
     from jobs import chat
-    from qalora.runtime import open_runtime
+    from qalora.deployment.runtime import open_runtime
 
     if prefer == "auto":
         runtime, stream = chat.slot("tuned").get(str(merged)), chat.stream_reply
@@ -149,9 +149,9 @@ def gptqmodel_tokens_per_s(gptq_dir: Path, tok, new_tokens: int, repeats: int) -
 def merged_int4(base, use_kernel: bool, compute_dtype=torch.bfloat16):
     """The base quantized (RTN 4-bit, group 32) and its adapter merged, as a job builds it."""
     from qalora.config import AdapterConfig, QuantConfig
-    from qalora.infer import set_compute_dtype
-    from qalora.merge import merge_adapters
-    from qalora.model import inject_qalora, quantize_model
+    from qalora.method.quantlinear import set_compute_dtype
+    from qalora.method.merge import merge_adapters
+    from qalora.models.model import inject_qalora, quantize_model
 
     model = copy.deepcopy(base)
     adapter = AdapterConfig(rank=16)
@@ -165,7 +165,7 @@ def merged_int4(base, use_kernel: bool, compute_dtype=torch.bfloat16):
 
 def static_tokens_per_s(model, prompt_ids: list[int], new_tokens: int, repeats: int, compile: bool = True):
     """``(tokens/s, first-token seconds)`` greedy through a static cache and a compiled step."""
-    from qalora.decode import StaticDecoder, cache_length
+    from qalora.deployment.decode import StaticDecoder, cache_length
 
     decoder = StaticDecoder(model, cache_length(len(prompt_ids) + new_tokens + 8, 8192), compile=compile)
     sync = torch.cuda.synchronize if decoder.device.type == "cuda" else (lambda: None)
@@ -195,7 +195,7 @@ def device_rows(args) -> list:
     if shapes.resolve(args.shape) == "default":
         from transformers import AutoTokenizer
 
-        from qalora.infer import chat_input_ids
+        from qalora.deployment.generate import chat_input_ids
         prompt = chat_input_ids(AutoTokenizer.from_pretrained(shapes.CACHE), PROMPT)[0].tolist()
     else:
         prompt = torch.randint(3, vocab, (32,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -208,7 +208,7 @@ def device_rows(args) -> list:
             rows.append(("bf16 base, eager", static_tokens_per_s(base, prompt, args.new_tokens, args.repeats, False)))
     merged = merged_int4(base, use_kernel=True)
     del base
-    from qalora.infer import QuantLinear
+    from qalora.method.quantlinear import QuantLinear
     layers = [m for m in merged.modules() if isinstance(m, QuantLinear)]
     on_kernel = sum(m.prepare_kernel() for m in layers)
     what = f"{on_kernel}/{len(layers)} layers on the int4 kernel"
@@ -271,11 +271,11 @@ def cpu_table(args) -> None:
     skip = set(filter(None, args.skip.split(",")))
     import tempfile
 
-    from qalora.export.gguf import export_gguf
-    from qalora.export.gptq import export_gptq
-    from qalora.export.native import save_quantized
-    from qalora.infer import chat_input_ids
-    from qalora.model import load_base
+    from qalora.deployment.export.gguf import export_gguf
+    from qalora.deployment.export.gptq import export_gptq
+    from qalora.deployment.export.native import save_quantized
+    from qalora.deployment.generate import chat_input_ids
+    from qalora.models.model import load_base
 
     base, tok = load_base("default", dtype=torch.float32)
     rows = []  # (name, (tokens/s, first-token seconds))

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def merged(base, bits: int, group: int):
     from qalora.config import AdapterConfig, QuantConfig
-    from qalora.merge import merge_adapters
-    from qalora.model import inject_qalora, quantize_model
+    from qalora.method.merge import merge_adapters
+    from qalora.models.model import inject_qalora, quantize_model
 
     model = copy.deepcopy(base)
     adapter = AdapterConfig(rank=16)
@@ -50,10 +50,10 @@ def main() -> None:
     import torch
 
     from decode import PROMPT, llama_cpp_tokens_per_s
-    from qalora.export.gguf import export_gguf
-    from qalora.export.native import save_quantized
-    from qalora.infer import chat_input_ids
-    from qalora.model import count_model_params, default_gguf_path, load_base
+    from qalora.deployment.export.gguf import export_gguf
+    from qalora.deployment.export.native import save_quantized
+    from qalora.deployment.generate import chat_input_ids
+    from qalora.models.model import count_model_params, default_gguf_path, load_base
 
     base, tok = load_base("default", dtype=torch.float32)
     work = Path(tempfile.mkdtemp(prefix="qalora-sizes-"))

@@ -13,7 +13,7 @@ first (a step the budget no longer covers is reported as not run):
    against the bf16 base, both with a static cache and a compiled step (CUDA graphs);
 4. train -> merge -> verify -> chat of a 135M model in bf16 through ``python -m qalora``;
 5. one layer, int4 kernel against dequantize-and-matmul, from 1 to 256 rows (where the kernel
-   stops paying: ``qalora.kernels.KERNEL_MAX_ROWS``);
+   stops paying: ``qalora.method.kernels.KERNEL_MAX_ROWS``);
 
 and prints one table. ``--dry-run`` runs the same plumbing on the CPU with the tests' 2-layer
 model shape, a few steps and the device-tracing tests only: it proves the script, not the GPU.
@@ -110,7 +110,7 @@ def random_smollm2(directory: Path, shape: str) -> str:
 
     sys.path.insert(0, str(ROOT / "bench"))
     import shapes
-    from qalora.tiny import byte_tokenizer
+    from qalora.models.tiny import byte_tokenizer
 
     tok = byte_tokenizer()
     dims = {**shapes.SHAPES[shape], "vocab_size": max(len(tok), shapes.SHAPES[shape]["vocab_size"])}
@@ -150,8 +150,8 @@ def layer_speed(device: str, dry: bool) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from qalora.infer import QuantLinear
-    from qalora.quant import quantize_tensor
+    from qalora.method.quantlinear import QuantLinear
+    from qalora.method.quant import quantize_tensor
 
     out_f, in_f = (256, 256) if dry else (4096, 4096)
     reps = 3 if dry else 50
@@ -159,7 +159,7 @@ def layer_speed(device: str, dry: bool) -> dict:
     layer = QuantLinear(qt, use_kernel=True)
     prepared = layer._kernel_weights(torch.device(device))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    from qalora import kernels
+    from qalora.method import kernels
     cells, wins = [], 0
     for m in (1, 16, 64, 128, 256):
         x = torch.randn(m, in_f, device=device, dtype=torch.bfloat16)

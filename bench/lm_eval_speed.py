@@ -45,7 +45,7 @@ print(json.dumps({{"seconds": seconds, "acc": results["results"]["bench_mc"]["ac
 
 
 def _task(folder: Path, docs: int) -> int:
-    from qalora import benchmarks, mc_eval
+    from qalora.evaluation import benchmarks, multiple_choice as mc_eval
 
     questions = mc_eval.load_multiple_choice(mc_eval.BUILTIN_MC)
     rows = [questions[i % len(questions)] for i in range(docs)]
@@ -64,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         requests = _task(tmp, args.docs)
-        from qalora.model import load_base
+        from qalora.models.model import load_base
         model, tok = load_base(base)
         model.save_pretrained(tmp / "base")
         tok.save_pretrained(tmp / "base")

@@ -1,7 +1,7 @@
 """Low bits: plain QA-LoRA against the clip search, learned scales and the per-bit presets.
 
 Default model (embedded SmolLM2-135M), built-in data, RTN, same steps, batch and seed in every
-row. Each row is one fine-tune (``qalora.pipeline.finetune``); the table shows the quantized
+row. Each row is one fine-tune (``qalora.training.finetune.finetune``); the table shows the quantized
 base's eval loss, the merged low-bit model's, the merge check, the 40 held-out multiple-choice
 questions (``builtin:contacts-mc``) on the merged model, the mean step time, the peak memory and
 the native folder's size. Finished rows are reused (delete a row's folder to run it again).
@@ -44,8 +44,8 @@ def settings(variant: str, bits: int, args) -> dict:
 
 def run(variant: str, bits: int, group: int, args) -> dict:
     from qalora.config import AdapterConfig, QuantConfig, TrainConfig
-    from qalora.eval import evaluate_dir
-    from qalora.pipeline import finetune
+    from qalora.evaluation.heldout import evaluate_dir
+    from qalora.training.finetune import finetune
 
     s = settings(variant, bits, args)
     tag = "-".join(f"{k}{v}" for k, v in sorted(s.items()) if k not in ("alpha", "granularity"))
@@ -70,10 +70,10 @@ def base_losses(bits_list, groups) -> None:
     on the same held-out examples a run evaluates on (``--base-only``)."""
     import torch
 
-    from qalora import data as data_mod
+    from qalora.data import records as data_mod
     from qalora.config import DEFAULT_TARGETS, QuantConfig, TrainConfig
-    from qalora.eval import eval_loss
-    from qalora.model import load_quantized_base, open_base
+    from qalora.evaluation.heldout import eval_loss
+    from qalora.models.model import load_quantized_base, open_base
 
     cfg = TrainConfig()
     src = open_base("default")

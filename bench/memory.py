@@ -3,7 +3,7 @@
 Writes a random LLaMA of the given shape (default: TinyLlama-1.1B's — hidden 2048, intermediate
 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000) as sharded bf16 safetensors with a real
 LLaMA-2-style SentencePiece tokenizer, then runs a short fine-tune + merge + save on it through
-``qalora.pipeline.finetune``, each implementation in its own child process:
+``qalora.training.finetune.finetune``, each implementation in its own child process:
 
 - ``new``: this checkout (streams the checkpoint one decoder layer at a time, merges in place);
 - ``before``: the code before that change (``--before-ref``, checked out in a temporary git
@@ -69,8 +69,8 @@ def write_checkpoint(directory: Path, shape: dict, seed: int = 0) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from qalora.loader import empty_model
-    from qalora.tiny import llama2_tokenizer
+    from qalora.models.loader import empty_model
+    from qalora.models.tiny import llama2_tokenizer
 
     if (directory / "model.safetensors.index.json").is_file():
         return
@@ -126,7 +126,7 @@ def child(model_dir: str, out_dir: str, bits: int, group: int, steps: int, seq: 
     import torch
 
     from qalora.config import AdapterConfig, QuantConfig, TrainConfig
-    from qalora.pipeline import finetune
+    from qalora.training.finetune import finetune
 
     try:  # as the CLI and the worker do (absent from the code before)
         from qalora.memory import limit_heap_retention

@@ -36,9 +36,9 @@ def write_run(model: str, run: Path) -> Path:
     import torch
 
     from qalora.config import AdapterConfig, QuantConfig
-    from qalora.export.native import save_quantized
-    from qalora.merge import merge_adapters
-    from qalora.model import inject_qalora, load_base, quantize_model
+    from qalora.deployment.export.native import save_quantized
+    from qalora.method.merge import merge_adapters
+    from qalora.models.model import inject_qalora, load_base, quantize_model
 
     base, tok = load_base("default" if model == "default" else "tiny-random")
     adapter = AdapterConfig(rank=8)

@@ -3,7 +3,7 @@
 - ``default``: the embedded SmolLM2-135M (its GGUF, read once and cached here as bf16 safetensors);
 - ``smollm2-135m``: the same shape with random weights (where the default model is not installed);
 - ``tinyllama-1.1b``: TinyLlama-1.1B's shape with random weights;
-- ``tiny``: the tests' 2-layer model (``qalora.tiny``), for dry runs of the benches' plumbing.
+- ``tiny``: the tests' 2-layer model (``qalora.models.tiny``), for dry runs of the benches' plumbing.
 
 Random weights are ``N(0, 0.02)`` like a fresh LLaMA: speeds and memory are those of the real shape,
 the replies are noise.
@@ -27,7 +27,7 @@ CHOICES = ("default", *SHAPES)
 
 def default_installed() -> bool:
     from qalora.errors import ModelError
-    from qalora.model import default_gguf_path
+    from qalora.models.model import default_gguf_path
     try:
         default_gguf_path()
         return True
@@ -48,7 +48,7 @@ def build(shape: str, dtype, device="cpu", seed: int = 0):
     shape = resolve(shape)
     if shape == "default":
         if not (CACHE / "config.json").is_file():
-            from qalora.model import load_base
+            from qalora.models.model import load_base
             model, tok = load_base("default", dtype=torch.bfloat16)
             model.save_pretrained(CACHE)
             tok.save_pretrained(CACHE)

@@ -1,6 +1,6 @@
 """Host synchronisations and operator counts per training step, this checkout against an earlier one.
 
-Runs ``qalora.train.train`` on the default model (4-bit g32, rank 16, dropout 0.05, batch
+Runs ``qalora.training.loop.train`` on the default model (4-bit g32, rank 16, dropout 0.05, batch
 ``--batch`` of the built-in records) and profiles two steps after ``--warmup`` steps (which
 compile, where compiling is on) with ``torch.profiler``, each implementation in its own child
 process (``--before-ref``: the code before the fast training step, checked out in a temporary git
@@ -35,10 +35,10 @@ def child(batch: int, warmup: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from qalora import data
+    from qalora.data import records as data
     from qalora.config import AdapterConfig, QuantConfig, TrainConfig
-    from qalora.model import inject_qalora, load_quantized_base, open_base
-    from qalora.train import train
+    from qalora.models.model import inject_qalora, load_quantized_base, open_base
+    from qalora.training.loop import train
 
     src = open_base("default")
     records = data.load_records("builtin:default")

@@ -6,7 +6,7 @@ process so that its peak memory is its own; the parent prints one table with rat
 
 - **PEFT LoRA**: what a PEFT user runs: ``get_peft_model`` on the bf16 base, ``model(labels=...).loss``
   (full-vocabulary logits), bf16 autocast on CUDA as the HF Trainer's ``bf16=True`` does.
-- **QA-LoRA**: the studio's own step, ``qalora.train.optimizer_step`` (adapter folded into the
+- **QA-LoRA**: the studio's own step, ``qalora.training.loop.optimizer_step`` (adapter folded into the
   dequantized weight, loss in vocabulary chunks, two activations kept per gated MLP), decoder
   layers compiled and freed heap released as a job does (``QALORA_COMPILE``; its first steps,
   which compile, are warm-up steps and are not timed).
@@ -108,8 +108,8 @@ def child(method: str, args) -> dict:
     else:
         from qalora import compiled
         from qalora.config import TrainConfig
-        from qalora.model import inject_qalora, quantize_model
-        from qalora.train import host_batch, optimizer_step
+        from qalora.models.model import inject_qalora, quantize_model
+        from qalora.training.loop import host_batch, optimizer_step
 
         adapter = AdapterConfig(rank=args.rank, alpha=2 * args.rank, dropout=0.0, train_scales=args.train_scales)
         inject_qalora(model, quantize_model(model, QuantConfig(4, 32), adapter.targets), adapter)

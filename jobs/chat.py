@@ -1,7 +1,7 @@
 """Chat with finished models: one loaded model per side, kept between turns, freed on switch.
 
 The app process holds at most two models: the fine-tuned low-bit one ("tuned", keyed by its
-merged directory, answered by the runtime ``qalora.runtime.open_runtime`` picks: llama.cpp on
+merged directory, answered by the runtime ``qalora.deployment.runtime.open_runtime`` picks: llama.cpp on
 the run's GGUF file on a CPU, PyTorch's int4 path on CUDA or where no GGUF is possible) and, for
 side-by-side mode, its base ("base", keyed by the base name: on a CPU in llama.cpp from the base's
 own GGUF file where it is one, as the default base is, else the float model in PyTorch). Asking a
@@ -64,16 +64,16 @@ class ModelSlot:
 
 
 def _load_tuned(merged_dir: str):
-    from qalora.runtime import open_runtime
+    from qalora.deployment.runtime import open_runtime
 
     return open_runtime(merged_dir)
 
 
 def _load_base(base: str):
-    from qalora.model import load_base, pick_device, resolve_dtype
-    from qalora.runtime import context_length
-    from qalora.runtime.llamacpp import open_gguf_base
-    from qalora.runtime.pytorch import PyTorchRuntime
+    from qalora.models.model import load_base, pick_device, resolve_dtype
+    from qalora.deployment.runtime.base import context_length
+    from qalora.deployment.runtime.llamacpp import open_gguf_base
+    from qalora.deployment.runtime.pytorch import PyTorchRuntime
 
     device = pick_device()
     runtime = open_gguf_base(base, device)
@@ -141,9 +141,9 @@ def _import_loaders() -> None:
     import torch  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import qalora.model  # noqa: F401
-    import qalora.runtime.llamacpp  # noqa: F401
-    import qalora.runtime.pytorch  # noqa: F401
+    import qalora.models.model  # noqa: F401
+    import qalora.deployment.runtime.llamacpp  # noqa: F401
+    import qalora.deployment.runtime.pytorch  # noqa: F401
 
 
 class _Loading(threading.Thread):

@@ -101,7 +101,7 @@ def confine_base(base: str) -> str:
     if _CONFINED.get() and os.path.lexists(os.path.expanduser(base)) and not _allowed(base):
         # written as a name but naming a folder here: told what the same name is told where it is missing
         from qalora.errors import ModelError
-        from qalora.hub import _Status, endpoint, hub_config, hub_error
+        from qalora.models.hub import _Status, endpoint, hub_config, hub_error
 
         from .spec import _HUB_ID, missing_model_message
         if not _HUB_ID.match(base):
@@ -119,8 +119,8 @@ def confine_data(ref: str) -> str:
     if _CONFINED.get() and os.path.lexists(os.path.expanduser(ref)) and not _allowed(ref):
         # written as a dataset name but naming a file or folder here: what the Hub says of that name
         # (as for any Hub dataset typed in the form), then what a missing Hub dataset is told
-        from qalora.hub import _Status
-        from qalora.hubdata import hub_message, overview, parse_ref
+        from qalora.models.hub import _Status
+        from qalora.data.hub import hub_message, overview, parse_ref
         hub_ref = parse_ref(ref)
         overview(hub_ref)
         raise DataError(hub_message(hub_ref, _Status(404)))
@@ -136,7 +136,7 @@ def is_upload(ref: str) -> bool:
 def owned_by_visitor(ref: str):
     """Inside the block a refusal naming a file's columns names them only for an upload: a file on
     the server may hold what the visitor may not read (its column names included)."""
-    from qalora.data import UnknownColumns
+    from qalora.data.records import UnknownColumns
     try:
         yield
     except UnknownColumns as exc:

@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from pathlib import Path
 
-from qalora.distributed import die_with_parent
+from qalora.training.distributed import die_with_parent
 from storage import IllegalTransition, JobStatus, db, repo
 
 from .pipeline import note

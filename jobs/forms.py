@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig, preset_for
 from qalora.errors import ConfigError, DataError, QALoRAError
-from qalora.hubdata import resolve
+from qalora.data.hub import resolve
 
 from .confine import confine_base, confine_data, keep_upload, owned_by_visitor
 from .spec import EXTRA_EXPORTS, JobSpec, check_data, check_group_size, dims_from_config, is_hub_id, model_dims
@@ -76,7 +76,7 @@ def bits_preset(bits) -> tuple[dict, str]:
 
 def benchmark_choices() -> list[tuple[str, str]]:
     """(label, value) for the launch form's Benchmarks choice: none, the paper's presets, a custom list."""
-    from qalora.benchmarks import PRESETS  # torch-free: lm-eval is imported only to run or check tasks
+    from qalora.evaluation.benchmarks import PRESETS  # torch-free: lm-eval is imported only to run or check tasks
 
     return [("none", BENCH_NONE), *((p["label"], name) for name, p in PRESETS.items()),
             ("custom list of lm-eval tasks", BENCH_CUSTOM)]
@@ -85,7 +85,7 @@ def benchmark_choices() -> list[tuple[str, str]]:
 def benchmarks_setting(choice: str | None, tasks: str | None = "", limit=None) -> dict:
     """The spec's ``benchmarks`` from the form: a preset or a custom comma-separated task list (names
     checked against lm-eval's registry, nothing downloaded), and an optional per-task limit."""
-    from qalora.benchmarks import PRESETS, check_tasks
+    from qalora.evaluation.benchmarks import PRESETS, check_tasks
 
     choice = choice or BENCH_NONE
     if choice == BENCH_NONE:
@@ -137,8 +137,8 @@ class _Collect:
 
 def builtin_choices() -> list[tuple[str, str]]:
     """(label, value) for the built-in list: the embedded sets, then the paper's five Hub datasets."""
-    from qalora.builtin_data import builtin_names  # not qalora.data: that one imports torch
-    from qalora.hubdata import PAPER_DATASETS
+    from qalora.data.builtin import builtin_names  # not qalora.data.records: that one imports torch
+    from qalora.data.hub import PAPER_DATASETS
 
     return [(f"builtin:{n}", f"builtin:{n}") for n in builtin_names()] + [
         (f"{d.label}: {d.ref.split(':')[0]} (the paper's; downloaded from the Hub)", f"paper:{name}")
@@ -148,7 +148,7 @@ def builtin_choices() -> list[tuple[str, str]]:
 def hub_ref(hub_id: str | None, config: str | None = None, split: str | None = None) -> str:
     """``ID[:CONFIG][@SPLIT]`` from the form's Hub fields (the id box may already hold a config or split);
     "" for an empty id box, which :func:`data_source` names."""
-    from qalora.hubdata import HubRef, parse_ref
+    from qalora.data.hub import HubRef, parse_ref
 
     if not (hub_id or "").strip():
         return ""
@@ -160,11 +160,11 @@ _overviews: dict[str, tuple[float, object]] = {}
 
 
 def hub_dataset(ref: str):
-    """What the Hub says of a dataset (:func:`qalora.hubdata.overview`, about 2 s at most), kept for
+    """What the Hub says of a dataset (:func:`qalora.data.hub.overview`, about 2 s at most), kept for
     ``HUB_CHECK_TTL_S`` so the check and the Launch that follows ask once."""
     import time
 
-    from qalora.hubdata import overview
+    from qalora.data.hub import overview
 
     kept = _overviews.get(ref)
     if kept and time.monotonic() - kept[0] < HUB_CHECK_TTL_S:
@@ -176,7 +176,7 @@ def hub_dataset(ref: str):
 
 def check_hub_columns(view, columns: dict) -> None:
     """The mapping names columns the dataset has; without one, its columns must be a known format."""
-    from qalora.hubdata import RECORD_COLUMNS
+    from qalora.data.hub import RECORD_COLUMNS
 
     shown = ", ".join(repr(c) for c in view.columns[:12]) + (" …" if len(view.columns) > 12 else "")
     if columns:
@@ -199,7 +199,7 @@ def base_dims(base: str) -> tuple[int, int, int] | None:
     base = confine_base(str(base or "").strip() or "default")
     dims = model_dims(base)
     if dims is None and is_hub_id(base):
-        from qalora.hub import hub_config
+        from qalora.models.hub import hub_config
         dims = dims_from_config(hub_config(base), base)
     return dims
 
@@ -214,7 +214,7 @@ def group_size_choices(base: str) -> list[int]:
 
 def export_choices(bits, group_size) -> tuple[list[str], dict[str, str]]:
     """(exports that apply at these settings, {export: why it cannot}) for the export checkboxes."""
-    from qalora.export import check_format
+    from qalora.deployment.export.formats import check_format
 
     ok, refused = [], {}
     for fmt in EXTRA_EXPORTS:
@@ -321,7 +321,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
         with errors.field("group_size"):
             quant = QuantConfig(bits=bits, group_size=group_size, method=method, clip=clip)
     with errors.field("exports"):
-        from qalora.export import check_format
+        from qalora.deployment.export.formats import check_format
         for fmt in exports or ():
             if quant is not None:
                 check_format(fmt, quant.bits, quant.group_size)
@@ -338,7 +338,7 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
         if hub:
             check_hub_columns(hub_dataset(data), columns)
     if check_rows and not hub and "data" not in errors.fields:
-        from qalora.data import load_records
+        from qalora.data.records import load_records
         # A bounded sample, so a large file is not parsed whole in the web process; the worker
         # reads (and checks) every row when the job starts.
         records = None
@@ -376,7 +376,7 @@ def form_spec(*, kind: str, builtin: str | None, upload: str | None, path: str |
 
 def _check_replies_fit(records: list[dict], base: str, seq_len: int) -> None:
     """Refuse a sequence length that cuts away every reply of the sample (the worker would fail)."""
-    from qalora.data import tokenize_records
+    from qalora.data.records import tokenize_records
 
     try:
         tok = _tokenizer(base)
@@ -394,10 +394,10 @@ def _check_replies_fit(records: list[dict], base: str, seq_len: int) -> None:
 @lru_cache(maxsize=2)
 def _tokenizer(base: str):
     """The base's own tokenizer (its chat template decides the rendering); cached per base."""
-    from qalora.model import TINY_MODEL, default_gguf_path
+    from qalora.models.model import TINY_MODEL, default_gguf_path
 
     if base == TINY_MODEL:
-        from qalora.tiny import byte_tokenizer
+        from qalora.models.tiny import byte_tokenizer
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
@@ -444,7 +444,7 @@ def preview_dataset(source: str, base: str, n: int = 3) -> tuple[list[str], int]
     Falls back to a plain ChatML rendering when the base's tokenizer cannot be loaded here
     (e.g. a Hub id while offline); the worker still uses the real one.
     """
-    from qalora.data import preview
+    from qalora.data.records import preview
 
     base = confine_base(str(base or "").strip() or "default")
     source = confine_data(source)

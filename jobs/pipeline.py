@@ -22,6 +22,7 @@ from sqlalchemy import select
 from qalora.errors import QALoRAError
 from storage import IllegalTransition, Job, JobStatus, db, get_settings, repo, utcnow
 
+from .identity import new_worker_id
 from .mlflow_log import MlflowRun
 from .spec import JobSpec
 
@@ -151,7 +152,7 @@ def export_note(result: dict) -> str:
                 "positions. Load it with transformers' AutoModelForCausalLM.from_pretrained (pip install torchao).")
     if fmt == "peft":
         return "PEFT LoRA adapter (lora_A expanded to full width); apply it to the 16-bit base with peft."
-    return "Native low-bit model: load with qalora.export.native.load_quantized."
+    return "Native low-bit model: load with qalora.deployment.export.native.load_quantized."
 
 
 def run_benchmarks(spec: JobSpec, folder: Path, log, on_progress) -> dict:
@@ -159,8 +160,8 @@ def run_benchmarks(spec: JobSpec, folder: Path, log, on_progress) -> dict:
     (each once per base, quantization and benchmark settings, kept under the store's cache: a sweep
     evaluates its base once). ``on_progress(done, total)`` counts requests over the runs still to
     make; it may raise to stop."""
-    from qalora import benchmarks
-    from qalora.model import pick_device
+    from qalora.evaluation import benchmarks
+    from qalora.models.model import pick_device
 
     device = pick_device()
     runs = [("merged", None)] + [(which, benchmarks.baseline_key(which, spec.base, spec.quant, spec.benchmarks,
@@ -191,9 +192,9 @@ def run_benchmarks(spec: JobSpec, folder: Path, log, on_progress) -> dict:
 
 def _calibration(spec: JobSpec):
     """GPTQ's calibration samples as the run drew them: its first training examples."""
-    from qalora import data as data_mod
-    from qalora.model import open_base
-    from qalora.pipeline import calibration_ids
+    from qalora.data import records as data_mod
+    from qalora.models.model import open_base
+    from qalora.training.finetune import calibration_ids
 
     records = data_mod.load_records(spec.data, **spec.data_options)
     train_records, _ = data_mod.split_records(records, spec.train.eval_fraction, spec.train.seed)
@@ -251,7 +252,7 @@ def _run_task(task_id: int, worker_id: str, describe, work) -> str:
 
 def run_export(task_id: int, worker_id: str) -> str:
     """Write the format of an export row this worker claimed, for its job (:func:`_run_task`)."""
-    from qalora.export import export_run
+    from qalora.deployment.export import export_run
 
     def work(task, log, lost):
         fmt, folder = task.spec["format"], task.folder
@@ -344,7 +345,6 @@ def run_job(job_id: int, worker_id: str | None = None, *, shutdown: threading.Ev
     makes the job checkpoint and go back to the queue.
     """
     if worker_id is None:
-        from .worker import new_worker_id
         worker_id = new_worker_id()
         with db() as s:
             repo.claim(s, worker_id, job_id)
@@ -491,7 +491,7 @@ class _JobRun:
                 self.lost.set()
 
     def execute(self, raw_spec: dict) -> str:
-        from qalora.pipeline import TrainingStopped, finetune
+        from qalora.training.finetune import TrainingStopped, finetune
 
         spec = None
         try:
@@ -521,7 +521,7 @@ class _JobRun:
 
     def after_training(self, spec: JobSpec, report: dict) -> dict:
         """The spec's extra exports and the evaluation (:meth:`evaluate`); kept in the report."""
-        from qalora.export import export_run
+        from qalora.deployment.export import export_run
 
         if spec.extra_exports:
             self.on_stage("export")
@@ -552,8 +552,8 @@ class _JobRun:
         built-in data its multiple-choice score, and on any chat data a few held-out replies
         generated and compared exactly, so a model that scores on near-miss choices but cannot
         answer shows it."""
-        from qalora.eval import GENERATION_REPLIES, evaluate_dir, generation_check_dir
-        from qalora.model import pick_device
+        from qalora.evaluation.heldout import GENERATION_REPLIES, evaluate_dir, generation_check_dir
+        from qalora.models.model import pick_device
 
         device, merged = str(pick_device()), self.artifact_dir / "merged"
         mc_data = BUILTIN_MC.get(spec.data)

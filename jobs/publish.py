@@ -63,12 +63,12 @@ def _table(head: str, pairs) -> str:
 def publish_choices(job: dict) -> tuple[list[str], dict[str, str]]:
     """(formats this job can publish, {format: why not} for the others), in PUBLISH_FORMATS order."""
     from qalora.errors import ConfigError
-    from qalora.export import check_gguf_group_size
+    from qalora.deployment.export.formats import check_format
 
     r = job.get("report") or {}
     refused = {}
     try:
-        check_gguf_group_size(int(r.get("bits") or 4), int(r.get("group_size") or 32))
+        check_format("gguf", int(r.get("bits") or 4), int(r.get("group_size") or 32))
     except ConfigError as exc:
         refused["gguf"] = str(exc)
     if not (Path(job.get("artifact_dir") or "") / "adapter").is_dir():
@@ -128,7 +128,7 @@ def _snippets(formats, repo: str, gguf: str, name: str) -> list[str]:
     if "native" in formats:
         out += ["### QA-LoRA Studio (native, exact)", "", "```python",
                 "from huggingface_hub import snapshot_download",
-                "from qalora.export.native import load_quantized", "",
+                "from qalora.deployment.export.native import load_quantized", "",
                 f'path = snapshot_download("{repo}", allow_patterns=["native/*"])',
                 'model, tokenizer = load_quantized(f"{path}/native")', "```", ""]
     return out

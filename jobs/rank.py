@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     with db() as s:
         job = repo.get_job(s, job_id)
         spec, folder = JobSpec.from_dict(job.spec), job.folder
-    from qalora.pipeline import TrainingStopped, finetune
+    from qalora.training.finetune import TrainingStopped, finetune
 
     try:
         finetune(spec.base, spec.data, folder, spec.quant, spec.adapter, spec.train, resume=True,

@@ -431,7 +431,7 @@ from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_GROUP_SIZE, 
                     group_size_choices, preview_dataset, warm_up)
 from .forms import FIELDS as FORM_FIELDS  # noqa: E402,F401
 from qalora.errors import QALoRAError  # noqa: E402,F401
-from qalora.hubdata import RECORD_COLUMNS, guess_columns, paper_dataset  # noqa: E402,F401
+from qalora.data.hub import RECORD_COLUMNS, guess_columns, paper_dataset  # noqa: E402,F401
 from .confine import with_upload_names  # noqa: E402,F401
 from .publish import (PUBLISH_FORMATS, PublishError, loss_curve, model_card, publish_choices,  # noqa: E402,F401
                       resolve_token)
@@ -513,7 +513,7 @@ def export_tasks(job_id: int) -> list[dict]:
 
 def request_export(job_id: int, fmt: str) -> dict:
     """Queue an export of a finished job for a worker (or return the one queued, running or done)."""
-    from qalora.export import check_format
+    from qalora.deployment.export.formats import check_format
 
     job = get_job(job_id, metrics_after=NO_METRICS)
     r = job["report"] or {}

@@ -13,9 +13,9 @@ from pathlib import Path
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
 from qalora.errors import ConfigError, DataError, ModelError
 
-# Always written by qalora.pipeline.finetune: the merged low-bit model and the adapter.
+# Always written by qalora.training.finetune.finetune: the merged low-bit model and the adapter.
 DEFAULT_EXPORTS = ("native", "adapter")
-# Written after training when the spec asks (qalora.export): llama.cpp file, transformers (torchao)
+# Written after training when the spec asks (qalora.deployment.export): llama.cpp file, transformers (torchao)
 # folder, GPTQ folder, PEFT adapter.
 EXTRA_EXPORTS = ("gguf", "torchao", "gptq", "peft")
 EXPORT_FORMATS = DEFAULT_EXPORTS + EXTRA_EXPORTS
@@ -46,7 +46,7 @@ class JobSpec:
     benchmarks: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from qalora.hubdata import resolve
+        from qalora.data.hub import resolve
 
         self.base, self.name = str(self.base).strip(), (self.name or "").strip()
         self.data, self.columns, self.max_samples = resolve(str(self.data).strip(), self.columns, self.max_samples)
@@ -98,14 +98,14 @@ class JobSpec:
         self.data, self.base = _absolute(self.data), _absolute(self.base)
         if dims is not None:
             check_group_size(dims, self.quant.group_size, self.adapter.targets)
-        from qalora.export import check_format
+        from qalora.deployment.export.formats import check_format
         for fmt in self.extra_exports:
             check_format(fmt, self.quant.bits, self.quant.group_size)
         return self
 
     @property
     def data_options(self) -> dict:
-        """How ``qalora.data.load_records`` picks this job's records from its data."""
+        """How ``qalora.data.records.load_records`` picks this job's records from its data."""
         return {"columns": self.columns, "max_samples": self.max_samples, "seed": self.train.seed}
 
     @property
@@ -115,7 +115,7 @@ class JobSpec:
 
 def check_benchmarks(bench: dict | None) -> dict:
     """``{"tasks": [names], "num_fewshot": k or None, "limit": n or None}``, or {} for none. The names are
-    checked against lm-eval's registry by ``qalora.benchmarks.check_tasks`` (the form does it)."""
+    checked against lm-eval's registry by ``qalora.evaluation.benchmarks.check_tasks`` (the form does it)."""
     if not bench or not bench.get("tasks"):
         return {}
     unknown = sorted(set(bench) - {"tasks", "num_fewshot", "limit"})
@@ -148,7 +148,7 @@ def _absolute(ref: str) -> str:
 def check_data(source: str) -> None:
     """The source must exist; its rows are parsed by the worker, which names a bad file and row."""
     if source.startswith("builtin:"):
-        from qalora.data import builtin_records
+        from qalora.data.records import builtin_records
         builtin_records(source[len("builtin:"):])  # unknown names raise a DataError listing the choices
         return
     path = Path(source).expanduser()
@@ -166,7 +166,7 @@ def check_data(source: str) -> None:
                         f"{'/'.join(DATA_FILE_TYPES)} file, a dataset folder, or a Hub dataset ID[:CONFIG][@SPLIT].")
     # anything else is a Hub dataset, written ID[:CONFIG][@SPLIT]: the form asks the Hub about it
     # (jobs.forms.hub_dataset), the worker downloads it
-    from qalora.hubdata import parse_ref
+    from qalora.data.hub import parse_ref
     parse_ref(source)
 
 
@@ -178,7 +178,7 @@ def model_dims(base: str) -> tuple[int, int, int] | None:
     if base == "default":
         return _DEFAULT_DIMS
     if base == "tiny-random":
-        from qalora.tiny import TINY_DIMS
+        from qalora.models.tiny import TINY_DIMS
         return TINY_DIMS["hidden_size"], TINY_DIMS["hidden_size"], TINY_DIMS["intermediate_size"]
     path = Path(base).expanduser()
     if path.suffix == ".gguf":
@@ -216,7 +216,7 @@ def _dims_from_config(path: Path) -> tuple[int, int, int]:
 
 def dims_from_config(cfg: dict, where: str, file: str | None = None) -> tuple[int, int, int]:
     """(hidden, attention width, intermediate) of a LLaMA-family ``config.json``'s contents."""
-    from qalora.model import LLAMA_FAMILY
+    from qalora.models.model import LLAMA_FAMILY
 
     try:
         hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
@@ -233,7 +233,7 @@ def dims_from_config(cfg: dict, where: str, file: str | None = None) -> tuple[in
 
 def check_group_size(dims: tuple[int, int, int], group_size: int, targets) -> None:
     """Every targeted linear's in_features must be a multiple of ``group_size``."""
-    from qalora.quant import check_group_size as check
+    from qalora.method.quant import check_group_size as check
 
     hidden, attn, inter = dims
     in_features = {"o_proj": attn, "down_proj": inter}

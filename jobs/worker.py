@@ -19,9 +19,7 @@ import argparse
 import fcntl
 import logging
 import os
-import secrets
 import signal
-import socket
 import threading
 from datetime import timedelta
 from typing import IO
@@ -30,35 +28,10 @@ from sqlalchemy.engine import make_url
 
 from storage import KIND_EXPORT, TASK_KINDS, IllegalTransition, Settings, db, get_settings, repo, utcnow
 
+from .identity import gone as worker_gone, new_worker_id
 from .pipeline import note, run_job
 
 log = logging.getLogger("qalora.worker")
-
-
-def _hostname() -> str:
-    """QALORA_HOSTNAME, else the host name. Set it where machines share a host name but not their
-    processes (containers on host networking): a worker must never take a pid it cannot see for dead."""
-    return os.environ.get("QALORA_HOSTNAME") or socket.gethostname()
-
-
-def new_worker_id() -> str:
-    """``host:pid:random``; host and pid let a worker on the same machine spot a dead one at once."""
-    return f"{_hostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def _gone(worker_id: str | None) -> bool:
-    """True if ``worker_id`` names a process on this machine that no longer exists."""
-    host, _, rest = (worker_id or "").partition(":")
-    pid = rest.partition(":")[0]
-    if host != _hostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def acquire_slot(settings: Settings, wait: threading.Event | None = None, every_s: float = 0.5) -> IO | None:
@@ -110,7 +83,7 @@ def recover_orphans(recoverer: str | None = None) -> list[int]:
         running = [(j.id, j.worker_id, j.heartbeat_at, j.attempts, j.folder) for j in repo.running_jobs(s)]
     requeued = []
     for job_id, owner, beat, attempts, artifact_dir in running:
-        gone = owner != recoverer and _gone(owner)
+        gone = owner != recoverer and worker_gone(owner)
         if not gone and beat is not None and beat >= cutoff:
             continue
         why = (f"worker {owner} died" if gone else

@@ -1,6 +1,7 @@
-"""Command line: ``python -m qalora train|chat|serve|export|eval|sweep``. The only module that touches argv.
+"""Command line: ``python -m qalora train|chat|serve|export|eval``. The only library module that touches argv.
 
-``sweep`` queues jobs, so it alone imports the job store (``jobs``), lazily; the rest is library only.
+The library's own commands only: a sweep queues jobs, so it is the jobs tier's command
+(``python -m jobs sweep``, :mod:`jobs.cli`).
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import logging
 import os
 import sys
 
-from .config import AdapterConfig, QuantConfig, TrainConfig
-from .errors import ConfigError, QALoRAError
-from .hubdata import PAPER_DATASETS
+from qalora.config import AdapterConfig, QuantConfig, TrainConfig
+from qalora.errors import ConfigError, QALoRAError
+from qalora.data.hub import PAPER_DATASETS
 
 
 def _train_parser(sub) -> None:
@@ -74,7 +75,7 @@ def _chat_parser(sub) -> None:
 
 
 def _runtime_argument(p) -> None:
-    from .runtime import PREFER
+    from qalora.deployment.runtime import PREFER
 
     p.add_argument("--runtime", choices=PREFER, default="auto",
                    help="auto: llama.cpp on the run's GGUF file on a CPU (written once if missing), else PyTorch")
@@ -97,7 +98,7 @@ def _serve_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    from .export import FORMATS
+    from qalora.deployment.export.formats import FORMATS
 
     p = sub.add_parser("export", help="write a finished run in another format (native, gguf, torchao, torchao-int4, gptq, peft)")
     p.add_argument("run_dir", help="a run folder (train --out DIR, or a job's folder) or its merged/ folder")
@@ -132,66 +133,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
 
-def _sweep_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="queue one job per combination of bits, group size, rank and learning rate "
-                                     "(or run them here with --local); prints the comparison table")
-    p.add_argument("--base", default="default", help="as for train")
-    p.add_argument("--bits", default="4", help="comma-separated, e.g. 2,3,4")
-    p.add_argument("--group-size", default="32", help="comma-separated, e.g. 32,64")
-    p.add_argument("--rank", default="16", help="comma-separated, e.g. 8,16")
-    p.add_argument("--lr", default="2e-4", help="comma-separated, e.g. 1e-4,3e-4")
-    p.add_argument("--alpha-per-rank", type=float, default=2.0, help="LoRA alpha = this x rank (default 2)")
-    p.add_argument("--quant-method", choices=["rtn", "gptq"], default="rtn")
-    p.add_argument("--data", default="builtin:default", help="builtin:NAME, a dataset file or folder")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--exports", default="", help="also export each job: comma-separated of gguf,torchao,gptq,peft")
-    p.add_argument("--name", default="", help="name prefix of the jobs and the sweep")
-    p.add_argument("--devices", type=int, default=1, help="devices per job (data-parallel ranks)")
-    p.add_argument("--local", action="store_true",
-                   help="run the jobs one after another in this process (they are still recorded, so the app's "
-                        "Compare tab shows them) instead of leaving them to the workers")
-
-
-def cmd_sweep(args) -> dict:
-    """The one command that touches the job store (``jobs``): a sweep is a set of queued jobs."""
-    from jobs import service
-    from jobs.compare import markdown_table
-    from jobs.confine import unconfined
-
-    grid = {"bits": args.bits, "group_size": args.group_size, "rank": args.rank, "lr": args.lr}
-    rank0 = int(str(args.rank).split(",")[0])
-    builtin = args.data.startswith("builtin:")
-    with unconfined():  # the machine's own user: the form's checks, not its confinement
-        plan = service.plan_sweep(grid, kind="built-in" if builtin else "path or name",
-                                  builtin=args.data if builtin else None, upload=None,
-                                  path=None if builtin else args.data, base=args.base, bits=4, group_size=32,
-                                  method=args.quant_method, rank=rank0, alpha=args.alpha_per_rank * rank0,
-                                  lr=2e-4, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                                  name=args.name, exports=[f.strip() for f in args.exports.split(",") if f.strip()],
-                                  devices=args.devices)
-    print(plan.summary().replace("**", ""))
-    sweep_id, ids = service.submit_sweep(plan, args.name)
-    print(f"sweep {sweep_id}: queued jobs {', '.join(f'#{i}' for i in ids)}")
-    if args.local:
-        from jobs.worker import run_here
-        for job_id in ids:
-            status = run_here(job_id)
-            print(f"job #{job_id}: {status}", flush=True)
-            if status not in ("succeeded", "failed", "canceled"):
-                print("stopped; the sweep's other jobs stay queued for the workers")
-                break
-    else:
-        print("the workers run them (python -m jobs.worker, or the app's own); compare them in the app's "
-              "Compare tab, or run this again with --local")
-    result = service.compare(ids)
-    print(markdown_table(result))
-    return result
-
-
 def cmd_export(args) -> dict:
-    from .export import export_run
+    from qalora.deployment.export import export_run
 
     result = export_run(args.run_dir, args.format, args.out)
     print(json.dumps(result, indent=2))
@@ -203,7 +146,7 @@ def cmd_export(args) -> dict:
 
 
 def _benchmark_presets() -> list[str]:
-    from .benchmarks import PRESETS
+    from qalora.evaluation.benchmarks import PRESETS
     return list(PRESETS)
 
 
@@ -211,7 +154,7 @@ def cmd_benchmarks(args) -> dict:
     """``eval --tasks``: lm-evaluation-harness on the model as it deploys; prints one line per task."""
     from pathlib import Path
 
-    from . import benchmarks
+    from qalora.evaluation import benchmarks
 
     preset = benchmarks.PRESETS.get(args.tasks.strip())
     tasks = preset["tasks"] if preset else args.tasks.split(",")
@@ -230,8 +173,8 @@ def cmd_benchmarks(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from .eval import evaluate_dir
-    from .export import run_parts
+    from qalora.evaluation.heldout import evaluate_dir
+    from qalora.deployment.export import run_parts
 
     if args.tasks:
         return cmd_benchmarks(args)
@@ -271,7 +214,7 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
 def with_preset(args) -> dict:
     """The run's lr, rank, alpha, clip search and learned scales: what the command line gave, the rest
     from the preset for ``--bits`` (``qalora.config.preset_for``); says on stderr what it took."""
-    from .config import preset_for
+    from qalora.config import preset_for
 
     preset = preset_for(args.bits)
     given = {"lr": args.lr, "rank": args.rank, "alpha": args.alpha, "clip": args.clip,
@@ -289,8 +232,8 @@ def with_preset(args) -> dict:
 
 
 def cmd_train(args) -> dict | None:
-    from .hubdata import parse_columns, resolve
-    from .pipeline import finetune
+    from qalora.data.hub import parse_columns, resolve
+    from qalora.training.finetune import finetune
 
     data, columns, max_samples = resolve(args.data, parse_columns(args.columns), args.max_samples)
 
@@ -323,7 +266,7 @@ def cmd_train(args) -> dict | None:
 
 
 def cmd_chat(args) -> str:
-    from .runtime import open_runtime
+    from qalora.deployment.runtime import open_runtime
 
     runtime = open_runtime(args.model_dir, prefer=args.runtime)  # QALORA_DEVICE picks the device
     print(f"answered by: {runtime.name} ({runtime.reason})", file=sys.stderr)
@@ -345,11 +288,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from .export import run_parts
-    from .runtime import open_runtime
-    from .serve import build_app
+    from qalora.deployment.export import run_parts
+    from qalora.deployment.runtime import open_runtime
+    from qalora.deployment.serve import build_app
 
-    from .serve import MAX_WAITING, TIMEOUT_S
+    from qalora.deployment.serve import MAX_WAITING, TIMEOUT_S
 
     api_key = args.api_key or os.environ.get("QALORA_API_KEY") or None
     if not api_key and not args.no_auth and args.host not in LOOPBACK:
@@ -375,7 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _export_parser(sub)
     _eval_parser(sub)
-    _sweep_parser(sub)
     return parser
 
 
@@ -386,11 +328,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # torchao (imported by transformers and gptqmodel) logs every optional GPU kernel it cannot load
     logging.getLogger("torchao").setLevel(logging.ERROR)
-    from .memory import limit_heap_retention
+    from qalora.memory import limit_heap_retention
     limit_heap_retention()  # this process is ours: keep freed weight temporaries out of the heap
     try:
-        {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export, "eval": cmd_eval,
-         "sweep": cmd_sweep}[args.command](args)
+        {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export, "eval": cmd_eval}[args.command](args)
     except QALoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ The eager code is the reference the compiled code is tested against. What is com
   the adapter, round), and the norms, rotary embeddings, SiLU gate and residual adds fuse around
   the matmuls. Every layer of one shape shares one graph, so a model compiles once per shape of
   batch (and once more for evaluation, under ``no_grad``);
-- the one-token decode step of the PyTorch runtime (:mod:`qalora.decode`), with CUDA graphs on
+- the one-token decode step of the PyTorch runtime (:mod:`qalora.deployment.decode`), with CUDA graphs on
   CUDA (``mode="reduce-overhead"``).
 
 Measured (``bench/train_step.py``, SmolLM2-135M shape, 4 x 256 tokens, bf16, the 2-core CPU):
@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from .errors import ConfigError
+from qalora.errors import ConfigError
 
 CHOICES = ("auto", "0", "1")
 MIN_STEPS = 30  # CPU, auto: shorter runs stay eager (compiling costs ~25 steps of the default model)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import ConfigError
+from qalora.errors import ConfigError
 
 VALID_BITS = (2, 3, 4, 8)
 QUANT_METHODS = ("rtn", "gptq")
@@ -39,7 +39,7 @@ class QuantConfig:
     group_size: int = 32
     method: str = "rtn"
     # clip search: per group, the clip ratio (and least-squares scale and offset) with the least
-    # weight error instead of plain min-max (qalora.quant.quantize_rtn; GPTQ's own grid search)
+    # weight error instead of plain min-max (qalora.method.quant.quantize_rtn; GPTQ's own grid search)
     clip: bool = False
     _OPTIONAL = {"clip": False}
 

@@ -108,7 +108,7 @@ def released_between_layers(model, device) -> Iterator[int]:
     which cost the bf16 step of ``bench/train_step.py`` 3-8%. On CUDA nothing is done (PyTorch's
     caching allocator owns GPU memory). Yields how many layers trim.
     """
-    from .compiled import decoder_layers
+    from qalora.compiled import decoder_layers
 
     layers = decoder_layers(model) if torch.device(device).type == "cpu" else []
     n = len(layers)

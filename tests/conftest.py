@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # The device switch: QALORA_TEST_DEVICE=cuda runs the same tests on a GPU. Unit tests take it from
 # helpers.DEVICE (or the `device` fixture); the pipeline, the worker and the chat take it from
-# QALORA_DEVICE, which qalora.model.pick_device honours.
+# QALORA_DEVICE, which qalora.models.model.pick_device honours.
 TEST_DEVICE = os.environ.get("QALORA_TEST_DEVICE", "cpu")
 os.environ["QALORA_DEVICE"] = TEST_DEVICE
 # Eager by default: compiling costs seconds per graph, more than the tiny models' whole runs. The
@@ -137,7 +137,7 @@ def lm_eval_tasks(tmp_path_factory):
              "answer": CITIES[:4].index(city)}
             for name, city in zip(["Ana", "Bo", "Cy", "Di", "Ed", "Flo"], ["Porto", "Oslo", "Lima", "Kyiv", "Lima",
                                                                           "Oslo"])]
-    from qalora.benchmarks import write_choice_task
+    from qalora.evaluation.benchmarks import write_choice_task
 
     write_choice_task(folder, "qa_mc", rows, prompt="Question: {{question}}\nAnswer:")
     (folder / "ll.jsonl").write_text("".join(json.dumps({"context": f"{r['question']} Answer:",

@@ -8,8 +8,8 @@ import os
 import torch
 
 from qalora.config import AdapterConfig, QuantConfig
-from qalora.model import inject_qalora, quantize_model
-from qalora.tiny import tiny_random_llama
+from qalora.models.model import inject_qalora, quantize_model
+from qalora.models.tiny import tiny_random_llama
 
 RANK = 4
 GROUP = 32
@@ -52,7 +52,7 @@ def trained_scales_qalora(bits=3, group_size=GROUP, steps=4, seed=0, granularity
     """A tiny QA-LoRA model with learned scales after a few real training steps (lr high enough that
     the scales move), in eval mode."""
     from qalora.config import TrainConfig
-    from qalora.train import train
+    from qalora.training.loop import train
 
     model, tok = tiny_qalora(bits=bits, group_size=group_size, seed=seed, randomize_b=False, train_scales=True,
                              scales_granularity=granularity)
@@ -71,7 +71,7 @@ def token_batch(n=2, t=24, vocab=250, seed=0, device=DEVICE):
 def default_qalora(rank=4, seed=0):
     """The embedded default model (SmolLM2-135M), 4-bit g32, with a small random adapter: a real
     model whose merged weights differ from the base. Returns ``(model, tokenizer)`` on the CPU."""
-    from qalora.model import load_base
+    from qalora.models.model import load_base
 
     model, tok = load_base("default")
     adapter = AdapterConfig(rank=rank)

@@ -397,8 +397,8 @@ def test_auto_names_keep_the_models_own_name():
 
 def test_chat_says_which_runtime_answers_and_how_to_serve_the_model(home, monkeypatch):
     from jobs import chat
-    from qalora.export.native import save_quantized
-    from qalora.merge import merge_adapters
+    from qalora.deployment.export.native import save_quantized
+    from qalora.method.merge import merge_adapters
     from storage import db, repo
     from tests.helpers import tiny_qalora
 

@@ -333,12 +333,12 @@ def test_compare_two_finished_jobs_in_the_browser(browser_available, tmp_path, l
     benchmark task run as a worker runs it) shows its score there and as a Compare column."""
     env = {**os.environ, "QALORA_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     env.pop("QALORA_DB_URL", None)
-    run = subprocess.run([sys.executable, "-m", "qalora", "sweep", "--base", "tiny-random", "--bits", "2,4",
+    run = subprocess.run([sys.executable, "-m", "jobs", "sweep", "--base", "tiny-random", "--bits", "2,4",
                           "--group-size", "32", "--rank", "4", "--lr", "1e-3", "--steps", str(COMPARE_STEPS),
                           "--batch-size", "2", "--data", "builtin:contacts", "--name", "pair", "--local"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=JOB_S)
     assert run.returncode == 0 and "job #2: succeeded" in run.stdout, run.stdout + run.stderr[-3000:]
-    live = subprocess.run([sys.executable, "-m", "qalora", "sweep", "--base", "tiny-random", "--bits", "2,4",
+    live = subprocess.run([sys.executable, "-m", "jobs", "sweep", "--base", "tiny-random", "--bits", "2,4",
                            "--group-size", "32", "--rank", "4", "--lr", "1e-3", "--steps", "40", "--batch-size", "2",
                            "--data", "builtin:contacts", "--name", "live"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=JOB_S)  # queued only: no worker runs them

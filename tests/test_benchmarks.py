@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qalora import benchmarks
+from qalora.evaluation import benchmarks
 from qalora.errors import ConfigError
-from qalora.export.native import save_quantized
-from qalora.merge import merge_adapters
-from qalora.tiny import tiny_random_llama
+from qalora.deployment.export.native import save_quantized
+from qalora.method.merge import merge_adapters
+from qalora.models.tiny import tiny_random_llama
 from tests.helpers import tiny_qalora
 
 ROOT = Path(__file__).resolve().parents[1]

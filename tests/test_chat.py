@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from jobs import chat
-from qalora.export.native import save_quantized
-from qalora.infer import chat as generate_reply
-from qalora.merge import merge_adapters
+from qalora.deployment.export.native import save_quantized
+from qalora.deployment.generate import chat as generate_reply
+from qalora.method.merge import merge_adapters
 from tests.helpers import tiny_qalora
 
 MAX_NEW = 12
@@ -72,8 +72,8 @@ def merged_dir(tmp_path):
 
 
 def test_side_by_side_streams_both_models_and_ends_with_their_greedy_replies(merged_dir):
-    from qalora.model import load_base
-    from qalora.runtime import open_runtime
+    from qalora.models.model import load_base
+    from qalora.deployment.runtime import open_runtime
 
     try:
         updates = list(chat.stream_side_by_side({"tuned": (merged_dir, MESSAGES), "base": ("tiny-random", MESSAGES)},
@@ -161,7 +161,7 @@ def test_a_gguf_base_answers_side_by_side_in_llama_cpp_from_its_own_file():
     # what stock llama.cpp says on the user's file, fed the same prompt ids, greedy
     import llama_cpp
 
-    from qalora.model import default_gguf_path
+    from qalora.models.model import default_gguf_path
     stock = llama_cpp.Llama(str(default_gguf_path()), n_ctx=512, verbose=False)
     try:
         expected = stock.create_completion(ids, max_tokens=MAX_NEW, temperature=0.0, top_k=1, repeat_penalty=1.0)

@@ -107,10 +107,10 @@ def test_eval_loss_and_multiple_choice(trained):
     assert loss["kind"] == "loss" and loss["examples"] == 8
     # what the CLI printed is the merged model's loss on those 8 held-out records, recomputed here
     # from full logits (the reference loss), and its perplexity is exp of it
-    from qalora.builtin_data import heldout_records
-    from qalora.data import collate, tokenize_records
-    from qalora.eval import token_loss_sum
-    from qalora.export.native import load_quantized
+    from qalora.data.builtin import heldout_records
+    from qalora.data.records import collate, tokenize_records
+    from qalora.evaluation.heldout import token_loss_sum
+    from qalora.deployment.export.native import load_quantized
     model, tok = load_quantized(out / "merged", use_kernel=False)
     examples = tokenize_records(heldout_records(8), tok, 1024)
     total, count = 0.0, 0
@@ -125,7 +125,7 @@ def test_eval_loss_and_multiple_choice(trained):
     res = cli("eval", str(out), "--data", "builtin:contacts-mc", "--limit", "6", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     mc = json.loads(res.stdout)
-    from qalora.mc_eval import BUILTIN_MC, eval_multiple_choice
+    from qalora.evaluation.multiple_choice import BUILTIN_MC, eval_multiple_choice
     again = eval_multiple_choice(model, tok, BUILTIN_MC, limit=6, scoring="text")
     assert (mc["kind"], mc["n"], mc["correct"]) == ("multiple_choice", 6, again["correct"])
     assert mc["accuracy"] == again["correct"] / 6

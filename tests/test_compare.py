@@ -1,4 +1,4 @@
-"""Comparing runs at the service level: two real tiny jobs run by ``python -m qalora sweep --local``,
+"""Comparing runs at the service level: two real tiny jobs run by ``python -m jobs sweep --local``,
 compared through ``service.compare`` (the table, the best cells, the curves, size vs quality, CSV)."""
 import csv
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 from jobs import compare as compare_mod
 from jobs import service
-from qalora import cli
+from jobs import cli
 from storage import db, repo
 
 STEPS = 4
@@ -90,9 +90,9 @@ def _tokens_per_step(job) -> list[int]:
     import itertools
 
     from jobs.spec import JobSpec
-    from qalora import data
-    from qalora.model import open_base
-    from qalora.train import _Order, micro_batches
+    from qalora.data import records as data
+    from qalora.models.model import open_base
+    from qalora.training.loop import _Order, micro_batches
 
     spec = JobSpec.from_dict(job["spec"])
     cfg = spec.train

@@ -31,7 +31,7 @@ def test_compiled_steps_equal_eager_steps_and_read_nothing_back(monkeypatch):
     weights (fp32, to rounding), read no device value back, and leave the layers eager afterwards."""
     from torch.profiler import ProfilerActivity, profile
 
-    from qalora.train import optimizer_step
+    from qalora.training.loop import optimizer_step
 
     model, micro, params, optimizer, scheduler, c = _step_parts(dropout=0.0)
     twin = copy.deepcopy(model)

@@ -133,7 +133,7 @@ def test_a_name_that_exists_here_is_told_what_a_missing_name_is_told(home, tmp_p
 
 
 def test_the_command_line_sweep_reads_any_path(home, tmp_path, monkeypatch):
-    """``python -m qalora sweep`` is the machine user's own tool: it is not confined."""
+    """``python -m jobs sweep`` is the machine user's own tool: it is not confined."""
     import subprocess
     import sys
     from pathlib import Path
@@ -143,7 +143,7 @@ def test_the_command_line_sweep_reads_any_path(home, tmp_path, monkeypatch):
     mine.write_text(ROWS * 10)
     assert "only reads server files" in str(_form_message(data=str(mine))["data"])  # the form is confined
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "qalora", "sweep", "--base", "tiny-random", "--data", str(mine),
+    proc = subprocess.run([sys.executable, "-m", "jobs", "sweep", "--base", "tiny-random", "--data", str(mine),
                            "--bits", "4", "--group-size", "32", "--steps", "2", "--name", "outside"],
                           cwd=root, env={**os.environ, "QALORA_HOME": str(home)}, capture_output=True, text=True,
                           timeout=300)

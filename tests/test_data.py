@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from qalora import data
-from qalora.builtin_data import DEFAULT_SIZE, check_reply, contact_records, heldout_records
+from qalora.data import records as data
+from qalora.data.builtin import DEFAULT_SIZE, check_reply, contact_records, heldout_records
 from qalora.errors import ConfigError, DataError
-from qalora.tiny import byte_tokenizer, llama2_tokenizer
+from qalora.models.tiny import byte_tokenizer, llama2_tokenizer
 
 SEQ_LEN = 256
 ROWS = {  # format -> (two raw rows, their normalized records)
@@ -70,7 +70,7 @@ def _write(path, rows, kind):
 def smol_tok():
     """The default model's tokenizer (ChatML template with a default system prompt)."""
     from transformers import AutoTokenizer
-    from qalora.model import default_gguf_path
+    from qalora.models.model import default_gguf_path
     gguf = default_gguf_path()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
@@ -336,7 +336,7 @@ def test_builtin_skill_check_scores_replies():
 
 def test_a_bounded_sample_reads_only_the_head_of_a_line_based_file(tmp_path):
     """The web form checks the first rows only; a problem far down the file is the worker's to find."""
-    from qalora.data import load_records
+    from qalora.data.records import load_records
 
     good = "".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(5000))
     path = tmp_path / "big.jsonl"

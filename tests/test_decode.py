@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from helpers import tiny_qalora
-from qalora.decode import MIN_CACHE, StaticDecoder, cache_length
-from qalora.merge import merge_adapters
-from qalora.runtime.pytorch import PyTorchRuntime
+from qalora.deployment.decode import MIN_CACHE, StaticDecoder, cache_length
+from qalora.method.merge import merge_adapters
+from qalora.deployment.runtime.pytorch import PyTorchRuntime
 
 PROMPT = [5, 17, 33, 2, 90, 11, 250, 7]
 

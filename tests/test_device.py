@@ -10,12 +10,12 @@ from torch import nn
 
 from helpers import DEVICE, RANK
 from qalora.config import AdapterConfig, QuantConfig
-from qalora.infer import QuantLinear
-from qalora.layer import LoRALinear, QALoRALinear
-from qalora.merge import merge_adapters, merged_quantized
-from qalora.model import inject_qalora, quantize_model
-from qalora.quant import dequantize, pack_codes, quantize_tensor, unpack_codes
-from qalora.tiny import tiny_random_llama
+from qalora.method.quantlinear import QuantLinear
+from qalora.method.layer import LoRALinear, QALoRALinear
+from qalora.method.merge import merge_adapters, merged_quantized
+from qalora.models.model import inject_qalora, quantize_model
+from qalora.method.quant import dequantize, pack_codes, quantize_tensor, unpack_codes
+from qalora.models.tiny import tiny_random_llama
 
 OUT, IN, GROUP = 48, 128, 32
 DEVICES = ["meta"] + ([str(DEVICE)] if DEVICE.type != "cpu" else [])
@@ -84,7 +84,7 @@ def test_injected_tiny_llama_trains_and_merges_on_device(dev):
 
 
 def test_streamed_load_on_device(dev, tmp_path):
-    from qalora.loader import SafetensorsShards, stream_quantized
+    from qalora.models.loader import SafetensorsShards, stream_quantized
 
     model, _ = tiny_random_llama()
     model.save_pretrained(tmp_path, max_shard_size="100KB")

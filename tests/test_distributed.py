@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qalora.config import TrainConfig
-from qalora.train import _Order, micro_batches
+from qalora.training.loop import _Order, micro_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -35,7 +35,7 @@ def _train(data: str, out: Path, nproc: int, batch: int, steps: int = STEPS, ext
 
 
 def _logits(run_dir: Path) -> torch.Tensor:
-    from qalora.export.native import load_quantized
+    from qalora.deployment.export.native import load_quantized
 
     model, _ = load_quantized(run_dir / "merged")
     ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))

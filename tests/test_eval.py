@@ -9,15 +9,15 @@ import torch
 from torch import nn
 
 from helpers import tiny_qalora
-from qalora.builtin_data import heldout_records
-from qalora.data import tokenize_records
+from qalora.data.builtin import heldout_records
+from qalora.data.records import tokenize_records
 from qalora.errors import ConfigError, DataError
-from qalora.eval import eval_loss, evaluate_dir, token_loss_sum
-from qalora.export.native import load_quantized, save_quantized
-from qalora.mc_eval import (BUILTIN_MC, MCQuestion, contact_mc_questions, eval_multiple_choice,
-                            load_multiple_choice, looks_multiple_choice)
-from qalora.merge import merge_adapters
-from qalora.tiny import byte_tokenizer, tiny_random_llama
+from qalora.evaluation.heldout import eval_loss, evaluate_dir, token_loss_sum
+from qalora.deployment.export.native import load_quantized, save_quantized
+from qalora.evaluation.multiple_choice import (BUILTIN_MC, MCQuestion, contact_mc_questions, eval_multiple_choice,
+                                               load_multiple_choice, looks_multiple_choice)
+from qalora.method.merge import merge_adapters
+from qalora.models.tiny import byte_tokenizer, tiny_random_llama
 
 ANSWERS = "CCACBDCA"  # 4 x C, 2 x A, 1 x B, 1 x D
 
@@ -123,7 +123,7 @@ def test_prompt_is_rendered_with_the_chat_template_and_shots(tmp_path):
 
 def _reference_scores(model, tok, q, history):
     """Log-prob of each choice as the reply, by one full forward per choice (no batching)."""
-    from qalora.data import encode_prompt
+    from qalora.data.records import encode_prompt
     prompt = encode_prompt(history + [{"role": "user", "content": q.question}], tok)
     scores = []
     for choice in q.choices:
@@ -205,8 +205,8 @@ def test_evaluate_dir_multiple_choice_and_loss(merged_dir, tmp_path):
 def test_held_out_replies_are_generated_and_compared_exactly(merged_dir, tmp_path):
     """The generation check beside the multiple choice: greedy replies to conversations the run
     held out, counted when equal to the expected reply (whitespace around aside)."""
-    from qalora.eval import exact_replies, generation_check_dir, heldout_replies, reply_pairs
-    from qalora.infer import chat
+    from qalora.evaluation.heldout import exact_replies, generation_check_dir, heldout_replies, reply_pairs
+    from qalora.deployment.generate import chat
 
     model, tok = load_quantized(merged_dir, use_kernel=False)
     pairs = heldout_replies("builtin:default", 4, 0.1, 0)
@@ -234,7 +234,7 @@ def test_choices_scored_on_the_shared_prompt_cache_match_scoring_each_row_whole(
     whole."""
     import torch.nn.functional as F
 
-    from qalora.mc_eval import _scores
+    from qalora.evaluation.multiple_choice import _scores
     from tests.helpers import tiny_qalora
 
     model, tok = tiny_qalora(seed=6)

@@ -28,11 +28,12 @@ from transformers import AutoTokenizer
 
 from helpers import default_qalora, tiny_qalora
 from qalora.errors import ConfigError
-from qalora.export.gguf import export_gguf, q4_1_blocks, rope_permutation
-from qalora.export.native import load_quantized, save_quantized
-from qalora.infer import QuantLinear, chat, chat_input_ids
-from qalora.merge import merge_adapters
-from qalora.quant import dequantize, unpack_codes
+from qalora.deployment.export.gguf import export_gguf, q4_1_blocks, rope_permutation
+from qalora.deployment.export.native import load_quantized, save_quantized
+from qalora.method.quantlinear import QuantLinear
+from qalora.deployment.generate import chat, chat_input_ids
+from qalora.method.merge import merge_adapters
+from qalora.method.quant import dequantize, unpack_codes
 
 N_CTX = 128
 SEQ = 40
@@ -126,7 +127,7 @@ class _F16Linear(nn.Module):
 
 class _Q8_0xQ8_0(nn.Module):
     """ggml's Q8_0 x Q8_0 matmul (the output head): activations rounded to Q8_0 blocks (fp16 ``d``)
-    times the head's Q8_0 values, which the float model holds already (``qalora.model.EIGHT_BIT``)."""
+    times the head's Q8_0 values, which the float model holds already (``qalora.models.model.EIGHT_BIT``)."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -228,7 +229,7 @@ def test_default_metadata_tokenizer_and_tied_output(default4):
     assert field("tokenizer.chat_template") == (model_dir / "chat_template.jinja").read_text()
     assert field("tokenizer.ggml.eos_token_id") == 2 and field("tokenizer.ggml.add_bos_token") is False
     # The vocabulary, merges and token types are the original SmolLM2 file's, id for id.
-    from qalora.model import default_gguf_path
+    from qalora.models.model import default_gguf_path
     source = gguf.GGUFReader(default_gguf_path())
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
         assert field(key) == source.fields[key].contents(), key

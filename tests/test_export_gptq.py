@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 
 from helpers import tiny_qalora
 from qalora.errors import ConfigError, ModelError
-from qalora.export.gptq import (REPORT, check_ids, export_gptq, fit_zero_points, logit_gap,
-                                logits_of, round_zero_points, with_offsets)
-from qalora.export.native import load_quantized, save_quantized
-from qalora.gptq import from_gptq_tensors, load_gptq_checkpoint, to_gptq_tensors
-from qalora.merge import merge_adapters
-from qalora.quant import unpack_codes
+from qalora.deployment.export.gptq import (REPORT, check_ids, export_gptq, fit_zero_points, logit_gap, logits_of,
+                                           round_zero_points, with_offsets)
+from qalora.deployment.export.native import load_quantized, save_quantized
+from qalora.method.gptq import from_gptq_tensors, load_gptq_checkpoint, to_gptq_tensors
+from qalora.method.merge import merge_adapters
+from qalora.method.quant import unpack_codes
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")  # skip a 25 s C++ build; same layout
@@ -128,7 +128,7 @@ def test_checkpoint_layout_and_report(exports, tmp_path):
     assert tensors[f"{name}.scales"].dtype == torch.float16
     assert not any(k.endswith((".packed", ".offset")) for k in tensors)
     # the embedding: the native file's Q8_0 values in fp16 (never widened to fp32), as GPTQ files hold it
-    from qalora.export.native import float_state
+    from qalora.deployment.export.native import float_state
     assert tensors["model.embed_tokens.weight"].dtype == torch.float16
     assert torch.equal(tensors["model.embed_tokens.weight"], float_state(source)["model.embed_tokens.weight"].half())
     assert (out / "tokenizer.json").is_file()

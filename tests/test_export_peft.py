@@ -10,12 +10,12 @@ from torch import nn
 from helpers import GROUP, RANK, tiny_qalora, token_batch
 from qalora.config import AdapterConfig, QuantConfig
 from qalora.errors import ModelError
-from qalora.export.adapter import save_adapter
-from qalora.export.native import save_quantized
-from qalora.export.peft import expand_lora_A, export_dequantized_base, export_peft_adapter
-from qalora.layer import LowRankOnQuantized, QALoRALinear
-from qalora.merge import merge_adapters
-from qalora.model import set_module
+from qalora.deployment.export.adapter import save_adapter
+from qalora.deployment.export.native import save_quantized
+from qalora.deployment.export.peft import expand_lora_A, export_dequantized_base, export_peft_adapter
+from qalora.method.layer import LowRankOnQuantized, QALoRALinear
+from qalora.method.merge import merge_adapters
+from qalora.method.layer import set_module
 
 BITS = 3
 TOL = 1e-4  # float32: the expanded matmul sums the same products in a different order
@@ -124,9 +124,9 @@ def test_baseline_adapter_exports_as_plain_lora_and_refuses_base_recovery(tmp_pa
     """The LoRA+PTQ baseline's full-width lora_A is not expanded; PEFT reproduces its model."""
     from peft import PeftModel
 
-    from qalora.layer import LoRALinear
-    from qalora.model import inject_qalora, quantize_model
-    from qalora.tiny import tiny_random_llama
+    from qalora.method.layer import LoRALinear
+    from qalora.models.model import inject_qalora, quantize_model
+    from qalora.models.tiny import tiny_random_llama
 
     model, _ = tiny_random_llama()
     settings = AdapterConfig(rank=RANK, alpha=2 * RANK, dropout=0.0, method="qlora-ptq")

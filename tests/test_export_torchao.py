@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from helpers import tiny_qalora, token_batch
-from qalora.export import export_run
-from qalora.export.native import load_quantized, save_quantized
-from qalora.export.torchao import export_torchao
-from qalora.merge import merge_adapters
+from qalora.deployment.export import export_run
+from qalora.deployment.export.native import load_quantized, save_quantized
+from qalora.deployment.export.torchao import export_torchao
+from qalora.method.merge import merge_adapters
 
 
 @pytest.fixture(scope="module", params=[3, 4])
@@ -99,7 +99,7 @@ def test_tokenizer_and_chat_template_travel(merged, tmp_path):
 # ---- the int4 (tinygemm) layout ----
 
 from qalora.errors import ConfigError  # noqa: E402
-from qalora.export.torchao import int4_weight, tinygemm_pack, tinygemm_unpack  # noqa: E402
+from qalora.deployment.export.torchao import int4_weight, tinygemm_pack, tinygemm_unpack  # noqa: E402
 
 
 @pytest.mark.parametrize("n,k", [(8, 128), (24, 256), (16, 1024)])

@@ -8,7 +8,7 @@ import transformers
 from safetensors.torch import save_file
 
 from qalora.errors import ConfigError
-from qalora.gptq import from_gptq_tensors, gptq_quantize, load_gptq_checkpoint, to_gptq_tensors
+from qalora.method.gptq import from_gptq_tensors, gptq_quantize, load_gptq_checkpoint, to_gptq_tensors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
@@ -222,7 +222,7 @@ def test_bf16_model_is_calibrated_in_fp32_and_left_as_it_was():
 
 def test_gptq_with_its_clip_search_lowers_the_layer_output_error_at_two_bits():
     """``QuantConfig(clip=True)`` with GPTQ: gptqmodel's own grid over each group's range."""
-    from qalora.gptq import GPTQ_CLIP_NORM, gptq_config
+    from qalora.method.gptq import GPTQ_CLIP_NORM, gptq_config
 
     assert gptq_config(2, GROUP, clip=True).mse == GPTQ_CLIP_NORM and gptq_config(2, GROUP).mse == 0.0
     model, calib = _tiny_llama(), _calibration()

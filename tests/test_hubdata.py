@@ -4,7 +4,7 @@ gated, private, missing or unreachable dataset is told."""
 import pytest
 
 from fakehub import TOKEN, parquet_bytes
-from qalora import data, hubdata
+from qalora.data import records as data, hub as hubdata
 from qalora.errors import DataError
 
 ALPACA = [{"instruction": f"Name the colour number {i}.", "input": "" if i % 2 else f"hint {i}",
@@ -143,7 +143,7 @@ def test_offline_reads_only_the_cache(dataset_hub, monkeypatch):
 
 
 def test_mapping_rules():
-    # the columns that need no mapping are those that name a record format in qalora.data
+    # the columns that need no mapping are those that name a record format in qalora.data.records
     assert set(hubdata.RECORD_COLUMNS) == {key for key, _ in data.FORMATS.values()}
     assert hubdata.parse_columns("prompt=q, response=a") == {"prompt": "q", "response": "a"}
     with pytest.raises(DataError, match="no response column"):
@@ -162,8 +162,8 @@ def test_fine_tune_on_a_hub_dataset(dataset_hub, tmp_path):
     """The library's fine-tune downloads a Hub dataset in its data stage (progress per file), maps its
     columns, trains on the seeded sample, and the mapping and sample are in the run's fingerprint."""
     from qalora.config import AdapterConfig, QuantConfig, TrainConfig
-    from qalora.pipeline import finetune
-    from qalora.train import latest_checkpoint, read_fingerprint
+    from qalora.training.finetune import finetune
+    from qalora.training.loop import latest_checkpoint, read_fingerprint
 
     add_repos(dataset_hub)
     dataset_hub.add("team/qa-big", {f"data/train-{i}.parquet": parquet_bytes(QA[i * 10:(i + 1) * 10])

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from qalora import kernels
-from qalora.infer import QuantLinear, _generation_kwargs, chat, stream_chat
-from qalora.quant import quantize_tensor
+from qalora.method import kernels
+from qalora.method.quantlinear import QuantLinear
+from qalora.deployment.generate import _generation_kwargs, chat, stream_chat
+from qalora.method.quant import quantize_tensor
 
 OUT, IN = 64, 256
 
@@ -107,7 +108,7 @@ def test_int4_kernel_equals_reference_cuda(bits):
 
 
 def test_streaming_chat_grows_and_matches_non_streaming():
-    from qalora.tiny import tiny_random_llama
+    from qalora.models.tiny import tiny_random_llama
     model, tok = tiny_random_llama()
     msgs = [{"role": "user", "content": "hello"}]
     pieces = list(stream_chat(model, tok, msgs, max_new_tokens=12))
@@ -119,7 +120,7 @@ def test_streaming_chat_grows_and_matches_non_streaming():
 
 def test_generation_stops_on_the_tokenizer_eos_and_every_config_eos():
     from types import SimpleNamespace
-    from qalora.tiny import llama3_tokenizer
+    from qalora.models.tiny import llama3_tokenizer
     tok = llama3_tokenizer()  # eos <|eot_id|>, no pad token
     eot, end = tok.eos_token_id, tok.convert_tokens_to_ids("<|end_of_text|>")
     model = lambda eos: SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos))  # noqa: E731
@@ -134,7 +135,7 @@ def test_generation_stops_on_the_tokenizer_eos_and_every_config_eos():
 
 @pytest.mark.parametrize("capability,expected", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
 def test_cuda_int4_kernel_only_from_compute_capability_8(monkeypatch, request, capability, expected):
-    from qalora import kernels
+    from qalora.method import kernels
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -149,9 +150,9 @@ def test_cuda_int4_kernel_only_from_compute_capability_8(monkeypatch, request, c
 def test_keeping_the_dequantized_weights_computes_the_same_logits(tmp_path):
     """Benchmarks on a CPU dequantize each weight once (keep_dequantized) instead of per call: the
     same values, so the same logits, bit for bit."""
-    from qalora.export.native import load_quantized, save_quantized
-    from qalora.infer import QuantLinear, keep_dequantized
-    from qalora.merge import merge_adapters
+    from qalora.deployment.export.native import load_quantized, save_quantized
+    from qalora.method.quantlinear import QuantLinear, keep_dequantized
+    from qalora.method.merge import merge_adapters
     from tests.helpers import tiny_qalora
 
     model, tok = tiny_qalora(seed=4)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from helpers import DEVICE
-from qalora.layer import QALoRALinear
-from qalora.quant import quantize_tensor
+from qalora.method.layer import QALoRALinear
+from qalora.method.quant import quantize_tensor
 
 OUT, IN, GROUP, RANK = 48, 128, 32, 4
 
@@ -154,7 +154,7 @@ def test_eval_mode_ignores_dropout():
 def test_learned_scale_gradient_equals_autograd_through_the_dequantized_weight(dropout):
     """``dscale[o, g] = sum_{i in g} q[o, i] * (g^T x)[o, i]`` against plain autograd of
     ``x @ (scale * q + offset)^T`` plus the adapter term."""
-    from qalora.quant import dequantize
+    from qalora.method.quant import dequantize
 
     torch.manual_seed(0)
     qt = quantize_tensor(torch.randn(OUT, IN, device=DEVICE), 2, GROUP)

@@ -6,10 +6,10 @@ from torch import nn
 
 from helpers import DEVICE
 from qalora.config import AdapterConfig, QuantConfig
-from qalora.infer import QuantLinear
-from qalora.loader import SafetensorsShards, stream_quantized
-from qalora.model import load_quantized_base, open_base, quantize_model
-from qalora.tiny import tiny_random_llama
+from qalora.method.quantlinear import QuantLinear
+from qalora.models.loader import SafetensorsShards, stream_quantized
+from qalora.models.model import load_quantized_base, open_base, quantize_model
+from qalora.models.tiny import tiny_random_llama
 
 TARGETS = AdapterConfig().targets
 LAYERS = 4
@@ -88,7 +88,7 @@ def test_cached_codes_skip_quantization_and_bf16_keeps_fp32_scales(checkpoint, m
     assert src.kind == "safetensors"
     quant = QuantConfig(4, 32)
     _, first = load_quantized_base(src, quant, TARGETS, DEVICE, torch.bfloat16)
-    import qalora.loader as loader
+    import qalora.models.loader as loader
 
     monkeypatch.setattr(loader, "quantize_tensor", lambda *a, **k: pytest.fail("quantized again"))
     streamed, again = load_quantized_base(src, quant, TARGETS, DEVICE, torch.bfloat16, cached=first)
@@ -110,7 +110,7 @@ def test_missing_tensor_is_named(checkpoint):
 
 @pytest.mark.slow
 def test_gguf_streams_the_same_weights_transformers_loads():
-    from qalora.model import load_base
+    from qalora.models.model import load_base
 
     src = open_base("default")
     assert src.kind == "gguf"

@@ -1,12 +1,12 @@
-"""The chunked vocabulary loss against the full-logits reference (``qalora.eval.token_loss_sum``)."""
+"""The chunked vocabulary loss against the full-logits reference (``qalora.evaluation.heldout.token_loss_sum``)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import DEVICE, tiny_qalora
-from qalora.data import collate
-from qalora.eval import eval_loss, token_loss_sum
-from qalora.loss import causal_lm_loss, chunk_rows, linear_cross_entropy, loss_rows
+from qalora.data.records import collate
+from qalora.evaluation.heldout import eval_loss, token_loss_sum
+from qalora.method.loss import causal_lm_loss, chunk_rows, linear_cross_entropy, loss_rows
 
 N, H, V = 301, 48, 997  # 301 rows: no chunk size below divides it
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from helpers import DEVICE, GROUP, tiny_qalora, token_batch
-from qalora.infer import QuantLinear
-from qalora.layer import QALoRALinear
-from qalora.merge import max_logit_diff, merge_adapters
+from qalora.method.quantlinear import QuantLinear
+from qalora.method.layer import QALoRALinear
+from qalora.method.merge import max_logit_diff, merge_adapters
 
 
 def test_merged_logits_equal_adapter_logits_fp32():
@@ -45,10 +45,10 @@ def test_merge_with_zero_adapter_is_identity():
 
 def test_baseline_lora_needs_requantization_and_loses_exactness():
     from qalora.config import AdapterConfig, QuantConfig
-    from qalora.layer import LoRALinear
-    from qalora.merge import merge_and_requantize
-    from qalora.model import inject_qalora, quantize_model
-    from qalora.tiny import tiny_random_llama
+    from qalora.method.layer import LoRALinear
+    from qalora.models.model import merge_and_requantize
+    from qalora.models.model import inject_qalora, quantize_model
+    from qalora.models.tiny import tiny_random_llama
 
     model, _ = tiny_random_llama()
     model.to(DEVICE)

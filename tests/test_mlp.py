@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import DEVICE, tiny_qalora
-from qalora.mlp import lean_gated_mlps, silu_mul
+from qalora.method.mlp import lean_gated_mlps, silu_mul
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

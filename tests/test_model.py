@@ -5,9 +5,9 @@ import torch
 
 from qalora.config import AdapterConfig, QuantConfig
 from qalora.errors import ConfigError, ModelError
-from qalora.layer import QALoRALinear
-from qalora.model import (count_adapter_params, default_gguf_path, inject_qalora, load_base, model_group_sizes,
-                          quantize_model)
+from qalora.method.layer import QALoRALinear
+from qalora.models.model import (count_adapter_params, default_gguf_path, inject_qalora, load_base, model_group_sizes,
+                                 quantize_model)
 
 
 def test_tiny_random_injection_wraps_all_targets_and_freezes_rest():

@@ -9,8 +9,8 @@ import torch
 
 from helpers import DEVICE, tiny_qalora, token_batch
 from qalora.errors import ModelError
-from qalora.export.native import load_quantized, save_quantized
-from qalora.merge import max_logit_diff, merge_adapters
+from qalora.deployment.export.native import load_quantized, save_quantized
+from qalora.method.merge import max_logit_diff, merge_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_reload_in_fresh_process(saved):
     merged, out = saved
     batch = token_batch(n=1, t=10)
     expected = merged(**batch).logits[0, -1].tolist()
-    code = ("import sys, json, torch; from qalora.export.native import load_quantized;"
+    code = ("import sys, json, torch; from qalora.deployment.export.native import load_quantized;"
             f"m, _ = load_quantized({str(out)!r}, device={str(DEVICE)!r}, use_kernel=False);"
             f"ids = torch.tensor([{batch['input_ids'][0].tolist()}], device={str(DEVICE)!r});"
             "print(json.dumps(m(input_ids=ids).logits[0, -1].tolist()))")

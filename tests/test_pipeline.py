@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
-from qalora.pipeline import BASE_CACHE, TrainingStopped, finetune
+from qalora.training.finetune import BASE_CACHE, TrainingStopped, finetune
 
 os.environ.setdefault("GPTQMODEL_DISABLE_PACK_EXT", "1")
 
@@ -47,7 +47,7 @@ def test_seed_decides_the_adapter_even_after_other_runs_in_the_process(tmp_path)
     before the adapter is initialised, not after (the global RNG has moved on between jobs)."""
     from safetensors.torch import load_file
 
-    from qalora.tiny import tiny_random_llama
+    from qalora.models.tiny import tiny_random_llama
 
     model, tok = tiny_random_llama()
     model.save_pretrained(tmp_path / "base", max_shard_size="200KB")  # the streamed (safetensors) path
@@ -140,7 +140,7 @@ def test_every_stage_reports_its_progress_and_finishing_reuses_the_last_evaluati
     """data, quantize, merge, verify and save each report (done, total) ending at total; the adapter's
     eval loss is the training loop's last evaluation (not recomputed); the merged model's eval runs on
     the int4 kernel where the CPU has it, within kernel rounding of the exact (dequantized) loss."""
-    from qalora.kernels import int4_kernel_supported
+    from qalora.method.kernels import int4_kernel_supported
 
     seen: dict[str, list[tuple[int, int]]] = {}
     stages = []
@@ -155,8 +155,8 @@ def test_every_stage_reports_its_progress_and_finishing_reuses_the_last_evaluati
     assert seen["merge"][-1][1] == 2 * 7  # tiny-random: 2 layers x 7 projections merged one by one
     assert seen["verify"][-1][1] == 4 + 2  # 4 check batches (under 1,024 tokens) + eval_batches=2
     assert report["eval_loss_adapter"] == report["eval_losses"]["4"]  # the last step's evaluation, reused
-    from qalora.model import pick_device
-    from qalora.tiny import tiny_random_llama
+    from qalora.models.model import pick_device
+    from qalora.models.tiny import tiny_random_llama
     supported = {int4_kernel_supported(pick_device(), 4, 32, m.in_features, m.out_features)
                  for n, m in tiny_random_llama()[0].named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)}
     assert report["eval_merged_path"] == {frozenset({True}): "int4 kernel",
@@ -179,9 +179,9 @@ def _killed_at_train(name):
 def test_the_quantized_base_cache_serves_only_the_base_and_data_it_was_made_from(tmp_path):
     """A resume with another base of the same shape (or, for GPTQ, other calibration data) before the
     first checkpoint quantizes again; it trained on the cached base's codes."""
-    from qalora.export.native import load_quantized
-    from qalora.model import quantize_model
-    from qalora.tiny import tiny_random_llama
+    from qalora.deployment.export.native import load_quantized
+    from qalora.models.model import quantize_model
+    from qalora.models.tiny import tiny_random_llama
 
     bases = {}
     for seed in (1, 2):

@@ -487,9 +487,9 @@ def test_a_hub_id_downloads_the_base_and_trains(hub, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     from qalora.errors import ModelError
-    from qalora.model import open_base
-    from qalora.pipeline import finetune
-    from qalora.tiny import tiny_random_llama
+    from qalora.models.model import open_base
+    from qalora.training.finetune import finetune
+    from qalora.models.tiny import tiny_random_llama
 
     model, tok = tiny_random_llama()
     model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
@@ -534,7 +534,7 @@ def test_the_form_asks_the_hub_for_a_hub_id_within_its_budget(hub, tmp_path, mon
     import app
     from jobs import forms
     from qalora.errors import ModelError
-    from qalora.hub import hub_config
+    from qalora.models.hub import hub_config
 
     monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("QALORA_DB_URL", raising=False)

@@ -3,8 +3,7 @@ import torch
 
 from helpers import DEVICE
 from qalora.errors import ConfigError
-from qalora.quant import (dequantize, pack_codes, quantize_rtn, quantize_tensor, unpack_codes,
-                          valid_group_sizes)
+from qalora.method.quant import dequantize, pack_codes, quantize_rtn, quantize_tensor, unpack_codes, valid_group_sizes
 
 OUT, IN, GROUP = 24, 128, 32
 
@@ -93,7 +92,7 @@ def test_clip_search_codes_stay_in_range_and_constant_groups_stay_exact():
 
 
 def test_q8_0_round_trip_keeps_q8_0_values_and_rounds_others_within_half_a_step():
-    from qalora.quant import dequantize_q8_0, quantize_q8_0, round_q8_0
+    from qalora.method.quant import dequantize_q8_0, quantize_q8_0, round_q8_0
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 64, generator=g).to(DEVICE)

@@ -17,12 +17,13 @@ import torch
 
 from helpers import default_qalora, tiny_qalora
 from qalora.errors import ModelError
-from qalora.export.native import load_quantized, save_quantized
-from qalora.infer import chat as generate_reply
-from qalora.merge import merge_adapters
-from qalora.runtime import ContextError, open_runtime
-from qalora.runtime.llamacpp import dispatch as llamacpp_dispatch
-from qalora.runtime.pytorch import _pick
+from qalora.deployment.export.native import load_quantized, save_quantized
+from qalora.deployment.generate import chat as generate_reply
+from qalora.method.merge import merge_adapters
+from qalora.deployment.runtime import open_runtime
+from qalora.deployment.runtime.base import ContextError
+from qalora.deployment.runtime.llamacpp import dispatch as llamacpp_dispatch
+from qalora.deployment.runtime.pytorch import _pick
 
 MESSAGES = [{"role": "user", "content": "contact card -> Hana lives in Oslo."}]
 TOKENS = 40

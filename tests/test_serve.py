@@ -17,10 +17,10 @@ import pytest
 import uvicorn
 
 from helpers import tiny_qalora
-from qalora.export.native import save_quantized
-from qalora.merge import merge_adapters
-from qalora.runtime import open_runtime
-from qalora.serve import build_app
+from qalora.deployment.export.native import save_quantized
+from qalora.method.merge import merge_adapters
+from qalora.deployment.runtime import open_runtime
+from qalora.deployment.serve import build_app
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-run"
@@ -170,7 +170,7 @@ def test_the_serve_command_answers_openai_clients(run, runtime):
 
 from contextlib import contextmanager  # noqa: E402
 
-from qalora.runtime import Runtime  # noqa: E402
+from qalora.deployment.runtime.base import Runtime  # noqa: E402
 
 
 class SlowRuntime(Runtime):
@@ -179,7 +179,7 @@ class SlowRuntime(Runtime):
     name = "slow"
 
     def __init__(self, delay: float = 0.05):
-        from qalora.tiny import byte_tokenizer
+        from qalora.models.tiny import byte_tokenizer
         tok = byte_tokenizer()
         super().__init__(tok, [tok.eos_token_id], 100_000, "test")
         self.delay, self.made = delay, 0

@@ -40,9 +40,9 @@ def _spec(data: str, **train) -> JobSpec:
 def _eval_loss_of_saved_model(model_dir: Path, spec: dict, path: str) -> float:
     """Recompute the report's merged eval loss from the files on disk, in this process, on the
     same layer path (int4 kernel or dequantize) the report names."""
-    from qalora import data as data_mod
-    from qalora.eval import eval_loss
-    from qalora.export.native import load_quantized
+    from qalora.data import records as data_mod
+    from qalora.evaluation.heldout import eval_loss
+    from qalora.deployment.export.native import load_quantized
 
     model, tok = load_quantized(model_dir, use_kernel=path == "int4 kernel")
     train = spec["train"]

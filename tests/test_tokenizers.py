@@ -8,10 +8,10 @@ Llama-3 tokenizer with its instruct template, and SmolLM2's own (slow: read from
 import pytest
 import torch
 
-from qalora import data
-from qalora.infer import _generation_kwargs, chat
-from qalora.tiny import byte_tokenizer, llama2_sentencepiece_model, llama2_tokenizer, llama3_tokenizer
-from qalora.tiny import tiny_random_llama
+from qalora.data import records as data
+from qalora.deployment.generate import _generation_kwargs, chat
+from qalora.models.tiny import byte_tokenizer, llama2_sentencepiece_model, llama2_tokenizer, llama3_tokenizer
+from qalora.models.tiny import tiny_random_llama
 
 SEQ_LEN = 512
 MAX_NEW = 6
@@ -41,7 +41,7 @@ OTHER_END = {"chatml": "<|endoftext|>", "llama2": "<unk>", "llama2_plain": "<unk
 
 def _smollm2():
     from transformers import AutoTokenizer
-    from qalora.model import default_gguf_path
+    from qalora.models.model import default_gguf_path
     gguf = default_gguf_path()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
@@ -64,7 +64,7 @@ def named_tok(request):
 
 
 def _conversation_ids(tok, messages) -> list[int]:
-    """The ids inference sees for the whole conversation, computed independently of qalora.data."""
+    """The ids inference sees for the whole conversation, computed independently of qalora.data.records."""
     if tok.chat_template:
         ids = tok.apply_chat_template(messages, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -6,7 +6,7 @@ import torch
 
 from helpers import DEVICE, tiny_qalora
 from qalora.config import TrainConfig
-from qalora.train import latest_checkpoint, lr_multiplier, train
+from qalora.training.loop import latest_checkpoint, lr_multiplier, train
 
 PAD = 256
 
@@ -104,7 +104,7 @@ SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten
 
 
 def _step_parts(dropout=0.1):
-    from qalora.train import _Order, host_batch, micro_batches
+    from qalora.training.loop import _Order, host_batch, micro_batches
 
     model = fresh_model(dropout=dropout)
     c = cfg(batch_size=3, grad_accum=2)
@@ -125,7 +125,7 @@ def _inside(events, event, name: str) -> bool:
 def test_a_training_step_reads_nothing_back_from_the_device_but_its_log():
     from torch.profiler import ProfilerActivity, profile
 
-    from qalora.train import optimizer_step
+    from qalora.training.loop import optimizer_step
 
     model, micro, params, optimizer, scheduler, c = _step_parts()
     optimizer_step(model, micro, params, optimizer, scheduler, c, nullcontext())  # warm: optimizer state
@@ -143,7 +143,7 @@ def test_a_training_step_reads_nothing_back_from_the_device_but_its_log():
 
 @pytest.mark.requires_cuda
 def test_a_training_step_on_cuda_never_synchronizes_before_its_log():
-    from qalora.train import accumulate_gradients
+    from qalora.training.loop import accumulate_gradients
 
     model, micro, params, optimizer, scheduler, c = _step_parts()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
@@ -163,7 +163,7 @@ def test_a_training_step_on_cuda_never_synchronizes_before_its_log():
 def test_activation_checkpointing_keeps_less_and_computes_the_same_gradients():
     """Per decoder layer, for long sequences: the forward keeps only each layer's input, the
     backward recomputes the rest (dropout masks included), and the gradients are the same."""
-    from qalora.train import accumulate_gradients
+    from qalora.training.loop import accumulate_gradients
 
     grads, kept = {}, {}
     for checkpointing in (False, True):
@@ -186,7 +186,7 @@ def test_checkpoints_are_pruned_by_step_and_a_fresh_run_starts_clean(tmp_path):
     own earlier checkpoints and refuses a folder holding another run's, so the checkpoint it writes
     is never the one pruned (steps 490 and 500 left over, step 10 written: step 10 was deleted)."""
     from qalora.errors import ConfigError
-    from qalora.train import checkpoints, prune_checkpoints
+    from qalora.training.loop import checkpoints, prune_checkpoints
 
     for step in (8, 999_999, 1_000_000):
         (tmp_path / f"step-{step:06d}.safetensors").write_bytes(b"")
@@ -214,7 +214,7 @@ def test_checkpoints_are_pruned_by_step_and_a_fresh_run_starts_clean(tmp_path):
 def test_a_run_that_no_longer_owns_its_folder_writes_no_checkpoint(tmp_path):
     """``owns()`` false (the job was taken over): neither the periodic checkpoint nor the one a stop
     writes is saved, so nothing of the new owner's is overwritten or pruned."""
-    from qalora.train import checkpoints
+    from qalora.training.loop import checkpoints
 
     done = []
     result = train(fresh_model(), examples(), [], cfg(steps=8, save_every=2), PAD, ckpt_dir=tmp_path,

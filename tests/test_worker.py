@@ -107,11 +107,11 @@ def test_bad_dataset_fails_readably_and_the_worker_goes_on(store, tmp_path):
 def test_out_of_memory_is_reported_with_the_fix(store, tmp_path, monkeypatch):
     import torch
 
-    import qalora.pipeline
+    import qalora.training.finetune
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(qalora.pipeline, "finetune", oom)
+    monkeypatch.setattr(qalora.training.finetune, "finetune", oom)
     job_id = service.submit(tiny_spec(tiny_data(tmp_path / "d.jsonl"), steps=3, batch_size=8))
     Worker().run(burst=True)
     job = service.get_job(job_id)
@@ -223,7 +223,7 @@ def test_worker_whose_job_was_taken_over_stops_without_writing_to_it(store, tmp_
     assert steps_of(job_id) == list(range(1, taken_at + 1))
     assert "taken over" in service.read_log(job_id, tail=3)
     # and it wrote no checkpoint into the new owner's folder (it saved one on stopping)
-    from qalora.train import checkpoints
+    from qalora.training.loop import checkpoints
     assert [s for s, _ in checkpoints(Path(job["artifact_dir"]) / "checkpoints") if s > taken_at] == []
 
 
@@ -295,7 +295,7 @@ def test_a_save_over_the_file_size_limit_fails_cleanly_and_resumes(store, tmp_pa
     with a disk-space message, no half model is left, and after the limit is lifted it resumes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qalora.tiny import TINY_DIMS, byte_tokenizer
+    from qalora.models.tiny import TINY_DIMS, byte_tokenizer
 
     tok = byte_tokenizer()
     base = tmp_path / "wide-vocab"
@@ -330,7 +330,7 @@ def test_every_finishing_stage_reports_progress_and_the_eta_covers_them(store, t
     overall ETA during training already counts the finishing stages, and the report keeps each
     stage's time so the next job on the same base estimates from it."""
     from jobs import pipeline
-    from qalora.eval import GENERATION_REPLIES
+    from qalora.evaluation.heldout import GENERATION_REPLIES
 
     writes = []
     real = repo.heartbeat

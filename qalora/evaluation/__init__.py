@@ -1,0 +1,2 @@
+"""Measuring a model: held-out loss, multiple-choice accuracy, lm-evaluation-harness benchmarks.
+"""

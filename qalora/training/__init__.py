@@ -1,0 +1,2 @@
+"""Training: the loop, data parallelism, and the fine-tune recipe that runs the whole method.
+"""
