@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def skill(model_dir: Path, n: int) -> float:
-    from qalora.data.records import builtin_skill_check
+    from qalora.data.builtin import builtin_skill_check
     from qalora.deployment.export.native import load_quantized
     from qalora.deployment.generate import chat
 

@@ -28,12 +28,12 @@ END_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) INFO succeeded")
 
 CHILD = r"""
 import json, sys, time
-from jobs import service
+from jobs import forms, service
 from jobs.pipeline import run_job
 args = json.loads(sys.argv[1])
-spec = service.build_spec(base="default", bits=4, group_size=32, method="rtn", data="builtin:default", rank=8,
-                          alpha=16, lr=3e-4, steps=args["steps"], batch_size=4, seq_len=256,
-                          exports=args["exports"])
+spec = forms.build_spec(base="default", bits=4, group_size=32, method="rtn", data="builtin:default", rank=8,
+                        alpha=16, lr=3e-4, steps=args["steps"], batch_size=4, seq_len=256,
+                        exports=args["exports"])
 job_id = service.submit(spec)
 t0 = time.time()
 status = run_job(job_id)

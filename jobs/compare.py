@@ -23,7 +23,8 @@ LATER = [("method", "method", None), ("steps", "steps", None), ("base", "base", 
 OUTCOMES = [("eval_base", "eval loss: quantized base", None), ("eval_trained", "eval loss: trained", "min"),
             ("eval_merged", "eval loss: merged", "min"), ("merge_diff", "merge max Δlogit", "min"),
             ("mc_score", "multiple choice", "max"), ("gen_score", "replies exact", "max"),
-            ("f16_mb", "16-bit MB", None), ("native_mb", "native MB", "min"), ("native_bpp", "native bits/param", "min"),
+            ("f16_mb", "16-bit MB", None), ("native_mb", "native MB", "min"),
+            ("native_bpp", "native bits/param", "min"),
             ("gguf_mb", "GGUF MB", "min"), ("gguf_bpp", "GGUF bits/param", "min"),
             ("torchao_mb", "torchao MB", "min"), ("gptq_mb", "GPTQ MB", "min"), ("tokens_per_s", "tokens/s", "max"),
             ("wall_s", "wall s", "min"), ("peak_rss_mb", "peak RAM MB", "min"), ("peak_gpu_mb", "peak GPU MB", "min")]
@@ -58,7 +59,8 @@ def row(job: dict, now: datetime | None = None) -> dict:
            "rank": adapter.get("rank"), "method": method, "steps": train.get("steps"), "lr": train.get("lr"),
            "eval_base": report.get("eval_loss_quantized_base"), "eval_trained": report.get("eval_loss_adapter"),
            "eval_merged": report.get("eval_loss_merged"), "merge_diff": report.get("merge_max_abs_logit_diff"),
-           "mc_score": mc.get("accuracy"), "gen_score": gen.get("accuracy"), "tokens_per_s": tokens_per_s, "wall_s": wall,
+           "mc_score": mc.get("accuracy"), "gen_score": gen.get("accuracy"), "tokens_per_s": tokens_per_s,
+           "wall_s": wall,
            "peak_rss_mb": report.get("peak_rss_mb"), "peak_gpu_mb": report.get("peak_gpu_mb") or None}
     for key, kind in SIZE_KINDS.items():
         out[key] = sizes[kind] / 1e6 if sizes.get(kind) else None
@@ -178,7 +180,9 @@ def write_csv(result: dict, path: Path) -> Path:
     return path
 
 
-def _cell(key: str, value) -> str:
+def cell_text(key: str, value) -> str:
+    """One value as the table shows it: the learning rate as given, losses to 4 decimals, scores as
+    percentages, sizes to 0.1 below 100; ``None`` is blank."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -201,7 +205,7 @@ def markdown_table(result: dict, keys: list[str] | None = None) -> str:
     for r in result["rows"]:
         cells = []
         for key, _, _ in cols:
-            text = _cell(key, r.get(key))
+            text = cell_text(key, r.get(key))
             cells.append(f"**{text}**" if text and r["id"] in result["best"].get(key, ()) else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ import shutil
 from contextvars import ContextVar
 from pathlib import Path
 
+from qalora.atomic import atomic_path
 from qalora.errors import ConfigError, DataError
 from storage import get_settings
 
@@ -173,8 +174,7 @@ def keep_upload(temp_path: str) -> str:
     uploads.mkdir(parents=True, exist_ok=True)
     dest = uploads / f"{digest.hexdigest()}{suffix}"
     if not dest.is_file():
-        tmp = uploads / f".partial-{os.getpid()}-{dest.name}"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
     _UPLOAD_NAMES[dest.name] = src.name
     return str(dest)

@@ -8,26 +8,26 @@ in the form are confined to allowed folders and uploads are kept (see ``jobs.con
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from qalora.config import AdapterConfig, QuantConfig, TrainConfig, preset_for
+from qalora.atomic import atomic_path
+from qalora.config import GROUP_SIZES, AdapterConfig, QuantConfig, TrainConfig, preset_for, valid_group_sizes
 from qalora.errors import ConfigError, DataError, QALoRAError
 from qalora.data.hub import resolve
 
 from .confine import confine_base, confine_data, keep_upload, owned_by_visitor
-from .spec import EXTRA_EXPORTS, JobSpec, check_data, check_group_size, dims_from_config, is_hub_id, model_dims
+from .spec import (EXTRA_EXPORTS, JobSpec, check_data, check_exports, check_model_group_size, dims_from_config,
+                   is_hub_id, model_dims)
 
 BASE_CHOICES = ("default", "tiny-random")
 BITS_CHOICES = (2, 3, 4, 8)
 METHOD_CHOICES = (("RTN (fast)", "rtn"), ("GPTQ (better at 2-3 bits, slower)", "gptq"))
-DEFAULT_GROUP_SIZE = 32
-# Offered when the model's layer widths are only known to the worker (a Hub id or a .gguf file).
-FALLBACK_GROUP_SIZES = (32, 64, 128)
-_CANDIDATE_GROUP_SIZES = (16, 32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = QuantConfig.group_size
+# Offered when the model's layer widths are only known to the worker (a Hub id or a .gguf file): the
+# middle of the candidates (GGUF refuses 16; 256 divides fewer models' widths).
+FALLBACK_GROUP_SIZES = tuple(g for g in GROUP_SIZES if 32 <= g <= 128)
 # Each run-length preset fills how long and on how much a run trains (steps dominate the run time);
 # the learning rate, rank, alpha, clip search and learned scales come from the bit width's preset
 # (``qalora.config.preset_for``: ``bits_preset``).
@@ -209,7 +209,7 @@ def group_size_choices(base: str) -> list[int]:
     dims = base_dims(base)
     if dims is None:
         return list(FALLBACK_GROUP_SIZES)
-    return [g for g in _CANDIDATE_GROUP_SIZES if all(d % g == 0 for d in dims)]
+    return valid_group_sizes(*dims)
 
 
 def export_choices(bits, group_size) -> tuple[list[str], dict[str, str]]:
@@ -270,61 +270,100 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
                train_scales=None, scales_lr=None) -> JobSpec:
     """Turn the form's raw values into a validated ``JobSpec``; raises ``QALoRAError`` on bad input.
 
-    With ``check_rows`` every record of the dataset is parsed now, so a missing column or a
-    malformed row is reported in the form instead of failing the job in the worker; a Hub dataset
-    is asked about instead (exists, readable, its columns against the mapping), its rows are not
-    downloaded here. ``columns`` maps the dataset's columns (roles -> column, empty ones ignored);
-    ``max_samples`` (blank: every record) trains on a seeded sample. ``clip``, ``train_scales`` and
-    ``scales_lr`` left as None take the preset for ``bits`` (``qalora.config.preset_for``).
+    The form is the edge: each field is checked here, every problem reported at once under its field
+    (``FormError``), and the spec returned is validated (``JobSpec.validate``), so ``service.submit``
+    trusts it. With ``check_rows`` a sample of the dataset's records is parsed now, so a missing
+    column or a malformed row is reported in the form instead of failing the job in the worker; a
+    Hub dataset is asked about instead (exists, readable, its columns against the mapping), its rows
+    are not downloaded here. ``columns`` maps the dataset's columns (roles -> column, empty ones
+    ignored); ``max_samples`` (blank: every record) trains on a seeded sample. ``clip``,
+    ``train_scales`` and ``scales_lr`` left as None take the preset for ``bits``
+    (``qalora.config.preset_for``).
     """
     errors = _Collect()
-    numbers, raw = {}, dict(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, rank=rank, alpha=alpha,
-                            devices=devices)
-    for key, label, cast, minimum in (("steps", "steps", int, 1), ("lr", "learning rate", float, None),
-                                      ("batch_size", "batch size", int, 1), ("seq_len", "sequence length", int, 8),
-                                      ("rank", "rank", int, 1), ("alpha", "alpha", float, None),
-                                      ("devices", "GPUs for this job", int, 1)):
-        with errors.field("advanced"):  # each its own check: every bad value is named
+    # the bit width's preset fills what the form left unset (bad bits are reported with the group size)
+    preset = preset_for(_preset_bits(bits))
+    numbers = _advanced_numbers(errors, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, rank=rank,
+                                alpha=alpha, devices=devices)
+    train, adapter = _train_and_adapter(errors, numbers, preset, train_scales, scales_lr)
+    dims = None
+    with errors.field("base"):
+        base = confine_base(str(base or "").strip() or "default")
+        dims = base_dims(base)
+    quant = _quant(errors, bits, group_size, method, preset["clip"] if clip is None else bool(clip), dims)
+    with errors.field("exports"):
+        if quant is not None:
+            check_exports(exports or (), quant.bits, quant.group_size)
+    data, columns, max_samples, hub = _dataset(errors, data, columns, max_samples)
+    if check_rows and not hub and "data" not in errors.fields:
+        with errors.field("data"):
+            check_records(data, columns, None if "base" in errors.fields else base, numbers.get("seq_len"))
+    bench = {}
+    with errors.field("benchmarks"):
+        bench = benchmarks_setting(benchmarks, bench_tasks, bench_limit)
+    errors.raise_any()
+    spec = JobSpec(base=base, data=data, quant=quant, adapter=adapter, train=train, exports=tuple(exports or ()),
+                   name=name or "", devices=numbers["devices"], columns=columns, max_samples=max_samples,
+                   benchmarks=bench)
+    return spec.validate()
+
+
+_ADVANCED = (("steps", "steps", int, 1), ("lr", "learning rate", float, None), ("batch_size", "batch size", int, 1),
+             ("seq_len", "sequence length", int, 8), ("rank", "rank", int, 1), ("alpha", "alpha", float, None),
+             ("devices", "GPUs for this job", int, 1))
+
+
+def _advanced_numbers(errors: _Collect, **raw) -> dict:
+    """The advanced settings' numbers (those that parse), each checked on its own: every bad value is named."""
+    numbers = {}
+    for key, label, cast, minimum in _ADVANCED:
+        with errors.field("advanced"):
             value = _number(label, raw[key], cast, minimum)
             if key == "lr" and not LR_RANGE[0] <= value <= LR_RANGE[1]:
                 raise ConfigError(f"learning rate {value:g} is outside the range that trains an adapter "
                                   f"({LR_RANGE[0]:g} to {LR_RANGE[1]:g}; typical 1e-4 to 3e-4); fix it in the "
                                   "advanced settings.")
             numbers[key] = value
-    rate = numbers.get("lr")
+    return numbers
+
+
+def _train_and_adapter(errors: _Collect, numbers: dict, preset: dict, train_scales, scales_lr):
+    """(TrainConfig, AdapterConfig) from the advanced settings, or (None, None) while one is wrong."""
     train = adapter = None
-    # the bit width's preset fills what the form left unset (bad bits are reported with the group size)
-    preset = preset_for(_preset_bits(bits))
-    if "advanced" not in errors.fields:
-        with errors.field("advanced"):
-            steps, devices = numbers["steps"], numbers["devices"]
-            every = max(1, steps // EVALS_PER_RUN)
-            train = TrainConfig(steps=steps, batch_size=numbers["batch_size"], seq_len=numbers["seq_len"], lr=rate,
-                                warmup_steps=min(10, steps // 10), eval_every=every, save_every=every,
-                                eval_batches=4)
-            scales_lr = preset["scales_lr"] if scales_lr in (None, "", 0) else _number("scales learning rate",
-                                                                                       scales_lr, float)
-            adapter = AdapterConfig(rank=numbers["rank"], alpha=numbers["alpha"], scales_lr=scales_lr,
-                                    train_scales=preset["train_scales"] if train_scales is None else bool(train_scales))
-    clip = preset["clip"] if clip is None else bool(clip)
-    dims = quant = None
-    with errors.field("base"):
-        base = confine_base(str(base or "").strip() or "default")
-        dims = base_dims(base)
+    if "advanced" in errors.fields:
+        return train, adapter
+    with errors.field("advanced"):
+        steps = numbers["steps"]
+        every = max(1, steps // EVALS_PER_RUN)
+        train = TrainConfig(steps=steps, batch_size=numbers["batch_size"], seq_len=numbers["seq_len"],
+                            lr=numbers["lr"], warmup_steps=min(10, steps // 10), eval_every=every, save_every=every,
+                            eval_batches=4)
+        scales_lr = preset["scales_lr"] if scales_lr in (None, "", 0) else _number("scales learning rate",
+                                                                                   scales_lr, float)
+        adapter = AdapterConfig(rank=numbers["rank"], alpha=numbers["alpha"], scales_lr=scales_lr,
+                                train_scales=preset["train_scales"] if train_scales is None else bool(train_scales))
+    return train, adapter
+
+
+def _quant(errors: _Collect, bits, group_size, method: str, clip: bool, dims) -> QuantConfig | None:
+    """The quantization settings (field ``group_size``): bits and group size each parsed, the group size
+    checked against the base's layer widths where known; ``None`` while any of it is wrong."""
     with errors.field("group_size"):
         bits = _number("bits", bits, int)
     with errors.field("group_size"):
         group_size = _number("group size", group_size, int)
         if dims is not None:
-            check_group_size(dims, group_size, AdapterConfig().targets)
-    if "group_size" not in errors.fields:
-        with errors.field("group_size"):
-            quant = QuantConfig(bits=bits, group_size=group_size, method=method, clip=clip)
-    with errors.field("exports"):
-        from qalora.deployment.export.formats import check_format
-        for fmt in exports or ():
-            if quant is not None:
-                check_format(fmt, quant.bits, quant.group_size)
+            check_model_group_size(dims, group_size, AdapterConfig().targets)
+    if "group_size" in errors.fields:
+        return None
+    with errors.field("group_size"):
+        return QuantConfig(bits=bits, group_size=group_size, method=method, clip=clip)
+    return None
+
+
+def _dataset(errors: _Collect, data: str, columns, max_samples):
+    """(data, columns, max_samples, hub): the dataset reference resolved, confined and checked to
+    exist; a Hub dataset (``hub``) is asked about, its columns checked against the mapping."""
     hub = False
     with errors.field("data"):
         if max_samples not in (None, "", 0):  # a blank box in the browser sends 0
@@ -334,30 +373,34 @@ def build_spec(*, base: str, bits, group_size, method: str, data: str, rank, alp
         data, columns, max_samples = resolve(data, columns, max_samples)
         data = confine_data(data)
         check_data(data)
-        hub = not data.startswith("builtin:") and not Path(data).expanduser().exists()
+        hub = is_hub_dataset(data)
         if hub:
             check_hub_columns(hub_dataset(data), columns)
-    if check_rows and not hub and "data" not in errors.fields:
-        from qalora.data.records import load_records
-        # A bounded sample, so a large file is not parsed whole in the web process; the worker
-        # reads (and checks) every row when the job starts.
-        records = None
-        with errors.field("data"), owned_by_visitor(data):
-            records = load_records(data, limit=SUBMIT_SAMPLE_ROWS, columns=columns)
-            if len(records) < MIN_RECORDS:
-                raise DataError(f"{Path(data).name} has {len(records)} record(s); a fine-tune needs at least "
-                                f"{MIN_RECORDS} (about one in ten is held out to measure it). Add more records.")
-        if records and numbers.get("seq_len") and "base" not in errors.fields:
-            with errors.field("advanced"):  # checked even when another field is wrong: all problems at once
-                _check_replies_fit(records, base, numbers["seq_len"])
-    bench = {}
-    with errors.field("benchmarks"):
-        bench = benchmarks_setting(benchmarks, bench_tasks, bench_limit)
+    return data, columns, max_samples, hub
+
+
+def is_hub_dataset(data: str) -> bool:
+    """Whether a checked dataset reference names a Hub dataset (neither built in nor a path here)."""
+    return not data.startswith("builtin:") and not Path(data).expanduser().exists()
+
+
+def check_records(data: str, columns, base: str | None, seq_len: int | None) -> None:
+    """A bounded sample of the dataset's records parsed (field ``data``), so a large file is not parsed
+    whole in the web process (the worker reads and checks every row when the job starts); with
+    ``base`` and ``seq_len``, the replies must survive the sequence length (field ``advanced``).
+    Raises ``FormError`` with both fields' problems."""
+    from qalora.data.records import load_records
+
+    errors, records = _Collect(), None
+    with errors.field("data"), owned_by_visitor(data):
+        records = load_records(data, limit=SUBMIT_SAMPLE_ROWS, columns=columns)
+        if len(records) < MIN_RECORDS:
+            raise DataError(f"{Path(data).name} has {len(records)} record(s); a fine-tune needs at least "
+                            f"{MIN_RECORDS} (about one in ten is held out to measure it). Add more records.")
+    if records and seq_len and base is not None:
+        with errors.field("advanced"):  # checked even when another field is wrong: all problems at once
+            _check_replies_fit(records, base, seq_len)
     errors.raise_any()
-    spec = JobSpec(base=base, data=data, quant=quant, adapter=adapter, train=train, exports=tuple(exports or ()),
-                   name=name or "", devices=devices, columns=columns, max_samples=max_samples, benchmarks=bench)
-    spec.validate()
-    return spec
 
 
 def form_spec(*, kind: str, builtin: str | None, upload: str | None, path: str | None, **fields) -> JobSpec:
@@ -426,10 +469,8 @@ def _default_tokenizer(gguf_path: Path):
         except (OSError, ValueError):
             pass  # a damaged copy: read the GGUF again below
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
-    tok.save_pretrained(str(tmp))
-    shutil.rmtree(cached, ignore_errors=True)
-    os.replace(tmp, cached)
+    with atomic_path(cached) as tmp:
+        tok.save_pretrained(str(tmp))
     return tok
 
 

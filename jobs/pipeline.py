@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from qalora.atomic import write_text
 from qalora.errors import QALoRAError
 from storage import IllegalTransition, Job, JobStatus, db, get_settings, repo, utcnow
 
@@ -495,7 +496,7 @@ class _JobRun:
 
         spec = None
         try:
-            spec = JobSpec.from_dict(raw_spec)
+            spec = JobSpec.from_dict(raw_spec).validate()  # once, here: the files may have changed since the queue
             self.finishing, self.history = finishing_stages(spec), stage_history(spec.base)
             report = finetune(spec.base, spec.data, self.artifact_dir, spec.quant, spec.adapter, spec.train,
                               resume=True, log=self.log, on_step=self.on_step, should_stop=self.should_stop,
@@ -543,7 +544,7 @@ class _JobRun:
         report["exports"] = exports
         # what each stage took in this attempt: the next job on this base estimates its ETA from it
         report["stage_s"] = {k: round(v, 2) for k, v in self.stage_s.items()}
-        (self.artifact_dir / ARTIFACTS["report"]).write_text(json.dumps(report, indent=2))
+        write_text(self.artifact_dir / ARTIFACTS["report"], json.dumps(report, indent=2))
         self.on_stage("done")  # once, after everything the job does
         return report
 

@@ -1,4 +1,6 @@
-"""The only module the UI calls: submit, watch, cancel, resume and delete jobs; list models.
+"""The job queue as the UI sees it: submit, watch, cancel, resume and delete jobs; list models;
+download, export, benchmark and compare them. (The form, chat and publish helpers the UI also
+calls live beside it, in ``jobs.forms``, ``jobs.chat`` and ``jobs.publish``.)
 
 Every function opens its own short transaction and returns plain dicts (ready for a table
 widget), so the UI holds no database objects and never blocks on a running job. Errors
@@ -18,15 +20,15 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from qalora.atomic import atomic_path
 from qalora.config import method_label
 from qalora.errors import ConfigError
 from storage import EXPORT_STATUS, Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo, utcnow
 
-from .compare import QUALITY as COMPARE_QUALITY  # noqa: F401  (the scatter's quality axes, for the app)
 from .compare import files_text
-from .pipeline import LOG_NAME, export_note  # noqa: F401 (export_note: public here too)
-from .spec import EXTRA_EXPORTS, JobSpec  # noqa: F401  (EXTRA_EXPORTS: for the app)
-from .sweep import AXES as SWEEP_AXES, GROUP_SIZE_CHOICES as SWEEP_GROUP_SIZES, MAX_JOBS as MAX_SWEEP_JOBS  # noqa: F401
+from .confine import with_upload_names
+from .pipeline import LOG_NAME, export_note
+from .spec import JobSpec
 from .sweep import SweepPlan, plan_sweep as _plan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +118,13 @@ def _require(s, job_id: int) -> Job:
 def submit(spec: JobSpec | dict) -> int:
     """Validate ``spec`` and queue it; returns the job id. Bad specs raise before anything is stored.
 
+    A spec from ``form_spec`` (or ``build_spec``) was validated there and is trusted; a dict or a spec
+    made elsewhere is validated here, once.
     A name already used by another job gets a number (``name-2``, ``name-3``), so jobs stay apart.
     """
-    spec = (spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)).validate()
+    spec = spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
+    if not spec.validated:
+        spec.validate()
     with db() as s:
         return _queue(s, spec)
 
@@ -300,8 +306,6 @@ _SERVER_PATH = re.compile(r"(?<![\w.$>])/(?:[^\s'\",)/]+/)+([^\s'\",)/]+)")  # /
 def readable_log(job_id: int, lines: int = 14) -> str:
     """The job log's last ``lines`` entries for the page: no traceback (the downloadable log has it)
     and no server paths (the job's folder and the store's home are named, not spelled out)."""
-    from .confine import with_upload_names
-
     with db() as s:
         folder = _require(s, job_id).folder
     raw = _log_tail(folder, lines * 40).splitlines()
@@ -419,22 +423,6 @@ def device_choices() -> int:
     from .devices import visible_gpus
 
     return len(visible_gpus())
-
-
-# UI helpers (new-job form, chat, publish) live in their own modules; these re-exports and thin
-# wrappers keep this module the only one the app calls.
-from .chat import (build_messages, loaded_models, runtime_of, stream_reply,  # noqa: E402,F401
-                   stream_side_by_side)
-from .forms import (BASE_CHOICES, BITS_CHOICES, DATA_KINDS, DEFAULT_GROUP_SIZE, DEFAULT_PRESET,  # noqa: E402,F401
-                    METHOD_CHOICES, PRESETS, FormError, build_spec, form_spec, builtin_choices, data_source, export_choices,
-                    hub_dataset, hub_ref, benchmark_choices, bits_preset, BIT_PRESET_FIELDS,
-                    group_size_choices, preview_dataset, warm_up)
-from .forms import FIELDS as FORM_FIELDS  # noqa: E402,F401
-from qalora.errors import QALoRAError  # noqa: E402,F401
-from qalora.data.hub import RECORD_COLUMNS, guess_columns, paper_dataset  # noqa: E402,F401
-from .confine import with_upload_names  # noqa: E402,F401
-from .publish import (PUBLISH_FORMATS, PublishError, loss_curve, model_card, publish_choices,  # noqa: E402,F401
-                      resolve_token)
 
 
 def chat_keys(job_id: int, compare: bool = False) -> dict[str, str]:
@@ -597,13 +585,9 @@ def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, s
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
     stem = f"qalora-job-{job_id:05d}-{'merged' if fmt == 'native' else fmt}"
-    if source.is_file():
-        path = dest / f"{stem}{source.suffix}"
-        shutil.copyfile(source, dest / f".partial-{path.name}")
-    else:
-        path = dest / f"{stem}.zip"
-        _zip_stored(source, dest / f".partial-{path.name}")
-    os.replace(dest / f".partial-{path.name}", path)  # the download link never points at a half file
+    path = dest / (f"{stem}{source.suffix}" if source.is_file() else f"{stem}.zip")
+    with atomic_path(path) as tmp:  # the download link never points at a half file
+        shutil.copyfile(source, tmp) if source.is_file() else _zip_stored(source, tmp)
     return path, file_note(path, result.get("note") or export_note(result))
 
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qalora.config import AdapterConfig, QuantConfig, TrainConfig
+from qalora.config import AdapterConfig, QuantConfig, TrainConfig, check_group_size
 from qalora.errors import ConfigError, DataError, ModelError
 
 # Always written by qalora.training.finetune.finetune: the merged low-bit model and the adapter.
@@ -44,6 +44,8 @@ class JobSpec:
     max_samples: int | None = None  # train on a seeded sample of this many records (the train seed)
     # lm-evaluation-harness after training: {"tasks": [...], "num_fewshot": k or None, "limit": n or None}
     benchmarks: dict = field(default_factory=dict)
+    # set by validate(): a spec checked at the edge is trusted after (service.submit does not check it again)
+    validated: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         from qalora.data.hub import resolve
@@ -89,7 +91,9 @@ class JobSpec:
                    max_samples=d.get("max_samples"), benchmarks=d.get("benchmarks") or {})
 
     def validate(self) -> JobSpec:
-        """Check what can be checked in well under a second: data source, base model, group size.
+        """Check what can be checked in well under a second: data source, base model, group size,
+        export formats. Run once where a spec enters (``forms.build_spec``, or ``service.submit`` for
+        one made elsewhere) and once by the worker on the stored spec; trusted in between.
 
         Local paths are made absolute, so a worker in another directory finds the same files.
         """
@@ -97,10 +101,9 @@ class JobSpec:
         dims = model_dims(self.base)
         self.data, self.base = _absolute(self.data), _absolute(self.base)
         if dims is not None:
-            check_group_size(dims, self.quant.group_size, self.adapter.targets)
-        from qalora.deployment.export.formats import check_format
-        for fmt in self.extra_exports:
-            check_format(fmt, self.quant.bits, self.quant.group_size)
+            check_model_group_size(dims, self.quant.group_size, self.adapter.targets)
+        check_exports(self.extra_exports, self.quant.bits, self.quant.group_size)
+        self.validated = True
         return self
 
     @property
@@ -148,7 +151,7 @@ def _absolute(ref: str) -> str:
 def check_data(source: str) -> None:
     """The source must exist; its rows are parsed by the worker, which names a bad file and row."""
     if source.startswith("builtin:"):
-        from qalora.data.records import builtin_records
+        from qalora.data.builtin import builtin_records
         builtin_records(source[len("builtin:"):])  # unknown names raise a DataError listing the choices
         return
     path = Path(source).expanduser()
@@ -231,11 +234,19 @@ def dims_from_config(cfg: dict, where: str, file: str | None = None) -> tuple[in
     return hidden, heads * head_dim, inter
 
 
-def check_group_size(dims: tuple[int, int, int], group_size: int, targets) -> None:
-    """Every targeted linear's in_features must be a multiple of ``group_size``."""
-    from qalora.method.quant import check_group_size as check
-
+def check_model_group_size(dims: tuple[int, int, int], group_size: int, targets) -> None:
+    """Every targeted linear's in_features must be a multiple of ``group_size`` (the rule and its
+    message: ``qalora.config.check_group_size``)."""
     hidden, attn, inter = dims
     in_features = {"o_proj": attn, "down_proj": inter}
     for target in targets:
-        check(in_features.get(target, hidden), group_size, target)
+        check_group_size(in_features.get(target, hidden), group_size, target)
+
+
+def check_exports(exports, bits: int, group_size: int) -> None:
+    """Each export format must hold these bits and group size (the rules live in
+    ``qalora.deployment.export.formats``)."""
+    from qalora.deployment.export.formats import check_format
+
+    for fmt in exports:
+        check_format(fmt, bits, group_size)

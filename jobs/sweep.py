@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 from qalora.errors import QALoRAError
 
-from .forms import BITS_CHOICES, LR_RANGE, FormError, build_spec, data_source, export_choices
+from .forms import (BITS_CHOICES, LR_RANGE, FormError, build_spec, check_records, data_source, export_choices,
+                    is_hub_dataset)
 from .spec import JobSpec, short_name
 
 # The axes a sweep varies, with the form's labels; each takes a list (or "a, b, c").
 AXES = {"bits": "bits", "group_size": "group size", "rank": "rank", "lr": "learning rate"}
 MAX_JOBS = 64  # one sweep queues at most this many jobs
-GROUP_SIZE_CHOICES = (16, 32, 64, 128, 256)  # offered in the form; those a model cannot take are refused
 
 
 @dataclass
@@ -105,24 +105,14 @@ def _check_value(axis: str, value) -> None:
 def plan_sweep(grid: dict, *, kind: str, builtin: str | None, upload: str | None, path: str | None,
                check_rows: bool = True, **fields) -> SweepPlan:
     """Expand ``grid`` (axis -> values; an axis left out or empty keeps the form's single value)
-    over the form's ``fields`` (those of ``forms.build_spec``) into validated job specs.
+    over the form's ``fields`` (those of ``forms.build_spec``) into validated job specs, each
+    validated once (by ``build_spec``); ``service.submit_sweep`` trusts them.
 
     Raises ``FormError`` for what no combination can fix (the dataset, the base, the steps, a bad
     value, more than ``MAX_JOBS`` jobs, or no combination left); the dataset's rows are parsed
     once (``check_rows``), for the first combination that can run.
     """
-    unknown = sorted(set(grid) - set(AXES))
-    if unknown:
-        raise FormError({"sweep": f"sweep axes {unknown} are unknown; sweep over {', '.join(AXES)}."})
-    plan, problems = SweepPlan(), []
-    for axis in AXES:
-        try:
-            values = parse_values(axis, grid.get(axis) or "")
-            plan.values[axis] = values or parse_values(axis, [fields[axis]])
-        except FormError as exc:
-            problems.append(exc.fields["sweep"])
-    if problems:  # every bad sweep value, and what the rest of the form gets wrong, at once
-        raise FormError({"sweep": " ".join(problems), **_other_problems(kind, builtin, upload, path, fields)})
+    plan = SweepPlan(values=_axis_values(grid, fields, lambda: _other_problems(kind, builtin, upload, path, fields)))
     count = math.prod(len(v) for v in plan.values.values())
     if count > MAX_JOBS:
         raise FormError({"sweep": f"this sweep makes {count} jobs; one sweep queues at most {MAX_JOBS}. "
@@ -132,6 +122,40 @@ def plan_sweep(grid: dict, *, kind: str, builtin: str | None, upload: str | None
         data = data_source(kind, builtin, upload, path)
     except QALoRAError as exc:  # the other fields are still checked, against a dataset that exists
         shared["data"], data, check_rows = str(exc), "builtin:default", False
+    left_out = _plan_combinations(plan, data, fields, shared)
+    if shared:
+        raise FormError(shared)
+    for why, labels in left_out.items():
+        plan.notes.append(f"Not exported in {len(labels)} job(s) ({'; '.join(labels)}): {why}.")
+    if not plan.specs:
+        reasons = "; ".join(dict.fromkeys(why for _, why in plan.refused))
+        raise FormError({"sweep": f"none of the {count} combinations can run on this model: {reasons}"})
+    first = plan.specs[0]
+    if check_rows and not is_hub_dataset(first.data):  # the dataset's records, checked once, for the first job
+        check_records(first.data, first.columns, first.base, first.train.seq_len)
+    return plan
+
+
+def _axis_values(grid: dict, fields: dict, other_problems) -> dict[str, list]:
+    """Each axis's values, ascending (the form's single value where the grid has none); raises
+    ``FormError`` with every bad sweep value and what the rest of the form (``other_problems()``) gets wrong."""
+    unknown = sorted(set(grid) - set(AXES))
+    if unknown:
+        raise FormError({"sweep": f"sweep axes {unknown} are unknown; sweep over {', '.join(AXES)}."})
+    values, problems = {}, []
+    for axis in AXES:
+        try:
+            values[axis] = parse_values(axis, grid.get(axis) or "") or parse_values(axis, [fields[axis]])
+        except FormError as exc:
+            problems.append(exc.fields["sweep"])
+    if problems:  # every bad sweep value, and what the rest of the form gets wrong, at once
+        raise FormError({"sweep": " ".join(problems), **other_problems()})
+    return values
+
+
+def _plan_combinations(plan: SweepPlan, data: str, fields: dict, shared: dict[str, str]) -> dict[str, list[str]]:
+    """Build one spec per grid point into ``plan`` (a group size the model cannot take is refused
+    for that point); returns {why an export was left out: the points it was left out of}."""
     wanted = list(fields.pop("exports", ()) or ())
     name = (fields.pop("name", "") or "").strip()
     rank0, alpha0 = fields.get("rank"), fields.get("alpha")
@@ -139,10 +163,10 @@ def plan_sweep(grid: dict, *, kind: str, builtin: str | None, upload: str | None
     for point in itertools.product(*plan.values.values()):
         combo = dict(zip(plan.values, point))
         ok, refused_formats = export_choices(combo["bits"], combo["group_size"])
-        exports = [f for f in wanted if f in ok]
         if len(plan.values["bits"]) > 1:  # each bit width with its own preset's clip search and scales
             fields = {k: v for k, v in fields.items() if k not in ("clip", "train_scales", "scales_lr")}
-        values = {**fields, **combo, "alpha": _alpha(alpha0, rank0, combo["rank"]), "exports": exports,
+        values = {**fields, **combo, "alpha": _alpha(alpha0, rank0, combo["rank"]),
+                  "exports": [f for f in wanted if f in ok],
                   "name": _name(name, fields.get("base"), combo, multiple_lr=len(plan.values["lr"]) > 1)}
         try:
             spec = build_spec(data=data, check_rows=False, **values)
@@ -159,18 +183,7 @@ def plan_sweep(grid: dict, *, kind: str, builtin: str | None, upload: str | None
                 left_out.setdefault(f"{fmt.upper()}: {refused_formats[fmt]}", []).append(plan.label(combo))
         plan.specs.append(spec)
         plan.combos.append(combo)
-    if shared:
-        raise FormError(shared)
-    for why, labels in left_out.items():
-        plan.notes.append(f"Not exported in {len(labels)} job(s) ({'; '.join(labels)}): {why}.")
-    if not plan.specs:
-        reasons = "; ".join(dict.fromkeys(why for _, why in plan.refused))
-        raise FormError({"sweep": f"none of the {count} combinations can run on this model: {reasons}"})
-    if check_rows:  # the dataset's records, checked once against the first job's settings
-        first = plan.combos[0]
-        build_spec(data=data, **{**fields, **first, "alpha": _alpha(alpha0, rank0, first["rank"]),
-                                 "exports": list(plan.specs[0].extra_exports), "name": plan.specs[0].name})
-    return plan
+    return left_out
 
 
 def _other_problems(kind, builtin, upload, path, fields: dict) -> dict[str, str]:

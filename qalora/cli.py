@@ -331,7 +331,8 @@ def main(argv=None) -> int:
     from qalora.memory import limit_heap_retention
     limit_heap_retention()  # this process is ours: keep freed weight temporaries out of the heap
     try:
-        {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export, "eval": cmd_eval}[args.command](args)
+        commands = {"train": cmd_train, "chat": cmd_chat, "serve": cmd_serve, "export": cmd_export, "eval": cmd_eval}
+        commands[args.command](args)
     except QALoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field, fields
 from qalora.errors import ConfigError
 
 VALID_BITS = (2, 3, 4, 8)
+# The group sizes offered (the form, a sweep, the layer-width check's suggestions); a model takes those
+# that divide its layers' widths (``valid_group_sizes`` below).
+GROUP_SIZES = (16, 32, 64, 128, 256)
 QUANT_METHODS = ("rtn", "gptq")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -55,6 +58,33 @@ class QuantConfig:
 
     to_dict = _to_dict
     from_dict = classmethod(_from_dict)
+
+
+def group_size_fits(in_features: int, group_size: int) -> bool:
+    """The rule: groups of ``group_size`` consecutive inputs tile a row of ``in_features`` exactly."""
+    return in_features % group_size == 0
+
+
+def valid_group_sizes(*in_features: int, candidates=GROUP_SIZES) -> list[int]:
+    """The ``candidates`` that fit every one of ``in_features`` (one layer's width, or a model's)."""
+    return [g for g in candidates if all(group_size_fits(i, g) for i in in_features)]
+
+
+def check_group_size(in_features: int, group_size: int, layer: str = "layer") -> None:
+    """Raise a ConfigError naming the layer when ``group_size`` does not divide ``in_features``.
+
+    The one check of a group size against a layer; the job form (by the layer widths it knows),
+    ``qalora.method.quant.quantize_rtn`` (where packed tensors are made), GPTQ and the streaming
+    loader all ask it."""
+    if not group_size_fits(in_features, group_size):
+        valid = valid_group_sizes(in_features) or [d for d in range(2, in_features + 1)
+                                                   if group_size_fits(in_features, d)][:8]
+        raise ConfigError(
+            f"group_size={group_size} does not divide in_features={in_features} of {layer}; "
+            f"valid group sizes for this model include {valid}.")
+    if in_features % 8:
+        raise ConfigError(f"{layer} has in_features={in_features}, not a multiple of 8; "
+                          "bit-packing needs whole bytes per row.")
 
 
 @dataclass

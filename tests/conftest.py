@@ -97,6 +97,16 @@ def job_store(db_url, tmp_path, monkeypatch):
     return get_settings()
 
 
+@pytest.fixture
+def store(job_store, monkeypatch):
+    """``job_store`` with a fast heartbeat and poll, for tests that run workers; returns the settings."""
+    from storage import get_settings
+
+    monkeypatch.setenv("QALORA_HEARTBEAT_S", "0.3")
+    monkeypatch.setenv("QALORA_POLL_S", "0.1")
+    return get_settings()
+
+
 # ---- a fake Hugging Face Hub serving datasets (tests/fakehub.py), for the real datasets client ----
 
 @pytest.fixture

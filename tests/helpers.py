@@ -4,6 +4,7 @@ Everything is built on ``DEVICE`` (``QALORA_TEST_DEVICE``, default cpu), so the 
 on a GPU unchanged.
 """
 import os
+import socket
 
 import torch
 
@@ -79,3 +80,18 @@ def default_qalora(rank=4, seed=0):
     inject_qalora(model, quantize_model(model, QuantConfig(4, 32), adapter.targets), adapter)
     randomize_lora_b(model, seed + 1, 0.01)
     return model, tok
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def smollm2_tokenizer():
+    """The default model's tokenizer (SmolLM2's, read from the GGUF: slow): ChatML with a default system prompt."""
+    from transformers import AutoTokenizer
+    from qalora.models.model import default_gguf_path
+    gguf = default_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -12,7 +12,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from helpers import free_port
 
 MISSING = "Debian's postgresql package is not installed: apt-get install postgresql"
 SUPERUSER = "postgres"
@@ -41,12 +42,6 @@ def unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI is set, so the PostgreSQL tests must run)", pytrace=False)
     pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run_as() -> dict:
@@ -136,7 +131,7 @@ def server() -> Iterator[str]:
                               text=True, **run_as)
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed:\n{init.stdout}{init.stderr}")
-        port = _free_port()
+        port = free_port()
         options = [arg for opt in ("listen_addresses=127.0.0.1", f"unix_socket_directories={sockets}",
                                    f"port={port}", *FAST) for arg in ("-c", opt)]
         with open(log, "w") as out:

@@ -12,6 +12,8 @@ import pytest
 
 import app
 from jobs import forms, service
+from ui import auth, common, new_job
+from ui import chat as chat_tab, compare as compare_tab, jobs as jobs_tab
 
 ROOT = Path(__file__).resolve().parents[1]
 # base, bits, group, method, data kind, built-in, upload, path, rank, alpha, lr, steps, batch, seq, name, exports
@@ -28,7 +30,7 @@ def home(tmp_path, monkeypatch):
 
 
 def _launch(**changes):
-    return app._launch(*{**FORM, **changes}.values())
+    return new_job._launch(*{**FORM, **changes}.values())
 
 
 def _config_dir(tmp_path, **config) -> str:
@@ -59,12 +61,12 @@ def test_queued_jobs_move_up_and_down_from_the_jobs_tab(home):
     for name in ("a", "b", "c"):
         _launch(name=name)
     a, b, c = sorted(j["id"] for j in service.list_jobs())
-    assert app._move("up", c) == f"Job #{c} is now 2 of 3 in the queue (runs in this order: #{a}, #{c}, #{b})."
+    assert jobs_tab._move("up", c) == f"Job #{c} is now 2 of 3 in the queue (runs in this order: #{a}, #{c}, #{b})."
     assert service.queue_order() == [a, c, b]
-    assert app._move("down", a).startswith(f"Job #{a} is now 2 of 3")
+    assert jobs_tab._move("down", a).startswith(f"Job #{a} is now 2 of 3")
     service.cancel(b)
-    assert app._move("up", b).endswith(f"Job {b} is canceled, not queued: only queued jobs can be moved.")
-    assert app._move("up", None) == "Select a job first."
+    assert jobs_tab._move("up", b).endswith(f"Job {b} is canceled, not queued: only queued jobs can be moved.")
+    assert jobs_tab._move("up", None) == "Select a job first."
 
 
 def test_launch_queues_a_job_and_switches_to_the_jobs_tab(home):
@@ -160,7 +162,7 @@ def test_a_dataset_with_a_missing_column_is_refused_with_the_file_and_the_expect
 
 
 def test_base_model_field_offers_valid_group_sizes_and_rejects_non_llama(home):
-    update, note, error, swept = app._base_changed(_config_dir(home, model_type="llama", hidden_size=96,
+    update, note, error, swept = new_job._base_changed(_config_dir(home, model_type="llama", hidden_size=96,
                                                                intermediate_size=256, num_attention_heads=3), [32, 64])
     assert update["choices"] == [16, 32] and update["value"] == 32
     assert (note, error) == ("Group sizes valid for this model: [16, 32].", "")
@@ -168,8 +170,8 @@ def test_base_model_field_offers_valid_group_sizes_and_rejects_non_llama(home):
     assert swept["choices"] == [16, 32] and swept["value"] == [32]
     assert forms.group_size_choices("default") == [16, 32, 64]  # SmolLM2-135M: 576 and 1536 wide
     (home / "model").rename(home / "llama")
-    _, note, error, _ = app._base_changed(_config_dir(home, model_type="gpt2", hidden_size=64, intermediate_size=256),
-                                          [32])
+    _, note, error, _ = new_job._base_changed(
+        _config_dir(home, model_type="gpt2", hidden_size=64, intermediate_size=256), [32])
     assert "is a 'gpt2' model; QA-LoRA Studio supports LLaMA-family causal LMs" in error and note == ""
 
 
@@ -177,7 +179,7 @@ def test_dataset_preview_renders_records_with_the_base_chat_template(home):
     data = home / "sums.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Add {i} and 3.", "output": str(i + 3)}) + "\n"
                             for i in range(5)))
-    shown = list(app._dataset_preview("upload", None, str(data), "", "tiny-random"))[-1]
+    shown = list(new_job._dataset_preview("upload", None, str(data), "", "tiny-random"))[-1]
     assert shown.startswith("**5 records.**")
     assert "<|im_start|>user\nAdd 0 and 3.<|im_end|>\n<|im_start|>assistant\n3<|im_end|>" in shown
     assert "Add 2 and 3." in shown and "Add 3 and 3." not in shown  # three examples only
@@ -193,7 +195,7 @@ def test_presets_fill_the_advanced_fields():
 def test_choosing_bits_fills_the_bit_widths_preset_and_says_so(bits):
     from qalora.config import preset_for
 
-    *values, note = app._bits_changed(bits)
+    *values, note = new_job._bits_changed(bits)
     p = preset_for(bits)
     assert values == [p[k] for k in ("rank", "alpha", "lr", "clip", "train_scales", "scales_lr")]
     assert note.startswith(f"**Preset for {bits} bits:** learning rate {p['lr']:g}, rank {p['rank']}")
@@ -203,7 +205,7 @@ def test_choosing_bits_fills_the_bit_widths_preset_and_says_so(bits):
 def test_a_launch_takes_the_ticks_and_a_spec_left_unset_takes_the_preset(home):
     from qalora.config import preset_for
 
-    app._launch(*{**FORM, "name": "own", "bits": 2}.values(), clip=False, train_scales=True, scales_lr=2e-4)
+    new_job._launch(*{**FORM, "name": "own", "bits": 2}.values(), clip=False, train_scales=True, scales_lr=2e-4)
     (job,) = service.list_jobs()
     assert job["spec"]["quant"].get("clip", False) is False
     assert job["spec"]["adapter"]["train_scales"] is True and job["spec"]["adapter"]["scales_lr"] == 2e-4
@@ -217,64 +219,64 @@ def test_a_launch_takes_the_ticks_and_a_spec_left_unset_takes_the_preset(home):
 
 def test_job_view_shows_metrics_as_train_and_eval_series():
     metrics = [{"step": 1, "train_loss": 2.5, "eval_loss": None}, {"step": 2, "train_loss": 2.0, "eval_loss": 2.2}]
-    frame = app._loss_frame(metrics, "#7")
+    frame = jobs_tab._loss_frame(metrics, "#7")
     assert frame.values.tolist() == [["#7", "train", 1, 2.5], ["#7", "train", 2, 2.0], ["#7", "eval", 2, 2.2]]
-    assert app._loss_frame([]) is None
-    assert [app._duration(s) for s in (None, 42, 125, 7300)] == ["", "42s", "2m 05s", "2h 01m"]
+    assert jobs_tab._loss_frame([]) is None
+    assert [jobs_tab._duration(s) for s in (None, 42, 125, 7300)] == ["", "42s", "2m 05s", "2h 01m"]
 
 
 def test_refresh_shows_a_queued_job_and_skips_unchanged_parts(home):
     _launch(name="watch")
     (job,) = service.list_jobs()
-    table, picker, summary, plot, merge, log, seen = app._refresh(job["id"], {})
+    table, picker, summary, plot, merge, log, seen = jobs_tab._refresh(job["id"], {})
     assert table.values.tolist()[0][:5] == [job["id"], "watch", "queued", "", "0/6 (0%)"]
     assert picker["choices"] == [(f"#{job['id']} watch (queued)", job["id"])]
     assert summary.startswith(f"### #{job['id']} watch: **queued**") and plot is None
     assert merge == "*Merge check appears when the job succeeds.*"
-    again = app._refresh(job["id"], seen)
+    again = jobs_tab._refresh(job["id"], seen)
     assert all(isinstance(part, type(gr.skip())) for part in again[:6])  # nothing changed: nothing re-drawn
 
 
 def test_job_buttons_cancel_resume_and_delete(home):
     _launch(name="buttons")
     (job,) = service.list_jobs()
-    assert app._act("cancel", None) == "Select a job first."
-    assert app._act("cancel", job["id"]) == "Canceled."  # it was only queued: nothing to wait for
+    assert jobs_tab._act("cancel", None) == "Select a job first."
+    assert jobs_tab._act("cancel", job["id"]) == "Canceled."  # it was only queued: nothing to wait for
     assert service.get_job(job["id"])["status"] == "canceled"
-    assert app._act("resume", job["id"]) == "Queued again; it resumes from its last checkpoint."
+    assert jobs_tab._act("resume", job["id"]) == "Queued again; it resumes from its last checkpoint."
     assert service.get_job(job["id"])["status"] == "queued"
-    assert app._act("delete", job["id"]) == "Deleted, with its files."
+    assert jobs_tab._act("delete", job["id"]) == "Deleted, with its files."
     assert service.list_jobs() == []
-    assert app._act("resume", job["id"]) == f"**Error:** Job {job['id']} does not exist; refresh the job list."
+    assert jobs_tab._act("resume", job["id"]) == f"**Error:** Job {job['id']} does not exist; refresh the job list."
 
 
 def test_auth_setting():
-    assert app._auth(None) is None and app._auth("ann:s3cret:x") == [("ann", "s3cret:x")]
+    assert auth._auth(None) is None and auth._auth("ann:s3cret:x") == [("ann", "s3cret:x")]
     with pytest.raises(SystemExit, match="QALORA_AUTH must look like user:password"):
-        app._auth("ann")
+        auth._auth("ann")
 
 
 def test_access_requires_a_login_off_loopback(tmp_path, capsys):
     # loopback: no login needed, the server's own Hub token may be used
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
-        assert app.access(host, False, {}) == app.Access(None, server_token=True)
+        assert auth.access(host, False, {}) == auth.Access(None, server_token=True)
     # anything else without a login: refused, with the fix named
     for host in ("0.0.0.0", "192.168.1.5", "::"):
         with pytest.raises(SystemExit, match="QALORA_AUTH=user:password .*--no-auth"):
-            app.access(host, False, {})
+            auth.access(host, False, {})
     # --no-auth: allowed with a warning, and visitors must bring their own token
-    shared = app.access("0.0.0.0", True, {})
+    shared = auth.access("0.0.0.0", True, {})
     assert shared.auth is None and shared.server_token is False and "anyone who can reach" in shared.warning.lower()
     # several users from QALORA_AUTH and from a file
     users = tmp_path / "users"
     users.write_text("# team\nann:pw1\n\nbob:pw:2\n")
-    got = app.access("0.0.0.0", False, {"QALORA_AUTH": "cy:pw3,dee:pw4", "QALORA_AUTH_FILE": str(users)})
+    got = auth.access("0.0.0.0", False, {"QALORA_AUTH": "cy:pw3,dee:pw4", "QALORA_AUTH_FILE": str(users)})
     assert got.auth == [("cy", "pw3"), ("dee", "pw4"), ("ann", "pw1"), ("bob", "pw:2")] and got.server_token
     users.write_text("ann\n")
     with pytest.raises(SystemExit, match="line 1 must look like user:password"):
-        app.access("0.0.0.0", False, {"QALORA_AUTH_FILE": str(users)})
+        auth.access("0.0.0.0", False, {"QALORA_AUTH_FILE": str(users)})
     with pytest.raises(SystemExit, match="cannot be read"):
-        app.access("0.0.0.0", False, {"QALORA_AUTH_FILE": str(tmp_path / "none")})
+        auth.access("0.0.0.0", False, {"QALORA_AUTH_FILE": str(tmp_path / "none")})
 
 
 def test_app_refuses_to_start_shared_without_login(monkeypatch):
@@ -303,11 +305,11 @@ def test_the_jobs_timer_fetches_only_new_metric_rows(home, monkeypatch):
                         real(job_id, metrics_after))
     for n in (1, 2, 3):
         step(n)
-    *_, plot, _, _, seen = app._refresh(job["id"], {})
+    *_, plot, _, _, seen = jobs_tab._refresh(job["id"], {})
     for n in (4, 5):
         step(n)
     asked.clear()
-    *_, plot, _, _, seen = app._refresh(job["id"], seen)
+    *_, plot, _, _, seen = jobs_tab._refresh(job["id"], seen)
     assert 3 in asked and 0 not in asked  # only the rows after step 3 were read
     spec = plot.to_dict()
     lines = spec["layer"][0]
@@ -319,7 +321,7 @@ def test_the_jobs_timer_fetches_only_new_metric_rows(home, monkeypatch):
         repo.requeue(s, job["id"])
         repo.claim(s, "w2", job["id"])
     asked.clear()
-    app._refresh(job["id"], seen)
+    jobs_tab._refresh(job["id"], seen)
     assert asked[-1] == 0
 
 
@@ -344,46 +346,46 @@ def test_too_few_records_are_refused_with_the_minimum(home):
 
 
 def test_export_choices_follow_bits_and_group_size():
-    update, note = app._exports_for(4, 16, ["gguf", "gptq"])
+    update, note = new_job._exports_for(4, 16, ["gguf", "gptq"])
     assert [key for _, key in update["choices"]] == ["torchao", "gptq", "peft"] and update["value"] == ["gptq"]
     assert note.startswith("*GGUF is off at group size 16: GGUF export needs a group size that is a multiple of 32")
-    update, note = app._exports_for(4, 64, ["gptq"])
+    update, note = new_job._exports_for(4, 64, ["gptq"])
     assert [key for _, key in update["choices"]] == ["gguf", "torchao", "gptq", "peft"] and note == ""
-    update, note = app._exports_for(8, 16, [])  # 8-bit goes to an F16 GGUF: any group size
+    update, note = new_job._exports_for(8, 16, [])  # 8-bit goes to an F16 GGUF: any group size
     assert "gguf" in [key for _, key in update["choices"]] and note == ""
 
 
 def test_a_tick_hidden_by_an_invalid_group_size_comes_back_with_a_valid_one():
     wanted = ["gguf"]
-    update, _ = app._exports_for(4, 16, wanted)
+    update, _ = new_job._exports_for(4, 16, wanted)
     assert update["value"] == []  # GGUF needs a multiple of 32: hidden, not forgotten
-    wanted = app._ticked(["gptq"], wanted, 4, 16)  # the user ticks GPTQ meanwhile
+    wanted = new_job._ticked(["gptq"], wanted, 4, 16)  # the user ticks GPTQ meanwhile
     assert wanted == ["gguf", "gptq"]
-    update, _ = app._exports_for(4, 64, wanted)
+    update, _ = new_job._exports_for(4, 64, wanted)
     assert update["value"] == ["gguf", "gptq"]
-    wanted = app._ticked(["gptq"], wanted, 4, 64)  # unticking a visible format forgets it
-    assert app._exports_for(4, 64, wanted)[0]["value"] == ["gptq"]
+    wanted = new_job._ticked(["gptq"], wanted, 4, 64)  # unticking a visible format forgets it
+    assert new_job._exports_for(4, 64, wanted)[0]["value"] == ["gptq"]
 
 
 def test_the_loss_chart_spans_the_whole_run_in_whole_steps_with_every_step_so_far():
     metrics = [{"step": n, "train_loss": 1.0 / n, "eval_loss": None} for n in range(1, 41)]
-    spec = app._loss_plot({"id": 3, "metrics": metrics, "total_steps": 200}).to_dict()
+    spec = jobs_tab._loss_plot({"id": 3, "metrics": metrics, "total_steps": 200}).to_dict()
     lines = spec["layer"][0]
     assert lines["encoding"]["x"]["scale"]["domain"] == [0, 200] and lines["encoding"]["x"]["axis"]["tickMinStep"] == 1
     assert [row["x"] for row in spec["datasets"][lines["data"]["name"]]] == list(range(1, 41))  # up to the header's step
-    assert app._loss_plot({"id": 3, "metrics": [], "total_steps": 200}) is None
+    assert jobs_tab._loss_plot({"id": 3, "metrics": [], "total_steps": 200}) is None
 
 
 def test_waits_say_what_they_wait_for(monkeypatch):
     import time
 
-    monkeypatch.setattr(app, "TICK_S", 0.05)
-    updates = list(app._waiting(lambda: time.sleep(0.5) or 42, lambda t: f"loading… {t:.1f} s"))
+    monkeypatch.setattr(common, "TICK_S", 0.05)
+    updates = list(common.waiting(lambda: time.sleep(0.5) or 42, lambda t: f"loading… {t:.1f} s"))
     assert updates[-1] == ("done", 42) and len(updates) >= 3
     assert all(u.startswith("loading… ") for u in updates[:-1])
     with pytest.raises(ZeroDivisionError):
-        list(app._waiting(lambda: 1 / 0, str))
-    assert list(app._waiting(lambda: "quick", str)) == [("done", "quick")]  # no message under 0.3 s
+        list(common.waiting(lambda: 1 / 0, str))
+    assert list(common.waiting(lambda: "quick", str)) == [("done", "quick")]  # no message under 0.3 s
 
 
 def test_auto_names_keep_the_models_own_name():
@@ -409,7 +411,7 @@ def test_chat_says_which_runtime_answers_and_how_to_serve_the_model(home, monkey
     with db() as s:
         repo.claim(s, "w", job["id"])
         repo.succeed(s, job["id"], "w", report={"base": "tiny-random", "bits": 4, "group_size": 32})
-    assert app._serve_note(job["id"]) == (
+    assert chat_tab._serve_note(job["id"]) == (
         f'OpenAI-compatible API for this model (same runtime as this chat): `python -m qalora serve '
         f'"$QALORA_HOME"/jobs/job-{job["id"]:05d} --port 8000` (in a shell with QALORA_HOME set as for the app), '
         f'then `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")` with `model="job-{job["id"]:05d}"`.')
@@ -421,9 +423,10 @@ def test_chat_says_which_runtime_answers_and_how_to_serve_the_model(home, monkey
     assert not shown.startswith(("/", '"')) and (home / shown).resolve() == Path(job["artifact_dir"]).resolve()
     assert serve["where"] == "in the folder the app was started from"
     try:
-        updates = list(app._send("contact card -> Hana lives in Oslo.", [], [], job["id"], False, "", 8, 0.0, 0.95))
+        updates = list(chat_tab._send("contact card -> Hana lives in Oslo.", [], [], job["id"], False, "", 8, 0.0,
+                                      0.95))
         # side by side: the base's bubble says it is loading until it answers; both runtimes named
-        both = list(app._send("hi", [], [], job["id"], True, "", 8, 0.0, 0.95))
+        both = list(chat_tab._send("hi", [], [], job["id"], True, "", 8, 0.0, 0.95))
     finally:
         for side in chat.SIDES:
             chat.slot(side).unload()
@@ -442,7 +445,7 @@ def test_chat_says_which_runtime_answers_and_how_to_serve_the_model(home, monkey
 
 
 def _launch_sweep(bits=(2, 4), groups=(32, 48), ranks="4", lrs="1e-3", **changes):
-    return app._launch(*{**FORM, **changes}.values(), True, list(bits), list(groups), ranks, lrs)
+    return new_job._launch(*{**FORM, **changes}.values(), True, list(bits), list(groups), ranks, lrs)
 
 
 def test_a_sweep_from_the_form_queues_one_job_per_combination_under_one_sweep_id(home):
@@ -454,15 +457,15 @@ def test_a_sweep_from_the_form_queues_one_job_per_combination_under_one_sweep_id
     assert note == (f"Sweep **{sweep_id}**: 2 jobs queued (#{jobs[0]['id']}–#{jobs[1]['id']}); follow them in the "
                     "Jobs tab, compare them in the Compare tab. 2 combination(s) refused: see the sweep plan.")
     assert picker["value"] == jobs[0]["id"] and tabs.selected == "jobs" and fields == [""] * len(forms.FIELDS)
-    rows = app._job_rows(service.list_jobs())
+    rows = jobs_tab._job_rows(service.list_jobs())
     assert list(rows["sweep"]) == [sweep_id, sweep_id]
     # the plan shown before Launch says the same
-    plan = app._sweep_plan(True, *list(FORM.values())[:4], *list(FORM.values())[4:15], ["gguf"], [2, 4], [32, 48],
+    plan = new_job._sweep_plan(True, *list(FORM.values())[:4], *list(FORM.values())[4:15], ["gguf"], [2, 4], [32, 48],
                            "4", "1e-3")
     assert plan.startswith("**2 jobs** will be queued (bits 2, 4 × group size 32, 48 × rank 4 × learning rate 0.001)")
     assert "Refused 2 (bits 2, group size 48; bits 4, group size 48): group_size=48 does not divide" in plan
     # the Jobs tab cancels the whole sweep from any of its jobs
-    assert app._cancel_sweep(jobs[1]["id"]) == (f"Sweep {sweep_id}: canceled #{jobs[0]['id']}, #{jobs[1]['id']}; "
+    assert jobs_tab._cancel_sweep(jobs[1]["id"]) == (f"Sweep {sweep_id}: canceled #{jobs[0]['id']}, #{jobs[1]['id']}; "
                                                 "stopping after their current step none; already ended, left as "
                                                 "they are none.")
     assert {j["status"] for j in service.list_jobs()} == {"canceled"}
@@ -489,11 +492,11 @@ def test_a_bad_sweep_value_is_shown_under_the_sweep_and_nothing_is_queued(home):
 def test_opening_the_sweep_starts_from_the_forms_single_values_and_hides_them():
     """Before: the single Bits and Group size fields stayed above the values to try, and the group
     sizes offered 128 and 256 to a model that takes only 16, 32 and 64."""
-    single, box, bits, groups, ranks, lrs = app._sweep_opened(True, 3, 64, 8, 0.0003, "default")
+    single, box, bits, groups, ranks, lrs = new_job._sweep_opened(True, 3, 64, 8, 0.0003, "default")
     assert single["visible"] is False and box["visible"] is True
     assert (bits, groups["value"], ranks, lrs) == ([3], [64], "8", "0.0003")
     assert groups["choices"] == [16, 32, 64]  # SmolLM2-135M's sizes only
-    single, box, *_ = app._sweep_opened(False, 3, 64, 8, 0.0003, "default")
+    single, box, *_ = new_job._sweep_opened(False, 3, 64, 8, 0.0003, "default")
     assert single["visible"] is True and box["visible"] is False
 
 
@@ -503,10 +506,10 @@ def test_the_compare_table_keeps_numbers_sortable_and_highlights_the_best_cell()
               "rows": [{"id": 1, "eval_merged": 1.25, "native_mb": 80.5}, {"id": 2, "eval_merged": 1.5,
                                                                             "native_mb": 60.25}],
               "best": {"eval_merged": [1], "native_mb": [2]}}
-    sent = gr.Dataframe(interactive=False).postprocess(app._compare_table(result))  # what the page gets
+    sent = gr.Dataframe(interactive=False).postprocess(compare_tab._compare_table(result))  # what the page gets
     assert sent.data == [[1, 1.25, 80.5], [2, 1.5, 60.25]]  # numbers: a header click sorts them as numbers
     assert sent.metadata["display_value"] == [["1", "1.2500", "80.5"], ["2", "1.5000", "60.2"]]  # shown rounded
-    best = app.BEST_CSS
+    best = compare_tab.BEST_CSS
     assert sent.metadata["styling"] == [["", best, ""], ["", "", best]]  # the best cell of each outcome
 
 
@@ -519,7 +522,7 @@ def _offered(update: dict, multiselect=True):
 def test_the_compare_tab_opens_on_a_sweep_with_queued_and_running_jobs(home):
     """Regression: the picker offered only jobs that had started, while the newest sweep's jobs
     were picked: opening Compare on a sweep with a queued job failed in every panel."""
-    assert app._compare([], "step", "eval loss (merged)")[-1] == app.COMPARE_HINT
+    assert compare_tab._compare([], "step", "eval loss (merged)")[-1] == compare_tab.COMPARE_HINT
     _launch_sweep(bits=(2, 3, 4), groups=(32,))
     a, b, c = sorted(j["id"] for j in service.list_jobs())
     from storage import db, repo
@@ -528,11 +531,11 @@ def test_the_compare_tab_opens_on_a_sweep_with_queued_and_running_jobs(home):
         for step in (1, 2):
             repo.record_step(s, a, "host:1:w", step=step, train_loss=3.0 - step, eval_loss=None, lr=1e-3,
                              tokens_per_s=100.0, elapsed_s=step, eta_s=5.0, tokens_seen=100 * step)
-    jobs, sweep = app._compare_opened([], None)
+    jobs, sweep = compare_tab._compare_opened([], None)
     (sweep_id,) = {j["sweep_id"] for j in service.list_jobs()}
     assert sweep["value"] == sweep_id and _offered(jobs) == [a, b, c]  # every job of the sweep, accepted
-    assert _offered(app._sweep_picked(sweep_id)) == [a, b, c]
-    curves, table, _, _, note = app._compare([a, b, c], "step", "eval loss (merged)")
+    assert _offered(compare_tab._sweep_picked(sweep_id)) == [a, b, c]
+    curves, table, _, _, note = compare_tab._compare([a, b, c], "step", "eval loss (merged)")
     assert note.startswith("3 jobs: 1 running (curves grow, outcomes appear when it ends), 2 queued (no curve "
                            "until it starts).")
     spec = curves.to_dict()
@@ -543,34 +546,34 @@ def test_the_compare_tab_opens_on_a_sweep_with_queued_and_running_jobs(home):
     assert frame["wall s"][0] > 0  # the running job's wall time so far: shown, never marked best
     sent = gr.Dataframe(interactive=False).postprocess(table)
     assert {cell for row in sent.metadata["styling"] for cell in row} == {""}
-    kept, _ = app._compare_opened([b], None)
+    kept, _ = compare_tab._compare_opened([b], None)
     assert "value" not in kept and _offered({**kept, "value": [b]}) == [b]  # a pick the user made is kept
     service.delete(c)
-    dropped, _ = app._compare_opened([b, c], None)
+    dropped, _ = compare_tab._compare_opened([b, c], None)
     assert dropped["value"] == [b]  # a deleted job is dropped, not refused
     # the timer redraws when a picked job moves, and not otherwise
-    state = app._compare_state([a, b])
-    assert app._compare_tick([a, b], "step", "eval loss (merged)", state)[-1] == state
-    assert isinstance(app._compare_tick([a, b], "step", "eval loss (merged)", state)[0], type(gr.skip()))
+    state = compare_tab._compare_state([a, b])
+    assert compare_tab._compare_tick([a, b], "step", "eval loss (merged)", state)[-1] == state
+    assert isinstance(compare_tab._compare_tick([a, b], "step", "eval loss (merged)", state)[0], type(gr.skip()))
     with db() as s:
         repo.claim(s, "host:2:w", b)
-    moved = app._compare_tick([a, b], "step", "eval loss (merged)", state)
+    moved = compare_tab._compare_tick([a, b], "step", "eval loss (merged)", state)
     assert moved[-1] != state and moved[4].startswith("2 jobs: 2 running")
 
 
 def test_a_job_asking_for_two_devices_states_its_global_batch(home):
     args = list({**FORM, "name": "dp"}.values()) + [False, [], [], "", "", 2]
-    note, *_ = app._launch(*args)
+    note, *_ = new_job._launch(*args)
     (job,) = service.list_jobs()
     assert job["spec"]["devices"] == 2 and note.startswith(f"Job **#{job['id']}** (dp) queued")
-    assert "global batch 4 (2 × 1 accumulation × 2 devices)" in app._job_summary(service.get_job(job["id"]))
-    _, _, _, *fields = app._launch(*args[:-1], 0)
+    assert "global batch 4 (2 × 1 accumulation × 2 devices)" in jobs_tab._job_summary(service.get_job(job["id"]))
+    _, _, _, *fields = new_job._launch(*args[:-1], 0)
     assert dict(zip(forms.FIELDS, fields))["advanced"] == "⚠ GPUs for this job must be at least 1 (got 0)."
 
 
 def _hub_launch(**hub):
     form = {**FORM, "kind": "Hub dataset"}
-    return app._launch(*form.values(), **hub)
+    return new_job._launch(*form.values(), **hub)
 
 
 def test_a_hub_dataset_is_checked_in_the_form_mapped_and_queued(home, dataset_hub):
@@ -579,7 +582,7 @@ def test_a_hub_dataset_is_checked_in_the_form_mapped_and_queued(home, dataset_hu
     from fakehub import parquet_bytes
     rows = [{"question": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(40)]
     dataset_hub.add("team/sums", {"data/train.parquet": parquet_bytes(rows), "data/test.parquet": parquet_bytes(rows[:5])})
-    note, config, split, prompt, extra, response, messages, box = app._hub_checked("Hub dataset", None, "team/sums")
+    note, config, split, prompt, extra, response, messages, box = new_job._hub_checked("Hub dataset", None, "team/sums")
     assert note.startswith("**team/sums**: config `default` (of 1), split `train` (of train, test); columns "
                            "`question`, `answer`. Checked in ")
     assert (config["value"], split["choices"], split["value"]) == ("default", ["train", "test"], "train")
@@ -607,7 +610,7 @@ def test_a_hub_dataset_is_checked_in_the_form_mapped_and_queued(home, dataset_hu
 def test_a_hub_dataset_the_form_cannot_read_is_named(home, dataset_hub):
     from fakehub import parquet_bytes
     dataset_hub.add("team/locked", {"data/train.parquet": parquet_bytes([{"text": "x"}] * 10)}, gated=True)
-    note, *_ = app._hub_checked("Hub dataset", None, "team/locked")
+    note, *_ = new_job._hub_checked("Hub dataset", None, "team/locked")
     assert note == ("**Error:** dataset 'team/locked' is gated: accept its conditions on its Hub page, then set HF_TOKEN (a "
                     "token of the account that accepted them) where the studio runs, and try again.")
     note, *fields = _hub_launch(hub_id="nobody/here")
@@ -622,7 +625,7 @@ def test_a_hub_dataset_the_form_cannot_read_is_named(home, dataset_hub):
 
 
 def test_the_papers_datasets_are_in_the_built_in_list(home):
-    labels = dict((v, k) for k, v in service.builtin_choices())
+    labels = dict((v, k) for k, v in forms.builtin_choices())
     assert labels["paper:alpaca"] == "Alpaca (52K): tatsu-lab/alpaca (the paper's; downloaded from the Hub)"
     assert [v for v in labels if v.startswith("paper:")] == ["paper:alpaca", "paper:flan-v2", "paper:self-instruct",
                                                              "paper:longform", "paper:chip2"]
@@ -631,17 +634,17 @@ def test_the_papers_datasets_are_in_the_built_in_list(home):
 def test_benchmarks_are_chosen_at_launch_and_checked_with_lm_evals_names(home, lm_eval_tasks, monkeypatch):
     monkeypatch.setenv("QALORA_LM_EVAL_INCLUDE", str(lm_eval_tasks))
     form = list(FORM.values())
-    note, *fields = app._launch(*form, benchmarks="custom", bench_tasks="qa_mcc", bench_limit=4)
+    note, *fields = new_job._launch(*form, benchmarks="custom", bench_tasks="qa_mcc", bench_limit=4)
     assert dict(zip(forms.FIELDS, fields[2:]))["benchmarks"].startswith(
         "⚠ lm-eval knows no task or group named 'qa_mcc'")
     assert service.list_jobs() == []
-    note, *_ = app._launch(*form, benchmarks="custom", bench_tasks="qa_mc, qa_ll", bench_limit=4)
-    app._launch(*form, benchmarks="commonsense")
+    note, *_ = new_job._launch(*form, benchmarks="custom", bench_tasks="qa_mc, qa_ll", bench_limit=4)
+    new_job._launch(*form, benchmarks="commonsense")
     first, second = service.list_jobs()[::-1]
     assert first["spec"]["benchmarks"] == {"tasks": ["qa_mc", "qa_ll"], "num_fewshot": None, "limit": 4}
     assert second["spec"]["benchmarks"] == {"tasks": ["hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge",
                                                       "boolq", "openbookqa"], "num_fewshot": 0, "limit": None}
-    summary = app._merge_check({**first, "status": "succeeded", "report": {
+    summary = jobs_tab._merge_check({**first, "status": "succeeded", "report": {
         "merge_max_abs_logit_diff": 0.0, "eval_loss_quantized_base": 1.0, "eval_loss_adapter": 0.5,
         "eval_loss_merged": 0.5, "benchmarks": {"merged": {"qa_mc": {"metric": "acc_norm", "value": 0.75}},
                                                 "base16": {"qa_mc": {"metric": "acc_norm", "value": 1.0}}}}})

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -43,16 +44,10 @@ except ImportError:  # pragma: no cover - depends on the machine
     sync_playwright = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _app(tmp_path, *args, **env):
     """``python app.py`` on a free port with its own ``QALORA_HOME``; yields the URL, then stops it."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "QALORA_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "QALORA_POLL_S": "0.2",
            "QALORA_REFRESH_S": "0.5",

@@ -81,7 +81,7 @@ def test_the_table_holds_each_jobs_settings_and_outcomes_and_marks_the_best(swee
     headers = [h for _, h, _ in result["columns"]]
     assert "GGUF MB" in headers and "torchao MB" not in headers and "peak GPU MB" not in headers  # none has them
     md = compare_mod.markdown_table(result)
-    best_loss = f"**{compare_mod._cell('eval_merged', rows[result['best']['eval_merged'][0]]['eval_merged'])}**"
+    best_loss = f"**{compare_mod.cell_text('eval_merged', rows[result['best']['eval_merged'][0]]['eval_merged'])}**"
     assert best_loss in md
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from qalora.data import records as data
+from helpers import smollm2_tokenizer
+from qalora.data import builtin, records as data
 from qalora.data.builtin import DEFAULT_SIZE, check_reply, contact_records, heldout_records
 from qalora.errors import ConfigError, DataError
 from qalora.models.tiny import byte_tokenizer, llama2_tokenizer
@@ -68,11 +69,7 @@ def _write(path, rows, kind):
 
 @pytest.fixture(scope="module")
 def smol_tok():
-    """The default model's tokenizer (ChatML template with a default system prompt)."""
-    from transformers import AutoTokenizer
-    from qalora.models.model import default_gguf_path
-    gguf = default_gguf_path()
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return smollm2_tokenizer()
 
 
 @pytest.fixture
@@ -306,7 +303,7 @@ def test_preview_renders_first_records(tmp_path, smol_tok):
 
 
 def test_builtin_dataset_is_deterministic_varied_and_checkable():
-    assert data.builtin_names() == ["contacts"]
+    assert builtin.builtin_names() == ["contacts"]
     records = data.load_records("builtin:default")
     assert records == data.load_records("builtin:contacts") == contact_records()
     assert len(records) == DEFAULT_SIZE
@@ -326,12 +323,12 @@ def test_builtin_skill_check_scores_replies():
     assert not check_reply('{"name": "Ines", "age": "30", "city": "Oslo"}', card)
     assert not check_reply("Name: Ines, age 30, Oslo", card)
     expected = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in heldout_records(10)}
-    assert data.builtin_skill_check(None, lambda m: expected[m[-1]["content"]], n=10) == 1.0
+    assert builtin.builtin_skill_check(None, lambda m: expected[m[-1]["content"]], n=10) == 1.0
     flip = iter(range(10))
-    assert data.builtin_skill_check(None, lambda m: expected[m[-1]["content"]] if next(flip) % 2 else "no",
+    assert builtin.builtin_skill_check(None, lambda m: expected[m[-1]["content"]] if next(flip) % 2 else "no",
                                     n=10) == 0.5
     with pytest.raises(DataError, match="chat records"):
-        data.builtin_skill_check([{"text": "x"}], lambda m: "", n=3)
+        builtin.builtin_skill_check([{"text": "x"}], lambda m: "", n=3)
 
 
 def test_a_bounded_sample_reads_only_the_head_of_a_line_based_file(tmp_path):

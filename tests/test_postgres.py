@@ -13,7 +13,7 @@ from sqlalchemy import select, text
 
 from jobs import service
 from jobs.worker import Worker
-from storage import Job, db, get_settings, repo, utcnow
+from storage import Job, db, repo, utcnow
 from test_worker import ROOT, SAVE_EVERY, steps_of, tiny_data, tiny_spec, wait_for
 
 pytestmark = pytest.mark.postgresql_only
@@ -37,13 +37,6 @@ while True:
     claimed.append(job_id)
 print(json.dumps(claimed), flush=True)
 """
-
-
-@pytest.fixture
-def store(job_store, monkeypatch):
-    monkeypatch.setenv("QALORA_HEARTBEAT_S", "0.3")
-    monkeypatch.setenv("QALORA_POLL_S", "0.1")
-    return get_settings()
 
 
 def test_processes_racing_for_a_thousand_jobs_claim_each_exactly_once(store):

@@ -238,8 +238,6 @@ def test_loss_curve_draws_train_line_and_eval_points(env):
 def test_download_zips_the_merged_model(env, tmp_path):
     import zipfile
 
-    import app
-
     update, note = _download_now(env["id"])
     with zipfile.ZipFile(update) as z:
         names = set(z.namelist())
@@ -254,7 +252,7 @@ def test_download_zips_the_merged_model(env, tmp_path):
 
 
 def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tmp_path):
-    import app
+    from ui import jobs as jobs_tab
 
     report = env["report"]
     kinds = {a["kind"] for a in service.get_job(env["id"])["artifacts"]}
@@ -268,14 +266,14 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
     mc = report["multiple_choice"]
     assert mc["n"] == 40 and mc["correct"] == round(mc["accuracy"] * 40) and mc["chance"] == 0.25
     # the jobs tab shows the GPTQ cost beside the download, and each format downloads as one file
-    assert f"max |logit difference| {gptq['max_abs_logit_diff']:.3g}" in app._merge_check(env)
+    assert f"max |logit difference| {gptq['max_abs_logit_diff']:.3g}" in jobs_tab._merge_check(env)
     path, note = _download_now(env["id"], "gptq")
     assert path.endswith(".zip") and f"{gptq['max_abs_logit_diff']:.3g}" in note
     path, note = _download_now(env["id"], "gguf")
     assert Path(path).read_bytes() == gguf_file.read_bytes() and "exact" in note
     # its size in the unit it states: MB of 10^6 bytes (before: MiB labelled MB)
     assert note.startswith(f"Downloading `{Path(path).name}`, {Path(path).stat().st_size / 1e6:,.1f} MB. ")
-    assert list(app._download(env["id"], "gguf"))[0][0] is None  # the old file goes first: no stale click-through
+    assert list(jobs_tab._download(env["id"], "gguf"))[0][0] is None  # the old file goes first: no stale click-through
     # not made by the job: the web process only queues it; a worker writes it
     import sys
     import zipfile
@@ -285,7 +283,8 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
     from jobs.worker import Worker
     # the web process's own answer, in a fresh process (this one loaded torch long ago): it loads
     # no torch to queue the export
-    code = ("import json, sys, app; update, note = list(app._download(%d, 'peft'))[-1]; "
+    code = ("import json, sys, app; from ui import jobs as jobs_tab; "
+            "update, note = list(jobs_tab._download(%d, 'peft'))[-1]; "
             "print(json.dumps({'note': note, 'torch': 'torch' in sys.modules, 'skip': type(update).__name__}))"
             % env["id"])
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -298,7 +297,7 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
     assert [(t["format"], t["status"]) for t in service.export_tasks(env["id"])] == [("peft", "queued")]
     assert _download_now(env["id"], "peft")[1] == note  # asking twice queues it once
     assert len(service.export_tasks(env["id"])) == 1
-    assert "peft queued" in app._job_summary(service.get_job(env["id"]))
+    assert "peft queued" in jobs_tab._job_summary(service.get_job(env["id"]))
     assert not (Path(env["artifact_dir"]) / "exports" / "peft").exists()
     assert Worker().run(burst=True) == 0  # no job ran; the export did
     (task,) = service.export_tasks(env["id"])
@@ -306,7 +305,7 @@ def test_job_exports_and_multiple_choice_are_in_the_report_and_downloads(env, tm
     path, note = service.download_model(env["id"], "peft", tmp_path)
     with zipfile.ZipFile(path) as z:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(z.namelist())
-    assert "PEFT LoRA adapter" in note and "peft done" in app._job_summary(service.get_job(env["id"]))
+    assert "PEFT LoRA adapter" in note and "peft done" in jobs_tab._job_summary(service.get_job(env["id"]))
     # the transformers (torchao) checkpoint the same way, with its measured fidelity in the note
     _download_now(env["id"], "torchao")
     assert Worker().run(burst=True) == 0
@@ -432,14 +431,15 @@ def test_public_repo_under_an_explicit_namespace_and_token_from_environment(torc
 
 
 def test_token_from_the_login_cache_and_the_app_handler_clears_the_token_field(torchao_ready, env, hub, monkeypatch):
-    import app
     from huggingface_hub import constants
+
+    from ui import publish as publish_tab
 
     cache = Path(constants.HF_TOKEN_PATH)
     cache.parent.mkdir(parents=True)
     cache.write_text(TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    shown, token_field = app._publish(env["id"], "from-cache", True, "", progress=lambda *a, **k: None)
+    shown, token_field = publish_tab._publish(env["id"], "from-cache", True, "", progress=lambda *a, **k: None)
     url = f"{hub.url}/alice/from-cache"
     assert (shown, token_field) == (f"Published (private): [{url}]({url})", "")
     assert "README.md" in hub.repos["alice/from-cache"]["files"]
@@ -469,15 +469,15 @@ def test_unreachable_hub_names_the_endpoint_not_the_token(torchao_ready, env, hu
 def test_shared_without_login_never_lends_the_servers_token(torchao_ready, env, hub, monkeypatch):
     """--no-auth off loopback: HF_TOKEN is set on the server, yet a visitor with an empty token field
     is told to paste their own, and nothing reaches the Hub; their own token still works."""
-    import app
+    from ui import auth, publish as publish_tab
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setattr(app, "_ACCESS", app.access("0.0.0.0", True, {}))
-    shown, _ = app._publish(env["id"], "borrowed", True, "", progress=lambda *a, **k: None)
+    monkeypatch.setattr(auth, "_ACCESS", auth.access("0.0.0.0", True, {}))
+    shown, _ = publish_tab._publish(env["id"], "borrowed", True, "", progress=lambda *a, **k: None)
     assert "Paste your Hugging Face token" in shown and TOKEN not in shown
     assert hub.requests == [] and "alice/borrowed" not in hub.repos
-    shown, _ = app._publish(env["id"], "own", True, TOKEN, progress=lambda *a, **k: None)
+    shown, _ = publish_tab._publish(env["id"], "own", True, TOKEN, progress=lambda *a, **k: None)
     assert shown.startswith("Published (private)")
 
 
@@ -520,8 +520,8 @@ def test_a_hub_id_downloads_the_base_and_trains(hub, tmp_path, monkeypatch):
 
 def _download_now(*args):
     """The download handler streams what it prepares; the page ends on its last update."""
-    import app
-    return list(app._download(*args))[-1]
+    from ui import jobs as jobs_tab
+    return list(jobs_tab._download(*args))[-1]
 
 
 def test_the_form_asks_the_hub_for_a_hub_id_within_its_budget(hub, tmp_path, monkeypatch):
@@ -531,10 +531,10 @@ def test_the_form_asks_the_hub_for_a_hub_id_within_its_budget(hub, tmp_path, mon
 
     from huggingface_hub import constants
 
-    import app
     from jobs import forms
     from qalora.errors import ModelError
     from qalora.models.hub import hub_config
+    from ui import new_job
 
     monkeypatch.setenv("QALORA_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("QALORA_DB_URL", raising=False)
@@ -546,7 +546,7 @@ def test_the_form_asks_the_hub_for_a_hub_id_within_its_budget(hub, tmp_path, mon
     hub.repos["org/gpt"] = {"private": False, "files": {"config.json": json.dumps(
         {"model_type": "gpt2", "hidden_size": 64, "intermediate_size": 256}).encode()}}
     assert forms.group_size_choices("org/llama-96") == [16, 32]  # from the Hub's config, not a guess
-    update, note, error, _ = app._base_changed("org/gpt", [32])
+    update, note, error, _ = new_job._base_changed("org/gpt", [32])
     assert "is a 'gpt2' model" in error
     with pytest.raises(ModelError, match="the Hub at .* has no such model, or it is private"):
         hub_config("org/missing")
@@ -581,14 +581,14 @@ def test_the_loss_axis_never_shows_a_negative_loss():
 
 
 def test_card_preview_names_the_repo_as_it_will_be_published(env):
-    import app
+    from ui import publish as publish_tab
 
-    card, _, repo = app._card(env["id"], "my-model")
+    card, _, repo = publish_tab._card(env["id"], "my-model")
     assert 'from_pretrained("<your-hub-username>/my-model")' in card and repo == "my-model"
-    card, _, _ = app._card(env["id"], "team/my-model", ["native"])
+    card, _, _ = publish_tab._card(env["id"], "team/my-model", ["native"])
     assert 'snapshot_download("team/my-model", allow_patterns=["native/*"])' in card
     assert "from_pretrained" not in card  # only the ticked formats are described
-    update, note = app._publish_formats(env["id"])  # a job of group size 32 with an adapter: everything
+    update, note = publish_tab._publish_formats(env["id"])  # a job of group size 32 with an adapter: everything
     assert update["value"] == ["transformers", "gguf", "native", "adapter"] and note == ""
 
 

@@ -3,7 +3,8 @@ import torch
 
 from helpers import DEVICE
 from qalora.errors import ConfigError
-from qalora.method.quant import dequantize, pack_codes, quantize_rtn, quantize_tensor, unpack_codes, valid_group_sizes
+from qalora.config import valid_group_sizes
+from qalora.method.quant import dequantize, pack_codes, quantize_rtn, quantize_tensor, unpack_codes
 
 OUT, IN, GROUP = 24, 128, 32
 

@@ -9,18 +9,10 @@ from jobs import service
 from jobs.spec import JobSpec
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
 from qalora.errors import ConfigError
-from storage import ACTIVE, IllegalTransition, JobStateError, db, get_settings, repo
+from storage import ACTIVE, IllegalTransition, JobStateError, db, repo
 
 MERGE_BOUND = 1e-4   # fp32 merge of a 2-layer model: observed ~1e-6
 STEPS = 12
-
-
-@pytest.fixture
-def store(job_store, monkeypatch):
-    """QALORA_HOME and the job database (SQLite, then PostgreSQL: conftest.py's ``db_url``)."""
-    monkeypatch.setenv("QALORA_HEARTBEAT_S", "0.3")
-    monkeypatch.setenv("QALORA_POLL_S", "0.1")
-    return get_settings()
 
 
 def _data(tmp_path) -> str:
@@ -122,7 +114,6 @@ def test_queue_controls_follow_the_status_machine(store, tmp_path):
 
 
 def test_a_job_that_beats_but_does_not_move_is_shown_stalled(store, tmp_path, monkeypatch):
-    import app
     from datetime import timedelta
 
     from sqlalchemy import update
@@ -130,6 +121,7 @@ def test_a_job_that_beats_but_does_not_move_is_shown_stalled(store, tmp_path, mo
     from jobs.pipeline import note
     from storage import utcnow
     from storage.models import Job
+    from ui import jobs as jobs_tab
 
     monkeypatch.setenv("QALORA_STALL_S", "600")
     job_id = service.submit(_spec(_data(tmp_path)))
@@ -144,9 +136,9 @@ def test_a_job_that_beats_but_does_not_move_is_shown_stalled(store, tmp_path, mo
         assert repo.heartbeat(s, job_id, "w1")  # a bare heartbeat is no progress
     job = service.get_job(job_id)
     assert 1190 < job["stalled_s"] < 1300 and job["last_log_line"].endswith("step 3/12 loss 1.0000")
-    assert app._job_rows([job]).iloc[0]["status"] == "running (stalled)"
-    assert "**Stalled:** no progress for 20m" in app._job_summary(job) and "step 3/12 loss 1.0000" in \
-        app._job_summary(job)
+    assert jobs_tab._job_rows([job]).iloc[0]["status"] == "running (stalled)"
+    assert "**Stalled:** no progress for 20m" in jobs_tab._job_summary(job) and "step 3/12 loss 1.0000" in \
+        jobs_tab._job_summary(job)
     with db() as s:  # the next step clears it
         repo.record_step(s, job_id, "w1", step=4, train_loss=0.9, eval_loss=None, lr=1e-3, tokens_per_s=10.0,
                          elapsed_s=2.0, eta_s=4.0)
@@ -166,3 +158,35 @@ def test_same_names_are_numbered_and_the_log_shows_each_stage_once(store, tmp_pa
     assert stages == ["load", "data", "quantize", "train", "merge", "verify", "save", "export", "evaluate", "done"]
     path, note = service.download_log(first)  # the full log, its size stated as every download's
     assert note == f"`{path.name}`, {path.stat().st_size / 1e6:,.1f} MB. The job's full log, tracebacks included."
+
+
+def _count_validations(monkeypatch) -> list[str]:
+    """Each ``JobSpec.validate`` call, by the spec's name."""
+    calls, real = [], JobSpec.validate
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.name)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(JobSpec, "validate", counting)
+    return calls
+
+
+def test_a_spec_is_validated_once_per_submission_and_once_by_the_worker(store, monkeypatch):
+    import qalora.training.finetune as library
+    from jobs.forms import form_spec
+    from jobs.pipeline import run_job
+
+    calls = _count_validations(monkeypatch)
+    spec = form_spec(kind="built-in", builtin="builtin:contacts", upload=None, path=None, base="tiny-random",
+                     bits=4, group_size=32, method="rtn", rank=4, alpha=8, lr=1e-3, steps=2, batch_size=2,
+                     seq_len=256, name="once")
+    job_id = service.submit(spec)  # the app's Launch: the form's spec, then the queue
+    assert calls == ["once"], f"one form submission validated the spec {len(calls)} times"
+    calls.clear()
+
+    def stop(*args, **kwargs):  # the worker has loaded the stored spec; no training needed here
+        raise ConfigError("stopped after loading the spec")
+    monkeypatch.setattr(library, "finetune", stop)
+    assert run_job(job_id) == "failed"
+    assert service.get_job(job_id)["error"] == "stopped after loading the spec"
+    assert calls == ["once"], f"the worker validated the stored spec {len(calls)} times"

@@ -116,3 +116,13 @@ def test_a_sweep_over_bits_gives_each_job_its_bit_widths_clip_search_and_learned
     # one bit width: the form's own ticks, as the user left them
     one = _plan({"bits": [2], "group_size": [32], "rank": "", "lr": ""}, clip=False, train_scales=False)
     assert [(s.quant.clip, s.adapter.train_scales) for s in one.specs] == [(False, False)]
+
+
+def test_each_spec_of_a_sweep_is_validated_once_and_queued_as_it_is(home, monkeypatch):
+    from jobs.spec import JobSpec
+
+    calls, real = [], JobSpec.validate
+    monkeypatch.setattr(JobSpec, "validate", lambda self: calls.append(self.name) or real(self))
+    plan = _plan({"bits": [2, 4], "rank": "4, 8"})  # the dataset's rows are checked too, once
+    _, ids = service.submit_sweep(plan, "once")
+    assert len(ids) == 4 and sorted(calls) == sorted(s.name for s in plan.specs)

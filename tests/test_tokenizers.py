@@ -8,6 +8,7 @@ Llama-3 tokenizer with its instruct template, and SmolLM2's own (slow: read from
 import pytest
 import torch
 
+from helpers import smollm2_tokenizer
 from qalora.data import records as data
 from qalora.deployment.generate import _generation_kwargs, chat
 from qalora.models.tiny import byte_tokenizer, llama2_sentencepiece_model, llama2_tokenizer, llama3_tokenizer
@@ -39,13 +40,6 @@ OTHER_END = {"chatml": "<|endoftext|>", "llama2": "<unk>", "llama2_plain": "<unk
              "smollm2": "<|endoftext|>"}
 
 
-def _smollm2():
-    from transformers import AutoTokenizer
-    from qalora.models.model import default_gguf_path
-    gguf = default_gguf_path()
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-
-
 def _plain_llama2():
     tok = llama2_tokenizer()
     tok.chat_template = None
@@ -53,7 +47,7 @@ def _plain_llama2():
 
 
 BUILDERS = {"chatml": byte_tokenizer, "llama2": llama2_tokenizer, "llama2_plain": _plain_llama2,
-            "llama3": llama3_tokenizer, "smollm2": _smollm2}
+            "llama3": llama3_tokenizer, "smollm2": smollm2_tokenizer}
 
 
 @pytest.fixture(scope="module", params=[

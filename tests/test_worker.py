@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
+from helpers import free_port
 from jobs import service
 from jobs.pipeline import describe_error
 from jobs.spec import JobSpec
@@ -26,14 +27,6 @@ from storage import Job, db, get_settings, repo, utcnow
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = 40
 SAVE_EVERY = 5
-
-
-@pytest.fixture
-def store(job_store, monkeypatch):
-    """QALORA_HOME and the job database (SQLite, then PostgreSQL: conftest.py's ``db_url``)."""
-    monkeypatch.setenv("QALORA_HEARTBEAT_S", "0.3")
-    monkeypatch.setenv("QALORA_POLL_S", "0.1")
-    return get_settings()
 
 
 def tiny_data(path: Path) -> str:
@@ -376,13 +369,6 @@ def _app_process(port: int) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -407,7 +393,7 @@ def test_no_job_is_left_running_without_a_worker(store, tmp_path):
     apps = []
     try:
         running = wait_for(lambda: (j := service.get_job(job_id))["step"] >= 5 and j)
-        apps.append(_app_process(_free_port()))
+        apps.append(_app_process(free_port()))
         wait_for(lambda: "waiting for one" in (store.home / "workers" / "worker-0.log").read_text()
                  if (store.home / "workers" / "worker-0.log").is_file() else False, timeout=120)
         orphan.kill()
@@ -420,7 +406,7 @@ def test_no_job_is_left_running_without_a_worker(store, tmp_path):
         handed = wait_for(lambda: (j := service.get_job(job_id))["status"] == "queued" and j, timeout=60)
         wait_for(lambda: not _alive(_pid(taken["worker_id"])), timeout=30)
         assert "worker shutting down" in service.read_log(job_id)  # handed back by its SIGTERM, not recovered
-        apps.append(_app_process(_free_port()))
+        apps.append(_app_process(free_port()))
         wait_for(lambda: (j := service.get_job(job_id))["status"] == "running" and j["step"] > handed["step"],
                  timeout=120)
     finally:

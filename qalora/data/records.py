@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from qalora.data.builtin import builtin_names, builtin_records, builtin_skill_check  # noqa: F401 (public API)
+from qalora.data.builtin import builtin_records
 from qalora.errors import ConfigError, DataError
 from qalora.data.hub import check_columns, map_row
 

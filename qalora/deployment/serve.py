@@ -245,91 +245,146 @@ def _new_id(kind: str) -> str:
     return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def build_app(runtime: Runtime, model_id: str, *, api_key: str | None = None, max_waiting: int = MAX_WAITING,
-              timeout_s: float = TIMEOUT_S):
-    """The Starlette application serving ``runtime`` as ``model_id`` (see the module docstring)."""
-    import anyio
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
+async def _read_body(request) -> dict:
+    """The request's JSON object, or APIError 400."""
+    try:
+        body = json.loads(await request.body() or b"null")
+    except ValueError as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc}).") from exc
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object.")
+    return body
 
-    endpoint = Endpoint(runtime, model_id)
-    headers = {"X-QALoRA-Runtime": runtime.name}
-    gate = _Gate(max_waiting)
-    expected = f"Bearer {api_key}".encode() if api_key else None
 
-    def error(exc: APIError, extra: dict | None = None) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers={**headers, **(extra or {})})
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    """``(stream, include_usage)`` of a generation request, or APIError 400."""
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be true or false.", "stream", "invalid_value")
+    options = body.get("stream_options") or {}
+    return stream, bool(isinstance(options, dict) and options.get("include_usage"))
 
-    def busy(why: str) -> JSONResponse:
-        return error(APIError(503, f"the server is busy: {why}; retry in a few seconds.", None, "server_busy",
-                              "server_error"), {"Retry-After": str(RETRY_AFTER_S)})
 
-    def refused(request) -> JSONResponse | None:
-        """401 unless the request carries the API key (constant-time comparison)."""
-        if expected is None:
+class _Server:
+    """The routes of one served model (see the module docstring) and what guards them: the API key,
+    the bounded wait for the model and the request timeout."""
+
+    def __init__(self, endpoint: Endpoint, api_key: str | None, max_waiting: int, timeout_s: float):
+        self.endpoint, self.max_waiting, self.timeout_s = endpoint, max_waiting, timeout_s
+        self.headers = {"X-QALoRA-Runtime": endpoint.runtime.name}
+        self.gate = _Gate(max_waiting)
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def error(self, exc: APIError, extra: dict | None = None):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(exc.body(), status_code=exc.status, headers={**self.headers, **(extra or {})})
+
+    def busy(self, why: str):
+        return self.error(APIError(503, f"the server is busy: {why}; retry in a few seconds.", None, "server_busy",
+                                   "server_error"), {"Retry-After": str(RETRY_AFTER_S)})
+
+    def refused(self, request):
+        """401 unless the request carries the API key (constant-time comparison); else None."""
+        if self.expected is None:
             return None
         given = request.headers.get("authorization", "").encode()
-        if hmac.compare_digest(given, expected):
+        if hmac.compare_digest(given, self.expected):
             return None
-        return error(APIError(401, "a valid API key is required: send 'Authorization: Bearer YOUR_KEY' (the key "
-                                   "the server was started with).", None, "invalid_api_key", "invalid_request_error"))
+        return self.error(APIError(401, "a valid API key is required: send 'Authorization: Bearer YOUR_KEY' (the "
+                                        "key the server was started with).", None, "invalid_api_key",
+                                   "invalid_request_error"))
 
-    async def models(request):
-        if (no := refused(request)) is not None:
-            return no
-        return JSONResponse({"object": "list", "data": [endpoint.model()]}, headers=headers)
+    def timed_out(self) -> APIError:
+        return APIError(504, f"the request took longer than this server's timeout ({self.timeout_s:g} s) to answer; "
+                             "ask for fewer tokens, or retry when the server is less busy.", None, "timeout",
+                        "server_error")
 
-    async def model(request):
-        if (no := refused(request)) is not None:
+    async def models(self, request):
+        """``GET /v1/models``."""
+        from starlette.responses import JSONResponse
+
+        if (no := self.refused(request)) is not None:
             return no
-        name = request.path_params["name"]
+        return JSONResponse({"object": "list", "data": [self.endpoint.model()]}, headers=self.headers)
+
+    async def model(self, request):
+        """``GET /v1/models/{name}``."""
+        from starlette.responses import JSONResponse
+
+        if (no := self.refused(request)) is not None:
+            return no
+        name, model_id = request.path_params["name"], self.endpoint.model_id
         if name != model_id:
-            return error(APIError(404, f"The model `{name}` does not exist; this server serves `{model_id}`.",
-                                  "model", "model_not_found"))
-        return JSONResponse(endpoint.model(), headers=headers)
+            return self.error(APIError(404, f"The model `{name}` does not exist; this server serves `{model_id}`.",
+                                       "model", "model_not_found"))
+        return JSONResponse(self.endpoint.model(), headers=self.headers)
 
-    async def read_body(request) -> dict:
+    async def chat(self, request):
+        """``POST /v1/chat/completions``."""
+        return await self.generate(request, "chat")
+
+    async def completions(self, request):
+        """``POST /v1/completions``."""
+        return await self.generate(request, "completion")
+
+    async def generate(self, request, kind: str):
+        """A chat or completion request: checked, admitted (or 503), then answered whole or streamed."""
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        if (no := self.refused(request)) is not None:
+            return no
         try:
-            body = json.loads(await request.body() or b"null")
-        except ValueError as exc:
-            raise APIError(400, f"the request body is not valid JSON ({exc}).") from exc
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object.")
-        return body
+            body = await _read_body(request)
+            ids, generation = self.endpoint.prepare(body, kind)
+            stream, include_usage = _stream_options(body)
+        except APIError as exc:
+            return self.error(exc)
+        if not self.gate.enter():
+            return self.busy(f"{self.max_waiting} requests are already waiting for the model")
+        reply = _Reply(self.endpoint.runtime, ids, generation, time.monotonic() + self.timeout_s)
+        if stream:
+            return StreamingResponse(self.events(kind, reply, include_usage), media_type="text/event-stream",
+                                     headers={**self.headers, "Cache-Control": "no-cache"})
+        try:
+            response = await self.answer(request, kind, reply)
+        except Busy as exc:
+            return self.busy(str(exc))
+        return response if response is not None else JSONResponse({}, status_code=499)
 
-    async def finish(reply: _Reply) -> None:
+    async def finish(self, reply: _Reply) -> None:
         """End the reply whatever happened (a cancelled request included) and let the next one in."""
+        import anyio
+        from starlette.concurrency import run_in_threadpool
+
         try:
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(reply.close)
         finally:
-            gate.leave()
+            self.gate.leave()
 
-    def timed_out() -> APIError:
-        return APIError(504, f"the request took longer than this server's timeout ({timeout_s:g} s) to answer; "
-                             "ask for fewer tokens, or retry when the server is less busy.", None, "timeout",
-                        "server_error")
-
-    async def answer(request, kind: str, reply: _Reply) -> JSONResponse | None:
+    async def answer(self, request, kind: str, reply: _Reply):
         """The whole reply, a token at a time; None when the client went away (generation stopped)."""
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse
+
         try:
             while True:
                 g = await run_in_threadpool(reply.step)
                 if g is None:
-                    return error(timed_out()) if reply.timed_out else None
+                    return self.error(self.timed_out()) if reply.timed_out else None
                 if g.finish_reason is not None:
-                    return JSONResponse(endpoint.response(kind, g), headers=headers)
+                    return JSONResponse(self.endpoint.response(kind, g), headers=self.headers)
                 if await request.is_disconnected():
                     return None
         finally:
-            await finish(reply)
+            await self.finish(reply)
 
-    async def events(kind: str, reply: _Reply, include_usage: bool):
+    async def events(self, kind: str, reply: _Reply, include_usage: bool):
         """Server-sent events; a disconnect cancels this generator, and ``finish`` stops the reply."""
-        chunk, usage = endpoint.chunker(kind, include_usage)
+        from starlette.concurrency import run_in_threadpool
+
+        chunk, usage = self.endpoint.chunker(kind, include_usage)
         try:
             if kind == "chat":
                 yield _event(chunk(None, role=True))
@@ -338,7 +393,7 @@ def build_app(runtime: Runtime, model_id: str, *, api_key: str | None = None, ma
                 g = await run_in_threadpool(reply.step)
                 if g is None:
                     if reply.timed_out:
-                        yield _event(timed_out().body())
+                        yield _event(self.timed_out().body())
                     break
                 if len(g.text) > len(sent):
                     yield _event(chunk(g.text[len(sent):]))
@@ -353,46 +408,29 @@ def build_app(runtime: Runtime, model_id: str, *, api_key: str | None = None, ma
         except Exception as exc:  # headers are sent: report in the stream, OpenAI style
             yield _event(APIError(500, str(exc), kind="server_error").body())
         finally:
-            await finish(reply)
+            await self.finish(reply)
         yield "data: [DONE]\n\n"
 
-    def handler(kind: str):
-        async def handle(request):
-            if (no := refused(request)) is not None:
-                return no
-            try:
-                body = await read_body(request)
-                ids, generation = endpoint.prepare(body, kind)
-                stream = body.get("stream") or False
-                if not isinstance(stream, bool):
-                    raise APIError(400, "'stream' must be true or false.", "stream", "invalid_value")
-                options = body.get("stream_options") or {}
-                include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-            except APIError as exc:
-                return error(exc)
-            if not gate.enter():
-                return busy(f"{max_waiting} requests are already waiting for the model")
-            reply = _Reply(endpoint.runtime, ids, generation, time.monotonic() + timeout_s)
-            if stream:
-                return StreamingResponse(events(kind, reply, include_usage), media_type="text/event-stream",
-                                         headers={**headers, "Cache-Control": "no-cache"})
-            try:
-                response = await answer(request, kind, reply)
-            except Busy as exc:
-                return busy(str(exc))
-            return response if response is not None else JSONResponse({}, status_code=499)
-        return handle
-
-    async def http_error(request, exc: HTTPException):
+    async def http_error(self, request, exc):
+        """404 and 405 in OpenAI's error shape."""
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = (f"{request.method} {request.url.path} is not a route of this server; it serves "
                    "/v1/models, /v1/chat/completions and /v1/completions.")
-        return error(APIError(exc.status_code, message, None, code))
+        return self.error(APIError(exc.status_code, message, None, code))
 
-    routes = [Route("/v1/models", models), Route("/v1/models/{name:path}", model),
-              Route("/v1/chat/completions", handler("chat"), methods=["POST"]),
-              Route("/v1/completions", handler("completion"), methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+def build_app(runtime: Runtime, model_id: str, *, api_key: str | None = None, max_waiting: int = MAX_WAITING,
+              timeout_s: float = TIMEOUT_S):
+    """The Starlette application serving ``runtime`` as ``model_id`` (see the module docstring)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    server = _Server(Endpoint(runtime, model_id), api_key, max_waiting, timeout_s)
+    routes = [Route("/v1/models", server.models), Route("/v1/models/{name:path}", server.model),
+              Route("/v1/chat/completions", server.chat, methods=["POST"]),
+              Route("/v1/completions", server.completions, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: server.http_error})
 
 
 def _event(item: dict) -> str:

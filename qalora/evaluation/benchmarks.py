@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from qalora.atomic import write_text
 from qalora.errors import ConfigError
 
 # The paper's two settings, as the app and the CLI offer them.
@@ -261,13 +262,7 @@ def read_cached(folder: Path, key: dict) -> dict | None:
 
 
 def write_cached(folder: Path, key: dict, scores_: dict) -> None:
-    import os
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{key['id']}.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"key": key, "scores": scores_}, indent=2))
-    os.replace(tmp, folder / f"{key['id']}.json")
+    write_text(Path(folder) / f"{key['id']}.json", json.dumps({"key": key, "scores": scores_}, indent=2))
 
 
 def open_for(which: str, run_dir: Path, base: str, quant, device, calib_ids=None):

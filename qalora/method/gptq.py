@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qalora.config import check_group_size
 from qalora.errors import ConfigError, ModelError
 
 GPTQ_BITS = (2, 3, 4, 8)
@@ -156,9 +157,7 @@ def _target_linears(model, targets, group_size):
         if not module.weight.is_floating_point():
             raise ModelError(f"{name} holds {module.weight.dtype} weights; GPTQ needs a float model "
                              "(load the base unquantized).")
-        if module.in_features % group_size:
-            raise ConfigError(f"group_size={group_size} does not divide {name}.in_features="
-                              f"{module.in_features}; choose a divisor such as 32, 64 or 128.")
+        check_group_size(module.in_features, group_size, name)
     return modules
 
 

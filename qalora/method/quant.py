@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qalora.config import VALID_BITS
+# The group-size rule lives with QuantConfig; the quantizer's callers import it from here too.
+from qalora.config import VALID_BITS, check_group_size
 from qalora.errors import ConfigError
 
 
@@ -43,22 +44,6 @@ class QuantizedTensor:
         """The same weight on ``device`` (no copy where it already is)."""
         return QuantizedTensor(self.packed.to(device), self.scale.to(device), self.offset.to(device),
                                self.bits, self.group_size, self.in_features)
-
-
-def valid_group_sizes(in_features: int, candidates=(16, 32, 64, 128, 256)) -> list[int]:
-    return [g for g in candidates if in_features % g == 0]
-
-
-def check_group_size(in_features: int, group_size: int, layer: str = "layer") -> None:
-    """Raise a ConfigError naming the layer when ``group_size`` does not divide ``in_features``."""
-    if in_features % group_size:
-        valid = valid_group_sizes(in_features) or [d for d in range(2, in_features + 1) if in_features % d == 0][:8]
-        raise ConfigError(
-            f"group_size={group_size} does not divide in_features={in_features} of {layer}; "
-            f"valid group sizes for this model include {valid}.")
-    if in_features % 8:
-        raise ConfigError(f"{layer} has in_features={in_features}, not a multiple of 8; "
-                          "bit-packing needs whole bytes per row.")
 
 
 # Clip ratios the search tries per group (1.0 is plain min-max, so the search never does worse).

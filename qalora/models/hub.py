@@ -35,35 +35,49 @@ def hub_config(repo_id: str, timeout: float = HUB_CHECK_S) -> dict:
     """
     import json
 
-    from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub import constants, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo_id, "config.json")
-    if isinstance(cached, str):
-        return json.loads(Path(cached).read_text())
-    where = endpoint()
-    if constants.HF_HUB_OFFLINE:
-        raise ModelError(f"{repo_id!r} is not in the local Hugging Face cache and Hub downloads are off "
-                         "(HF_HUB_OFFLINE=1): download the model first and give its folder, or unset HF_HUB_OFFLINE.")
-    import httpx
-
-    url = hf_hub_url(repo_id, "config.json", endpoint=where)
-    try:
-        response = httpx.get(url, headers=build_hf_headers(), timeout=timeout, follow_redirects=True)
-    except httpx.HTTPError as exc:
-        raise ModelError(f"cannot reach the Hub at {where} to read {repo_id!r} ({type(exc).__name__} within "
-                         f"{timeout:g} s): download the model first and give its folder, or set HF_ENDPOINT to a "
-                         "Hub (or mirror) this server can reach.") from None
-    if response.status_code in (401, 403, 404):
-        raise ModelError(hub_error(repo_id, _Status(response.status_code), where))
-    if response.status_code >= 400:
-        raise ModelError(f"the Hub at {where} answered {response.status_code} for {repo_id!r}; try again later, "
-                         "or download the model first and give its folder.")
-    try:
-        return response.json()
+    path, where = try_to_load_from_cache(repo_id, "config.json"), endpoint()
+    if not isinstance(path, str):
+        if constants.HF_HUB_OFFLINE:
+            raise ModelError(f"{repo_id!r} is not in the local Hugging Face cache and Hub downloads are off "
+                             "(HF_HUB_OFFLINE=1): download the model first and give its folder, or unset "
+                             "HF_HUB_OFFLINE.")
+        path = _download_config(repo_id, where, timeout)
+    try:  # a download is cached as it came, so a cached file may be unreadable too
+        return json.loads(Path(path).read_text())
     except ValueError:
         raise ModelError(f"{repo_id!r} on {where} has no readable config.json; is it a transformers model? "
                          "Give a LLaMA-family model saved with save_pretrained.") from None
+
+
+def _download_config(repo_id: str, where: str, timeout: float) -> str:
+    """``config.json`` downloaded into the Hugging Face cache; its local path.
+
+    One HEAD first, within ``timeout`` and without retries: ``hf_hub_download`` alone retries an
+    unreachable Hub with a 60 s timeout and backs off for half a minute before it gives up, far past
+    the form's budget. The download then records the revision in the cache, so the next check (and
+    the worker's download) finds it there.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import (FileMetadataError, GatedRepoError, HfHubHTTPError, HTTPError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError)
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json", endpoint=where), timeout=timeout)
+        return hf_hub_download(repo_id, "config.json", endpoint=where, etag_timeout=timeout)
+    except HfHubHTTPError as exc:  # the Hub answered: gated, not found, private, or a server error
+        status = getattr(exc.response, "status_code", None)
+        if status in (401, 403, 404) or isinstance(exc, (GatedRepoError, RepositoryNotFoundError)):
+            raise ModelError(hub_error(repo_id, exc, where)) from None
+        raise ModelError(f"the Hub at {where} answered {status} for {repo_id!r}; try again later, "
+                         "or download the model first and give its folder.") from None
+    except (HTTPError, LocalEntryNotFoundError, FileMetadataError) as exc:  # no answer, or not a Hub's
+        while isinstance(exc, LocalEntryNotFoundError) and (exc.__cause__ or exc.__context__) is not None:
+            exc = exc.__cause__ or exc.__context__  # the network error hf_hub_download gave up on
+        raise ModelError(f"cannot reach the Hub at {where} to read {repo_id!r} ({type(exc).__name__} within "
+                         f"{timeout:g} s): download the model first and give its folder, or set HF_ENDPOINT to a "
+                         "Hub (or mirror) this server can reach.") from None
 
 
 class _Status(Exception):

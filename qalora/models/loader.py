@@ -25,7 +25,8 @@ from qalora.errors import ModelError
 from qalora.method.quantlinear import QuantLinear, set_compute_dtype
 from qalora.memory import release_freed_memory
 from qalora.method.layer import set_module
-from qalora.method.quant import QuantizedTensor, check_group_size, from_codes, quantize_tensor
+from qalora.config import check_group_size
+from qalora.method.quant import QuantizedTensor, from_codes, quantize_tensor
 
 LAYERS_PREFIX = "model.layers."
 
@@ -166,9 +167,7 @@ def stream_quantized(source, config, quant: QuantConfig, targets, device, dtype:
         layer_dtype = torch.float32 if gptq else dtype
         for name in by_layer[i]:
             _load(model, source, names, name, device, layer_dtype)
-        found = _targets_of(model, i, targets)
-        for name in found:
-            check_group_size(model.get_submodule(name).in_features, quant.group_size, name)
+        found = _targets_of(model, i, targets)  # RTN checks each group size in quantize_rtn, GPTQ in _gptq_layer
         if gptq:
             qt_layer, inputs = _gptq_layer(model, layer, found, quant, inputs)
         else:
@@ -212,6 +211,8 @@ def _calibration_inputs(model, first_layer, calib_ids):
 def _gptq_layer(model, layer, found, quant: QuantConfig, inputs):
     from qalora.method.gptq import gptq_config, gptq_quantize_layer
 
+    for n in found:
+        check_group_size(model.get_submodule(n).in_features, quant.group_size, n)
     names = {id(model.get_submodule(n)): n for n in found}
     with torch.no_grad():
         raw, inputs = gptq_quantize_layer(layer, inputs, names, gptq_config(quant.bits, quant.group_size, clip=quant.clip),

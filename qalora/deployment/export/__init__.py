@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from qalora.errors import ModelError
-from qalora.deployment.export.atomic import atomic_path
+from qalora.atomic import atomic_path
 from qalora.deployment.export.formats import check_format
 
 
@@ -54,7 +54,7 @@ def export_run(run_dir, fmt: str, out=None, on_progress=None) -> dict:
     qc = read_quant_config(merged)
     check_format(fmt, int(qc["bits"]), int(qc["group_size"]))
     root = merged.parent / "exports"
-    # Every export is written under a temporary name and renamed into place when complete.
+    # Every export is written under a temporary name and renamed into place when complete (qalora.atomic).
     if fmt == "native":
         dest = Path(out) if out else root / "native"
         with atomic_path(dest) as tmp:
@@ -65,8 +65,7 @@ def export_run(run_dir, fmt: str, out=None, on_progress=None) -> dict:
         from qalora.deployment.export.gguf import export_gguf
         kind = "f16" if int(qc["bits"]) == 8 else "q4_1"
         dest = Path(out) if out else root / f"model-{kind}.gguf"
-        with atomic_path(dest) as tmp:
-            export_gguf(merged, tmp, on_progress=progress)
+        export_gguf(merged, dest, on_progress=progress)  # written atomically by export_gguf itself
         return {"format": fmt, "path": str(dest), "exact": True, "gguf_type": kind.upper()}
     if fmt == "torchao":
         from qalora.deployment.export.torchao import export_torchao

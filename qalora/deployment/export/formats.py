@@ -6,7 +6,6 @@ publish dialog) asks these functions; none repeats a rule.
 from __future__ import annotations
 
 from qalora.errors import ConfigError
-from qalora.method.kernels import KERNEL_GROUP_SIZES
 
 FORMATS = ("native", "gguf", "torchao", "torchao-int4", "gptq", "peft")
 GGUF_QK = 32  # weights per Q4_1 block (ggml's QK4_1)
@@ -20,6 +19,8 @@ def gguf_fits(bits: int, group_size: int) -> bool:
 
 def int4_layout_fits(bits: int, group_size: int, dtype: str = "bfloat16") -> bool:
     """Whether torchao's int4 (tinygemm) layout holds it: 4-bit codes, the kernel's group sizes, bf16."""
+    from qalora.method.kernels import KERNEL_GROUP_SIZES  # imports torch: not for the web process's checks
+
     return bits == 4 and group_size in KERNEL_GROUP_SIZES and dtype == "bfloat16"
 
 
@@ -38,6 +39,8 @@ def check_format(fmt: str, bits: int, group_size: int) -> None:
 
 
 def int4_refusal(bits: int, group_size: int) -> str:
+    from qalora.method.kernels import KERNEL_GROUP_SIZES
+
     return (f"the torchao int4 (tinygemm) export holds 4-bit codes in groups of "
             f"{', '.join(map(str, KERNEL_GROUP_SIZES))} with bf16 scales; this run is {bits}-bit, group "
             f"{group_size}. Export it as 'torchao' (int-x, any bits) or 'gguf' instead.")

@@ -23,6 +23,7 @@ import torch
 
 from qalora.errors import ModelError
 from qalora.method.quant import dequantize, unpack_codes
+from qalora.atomic import atomic_path
 from qalora.deployment.export.formats import GGUF_QK as QK, check_format
 from qalora.deployment.export.native import WEIGHTS, get_float, logical_keys, q8_0_of, read_quant_config
 
@@ -50,27 +51,24 @@ def export_gguf(model_dir, out_path=None, on_progress=None) -> Path:
     _check_architecture(config)
     kind = "f16" if bits == 8 else "q4_1"
     out = Path(out_path) if out_path else model_dir.with_name(f"{model_dir.name}-{kind}.gguf")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(out.name + ".part")  # a failed write leaves no truncated .gguf behind
-
-    writer = gguf.GGUFWriter(part, ARCH)
-    file_type = gguf.LlamaFileType.MOSTLY_F16 if bits == 8 else gguf.LlamaFileType.MOSTLY_Q4_1
-    _add_hparams(writer, config, qc, file_type)
-    _add_tokenizer(writer, model_dir, config["vocab_size"])
-    total = len(qc["modules"]) + 1  # each quantized module, then the rest with the write
-    for i, (name, array, raw_dtype) in enumerate(_gguf_tensors(model_dir, config, qc), 1):
-        writer.add_tensor(name, array, raw_dtype=raw_dtype)
-        if on_progress and i < total:  # the quantized modules come first
-            on_progress(i, total)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    if on_progress:
-        on_progress(total, total)
-    part.replace(out)
+    with atomic_path(out) as part:  # a failed write leaves no truncated .gguf behind
+        writer = gguf.GGUFWriter(part, ARCH)
+        file_type = gguf.LlamaFileType.MOSTLY_F16 if bits == 8 else gguf.LlamaFileType.MOSTLY_Q4_1
+        _add_hparams(writer, config, qc, file_type)
+        _add_tokenizer(writer, model_dir, config["vocab_size"])
+        total = len(qc["modules"]) + 1  # each quantized module, then the rest with the write
+        for i, (name, array, raw_dtype) in enumerate(_gguf_tensors(model_dir, config, qc), 1):
+            writer.add_tensor(name, array, raw_dtype=raw_dtype)
+            if on_progress and i < total:  # the quantized modules come first
+                on_progress(i, total)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        if on_progress:
+            on_progress(total, total)
     return out
 
 

@@ -105,6 +105,67 @@ def _storable(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale.abs() < FP16_TINY, FP16_TINY, scale)
 
 
+def _quantized_layers(src: Path, qc: dict, bits: int) -> tuple[dict, dict]:
+    """The native checkpoint's float tensors and, per quantized layer, its uint8 codes ``(out, in)``
+    and float ``(out, groups)`` scale and offset: ``(rest, layers)``."""
+    from safetensors.torch import load_file
+
+    state = float_state(load_file(src / WEIGHTS))
+    layers = {}
+    for name in qc["modules"]:
+        packed = state.pop(f"{name}.packed")
+        codes = unpack_codes(packed, bits, packed.shape[1] * 8 // bits)
+        if codes.shape[0] % 32 or codes.shape[1] % 32:
+            raise ConfigError(f"{name} is {codes.shape[1]} -> {codes.shape[0]}; GPTQ packs 32 values "
+                              "per word and needs both sizes divisible by 32. Use the native or GGUF "
+                              "export for this model.")
+        layers[name] = (codes, state.pop(f"{name}.scale").float(), state.pop(f"{name}.offset").float())
+    return state, layers
+
+
+def _measure_zero_points(src: Path, layers: dict, bits: int, modes: tuple[str, ...], check_tokens: int,
+                         on_progress) -> dict:
+    """For each zero-point method in ``modes``: its ``(scale', zero)`` per layer and the logit gap
+    (:func:`logit_gap`) of what a GPTQ reader computes from them to the exact model."""
+    exact, tokenizer = load_quantized(src, use_kernel=False)
+    stored = fp16_rest(exact)  # what the file holds besides the quantized layers: fp16, as GPTQ files do
+    ids = check_ids(tokenizer, check_tokens)
+    reference = logits_of(exact, ids)
+    tried = {}
+    for mode in modes:
+        groups = {name: fit_zero_points(codes, scale, offset, bits) if mode == "fit"
+                  else round_zero_points(scale, offset, bits)
+                  for name, (codes, scale, offset) in layers.items()}
+        # What a GPTQ reader computes from the file: w = fp16(scale) * (q - zero).
+        exported = {name: (s.half().float(), -s.half().float() * z) for name, (s, z) in groups.items()}
+        tried[mode] = (groups, logit_gap(reference, logits_of(with_offsets(stored, exported), ids)))
+        if on_progress:
+            on_progress(len(tried), len(modes) + 1)
+    return tried
+
+
+def _write_gptq(src: Path, out: Path, state: dict, layers: dict, groups: dict, bits: int, group_size: int) -> None:
+    """The GPTQ checkpoint: tensors, both configs, and the model's other files (tokenizer...)."""
+    from safetensors.torch import save_file
+
+    # embeddings, norms, lm_head, biases: in fp16 (the measured model holds them so too)
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    for name, (new_scale, zero) in groups.items():
+        parts = to_gptq_tensors(layers[name][0], new_scale, -new_scale * zero, bits, group_size,
+                                CHECKPOINT_FORMAT, scales_dtype=torch.float16)
+        tensors.update({f"{name}.{k}": v for k, v in parts.items()})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
+    quant = gptq_quantization_config(bits, group_size)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quant
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "quantize_config.json").write_text(json.dumps(quant, indent=2))
+    for path in src.iterdir():
+        if path.is_file() and path.name not in ("config.json", WEIGHTS, REPORT):
+            shutil.copy2(path, out / path.name)
+
+
 def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int = 256, on_progress=None) -> dict:
     """Write the merged model in ``model_dir`` (native format) as a GPTQ checkpoint in ``out_dir``.
 
@@ -122,8 +183,6 @@ def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int
         ``top1_agreement``, the fraction of positions whose most likely next token is unchanged;
         ``alternatives`` holds the same numbers for each zero-point method tried.
     """
-    from safetensors.torch import load_file, save_file
-
     if zero_points not in ZERO_POINTS:
         raise ConfigError(f"zero_points={zero_points!r} is unknown; choose one of {list(ZERO_POINTS)}.")
     src, out = Path(model_dir), Path(out_dir)
@@ -132,49 +191,12 @@ def export_gptq(model_dir, out_dir, zero_points: str = "auto", check_tokens: int
     if not any(src.glob("tokenizer*")):
         raise ModelError(f"{src} has no tokenizer files; GPTQ loaders (gptqmodel) need the tokenizer "
                          "next to the model, so export from a 'merged' folder written by a job.")
-    state = float_state(load_file(src / WEIGHTS))
-    layers = {}
-    for name in qc["modules"]:
-        packed = state.pop(f"{name}.packed")
-        codes = unpack_codes(packed, bits, packed.shape[1] * 8 // bits)
-        if codes.shape[0] % 32 or codes.shape[1] % 32:
-            raise ConfigError(f"{name} is {codes.shape[1]} -> {codes.shape[0]}; GPTQ packs 32 values "
-                              "per word and needs both sizes divisible by 32. Use the native or GGUF "
-                              "export for this model.")
-        layers[name] = (codes, state.pop(f"{name}.scale").float(), state.pop(f"{name}.offset").float())
-    exact, tokenizer = load_quantized(src, use_kernel=False)
-    stored = fp16_rest(exact)  # what the file holds besides the quantized layers: fp16, as GPTQ files do
-    ids = check_ids(tokenizer, check_tokens)
-    reference = logits_of(exact, ids)
-    tried = {}
+    state, layers = _quantized_layers(src, qc, bits)
     modes = ("fit", "round") if zero_points == "auto" else (zero_points,)
-    for mode in modes:
-        groups = {name: fit_zero_points(codes, scale, offset, bits) if mode == "fit"
-                  else round_zero_points(scale, offset, bits)
-                  for name, (codes, scale, offset) in layers.items()}
-        # What a GPTQ reader computes from the file: w = fp16(scale) * (q - zero).
-        exported = {name: (s.half().float(), -s.half().float() * z) for name, (s, z) in groups.items()}
-        tried[mode] = (groups, logit_gap(reference, logits_of(with_offsets(stored, exported), ids)))
-        if on_progress:
-            on_progress(len(tried), len(modes) + 1)
+    tried = _measure_zero_points(src, layers, bits, modes, check_tokens, on_progress)
     chosen = min(tried, key=lambda m: tried[m][1]["mean_abs_logit_diff"])
     groups, gap = tried[chosen]
-    # embeddings, norms, lm_head, biases: in fp16 (the measured model above holds them so too)
-    tensors = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    for name, (new_scale, zero) in groups.items():
-        parts = to_gptq_tensors(layers[name][0], new_scale, -new_scale * zero, bits, group_size,
-                                CHECKPOINT_FORMAT, scales_dtype=torch.float16)
-        tensors.update({f"{name}.{k}": v for k, v in parts.items()})
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
-    quant = gptq_quantization_config(bits, group_size)
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = quant
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "quantize_config.json").write_text(json.dumps(quant, indent=2))
-    for path in src.iterdir():
-        if path.is_file() and path.name not in ("config.json", WEIGHTS, REPORT):
-            shutil.copy2(path, out / path.name)
+    _write_gptq(src, out, state, layers, groups, bits, group_size)
     report = {"format": "gptq", "checkpoint_format": CHECKPOINT_FORMAT, "bits": bits,
               "group_size": group_size, "modules": len(layers), "zero_points": chosen, **gap,
               "alternatives": {mode: g for mode, (_, g) in tried.items()}}

@@ -64,16 +64,23 @@ def export_peft_adapter(source, out_dir, base_model_name_or_path: str | None = N
         tensors[f"{PREFIX}{name}.lora_A.weight"] = expand_lora_A(lora_A, repeat).contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = lora_B.contiguous()
     save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": settings["r"], "lora_alpha": settings["lora_alpha"], "lora_dropout": settings["lora_dropout"],
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "inference_mode": True, "modules_to_save": None,
-    }
-    (out / CONFIG).write_text(json.dumps(config, indent=2))
+    config = _lora_config(settings, sorted({name.rsplit(".", 1)[-1] for name in layers}), base_model_name_or_path)
+    config.save_pretrained(str(out))
     (out / README).write_text(_readme(config, settings["group_size"], settings["method"], settings["train_scales"]))
     return out
+
+
+def _lora_config(settings: dict, target_modules: list[str], base_model_name_or_path: str | None):
+    """PEFT's own ``LoraConfig``, so ``adapter_config.json`` has every field the installed PEFT writes."""
+    from peft import LoraConfig
+
+    config = LoraConfig(task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
+                        r=settings["r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
+                        target_modules=target_modules, bias="none", fan_in_fan_out=False, use_rslora=False,
+                        use_dora=False, inference_mode=True, modules_to_save=None)
+    # LoraConfig keeps target_modules as a set, written in hash order: a sorted list makes the file reproducible
+    config.target_modules = target_modules
+    return config
 
 
 def _from_model(model: nn.Module):
@@ -159,14 +166,14 @@ def export_dequantized_base(merged_dir, adapter_dir, out_dir, dtype: torch.dtype
     return out
 
 
-def _readme(config: dict, group_size: int, method: str = "qalora", train_scales: bool = False) -> str:
-    base = config["base_model_name_or_path"] or "<the dequantized base folder>"
+def _readme(config, group_size: int, method: str = "qalora", train_scales: bool = False) -> str:
+    base = config.base_model_name_or_path or "<the dequantized base folder>"
     learned = ("; this run also learned the quantization scales, which the adapter does not hold, so "
                "use the dequantized base (it has them)" if train_scales else "")
     if method != "qalora":
         return f"""# LoRA adapter (QA-LoRA Studio's LoRA+PTQ baseline) in PEFT format
 
-Rank {config['r']}, alpha {config['lora_alpha']}, target modules {', '.join(config['target_modules'])}.
+Rank {config.r}, alpha {config.lora_alpha}, target modules {', '.join(config.target_modules)}.
 A plain full-width LoRA trained on the {group_size}-group quantized base (QLoRA-style): PEFT loads it
 as is. It reproduces the trained model on the dequantized quantized base, and gives a close but
 different model on the original float base:
@@ -181,7 +188,7 @@ model = PeftModel.from_pretrained(base, "path/to/this/folder")
 """
     return f"""# QA-LoRA adapter in PEFT LoRA format
 
-Rank {config['r']}, alpha {config['lora_alpha']}, target modules {', '.join(config['target_modules'])}.
+Rank {config.r}, alpha {config.lora_alpha}, target modules {', '.join(config.target_modules)}.
 Trained with QA-LoRA (Xu et al. 2023) on a {group_size}-group quantized base.
 
 ```python

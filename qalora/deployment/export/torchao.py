@@ -165,26 +165,12 @@ def check_layout(layout: str, bits: int, group_size: int, dtype: str = "bfloat16
         raise ConfigError(int4_refusal(bits, group_size))
 
 
-def export_torchao(model_dir, out_dir, dtype: str = "bfloat16", shard_bytes: int = SHARD_BYTES,
-                   on_progress=None, layout: str = "intx") -> Path:
-    """Write the merged checkpoint in ``model_dir`` as a torchao transformers folder at ``out_dir``.
-
-    ``dtype`` is the checkpoint's dtype (embeddings, norms, scales, zero points; the ``int4``
-    layout is bf16 only); ``layout`` ``intx`` or ``int4`` (4-bit runs); ``on_progress`` counts
-    tensors converted, then shards written.
-    """
+def _converted_state(model_dir: Path, modules: list[str], bits: int, group_size: int, layout: str,
+                     torch_dtype: torch.dtype, progress) -> dict:
+    """The merged checkpoint's tensors in torchao's form: each quantized layer's ``weight`` as a
+    torchao tensor (:func:`int4_weight` or :func:`intx_weight`), the rest in ``torch_dtype``."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
-    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    if dtype not in DTYPES:
-        raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
-    torch_dtype = DTYPES[dtype]
-    model_dir, out = Path(model_dir), Path(out_dir)
-    qc = read_quant_config(model_dir)
-    bits, group_size, modules = int(qc["bits"]), int(qc["group_size"]), list(qc["modules"])
-    check_layout(layout, bits, group_size, dtype)
-    progress = on_progress or (lambda done, total: None)
     state: dict = {}
     with safe_open(model_dir / WEIGHTS, "pt") as f:
         keys = logical_keys(f.keys())
@@ -200,6 +186,15 @@ def export_torchao(model_dir, out_dir, dtype: str = "bfloat16", shard_bytes: int
             t = get_float(f, key)
             state[key] = t.to(torch_dtype) if t.is_floating_point() else t
             progress(i, total)
+    return state
+
+
+def _write_shards(state: dict, out: Path, shard_bytes: int) -> None:
+    """``state`` as safetensors shards of at most ``shard_bytes`` (one file when it fits), with
+    transformers' index when there are several."""
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
     data, metadata = flatten_tensor_state_dict(state)
     metadata["format"] = "pt"
     # A tensor subclass is stored as several entries ("<fqn>._weight_qdata", ...): keep them together.
@@ -221,6 +216,25 @@ def export_torchao(model_dir, out_dir, dtype: str = "bfloat16", shard_bytes: int
         total_size = sum(t.numel() * t.element_size() for t in data.values())
         (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map},
                                             indent=2))
+
+
+def export_torchao(model_dir, out_dir, dtype: str = "bfloat16", shard_bytes: int = SHARD_BYTES,
+                   on_progress=None, layout: str = "intx") -> Path:
+    """Write the merged checkpoint in ``model_dir`` as a torchao transformers folder at ``out_dir``.
+
+    ``dtype`` is the checkpoint's dtype (embeddings, norms, scales, zero points; the ``int4``
+    layout is bf16 only); ``layout`` ``intx`` or ``int4`` (4-bit runs); ``on_progress`` counts
+    tensors converted, then shards written.
+    """
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    model_dir, out = Path(model_dir), Path(out_dir)
+    qc = read_quant_config(model_dir)
+    bits, group_size, modules = int(qc["bits"]), int(qc["group_size"]), list(qc["modules"])
+    check_layout(layout, bits, group_size, dtype)
+    progress = on_progress or (lambda done, total: None)
+    state = _converted_state(model_dir, modules, bits, group_size, layout, DTYPES[dtype], progress)
+    _write_shards(state, out, shard_bytes)
     config = json.loads((model_dir / "config.json").read_text())
     config.pop("torch_dtype", None)
     config["dtype"] = dtype
