@@ -14,8 +14,8 @@ from pathlib import Path
 
 from qalora.atomic import atomic_path
 from qalora.config import GROUP_SIZES, AdapterConfig, QuantConfig, TrainConfig, preset_for, valid_group_sizes
-from qalora.errors import ConfigError, DataError, QALoRAError
 from qalora.data.hub import resolve
+from qalora.errors import ConfigError, DataError, QALoRAError
 
 from .confine import confine_base, confine_data, keep_upload, owned_by_visitor
 from .spec import (EXTRA_EXPORTS, JobSpec, check_data, check_exports, check_model_group_size, dims_from_config,

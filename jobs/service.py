@@ -23,7 +23,8 @@ from sqlalchemy import select
 from qalora.atomic import atomic_path
 from qalora.config import method_label
 from qalora.errors import ConfigError
-from storage import EXPORT_STATUS, Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db, get_settings, repo, utcnow
+from storage import (EXPORT_STATUS, Artifact, IllegalTransition, Job, JobStateError, JobStatus, Metric, db,
+                     get_settings, repo, utcnow)
 
 from .compare import files_text
 from .confine import with_upload_names

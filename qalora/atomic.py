@@ -4,7 +4,8 @@ The one writer for every file or folder another process or a later step reads: e
 merged model and adapter, checkpoints, the quantized-base cache, reports, uploads kept in the
 store, the cached tokenizer, download archives. A kill, a full disk or an error while saving
 leaves the previous version (or nothing) under the final name, never a half-written model that
-looks finished. The temporary name keeps the final name's suffix (``.partial-<pid>-model.gguf``) for writers that check it.
+looks finished. The temporary name keeps the final name's suffix (``.partial-<pid>-model.gguf``)
+for writers that check it.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import os
 import sys
 
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
-from qalora.errors import ConfigError, QALoRAError
 from qalora.data.hub import PAPER_DATASETS
+from qalora.errors import ConfigError, QALoRAError
 
 
 def _train_parser(sub) -> None:

@@ -132,13 +132,15 @@ def test_a_two_device_job_is_canceled_within_a_step_and_its_ranks_end(store, tmp
 def test_the_app_gives_each_worker_its_share_of_the_gpus(store, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     monkeypatch.setenv("QALORA_WORKERS", "2")
+    given, spawn = [], service._spawn_worker
+    monkeypatch.setattr(service, "_spawn_worker", lambda n, env, log_dir: given.append(env) or spawn(n, env, log_dir))
     procs = service.start_worker_process()
     try:
-        shares = []
-        for proc in procs:
+        assert [env["CUDA_VISIBLE_DEVICES"] for env in given] == ["0,1", "2"]
+        for proc, env in zip(procs, given):  # and each live process runs with it (a zombie's environ reads empty)
             environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
-            shares.append([e.decode().split("=", 1)[1] for e in environ if e.startswith(b"CUDA_VISIBLE_DEVICES=")])
-        assert shares == [["0,1"], ["2"]]
+            if proc.poll() is None:
+                assert f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}".encode() in environ
     finally:
         for proc in procs:
             proc.terminate()

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from qalora.data.builtin import builtin_records
-from qalora.errors import ConfigError, DataError
 from qalora.data.hub import check_columns, map_row
+from qalora.errors import ConfigError, DataError
 
 IGNORE = -100
 FILE_TYPES = (".json", ".jsonl", ".csv", ".parquet")

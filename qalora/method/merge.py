@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qalora.method.quantlinear import QuantLinear
 from qalora.method.layer import QALoRALinear
 from qalora.method.layer import set_module
 from qalora.method.quant import QuantizedTensor
+from qalora.method.quantlinear import QuantLinear
 
 
 def merged_quantized(layer: QALoRALinear) -> QuantizedTensor:

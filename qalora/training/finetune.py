@@ -13,21 +13,20 @@ from typing import Callable
 
 import torch
 
-from qalora.data import records as data_mod
-from qalora.data.records import data_identity
-from qalora.training import distributed
 from qalora import memory
 from qalora.atomic import atomic_path, write_text
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig, method_label
+from qalora.data import records as data_mod
+from qalora.data.records import data_identity
 from qalora.evaluation.heldout import batches, count_batches, eval_loss
-from qalora.method.quantlinear import set_compute_dtype
 from qalora.method.merge import merge_adapters, use_kernels
-from qalora.models.model import (BaseSource, base_identity, merge_and_requantize, count_adapter_params,
-                                 count_model_params, inject_qalora, load_quantized_base, open_base, pick_device,
-                                 resolve_dtype)
 from qalora.method.quant import QuantizedTensor
-from qalora.training.loop import (TrainResult, check_fingerprint, latest_checkpoint, read_fingerprint,
-                                 start_afresh, train)
+from qalora.method.quantlinear import set_compute_dtype
+from qalora.models.model import (BaseSource, base_identity, count_adapter_params, count_model_params, inject_qalora,
+                                 load_quantized_base, merge_and_requantize, open_base, pick_device, resolve_dtype)
+from qalora.training import distributed
+from qalora.training.loop import (TrainResult, check_fingerprint, latest_checkpoint, read_fingerprint, start_afresh,
+                                  train)
 
 STAGES = ("load", "data", "quantize", "train", "merge", "verify", "save", "done")
 ALL_RANK_STAGES = ("load", "data", "quantize", "train")  # under torchrun every rank passes these

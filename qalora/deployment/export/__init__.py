@@ -20,9 +20,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from qalora.errors import ModelError
 from qalora.atomic import atomic_path
 from qalora.deployment.export.formats import check_format
+from qalora.errors import ModelError
 
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qalora.errors import ModelError
-from qalora.method.quant import dequantize, unpack_codes
 from qalora.atomic import atomic_path
 from qalora.deployment.export.formats import GGUF_QK as QK, check_format
 from qalora.deployment.export.native import WEIGHTS, get_float, logical_keys, q8_0_of, read_quant_config
+from qalora.errors import ModelError
+from qalora.method.quant import dequantize, unpack_codes
 
 ARCH = "llama"
 # llama.cpp's 'gpt2' tokenizer refuses a file without merges, and the writer cannot store an

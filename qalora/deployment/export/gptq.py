@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
+from qalora.deployment.export.native import WEIGHTS, float_state, load_quantized, read_quant_config
 from qalora.errors import ConfigError, ModelError
 from qalora.method.gptq import to_gptq_tensors
 from qalora.method.quant import unpack_codes
-from qalora.deployment.export.native import WEIGHTS, float_state, load_quantized, read_quant_config
 
 CHECKPOINT_FORMAT = "gptq"  # v1: qzeros hold zero - 1, read by every GPTQ runtime
 LAYOUT_OF = "gptqmodel:7.6.0"  # the packer whose bit layout qalora.method.gptq reproduces

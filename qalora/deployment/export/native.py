@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from qalora.errors import ModelError
+from qalora.method.quant import QuantizedTensor, dequantize_q8_0, q8_0_fits, quantize_q8_0
 from qalora.method.quantlinear import QuantLinear, set_compute_dtype
 from qalora.models.loader import materialize_buffers
 from qalora.models.model import EIGHT_BIT
-from qalora.method.quant import QuantizedTensor, dequantize_q8_0, q8_0_fits, quantize_q8_0
 
 FORMAT = "qalora"
 FORMAT_VERSION = 1

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qalora.errors import ModelError
-from qalora.method.layer import LoRALinear, LowRankOnQuantized
-from qalora.method.quant import dequantize, unpack_codes
 from qalora.deployment.export.adapter import CONFIG, WEIGHTS
 from qalora.deployment.export.native import WEIGHTS as NATIVE_WEIGHTS
 from qalora.deployment.export.native import float_state, read_quant_config
+from qalora.errors import ModelError
+from qalora.method.layer import LoRALinear, LowRankOnQuantized
+from qalora.method.quant import dequantize, unpack_codes
 
 PREFIX = "base_model.model."  # where PEFT's PeftModel keeps the wrapped model
 README = "README.md"

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
+from qalora.deployment.export.native import WEIGHTS, get_float, logical_keys, read_quant_config
 from qalora.errors import ModelError
 from qalora.method.quant import unpack_codes
-from qalora.deployment.export.native import WEIGHTS, get_float, logical_keys, read_quant_config
 
 LAYOUTS = ("intx", "int4")
 INT4_K_MULTIPLE = 1024  # torchao pads a tinygemm weight's input width to this, and its activations alike

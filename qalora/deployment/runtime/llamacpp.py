@@ -16,8 +16,8 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
-from qalora.errors import ConfigError, ModelError
 from qalora.deployment.runtime.base import MAX_CONTEXT, Runtime, context_length, end_ids
+from qalora.errors import ConfigError, ModelError
 
 
 def gguf_path(merged: Path, bits: int) -> Path:
