@@ -1,6 +1,6 @@
 """Refresh the README's screenshots (Jobs, Compare, Chat) from a real app on real jobs.
 
-    QALORA_HOME=/tmp/shots/home python -m qalora sweep --bits 3,4 --group-size 32,64 --steps 40 \
+    QALORA_HOME=/tmp/shots/home python -m jobs sweep --bits 3,4 --group-size 32,64 --steps 40 \
         --batch-size 4 --exports gguf --name demo --local     # the jobs (default model, ~15 min on 2 cores)
     QALORA_HOME=/tmp/shots/home python docs/screenshots.py  # docs/screenshot.png, compare.png, chat.png
 

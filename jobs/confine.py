@@ -13,7 +13,7 @@ is no path (a dataset name) but exists as a relative path on the server gets the
 missing dataset name gets. Uploaded files are copied to ``QALORA_HOME/uploads/<sha256>.<ext>`` (Gradio's temporary copy is cleaned
 up by Gradio; a job resumed next week must still find its data), up to ``QALORA_MAX_UPLOAD_MB``.
 The command line, run by the machine's own user, is not confined: where it goes through the
-form's checks (``python -m qalora sweep``) it runs them inside :func:`unconfined`.
+form's checks (``python -m jobs sweep``) it runs them inside :func:`unconfined`.
 """
 from __future__ import annotations
 

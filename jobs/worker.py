@@ -184,7 +184,7 @@ class Worker:
 
 
 def run_here(job_id: int) -> str:
-    """Run queued job ``job_id`` in this process now (``python -m qalora sweep --local``); returns its
+    """Run queued job ``job_id`` in this process now (``python -m jobs sweep --local``); returns its
     status. Ctrl-C stops it after its current step and puts it back in the queue (``queued``)."""
     worker = Worker()
     with db() as s:
