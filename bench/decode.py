@@ -146,8 +146,8 @@ def gptqmodel_tokens_per_s(gptq_dir: Path, tok, new_tokens: int, repeats: int) -
         return tokens_per_s(model.eval(), tok, new_tokens, repeats)
 
 
-def merged_int4(base, use_kernel: bool, compute_dtype=torch.bfloat16):
-    """The base quantized (RTN 4-bit, group 32) and its adapter merged, as a job builds it."""
+def merged_int4(base, use_kernel: bool, compute_dtype=torch.bfloat16, bits: int = 4, group: int = 32):
+    """The base quantized (RTN, 4-bit group 32 unless told) and its adapter merged, as a job builds it."""
     from qalora.config import AdapterConfig, QuantConfig
     from qalora.method.quantlinear import set_compute_dtype
     from qalora.method.merge import merge_adapters
@@ -155,7 +155,7 @@ def merged_int4(base, use_kernel: bool, compute_dtype=torch.bfloat16):
 
     model = copy.deepcopy(base)
     adapter = AdapterConfig(rank=16)
-    inject_qalora(model, quantize_model(model, QuantConfig(4, 32), adapter.targets), adapter)
+    inject_qalora(model, quantize_model(model, QuantConfig(bits, group), adapter.targets), adapter)
     merge_adapters(model, use_kernel=use_kernel)
     if compute_dtype is not None:
         set_compute_dtype(model, compute_dtype)

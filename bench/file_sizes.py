@@ -14,7 +14,6 @@ best (the machine's noise falls on both).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -24,18 +23,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def merged(base, bits: int, group: int):
-    from qalora.config import AdapterConfig, QuantConfig
-    from qalora.method.merge import merge_adapters
-    from qalora.models.model import inject_qalora, quantize_model
-
-    model = copy.deepcopy(base)
-    adapter = AdapterConfig(rank=16)
-    inject_qalora(model, quantize_model(model, QuantConfig(bits, group), adapter.targets), adapter)
-    return merge_adapters(model, use_kernel=False).eval()
-
-
 def folder_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (the low-bit sweep measures its folders the same way)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
@@ -49,7 +38,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from decode import PROMPT, llama_cpp_tokens_per_s
+    from decode import PROMPT, llama_cpp_tokens_per_s, merged_int4
+    from qalora.deployment.export.formats import gguf_fits
     from qalora.deployment.export.gguf import export_gguf
     from qalora.deployment.export.native import save_quantized
     from qalora.deployment.generate import chat_input_ids
@@ -61,10 +51,10 @@ def main() -> None:
     rows, params = [], None
     for bits in args.bits:
         for group in args.group_size:
-            model = merged(base, bits, group)
+            model = merged_int4(base, False, compute_dtype=None, bits=bits, group=group)
             params = count_model_params(model)
             native = save_quantized(model, tok, work / f"{bits}-{group}" / "merged")
-            gguf = export_gguf(native, work / f"{bits}-{group}.gguf") if group % 32 == 0 else None
+            gguf = export_gguf(native, work / f"{bits}-{group}.gguf") if gguf_fits(bits, group) else None
             rows.append((bits, group, folder_bytes(native), gguf))
             del model
     print(f"\nFiles of the merged SmolLM2-135M ({params:,} parameters; 16-bit model {2 * params / 1e6:.0f} MB; "

@@ -24,11 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def settings(variant: str, bits: int, args) -> dict:
     from qalora.config import preset_for
 
+    # the settings before the presets (min-max, lr 2e-4): qalora.config.BIT_PRESETS[4] today
     plain = {"lr": 2e-4, "rank": 16, "alpha": 32.0, "clip": False, "train_scales": False, "scales_lr": 5e-5}
     chosen = {"plain": plain, "clip": {**plain, "clip": True},
               "scales": {**plain, "clip": True, "train_scales": True},
@@ -43,12 +45,14 @@ def settings(variant: str, bits: int, args) -> dict:
 
 
 def run(variant: str, bits: int, group: int, args) -> dict:
+    from file_sizes import folder_bytes
+    from qalora.atomic import write_text
     from qalora.config import AdapterConfig, QuantConfig, TrainConfig
     from qalora.evaluation.heldout import evaluate_dir
     from qalora.training.finetune import finetune
 
     s = settings(variant, bits, args)
-    tag = "-".join(f"{k}{v}" for k, v in sorted(s.items()) if k not in ("alpha", "granularity"))
+    tag = "-".join(f"{k}{v}" for k, v in sorted(s.items()) if k not in ("alpha", "granularity")) + f"-s{args.steps}"
     # named by the settings, not the variant: a preset equal to a variant's settings is that same run
     out = Path(args.out) / (f"{bits}bit-g{group}-{tag}" + (f"-{s['granularity']}" if "granularity" in s else ""))
     if not (out / "report.json").is_file():
@@ -60,9 +64,8 @@ def run(variant: str, bits: int, group: int, args) -> dict:
     report = json.loads((out / "report.json").read_text())
     if "mc_accuracy" not in report:
         report["mc_accuracy"] = evaluate_dir(out / "merged", "builtin:contacts-mc", limit=40)["accuracy"]
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-    size = sum(f.stat().st_size for f in (out / "merged").iterdir() if f.is_file())
-    return {**s, "report": report, "native_mb": size / 1e6}
+        write_text(out / "report.json", json.dumps(report, indent=2))
+    return {**s, "report": report, "native_mb": folder_bytes(out / "merged") / 1e6}
 
 
 def base_losses(bits_list, groups) -> None:
