@@ -95,3 +95,16 @@ def smollm2_tokenizer():
     from qalora.models.model import default_gguf_path
     gguf = default_gguf_path()
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def count_validations(monkeypatch) -> list[str]:
+    """Each ``JobSpec.validate`` call from now on, by the spec's name (the real check still runs)."""
+    from jobs.spec import JobSpec
+
+    calls, real = [], JobSpec.validate
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.name)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(JobSpec, "validate", counting)
+    return calls

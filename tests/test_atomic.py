@@ -34,16 +34,34 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert final.read_text() == '{"a": 1}' and os.listdir(tmp_path) == ["report.json"]
 
 
-def test_no_module_renames_into_place_by_hand():
-    """Every temp-then-rename goes through qalora.atomic: no os.replace / os.rename / Path.rename elsewhere."""
+def renames(root: Path) -> list[str]:
+    """Every call that renames a file into place outside ``qalora/atomic.py``: ``os.replace``,
+    ``os.rename``, ``Path.rename``, ``Path.replace(target)`` (one positional argument: ``str.replace``
+    takes two) and ``shutil.move``."""
     found = []
     for pkg in ("qalora", "jobs", "storage", "ui"):
-        for path in (ROOT / pkg).rglob("*.py"):
-            if path.name == "atomic.py" and path.parent.name == "qalora":
+        for path in sorted((root / pkg).rglob("*.py")):
+            if path.relative_to(root).as_posix() == "qalora/atomic.py":
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Attribute) and node.attr in ("rename", "renames") or (
-                        isinstance(node, ast.Attribute) and node.attr == "replace"
-                        and isinstance(node.value, ast.Name) and node.value.id == "os"):
-                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert not found
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                    continue
+                name, owner = node.func.attr, getattr(node.func.value, "id", None)
+                if (name in ("rename", "renames") or (name == "replace" and owner == "os")
+                        or (name == "replace" and len(node.args) == 1 and not node.keywords)
+                        or (name == "move" and owner == "shutil")):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_no_module_renames_into_place_by_hand():
+    """Every temp-then-rename goes through qalora.atomic."""
+    assert not renames(ROOT)
+
+
+def test_the_rename_guard_sees_each_way_to_rename(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "a.py").write_text(
+        "import os, shutil\nos.replace(a, b)\np.rename(b)\ntmp.replace(final)\nshutil.move(a, b)\n"
+        "s.replace('x', 'y')\nd.replace(tzinfo=None)\n")
+    assert renames(tmp_path) == ["jobs/a.py:2", "jobs/a.py:3", "jobs/a.py:4", "jobs/a.py:5"]

@@ -132,8 +132,8 @@ def test_a_two_device_job_is_canceled_within_a_step_and_its_ranks_end(store, tmp
 def test_the_app_gives_each_worker_its_share_of_the_gpus(store, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     monkeypatch.setenv("QALORA_WORKERS", "2")
-    given, spawn = [], service._spawn_worker
-    monkeypatch.setattr(service, "_spawn_worker", lambda n, env, log_dir: given.append(env) or spawn(n, env, log_dir))
+    given, popen = [], subprocess.Popen  # what each worker process is started with (its environment)
+    monkeypatch.setattr(service.subprocess, "Popen", lambda *a, **kw: given.append(kw["env"]) or popen(*a, **kw))
     procs = service.start_worker_process()
     try:
         assert [env["CUDA_VISIBLE_DEVICES"] for env in given] == ["0,1", "2"]

@@ -10,6 +10,7 @@ from jobs.spec import JobSpec
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig
 from qalora.errors import ConfigError
 from storage import ACTIVE, IllegalTransition, JobStateError, db, repo
+from helpers import count_validations
 
 MERGE_BOUND = 1e-4   # fp32 merge of a 2-layer model: observed ~1e-6
 STEPS = 12
@@ -160,23 +161,12 @@ def test_same_names_are_numbered_and_the_log_shows_each_stage_once(store, tmp_pa
     assert note == f"`{path.name}`, {path.stat().st_size / 1e6:,.1f} MB. The job's full log, tracebacks included."
 
 
-def _count_validations(monkeypatch) -> list[str]:
-    """Each ``JobSpec.validate`` call, by the spec's name."""
-    calls, real = [], JobSpec.validate
-
-    def counting(self, *args, **kwargs):
-        calls.append(self.name)
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(JobSpec, "validate", counting)
-    return calls
-
-
 def test_a_spec_is_validated_once_per_submission_and_once_by_the_worker(store, monkeypatch):
     import qalora.training.finetune as library
     from jobs.forms import form_spec
     from jobs.pipeline import run_job
 
-    calls = _count_validations(monkeypatch)
+    calls = count_validations(monkeypatch)
     spec = form_spec(kind="built-in", builtin="builtin:contacts", upload=None, path=None, base="tiny-random",
                      bits=4, group_size=32, method="rtn", rank=4, alpha=8, lr=1e-3, steps=2, batch_size=2,
                      seq_len=256, name="once")

@@ -4,6 +4,7 @@ import pytest
 from jobs import service
 from jobs.forms import FormError
 from storage import db, repo
+from helpers import count_validations
 
 # The form's single values; a sweep axis left empty keeps them.
 FORM = dict(kind="built-in", builtin="builtin:contacts", upload=None, path=None, base="tiny-random", bits=4,
@@ -119,10 +120,7 @@ def test_a_sweep_over_bits_gives_each_job_its_bit_widths_clip_search_and_learned
 
 
 def test_each_spec_of_a_sweep_is_validated_once_and_queued_as_it_is(home, monkeypatch):
-    from jobs.spec import JobSpec
-
-    calls, real = [], JobSpec.validate
-    monkeypatch.setattr(JobSpec, "validate", lambda self: calls.append(self.name) or real(self))
+    calls = count_validations(monkeypatch)
     plan = _plan({"bits": [2, 4], "rank": "4, 8"})  # the dataset's rows are checked too, once
     _, ids = service.submit_sweep(plan, "once")
     assert len(ids) == 4 and sorted(calls) == sorted(s.name for s in plan.specs)
