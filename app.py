@@ -4,8 +4,8 @@
     (QALORA_AUTH=user:password[,user2:password2] or QALORA_AUTH_FILE=path: login; required off loopback)
 
 The module-level ``demo`` is built at import time and never launched here, so tests import it.
-Each tab is laid out by one small builder in the ``ui`` package; every handler calls the jobs tier
-only. Training runs in a worker process; the Jobs tab polls the database with a timer, so closing
+Each tab is laid out by one small builder in the ``ui`` package; the handlers call the jobs tier
+(and, for a setting or an error's type, the library's config and errors). Training runs in a worker process; the Jobs tab polls the database with a timer, so closing
 the page or restarting the app loses nothing.
 """
 from __future__ import annotations

@@ -65,9 +65,9 @@ def row(job: dict, now: datetime | None = None) -> dict:
     for key, kind in SIZE_KINDS.items():
         out[key] = sizes[kind] / 1e6 if sizes.get(kind) else None
     params = report.get("model_params")  # the 16-bit model's parameters: its size, and bits per parameter
-    out["f16_mb"] = 2 * params / 1e6 if params else None
+    out["f16_mb"] = f16_mb(params) if params else None
     for key, kind in (("native_bpp", "merged"), ("gguf_bpp", "gguf")):
-        out[key] = 8 * sizes[kind] / params if params and sizes.get(kind) else None
+        out[key] = bits_per_param(sizes[kind], params) if params and sizes.get(kind) else None
     out["merged_bytes"] = sizes.get("merged")
     bench = report.get("benchmarks") or {}
     for which, prefix in BENCH_SUBJECTS.items():
@@ -217,11 +217,21 @@ def files_text(job: dict) -> str:
     sizes = job_sizes(job)
     params = (job.get("report") or {}).get("model_params")
     names = {"merged": "native", "gguf": "GGUF", "torchao": "torchao", "gptq": "GPTQ"}
-    parts = [f"{names[k]} {b / 1e6:.0f} MB" + (f" ({8 * b / params:.2f} bits/param)" if params else "")
+    parts = [f"{names[k]} {b / 1e6:.0f} MB" + (f" ({bits_per_param(b, params):.2f} bits/param)" if params else "")
              for k, b in sizes.items() if k in names]
     if parts and params:
-        parts.append(f"16-bit model {2 * params / 1e6:.0f} MB")
+        parts.append(f"16-bit model {f16_mb(params):.0f} MB")
     return " · ".join(parts)
+
+
+def f16_mb(params: int) -> float:
+    """MB of the model's ``params`` parameters in a 16-bit checkpoint."""
+    return 2 * params / 1e6
+
+
+def bits_per_param(nbytes: int, params: int) -> float:
+    """A file's bits per parameter of the 16-bit model."""
+    return 8 * nbytes / params
 
 
 def job_sizes(job: dict) -> dict[str, int]:

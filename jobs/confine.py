@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from qalora.atomic import atomic_path
-from qalora.errors import ConfigError, DataError
+from qalora.errors import ConfigError, DataError, ModelError
 from storage import get_settings
 
 DEFAULT_MAX_UPLOAD_MB = 2048
@@ -101,7 +101,6 @@ def confine_base(base: str) -> str:
         return confine(base, "base model")
     if _CONFINED.get() and os.path.lexists(os.path.expanduser(base)) and not _allowed(base):
         # written as a name but naming a folder here: told what the same name is told where it is missing
-        from qalora.errors import ModelError
         from qalora.models.hub import _Status, endpoint, hub_config, hub_error
 
         from .spec import _HUB_ID, missing_model_message

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from qalora.atomic import atomic_path
 from qalora.config import GROUP_SIZES, AdapterConfig, QuantConfig, TrainConfig, preset_for, valid_group_sizes
-from qalora.data.hub import resolve
+from qalora.data.hub import PAPER_DATASETS, RECORD_COLUMNS, HubRef, overview, parse_ref, resolve
+from qalora.deployment.export.formats import check_format, gguf_widens
 from qalora.errors import ConfigError, DataError, QALoRAError
 
 from .confine import confine_base, confine_data, keep_upload, owned_by_visitor
@@ -67,7 +68,7 @@ def bits_preset(bits) -> tuple[dict, str]:
     note = (f"**Preset for {bits} bits:** learning rate {p['lr']:g}, rank {p['rank']}, alpha {p['alpha']:g}, "
             f"clip search {'on' if p['clip'] else 'off'}, {scales} (chosen by a sweep on the default model; "
             "any of them can be changed by hand).")
-    if bits < 4:
+    if gguf_widens(bits):
         note += (f" A GGUF file stores {bits}-bit codes as Q4_1 blocks (llama.cpp has no exact {bits}-bit block "
                  "with a float offset), so it costs what a 4-bit file does; the native folder keeps the "
                  f"{bits} bits.")
@@ -138,7 +139,6 @@ class _Collect:
 def builtin_choices() -> list[tuple[str, str]]:
     """(label, value) for the built-in list: the embedded sets, then the paper's five Hub datasets."""
     from qalora.data.builtin import builtin_names  # not qalora.data.records: that one imports torch
-    from qalora.data.hub import PAPER_DATASETS
 
     return [(f"builtin:{n}", f"builtin:{n}") for n in builtin_names()] + [
         (f"{d.label}: {d.ref.split(':')[0]} (the paper's; downloaded from the Hub)", f"paper:{name}")
@@ -148,8 +148,6 @@ def builtin_choices() -> list[tuple[str, str]]:
 def hub_ref(hub_id: str | None, config: str | None = None, split: str | None = None) -> str:
     """``ID[:CONFIG][@SPLIT]`` from the form's Hub fields (the id box may already hold a config or split);
     "" for an empty id box, which :func:`data_source` names."""
-    from qalora.data.hub import HubRef, parse_ref
-
     if not (hub_id or "").strip():
         return ""
     ref = parse_ref(hub_id.strip())
@@ -164,8 +162,6 @@ def hub_dataset(ref: str):
     ``HUB_CHECK_TTL_S`` so the check and the Launch that follows ask once."""
     import time
 
-    from qalora.data.hub import overview
-
     kept = _overviews.get(ref)
     if kept and time.monotonic() - kept[0] < HUB_CHECK_TTL_S:
         return kept[1]
@@ -176,8 +172,6 @@ def hub_dataset(ref: str):
 
 def check_hub_columns(view, columns: dict) -> None:
     """The mapping names columns the dataset has; without one, its columns must be a known format."""
-    from qalora.data.hub import RECORD_COLUMNS
-
     shown = ", ".join(repr(c) for c in view.columns[:12]) + (" …" if len(view.columns) > 12 else "")
     if columns:
         missing = [c for c in columns.values() if view.columns and c not in view.columns]
@@ -214,8 +208,6 @@ def group_size_choices(base: str) -> list[int]:
 
 def export_choices(bits, group_size) -> tuple[list[str], dict[str, str]]:
     """(exports that apply at these settings, {export: why it cannot}) for the export checkboxes."""
-    from qalora.deployment.export.formats import check_format
-
     ok, refused = [], {}
     for fmt in EXTRA_EXPORTS:
         try:

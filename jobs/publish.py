@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qalora.config import method_label
-from qalora.errors import QALoRAError
+from qalora.deployment.export.formats import check_format, gguf_widens
+from qalora.errors import ConfigError, QALoRAError
 
 from .compare import files_text
 
@@ -62,9 +63,6 @@ def _table(head: str, pairs) -> str:
 
 def publish_choices(job: dict) -> tuple[list[str], dict[str, str]]:
     """(formats this job can publish, {format: why not} for the others), in PUBLISH_FORMATS order."""
-    from qalora.errors import ConfigError
-    from qalora.deployment.export.formats import check_format
-
     r = job.get("report") or {}
     refused = {}
     try:
@@ -97,7 +95,7 @@ def _fidelity(fmt: str, job: dict, measured: dict | None) -> str:
                 f"{m['top1_agreement']:.0%} of {m['check_tokens']} tokens")
     bits = int((job.get("report") or {}).get("bits") or 4)
     gguf = "codes exact; each group's scale and offset in fp16; token embedding and head in Q8_0, as trained"
-    if bits < 4:  # llama.cpp has no exact 2- or 3-bit block with a float offset
+    if gguf_widens(bits):
         gguf += (f"; the {bits}-bit codes are stored in Q4_1 blocks, so the file costs what a 4-bit one does "
                  f"(the native folder keeps {bits} bits)")
     return {"gguf": gguf, "native": "exact: the merged model itself; token embedding and head in Q8_0, as trained",

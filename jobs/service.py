@@ -262,13 +262,14 @@ def compare(job_ids) -> dict:
     return _compare([get_job(int(i)) for i in dict.fromkeys(job_ids or ())])
 
 
-def compare_csv(job_ids, dest_dir: str | Path) -> Path:
-    """The comparison table as a CSV file in ``dest_dir``."""
+def compare_csv(job_ids, dest_dir: str | Path, result: dict | None = None) -> Path:
+    """The comparison table as a CSV file in ``dest_dir``; ``result``: :func:`compare` of these jobs,
+    where the caller has it already (not computed again)."""
     from .compare import write_csv
 
     ids = list(dict.fromkeys(int(i) for i in job_ids or ()))
     name = f"qalora-compare-{'-'.join(map(str, ids[:8]))}{'-more' if len(ids) > 8 else ''}.csv"
-    return write_csv(compare(ids), Path(dest_dir) / name)
+    return write_csv(result if result is not None else compare(ids), Path(dest_dir) / name)
 
 
 def delete(job_id: int) -> None:
@@ -588,7 +589,10 @@ def download_model(job_id: int, fmt: str, dest_dir: str | Path) -> tuple[Path, s
     stem = f"qalora-job-{job_id:05d}-{'merged' if fmt == 'native' else fmt}"
     path = dest / (f"{stem}{source.suffix}" if source.is_file() else f"{stem}.zip")
     with atomic_path(path) as tmp:  # the download link never points at a half file
-        shutil.copyfile(source, tmp) if source.is_file() else _zip_stored(source, tmp)
+        if source.is_file():
+            shutil.copyfile(source, tmp)
+        else:
+            _zip_stored(source, tmp)
     return path, file_note(path, result.get("note") or export_note(result))
 
 

@@ -159,12 +159,12 @@ def _plan_combinations(plan: SweepPlan, data: str, fields: dict, shared: dict[st
     wanted = list(fields.pop("exports", ()) or ())
     name = (fields.pop("name", "") or "").strip()
     rank0, alpha0 = fields.get("rank"), fields.get("alpha")
+    if len(plan.values["bits"]) > 1:  # each bit width with its own preset's clip search and scales
+        fields = {k: v for k, v in fields.items() if k not in ("clip", "train_scales", "scales_lr")}
     left_out: dict[str, list[str]] = {}
     for point in itertools.product(*plan.values.values()):
         combo = dict(zip(plan.values, point))
         ok, refused_formats = export_choices(combo["bits"], combo["group_size"])
-        if len(plan.values["bits"]) > 1:  # each bit width with its own preset's clip search and scales
-            fields = {k: v for k, v in fields.items() if k not in ("clip", "train_scales", "scales_lr")}
         values = {**fields, **combo, "alpha": _alpha(alpha0, rank0, combo["rank"]),
                   "exports": [f for f in wanted if f in ok],
                   "name": _name(name, fields.get("base"), combo, multiple_lr=len(plan.values["lr"]) > 1)}

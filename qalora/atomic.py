@@ -55,7 +55,6 @@ def atomic_path(final, durable: bool = False) -> Iterator[Path]:
     _remove(old)
 
 
-
 def write_text(final, text: str) -> Path:
     """``final`` holds ``text`` in full, or is as it was: :func:`atomic_path` for one small file."""
     with atomic_path(final) as tmp:

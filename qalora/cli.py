@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 
-from qalora.config import AdapterConfig, QuantConfig, TrainConfig
-from qalora.data.hub import PAPER_DATASETS
+from qalora.config import AdapterConfig, QuantConfig, TrainConfig, preset_for
+from qalora.data.hub import PAPER_DATASETS, parse_columns, resolve
 from qalora.errors import ConfigError, QALoRAError
 
 
@@ -214,8 +214,6 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
 def with_preset(args) -> dict:
     """The run's lr, rank, alpha, clip search and learned scales: what the command line gave, the rest
     from the preset for ``--bits`` (``qalora.config.preset_for``); says on stderr what it took."""
-    from qalora.config import preset_for
-
     preset = preset_for(args.bits)
     given = {"lr": args.lr, "rank": args.rank, "alpha": args.alpha, "clip": args.clip,
              "train_scales": args.train_scales, "scales_lr": args.scales_lr}
@@ -232,7 +230,6 @@ def with_preset(args) -> dict:
 
 
 def cmd_train(args) -> dict | None:
-    from qalora.data.hub import parse_columns, resolve
     from qalora.training.finetune import finetune
 
     data, columns, max_samples = resolve(args.data, parse_columns(args.columns), args.max_samples)

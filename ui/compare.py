@@ -62,7 +62,7 @@ def _compare(picked, x_axis, quality):
         return None, None, None, gr.update(visible=False), COMPARE_HINT
     try:
         result = service.compare(ids)
-        csv_path = service.compare_csv(ids, download_folder())
+        csv_path = service.compare_csv(ids, download_folder(), result)
     except Exception as exc:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), error_note(exc)
     x = "tokens" if x_axis == "tokens seen" else "step"

@@ -10,7 +10,7 @@ import gradio as gr
 from jobs import forms, service
 from jobs.confine import with_upload_names
 from jobs.spec import EXTRA_EXPORTS
-from qalora.config import GROUP_SIZES as SWEEP_GROUP_SIZES
+from qalora.config import GROUP_SIZES
 from qalora.data.hub import RECORD_COLUMNS, guess_columns, paper_dataset
 from qalora.errors import QALoRAError
 
@@ -186,7 +186,7 @@ def _sweep_opened(on, bits, group, rank, lr, base):
     try:
         sizes = forms.group_size_choices(base)
     except Exception:  # the base field says what is wrong with it
-        sizes = list(SWEEP_GROUP_SIZES)
+        sizes = list(GROUP_SIZES)  # a sweep offers them all; those the model cannot take are refused
     picked = [int(group)] if str(group).isdigit() and int(group) in sizes else sizes[:1]
     return (gr.update(visible=False), gr.update(visible=True), [int(bits)] if bits else [4],
             gr.update(choices=sizes, value=picked), str(rank if rank is not None else ""), lr_text)

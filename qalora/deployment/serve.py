@@ -31,6 +31,10 @@ import threading
 import time
 import uuid
 
+import anyio
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, StreamingResponse
+
 from qalora.deployment.runtime.base import Busy, ContextError, Generation, Runtime
 
 DEFAULT_MAX_TOKENS = {"chat": 512, "completion": 16}  # OpenAI's completions default is 16
@@ -276,8 +280,6 @@ class _Server:
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     def error(self, exc: APIError, extra: dict | None = None):
-        from starlette.responses import JSONResponse
-
         return JSONResponse(exc.body(), status_code=exc.status, headers={**self.headers, **(extra or {})})
 
     def busy(self, why: str):
@@ -302,16 +304,12 @@ class _Server:
 
     async def models(self, request):
         """``GET /v1/models``."""
-        from starlette.responses import JSONResponse
-
         if (no := self.refused(request)) is not None:
             return no
         return JSONResponse({"object": "list", "data": [self.endpoint.model()]}, headers=self.headers)
 
     async def model(self, request):
         """``GET /v1/models/{name}``."""
-        from starlette.responses import JSONResponse
-
         if (no := self.refused(request)) is not None:
             return no
         name, model_id = request.path_params["name"], self.endpoint.model_id
@@ -330,8 +328,6 @@ class _Server:
 
     async def generate(self, request, kind: str):
         """A chat or completion request: checked, admitted (or 503), then answered whole or streamed."""
-        from starlette.responses import JSONResponse, StreamingResponse
-
         if (no := self.refused(request)) is not None:
             return no
         try:
@@ -354,9 +350,6 @@ class _Server:
 
     async def finish(self, reply: _Reply) -> None:
         """End the reply whatever happened (a cancelled request included) and let the next one in."""
-        import anyio
-        from starlette.concurrency import run_in_threadpool
-
         try:
             with anyio.CancelScope(shield=True):
                 await run_in_threadpool(reply.close)
@@ -365,9 +358,6 @@ class _Server:
 
     async def answer(self, request, kind: str, reply: _Reply):
         """The whole reply, a token at a time; None when the client went away (generation stopped)."""
-        from starlette.concurrency import run_in_threadpool
-        from starlette.responses import JSONResponse
-
         try:
             while True:
                 g = await run_in_threadpool(reply.step)
@@ -382,8 +372,6 @@ class _Server:
 
     async def events(self, kind: str, reply: _Reply, include_usage: bool):
         """Server-sent events; a disconnect cancels this generator, and ``finish`` stops the reply."""
-        from starlette.concurrency import run_in_threadpool
-
         chunk, usage = self.endpoint.chunker(kind, include_usage)
         try:
             if kind == "chat":

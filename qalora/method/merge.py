@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qalora.method.layer import QALoRALinear
-from qalora.method.layer import set_module
+from qalora.method.layer import QALoRALinear, set_module
 from qalora.method.quant import QuantizedTensor
 from qalora.method.quantlinear import QuantLinear
 

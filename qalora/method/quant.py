@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-# The group-size rule lives with QuantConfig; the quantizer's callers import it from here too.
+# The group-size rule lives with QuantConfig (torch-free, so the form can ask it too).
 from qalora.config import VALID_BITS, check_group_size
 from qalora.errors import ConfigError
 

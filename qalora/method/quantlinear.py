@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qalora.method import kernels
-from qalora.method.layer import compute_dtype
+from qalora.method.layer import LowRankOnQuantized, compute_dtype
 from qalora.method.quant import QuantizedTensor, dequantize_packed, unpack_codes
 
 
@@ -116,8 +116,6 @@ def dequantize_once_if_it_fits(model: nn.Module) -> bool:
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast every float tensor except the quantized layers' (their scales and offsets stay fp32)."""
-    from qalora.method.layer import LowRankOnQuantized
-
     skip = {id(t) for m in model.modules() if isinstance(m, (QuantLinear, LowRankOnQuantized))
             for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}
     with torch.no_grad():

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qalora.config import QuantConfig
-from qalora.config import check_group_size
+from qalora.config import QuantConfig, check_group_size
 from qalora.errors import ModelError
 from qalora.memory import release_freed_memory
 from qalora.method.layer import set_module
@@ -121,8 +120,7 @@ def materialize_buffers(model: nn.Module, config, device) -> None:
         if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
             with torch.device(device):
                 fresh = type(module)(config=config)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, fresh)
+            set_module(model, name, fresh)
 
 
 def stream_quantized(source, config, quant: QuantConfig, targets, device, dtype: torch.dtype, *,

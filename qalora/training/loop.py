@@ -25,6 +25,7 @@ from qalora.data.records import collate
 from qalora.errors import ConfigError
 from qalora.evaluation.heldout import eval_loss
 from qalora.method.loss import causal_lm_loss, loss_rows
+from qalora.training import distributed
 
 CKPT_RE = re.compile(r"step-(\d+)\.safetensors$")
 KEEP_CHECKPOINTS = 2
@@ -124,8 +125,6 @@ def optimizer_step(model, micro: list[dict], params, optimizer, scheduler, cfg: 
     Returns ``(loss, tokens, grad norm before clipping, learning rate)`` for the log, read from the
     device once, after the optimizer's work is queued: the step's only host synchronisation.
     """
-    from qalora.training import distributed
-
     device = params[0].device
     # The step's loss is the mean over every supervised token of the global batch, however it is
     # split into micro-batches and ranks. In a world of one each part backpropagates its sum over
@@ -300,8 +299,6 @@ def _starting_point(model, optimizer, scheduler, cfg: TrainConfig, ckpt_dir, res
                     log) -> TrainResult:
     """Where training starts: step 0 (this run's old checkpoints removed first when not resuming),
     or the newest checkpoint with the adapter, optimizer, scheduler and RNG states it holds."""
-    from qalora.training import distributed
-
     w = distributed.world()
     torch.manual_seed(cfg.seed + w.rank)  # dropout masks: each rank its own
     result = TrainResult()
@@ -322,8 +319,6 @@ def _train_step(model, order: _Order, examples: list[dict], cfg: TrainConfig, pa
                 scheduler, autocast, result: TrainResult) -> tuple[float, int, float, float, float]:
     """Train the step after ``result.step`` on this rank's share of its batch and count it in
     ``result``. Returns ``(loss, tokens, grad norm, learning rate, seconds)``."""
-    from qalora.training import distributed
-
     w, device = distributed.world(), next(model.parameters()).device
     t0 = time.perf_counter()
     micro = [host_batch(b, pin=device.type == "cuda")
@@ -368,8 +363,6 @@ def train(model, train_examples: list[dict], eval_examples: list[dict], cfg: Tra
     named ``*.scale``, or ``*.channel_scale`` per row) are a second parameter group at
     ``scales_lr``, with no weight decay.
     """
-    from qalora.training import distributed
-
     w = distributed.world()
     device = next(model.parameters()).device
     optimizer, scheduler, params = _optimizer(model, cfg, scales_lr)

@@ -21,9 +21,8 @@ import shutil
 from pathlib import Path
 
 from qalora.atomic import atomic_path
-from qalora.deployment.export.formats import check_format
+from qalora.deployment.export.formats import check_format, gguf_type
 from qalora.errors import ModelError
-
 
 
 def run_parts(run_dir) -> tuple[Path, Path]:
@@ -37,6 +36,11 @@ def run_parts(run_dir) -> tuple[Path, Path]:
         return path, path / "__no_adapter__"
     raise ModelError(f"{path} is not a finished run: expected a folder with merged/ (written by "
                      "`python -m qalora train --out DIR` or a job), or a merged model folder.")
+
+
+def run_gguf_path(merged: Path, bits: int) -> Path:
+    """Where :func:`export_run` writes a run's GGUF file by default."""
+    return merged.parent / "exports" / f"model-{gguf_type(bits)}.gguf"
 
 
 def export_run(run_dir, fmt: str, out=None, on_progress=None) -> dict:
@@ -63,10 +67,9 @@ def export_run(run_dir, fmt: str, out=None, on_progress=None) -> dict:
         return {"format": fmt, "path": str(dest), "exact": True}
     if fmt == "gguf":
         from qalora.deployment.export.gguf import export_gguf
-        kind = "f16" if int(qc["bits"]) == 8 else "q4_1"
-        dest = Path(out) if out else root / f"model-{kind}.gguf"
+        dest = Path(out) if out else run_gguf_path(merged, int(qc["bits"]))
         export_gguf(merged, dest, on_progress=progress)  # written atomically by export_gguf itself
-        return {"format": fmt, "path": str(dest), "exact": True, "gguf_type": kind.upper()}
+        return {"format": fmt, "path": str(dest), "exact": True, "gguf_type": gguf_type(int(qc["bits"])).upper()}
     if fmt == "torchao":
         from qalora.deployment.export.torchao import export_torchao
         dest = Path(out) if out else root / "torchao"

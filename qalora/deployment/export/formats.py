@@ -17,6 +17,18 @@ def gguf_fits(bits: int, group_size: int) -> bool:
     return bits > 4 or group_size % GGUF_QK == 0
 
 
+def gguf_type(bits: int) -> str:
+    """The GGUF tensor type our quantized weights take: ``q4_1`` (2-4 bits: the codes fit its nibbles,
+    so 2 and 3 bits cost what 4 do: llama.cpp has no exact lower-bit block with a float offset), or
+    ``f16`` (8 bits: no block type holds them)."""
+    return "f16" if bits == 8 else "q4_1"
+
+
+def gguf_widens(bits: int) -> bool:
+    """Whether a GGUF file stores these codes in wider blocks than their bits (2 and 3 bits in Q4_1)."""
+    return gguf_type(bits) == "q4_1" and bits < 4
+
+
 def int4_layout_fits(bits: int, group_size: int, dtype: str = "bfloat16") -> bool:
     """Whether torchao's int4 (tinygemm) layout holds it: 4-bit codes, the kernel's group sizes, bf16."""
     from qalora.method.kernels import KERNEL_GROUP_SIZES  # imports torch: not for the web process's checks

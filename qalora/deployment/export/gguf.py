@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from qalora.atomic import atomic_path
-from qalora.deployment.export.formats import GGUF_QK as QK, check_format
+from qalora.deployment.export.formats import GGUF_QK as QK, check_format, gguf_type
 from qalora.deployment.export.native import WEIGHTS, get_float, logical_keys, q8_0_of, read_quant_config
 from qalora.errors import ModelError
-from qalora.method.quant import dequantize, unpack_codes
+from qalora.method.quant import Q8_BLOCK, dequantize, unpack_codes
 
 ARCH = "llama"
 # llama.cpp's 'gpt2' tokenizer refuses a file without merges, and the writer cannot store an
@@ -49,8 +49,7 @@ def export_gguf(model_dir, out_path=None, on_progress=None) -> Path:
     bits, group_size = qc["bits"], qc["group_size"]
     check_format("gguf", bits, group_size)
     _check_architecture(config)
-    kind = "f16" if bits == 8 else "q4_1"
-    out = Path(out_path) if out_path else model_dir.with_name(f"{model_dir.name}-{kind}.gguf")
+    out = Path(out_path) if out_path else model_dir.with_name(f"{model_dir.name}-{gguf_type(bits)}.gguf")
     with atomic_path(out) as part:  # a failed write leaves no truncated .gguf behind
         writer = gguf.GGUFWriter(part, ARCH)
         file_type = gguf.LlamaFileType.MOSTLY_F16 if bits == 8 else gguf.LlamaFileType.MOSTLY_Q4_1
@@ -97,8 +96,8 @@ def q8_0_blocks(codes: torch.Tensor, d: torch.Tensor) -> np.ndarray:
     uint8 ``(rows, cols // 32 * 34)``, per block the fp16 ``d`` then 32 int8 codes."""
     rows, cols = codes.shape
     dd = d.numpy().astype("<f2")[..., None].view(np.uint8)
-    q = codes.reshape(rows, cols // QK, QK).numpy().view(np.uint8)
-    return np.concatenate([dd, q], axis=-1).reshape(rows, cols // QK * (2 + QK))
+    q = codes.reshape(rows, cols // Q8_BLOCK, Q8_BLOCK).numpy().view(np.uint8)
+    return np.concatenate([dd, q], axis=-1).reshape(rows, cols // Q8_BLOCK * (2 + Q8_BLOCK))
 
 
 def rope_permutation(rows: int, n_head: int) -> torch.Tensor:

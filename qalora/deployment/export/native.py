@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qalora.errors import ModelError
+from qalora.method.layer import set_module
 from qalora.method.quant import QuantizedTensor, dequantize_q8_0, q8_0_fits, quantize_q8_0
 from qalora.method.quantlinear import QuantLinear, set_compute_dtype
 from qalora.models.loader import materialize_buffers
@@ -138,8 +139,7 @@ def load_quantized(model_dir, device: torch.device | str = "cpu", use_kernel: bo
         qt = QuantizedTensor(state[f"{name}.packed"], state[f"{name}.scale"],
                              state[f"{name}.offset"], bits, group_size, old.in_features)
         bias = state.get(f"{name}.bias")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantLinear(qt, bias, use_kernel=use_kernel))
+        set_module(model, name, QuantLinear(qt, bias, use_kernel=use_kernel))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

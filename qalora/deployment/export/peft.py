@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from qalora.deployment.export.adapter import CONFIG, WEIGHTS
-from qalora.deployment.export.native import WEIGHTS as NATIVE_WEIGHTS
-from qalora.deployment.export.native import float_state, read_quant_config
+from qalora.deployment.export.native import WEIGHTS as NATIVE_WEIGHTS, float_state, read_quant_config
 from qalora.errors import ModelError
 from qalora.method.layer import LoRALinear, LowRankOnQuantized
 from qalora.method.quant import dequantize, unpack_codes

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from qalora.deployment.export.native import WEIGHTS, get_float, logical_keys, read_quant_config
-from qalora.errors import ModelError
+from qalora.deployment.export.native import WEIGHTS, get_float, load_quantized, logical_keys, read_quant_config
+from qalora.errors import ConfigError, ModelError
 from qalora.method.quant import unpack_codes
 
 LAYOUTS = ("intx", "int4")
@@ -157,7 +157,6 @@ def _shards(names: list[str], sizes: dict[str, int], limit: int) -> list[list[st
 def check_layout(layout: str, bits: int, group_size: int, dtype: str = "bfloat16") -> None:
     """Refuse a layout that cannot hold this model, naming what would."""
     from qalora.deployment.export.formats import int4_layout_fits, int4_refusal
-    from qalora.errors import ConfigError
 
     if layout not in LAYOUTS:
         raise ConfigError(f"torchao layout {layout!r} is unknown; choose one of {', '.join(LAYOUTS)}.")
@@ -259,8 +258,6 @@ def fidelity(merged_dir, export_dir, text: str = CHECK_TEXT, device: str = "cpu"
     (the int4 layout only on CUDA).
     """
     from transformers import AutoModelForCausalLM
-
-    from qalora.deployment.export.native import load_quantized
 
     ours, tok = load_quantized(merged_dir, use_kernel=False, device=device)
     theirs = AutoModelForCausalLM.from_pretrained(export_dir, device_map=device)

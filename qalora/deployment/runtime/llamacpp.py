@@ -20,17 +20,12 @@ from qalora.deployment.runtime.base import MAX_CONTEXT, Runtime, context_length,
 from qalora.errors import ConfigError, ModelError
 
 
-def gguf_path(merged: Path, bits: int) -> Path:
-    """Where ``export_run`` puts the run's GGUF file."""
-    return merged.parent / "exports" / f"model-{'f16' if bits == 8 else 'q4_1'}.gguf"
-
-
 def ensure_gguf(merged: Path) -> tuple[Path, bool]:
     """``(path, written now)``: the run's GGUF export, written if missing or older than the model."""
-    from qalora.deployment.export import export_run
+    from qalora.deployment.export import export_run, run_gguf_path
     from qalora.deployment.export.native import WEIGHTS, read_quant_config
 
-    path = gguf_path(merged, int(read_quant_config(merged)["bits"]))
+    path = run_gguf_path(merged, int(read_quant_config(merged)["bits"]))
     if path.is_file() and path.stat().st_mtime >= (merged / WEIGHTS).stat().st_mtime:
         return path, False
     return Path(export_run(merged, "gguf")["path"]), True
